@@ -1,0 +1,1 @@
+//! GGUF files: parsing, dequantisation and import into a Hugging Face model directory.

@@ -1,0 +1,50 @@
+//! Scalar reference kernels: the definition every SIMD kernel is tested against.
+
+use super::{MatRef, Weights};
+use std::ops::Range;
+
+/// `y[j] = Σ_k W[rows.start + j, k] · x[k]`.
+pub fn matvec_rows(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+    let c = m.cols;
+    for (r, y) in rows.zip(y) {
+        let s = r * c;
+        *y = match m.w {
+            Weights::F32(w) => dot(&w[s..s + c], x),
+            Weights::F16(w) => w[s..s + c].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
+            Weights::BF16(w) => w[s..s + c].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
+        };
+    }
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+        *o = x * inv * w;
+    }
+}
+
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
