@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
@@ -25,3 +26,10 @@ pub mod weights;
 
 
 
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use generate::{generate, Generation, StopReason};
+pub use model::{LoadOptions, Model};
+pub use sampler::{Sampler, SamplingParams};
+pub use session::{Session, SessionOptions};
+pub use tokenizer::{Message, Tokenizer};

@@ -1,1 +1,331 @@
-fn main() {}
+//! `peftrt`: generate, score, benchmark, inspect and import models from the command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "peftrt", version, about = "Fast CPU inference for Llama-family models with LoRA adapters")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming it to stdout (timings go to stderr).
+    Generate(GenerateArgs),
+    /// Write the logits of every position of a prompt to a safetensors file.
+    Score(ScoreArgs),
+    /// Measure prefill and decode speed and peak memory.
+    Bench(BenchArgs),
+    /// Show the architecture, tensors, dtypes and sizes of a model directory or GGUF file.
+    Inspect { path: PathBuf },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long = "ctx-size", default_value_t = 0)]
+    ctx_size: usize,
+}
+
+impl ModelArgs {
+    fn load(&self, tokenizer: bool) -> Result<(Arc<Model>, Session, f64)> {
+        let t = Instant::now();
+        let model = Model::load(&self.model, &LoadOptions { no_tokenizer: !tokenizer })
+            .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
+        let load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let model = Arc::new(model);
+        let session = Session::new(model.clone(), &SessionOptions { n_ctx: self.ctx_size, n_threads: self.threads, n_batch: 0 })?;
+        Ok((model, session, load_ms))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// The prompt (UTF-8).
+    #[arg(long)]
+    prompt: std::ffi::OsString,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long = "max-tokens", default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long = "top-k", default_value_t = 0)]
+    top_k: usize,
+    /// 1 = off.
+    #[arg(long = "top-p", default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long = "min-p", default_value_t = 0.0)]
+    min_p: f32,
+    /// 1 = off.
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long = "ignore-eos")]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    tokens: Option<String>,
+    /// Text to tokenize (special tokens such as BOS added as the tokenizer does).
+    #[arg(long)]
+    prompt: Option<std::ffi::OsString>,
+    /// Output safetensors file: `logits` (f32 [n, vocab]) and `tokens` (i32 [n]).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[arg(long = "prompt-tokens", default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long = "gen-tokens", default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Score(a) => cmd_score(a),
+        Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Inspect { path } => cmd_inspect(&path),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn utf8(s: std::ffi::OsString, what: &str) -> Result<String> {
+    s.into_string().map_err(|_| anyhow::anyhow!("{what} is not valid UTF-8; pass UTF-8 text"))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (model, mut session, load_ms) = a.m.load(true)?;
+    let tok = model.tokenizer()?;
+    let prompt = utf8(a.prompt, "--prompt")?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty; give some text");
+    }
+    let tokens = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &prompt));
+        let text = tok.apply_chat_template(&msgs, true)?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(&prompt, true)?
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repeat_penalty,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        ignore_eos: a.ignore_eos,
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(params, model.config.vocab_size)?;
+    let mut out = std::io::stdout().lock();
+    let g = generate(&mut session, &tokens, &mut sampler, |text| {
+        out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
+    })?;
+    writeln!(out)?;
+    eprintln!(
+        "load {:.0} ms | prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | stop: {:?} | {} threads",
+        load_ms,
+        g.prompt_tokens,
+        g.prefill_tok_s(),
+        g.tokens.len(),
+        g.decode_tok_s(),
+        g.stop,
+        session.n_threads()
+    );
+    Ok(())
+}
+
+fn cmd_score(a: ScoreArgs) -> Result<()> {
+    let (model, mut session, _) = a.m.load(a.prompt.is_some())?;
+    let tokens: Vec<u32> = match (&a.tokens, a.prompt) {
+        (Some(list), _) => list
+            .split(',')
+            .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
+            .collect::<Result<_>>()?,
+        (None, Some(p)) => model.tokenizer()?.encode(&utf8(p, "--prompt")?, true)?,
+        (None, None) => bail!("give --tokens or --prompt"),
+    };
+    let mut logits = Vec::new();
+    session.eval_all(&tokens, &mut logits)?;
+    let vocab = model.config.vocab_size;
+    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let logit_bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    use safetensors::tensor::TensorView;
+    let views = [
+        ("logits", TensorView::new(safetensors::Dtype::F32, vec![tokens.len(), vocab], &logit_bytes)?),
+        ("tokens", TensorView::new(safetensors::Dtype::I32, vec![tokens.len()], &id_bytes)?),
+    ];
+    write_atomic(&a.out, &safetensors::serialize(views, None)?)?;
+    eprintln!("wrote logits [{}, {}] to {}", tokens.len(), vocab, a.out.display());
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so no half-written file is left.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let (model, mut session, load_ms) = a.m.load(false)?;
+    let vocab = model.config.vocab_size as u32;
+    if a.prompt_tokens == 0 || a.repeat == 0 {
+        bail!("--prompt-tokens and --repeat must be at least 1");
+    }
+    if a.prompt_tokens + a.gen_tokens > session.n_ctx() {
+        bail!("--prompt-tokens + --gen-tokens = {} exceed the context of {} tokens", a.prompt_tokens + a.gen_tokens, session.n_ctx());
+    }
+    // Fixed pseudo-random token ids, away from the special tokens at the start of the vocabulary.
+    let pick = |i: usize, mul: usize| ((i * mul) as u32 % (vocab.saturating_sub(200).max(1))) + 100.min(vocab - 1);
+    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|i| pick(i, 7919)).collect();
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for r in 0..=a.repeat {
+        session.reset();
+        let t = Instant::now();
+        session.eval(&prompt)?;
+        let prefill = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for i in 0..a.gen_tokens {
+            session.eval(&[pick(i, 31)])?;
+        }
+        let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        if r > 0 {
+            // The first run warms the page cache and the CPU caches.
+            pp.push(prefill);
+            tg.push(decode);
+        }
+    }
+    let spread = |v: &[f64]| (v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(0.0, f64::max));
+    let (pp_lo, pp_hi) = spread(&pp);
+    let (tg_lo, tg_hi) = spread(&tg);
+    let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if a.json {
+        let v = serde_json::json!({
+            "model": a.m.model.display().to_string(),
+            "threads": session.n_threads(),
+            "prompt_tokens": a.prompt_tokens,
+            "gen_tokens": a.gen_tokens,
+            "repeat": a.repeat,
+            "load_ms": load_ms,
+            "prefill_tok_s": pp_med,
+            "prefill_tok_s_min": pp_lo,
+            "prefill_tok_s_max": pp_hi,
+            "decode_tok_s": tg_med,
+            "decode_tok_s_min": tg_lo,
+            "decode_tok_s_max": tg_hi,
+            "peak_rss_bytes": rss,
+        });
+        println!("{v}");
+    } else {
+        println!("model      {}", a.m.model.display());
+        println!("threads    {}", session.n_threads());
+        println!("load       {load_ms:.0} ms");
+        println!("prefill    {pp_med:.1} tok/s  (min {pp_lo:.1}, max {pp_hi:.1}; {} tokens, {} runs)", a.prompt_tokens, a.repeat);
+        println!("decode     {tg_med:.1} tok/s  (min {tg_lo:.1}, max {tg_hi:.1}; {} tokens, {} runs)", a.gen_tokens, a.repeat);
+        println!("peak RSS   {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+    }
+    Ok(())
+}
+
+fn cmd_inspect(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        let model = Model::load(path, &LoadOptions { no_tokenizer: false })
+            .with_context(|| format!("cannot load the model in {}", path.display()))?;
+        let c = &model.config;
+        println!("architecture       {}", c.arch.name());
+        println!("layers             {}", c.num_hidden_layers);
+        println!("hidden / mlp       {} / {}", c.hidden_size, c.intermediate_size);
+        println!("heads (kv) × dim   {} ({}) × {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        println!("vocab              {}", c.vocab_size);
+        println!("context            {}", c.max_position_embeddings);
+        println!("rope               theta {} scaling {:?}", c.rope_theta, c.rope_scaling);
+        println!("tied embeddings    {}", c.tie_word_embeddings);
+        println!("chat template      {}", model.tokenizer.as_ref().is_some_and(|t| t.has_chat_template()));
+        let tensors = model.store().tensors();
+        let total: usize = tensors.iter().map(|t| t.numel() * t.dtype.size()).sum();
+        println!("tensors            {} ({:.1} MiB)", tensors.len(), total as f64 / (1024.0 * 1024.0));
+        for t in tensors {
+            println!("  {:<56} {:<5} {:?}", t.name, t.dtype.name(), t.shape);
+        }
+        Ok(())
+    } else {
+        bail!("{} is not a model directory", path.display())
+    }
+}

@@ -1,1 +1,167 @@
-//! TODO
+//! The immutable, shareable model: configuration, memory-mapped weights, tokenizer.
+//!
+//! Weights only; all per-conversation state (KV cache, activations) lives in
+//! [`crate::Session`], so any number of sessions can share one `Model` across threads.
+//! Tensor names follow transformers' `LlamaForCausalLM` (also used by Mistral and Qwen2).
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels::MatRef;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{Tensor, WeightStore};
+use std::path::{Path, PathBuf};
+
+/// Options for [`Model::load`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Do not load `tokenizer.json` (token ids only).
+    pub no_tokenizer: bool,
+}
+
+/// A linear layer: weight `[out, in]` (memory-mapped) and an optional bias `[out]`.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Vec<f32>>,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// The module path, e.g. `model.layers.3.self_attn.q_proj` (adapters attach by this name).
+    pub name: String,
+}
+
+impl Linear {
+    fn load(ws: &WeightStore, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Self> {
+        let weight = ws.get(&format!("{name}.weight"))?.clone();
+        weight.expect_shape(&[rows, cols])?;
+        let bias = if bias {
+            let b = ws.get(&format!("{name}.bias"))?;
+            b.expect_shape(&[rows])?;
+            Some(b.to_f32_vec())
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias, rows, cols, name: name.to_string() })
+    }
+
+    pub fn mat(&self) -> MatRef<'_> {
+        MatRef { w: self.weight.weights(), rows: self.rows, cols: self.cols }
+    }
+}
+
+/// One decoder block.
+pub struct Layer {
+    /// `[hidden]`
+    pub input_norm: Vec<f32>,
+    /// `[n_heads * head_dim, hidden]`
+    pub q_proj: Linear,
+    /// `[n_kv_heads * head_dim, hidden]`
+    pub k_proj: Linear,
+    /// `[n_kv_heads * head_dim, hidden]`
+    pub v_proj: Linear,
+    /// `[hidden, n_heads * head_dim]`
+    pub o_proj: Linear,
+    /// `[hidden]`
+    pub post_attention_norm: Vec<f32>,
+    /// `[intermediate, hidden]`
+    pub gate_proj: Linear,
+    /// `[intermediate, hidden]`
+    pub up_proj: Linear,
+    /// `[hidden, intermediate]`
+    pub down_proj: Linear,
+}
+
+/// A loaded model. Immutable after loading; `Sync`, shared by sessions.
+pub struct Model {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    /// `[hidden]`
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]` (the embedding matrix itself when tied)
+    pub lm_head: Linear,
+    /// `[head_dim / 2]` rotary inverse frequencies (scaling applied).
+    pub rope_inv_freq: Vec<f32>,
+    pub tokenizer: Option<Tokenizer>,
+    pub dir: PathBuf,
+    store: WeightStore,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory (`config.json`, safetensors weights, tokenizer).
+    ///
+    /// Weights are memory-mapped: the files must not be modified while the model is alive
+    /// (replacing them by a rename, as downloaders and `peftrt import` do, is fine).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::format(dir, "not a directory; pass a Hugging Face model directory (GGUF files: `peftrt import` first)"));
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        // SAFETY: documented above: the caller keeps the files unmodified while the model lives.
+        let store = unsafe { WeightStore::open(dir)? };
+        let c = &config;
+        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let norm = |name: &str| -> Result<Vec<f32>> {
+            let t = store.get(name)?;
+            t.expect_shape(&[h])?;
+            Ok(t.to_f32_vec())
+        };
+
+        let embed_tokens = store.get("model.embed_tokens.weight")?.clone();
+        embed_tokens.expect_shape(&[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, rows, cols, bias| Linear::load(&store, &format!("{p}.{name}"), rows, cols, bias);
+            layers.push(Layer {
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                q_proj: lin("self_attn.q_proj", q, h, c.qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", kv, h, c.qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", kv, h, c.qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", h, q, c.o_bias)?,
+                post_attention_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_proj: lin("mlp.gate_proj", inter, h, c.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", inter, h, c.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", h, inter, c.mlp_bias)?,
+            });
+        }
+        let lm_head = if store.contains("lm_head.weight") && !c.tie_word_embeddings {
+            Linear::load(&store, "lm_head", c.vocab_size, h, false)?
+        } else if c.tie_word_embeddings {
+            Linear { weight: embed_tokens.clone(), bias: None, rows: c.vocab_size, cols: h, name: "lm_head".into() }
+        } else {
+            return Err(Error::tensor(
+                "lm_head.weight",
+                format!("missing from {}, and config.json does not set tie_word_embeddings", dir.display()),
+            ));
+        };
+        let tokenizer = if opts.no_tokenizer { None } else { Some(Tokenizer::from_dir(dir)?) };
+        Ok(Model {
+            norm: norm("model.norm.weight")?,
+            rope_inv_freq: config.rope_inv_freq(),
+            config,
+            embed_tokens,
+            layers,
+            lm_head,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            store,
+        })
+    }
+
+    /// The tokenizer, or an error saying the model was loaded without one.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model was loaded without its tokenizer".into()))
+    }
+
+    /// The weight store (all tensors by name).
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+
+    /// Whether `token` ends generation (one of the config's EOS ids).
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.config.eos_token_ids.contains(&token)
+    }
+}

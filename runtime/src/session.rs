@@ -1,1 +1,394 @@
-//! TODO
+//! Per-conversation state and the forward pass.
+//!
+//! A [`Session`] owns the KV cache, the activation buffers and a thread pool; the weights
+//! stay in the shared [`Model`]. All buffers are sized when the session is created, so
+//! evaluating a token allocates nothing.
+//!
+//! The forward pass follows transformers' `LlamaModel.forward` (Mistral and Qwen2 are the
+//! same graph): embed → for each layer (RMSNorm → q/k/v → RoPE → causal GQA attention →
+//! o_proj → residual → RMSNorm → SwiGLU MLP → residual) → RMSNorm → lm_head.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::model::{Linear, Model};
+use crate::threadpool::{split_range, SharedMut, ThreadPool};
+use std::sync::Arc;
+
+/// Options for [`Session::new`].
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Context length in tokens (KV cache size); 0 = the model's, capped at 4096.
+    pub n_ctx: usize,
+    /// Most tokens evaluated in one batch during prefill; 0 = 128.
+    pub n_batch: usize,
+    /// Threads; 0 = all cores.
+    pub n_threads: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { n_ctx: 0, n_batch: 0, n_threads: 0 }
+    }
+}
+
+/// Number of cores available to this process.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Activation buffers for one batch of up to `n_batch` tokens.
+struct Scratch {
+    /// `[n_batch, hidden]` residual stream
+    x: Vec<f32>,
+    /// `[n_batch, hidden]` normalised input of a sub-layer
+    xb: Vec<f32>,
+    /// `[n_batch, n_heads * head_dim]`
+    q: Vec<f32>,
+    /// `[n_batch, n_kv_heads * head_dim]`
+    k: Vec<f32>,
+    /// `[n_batch, n_kv_heads * head_dim]`
+    v: Vec<f32>,
+    /// `[n_batch, n_heads * head_dim]` attention output before o_proj
+    att_out: Vec<f32>,
+    /// `[n_threads, n_ctx]` attention scores, one row per thread
+    att: Vec<f32>,
+    /// `[n_batch, intermediate]`
+    gate: Vec<f32>,
+    /// `[n_batch, intermediate]`
+    up: Vec<f32>,
+    /// `[n_batch, hidden]` output of o_proj / down_proj before the residual add
+    out: Vec<f32>,
+    /// `[n_batch, head_dim / 2]` rotary cos and sin for the batch's positions
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// `[vocab]` logits of the last evaluated token
+    logits: Vec<f32>,
+}
+
+/// What logits a forward pass produces.
+enum Want<'a> {
+    /// Last token's, into the session's logits buffer.
+    Last,
+    /// Every position's, appended to a caller's vector (`[n, vocab]`).
+    All(&'a mut Vec<f32>),
+}
+
+/// A conversation with a model: KV cache, position, buffers.
+pub struct Session {
+    model: Arc<Model>,
+    pool: ThreadPool,
+    n_ctx: usize,
+    n_batch: usize,
+    /// Tokens in the cache, in order.
+    tokens: Vec<u32>,
+    /// `[layers, n_kv_heads, n_ctx, head_dim]`
+    k_cache: Vec<f32>,
+    /// `[layers, n_kv_heads, n_ctx, head_dim]`
+    v_cache: Vec<f32>,
+    s: Scratch,
+}
+
+impl Session {
+    /// A new, empty session over `model`.
+    pub fn new(model: Arc<Model>, opts: &SessionOptions) -> Result<Session> {
+        let c = &model.config;
+        let n_ctx = match opts.n_ctx {
+            0 => c.max_position_embeddings.min(4096),
+            n => n,
+        };
+        let n_batch = match opts.n_batch {
+            0 => 128,
+            n => n,
+        }
+        .min(n_ctx);
+        let n_threads = match opts.n_threads {
+            0 => default_threads(),
+            n => n,
+        };
+        let cache = c.num_hidden_layers * c.kv_dim() * n_ctx;
+        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let half = c.head_dim / 2;
+        let s = Scratch {
+            x: vec![0.0; n_batch * h],
+            xb: vec![0.0; n_batch * h],
+            q: vec![0.0; n_batch * q],
+            k: vec![0.0; n_batch * kv],
+            v: vec![0.0; n_batch * kv],
+            att_out: vec![0.0; n_batch * q],
+            att: vec![0.0; n_threads * n_ctx],
+            gate: vec![0.0; n_batch * inter],
+            up: vec![0.0; n_batch * inter],
+            out: vec![0.0; n_batch * h],
+            cos: vec![0.0; n_batch * half],
+            sin: vec![0.0; n_batch * half],
+            logits: vec![0.0; c.vocab_size],
+        };
+        Ok(Session {
+            pool: ThreadPool::new(n_threads),
+            n_ctx,
+            n_batch,
+            tokens: Vec::with_capacity(n_ctx),
+            k_cache: vec![0.0; cache],
+            v_cache: vec![0.0; cache],
+            s,
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Context length (KV cache capacity) in tokens.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    /// Tokens evaluated so far (the cache's contents).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets the conversation (the cache is overwritten lazily).
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Drops cached tokens after the first `n` (e.g. to reuse a common prompt prefix).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    /// Logits of the last evaluated token, `[vocab]`.
+    pub fn logits(&self) -> &[f32] {
+        &self.s.logits
+    }
+
+    /// Evaluates `tokens` after the cached ones; returns the last token's logits.
+    pub fn eval(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.check(tokens)?;
+        for chunk in tokens.chunks(self.n_batch) {
+            self.forward(chunk, Want::Last);
+        }
+        Ok(&self.s.logits)
+    }
+
+    /// Evaluates `tokens` and appends every position's logits to `out` (`[n, vocab]`, row-major).
+    pub fn eval_all(&mut self, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        self.check(tokens)?;
+        out.reserve(tokens.len() * self.model.config.vocab_size);
+        for chunk in tokens.chunks(self.n_batch) {
+            self.forward(chunk, Want::All(out));
+        }
+        Ok(())
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Input("nothing to evaluate: the token list is empty".into()));
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!("token id {t} is out of range for this model's vocabulary of {vocab}")));
+        }
+        if self.tokens.len() + tokens.len() > self.n_ctx {
+            return Err(Error::Input(format!(
+                "context overflow: {} cached + {} new tokens exceed the context of {} tokens \
+                 (shorten the prompt, lower --max-tokens, or raise the context size)",
+                self.tokens.len(),
+                tokens.len(),
+                self.n_ctx
+            )));
+        }
+        Ok(())
+    }
+
+    /// One batch of at most `n_batch` tokens through the network (inputs already checked).
+    fn forward(&mut self, tokens: &[u32], want: Want) {
+        let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, .. } = self;
+        let c = &model.config;
+        let n = tokens.len();
+        let pos0 = history.len();
+        let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let half = c.head_dim / 2;
+        let eps = c.rms_norm_eps;
+        let mut cache = KvCache { k: k_cache, v: v_cache, n_ctx: *n_ctx };
+
+        // Embeddings.
+        let emb = model.embed_tokens.weights();
+        for (t, &tok) in tokens.iter().enumerate() {
+            emb.to_f32(tok as usize * h, &mut s.x[t * h..(t + 1) * h]);
+        }
+        history.extend_from_slice(tokens);
+        rope_tables(&model.rope_inv_freq, pos0, n, &mut s.cos, &mut s.sin);
+
+        for (li, layer) in model.layers.iter().enumerate() {
+            // Attention block.
+            rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.input_norm, eps);
+            linear(pool, &layer.q_proj, &s.xb[..n * h], n, &mut s.q[..n * q_dim]);
+            linear(pool, &layer.k_proj, &s.xb[..n * h], n, &mut s.k[..n * kv_dim]);
+            linear(pool, &layer.v_proj, &s.xb[..n * h], n, &mut s.v[..n * kv_dim]);
+            for t in 0..n {
+                let (cos, sin) = (&s.cos[t * half..(t + 1) * half], &s.sin[t * half..(t + 1) * half]);
+                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(c.head_dim) {
+                    rope(head, cos, sin);
+                }
+                for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
+                    rope(head, cos, sin);
+                }
+            }
+            cache.store(c, li, pos0, n, &s.k, &s.v);
+            attention(pool, c, &cache, li, pos0, n, &s.q, &mut s.att, &mut s.att_out);
+            linear(pool, &layer.o_proj, &s.att_out[..n * q_dim], n, &mut s.out[..n * h]);
+            kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
+
+            // MLP block.
+            rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
+            linear(pool, &layer.gate_proj, &s.xb[..n * h], n, &mut s.gate[..n * inter]);
+            linear(pool, &layer.up_proj, &s.xb[..n * h], n, &mut s.up[..n * inter]);
+            kernels::silu_mul(&mut s.gate[..n * inter], &s.up[..n * inter]);
+            linear(pool, &layer.down_proj, &s.gate[..n * inter], n, &mut s.out[..n * h]);
+            kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
+        }
+
+        // Final norm and the output head.
+        let vocab = c.vocab_size;
+        match want {
+            Want::Last => {
+                let last = (n - 1) * h;
+                kernels::rmsnorm(&mut s.xb[..h], &s.x[last..last + h], &model.norm, eps);
+                linear(pool, &model.lm_head, &s.xb[..h], 1, &mut s.logits);
+            }
+            Want::All(out) => {
+                rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &model.norm, eps);
+                let start = out.len();
+                out.resize(start + n * vocab, 0.0);
+                linear(pool, &model.lm_head, &s.xb[..n * h], n, &mut out[start..]);
+                s.logits.copy_from_slice(&out[start + (n - 1) * vocab..]);
+            }
+        }
+    }
+}
+
+/// The session's key/value cache, each `[layers, n_kv_heads, n_ctx, head_dim]`.
+struct KvCache<'a> {
+    k: &'a mut Vec<f32>,
+    v: &'a mut Vec<f32>,
+    n_ctx: usize,
+}
+
+impl KvCache<'_> {
+    /// Offset of `(layer, kv_head, pos)`.
+    fn at(&self, c: &ModelConfig, layer: usize, kv_head: usize, pos: usize) -> usize {
+        ((layer * c.num_key_value_heads + kv_head) * self.n_ctx + pos) * c.head_dim
+    }
+
+    /// Copies a batch's keys and values (`[n, kv_dim]`) to positions `pos0..pos0 + n`.
+    fn store(&mut self, c: &ModelConfig, layer: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
+        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+        for t in 0..n {
+            for kvh in 0..c.num_key_value_heads {
+                let dst = self.at(c, layer, kvh, pos0 + t);
+                let src = t * kv_dim + kvh * hd;
+                self.k[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                self.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
+    }
+}
+
+/// Causal grouped-query attention of a batch's queries (`q`: `[n, q_dim]`) over the cache,
+/// into `out` (`[n, q_dim]`); `att` holds one `[n_ctx]` score row per thread.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    pool: &ThreadPool,
+    c: &ModelConfig,
+    cache: &KvCache,
+    layer: usize,
+    pos0: usize,
+    n: usize,
+    q: &[f32],
+    att: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, nh, q_dim, n_ctx) = (c.head_dim, c.num_attention_heads, c.q_dim(), cache.n_ctx);
+    let group = nh / c.num_key_value_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (kc, vc) = (&cache.k[..], &cache.v[..]);
+    let att = SharedMut::new(att);
+    let out = SharedMut::new(out);
+    pool.run(|ti, nt| {
+        // SAFETY: row `ti` of the score buffer belongs to this thread alone.
+        let scores_row = unsafe { att.slice(ti * n_ctx..(ti + 1) * n_ctx) };
+        for item in split_range(n * nh, ti, nt, 1) {
+            let (t, head) = (item / nh, item % nh);
+            let pos = pos0 + t;
+            let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let base = cache.at(c, layer, head / group, 0);
+            let key = |j: usize| &kc[base + j * hd..base + (j + 1) * hd];
+            let value = |j: usize| &vc[base + j * hd..base + (j + 1) * hd];
+            let qv = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+            let scores = &mut scores_row[lo..=pos];
+            for (j, sc) in (lo..=pos).zip(scores.iter_mut()) {
+                *sc = kernels::dot(qv, key(j)) * scale;
+            }
+            kernels::softmax(scores);
+            // SAFETY: each (token, head) item belongs to one thread; its output slice is disjoint.
+            let o = unsafe { out.slice(t * q_dim + head * hd..t * q_dim + (head + 1) * hd) };
+            o.fill(0.0);
+            for (j, &p) in (lo..=pos).zip(scores.iter()) {
+                kernels::axpy(o, p, value(j));
+            }
+        }
+    });
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x`.
+fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    for (o, x) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
+        kernels::rmsnorm(o, x, w, eps);
+    }
+}
+
+/// `y = x·Wᵀ + b` for `n` tokens: the one place every projection goes through.
+pub(crate) fn linear(pool: &ThreadPool, lin: &Linear, x: &[f32], n: usize, y: &mut [f32]) {
+    if n == 1 {
+        kernels::matvec(pool, lin.mat(), x, y);
+    } else {
+        kernels::matmul(pool, lin.mat(), x, n, y);
+    }
+    if let Some(b) = &lin.bias {
+        for row in y.chunks_exact_mut(lin.rows) {
+            kernels::add(row, b);
+        }
+    }
+}
+
+/// cos and sin of `pos · inv_freq` for positions `pos0..pos0 + n`, computed in f32 as transformers does.
+fn rope_tables(inv_freq: &[f32], pos0: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
+    let half = inv_freq.len();
+    for t in 0..n {
+        let p = (pos0 + t) as f32;
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let a = p * f;
+            cos[t * half + i] = a.cos();
+            sin[t * half + i] = a.sin();
+        }
+    }
+}
+
+/// Rotary embedding of one head, transformers' `rotate_half` layout (pairs `i`, `i + d/2`).
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}

@@ -1,1 +1,253 @@
-//! TODO
+//! Memory-mapped safetensors weights: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. F32, F16 and BF16 tensors are used in place, straight
+//! from the page cache; nothing is copied unless a tensor is misaligned for its type.
+
+use crate::error::{Error, Result};
+use crate::kernels::{MatRef, Weights};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+}
+
+/// A tensor's bytes, kept alive by the map (or owned copy) they live in.
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// The file the tensor came from (for error messages).
+    pub file: Arc<PathBuf>,
+    storage: Storage,
+}
+
+#[derive(Clone)]
+enum Storage {
+    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    /// A misaligned tensor, copied; `u32` backing guarantees 4-byte alignment.
+    Owned(Arc<[u32]>, usize),
+}
+
+impl Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Mapped { map, start, len } => &map[*start..*start + *len],
+            Storage::Owned(words, len) => {
+                // SAFETY: a `[u32]` is readable as bytes; `len` ≤ its size in bytes.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len) }
+            }
+        }
+    }
+
+    /// The elements, borrowed in their stored type.
+    pub fn weights(&self) -> Weights<'_> {
+        let b = self.bytes();
+        let n = self.numel();
+        // SAFETY: alignment for the element type was checked (or the data copied) at load,
+        // and the byte length was validated against `numel * dtype.size()`; f32, f16 and bf16
+        // have no invalid bit patterns.
+        unsafe {
+            match self.dtype {
+                DType::F32 => Weights::F32(std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), n)),
+                DType::F16 => Weights::F16(std::slice::from_raw_parts(b.as_ptr().cast::<f16>(), n)),
+                DType::BF16 => Weights::BF16(std::slice::from_raw_parts(b.as_ptr().cast::<bf16>(), n)),
+            }
+        }
+    }
+
+    /// The tensor as a matrix `[rows, cols]` (a linear layer's weight), checking its shape.
+    pub fn matrix(&self, rows: usize, cols: usize) -> Result<MatRef<'_>> {
+        self.expect_shape(&[rows, cols])?;
+        Ok(MatRef { w: self.weights(), rows, cols })
+    }
+
+    /// A copy of the tensor in f32 (for small tensors: norms, biases).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.weights().to_f32(0, &mut out);
+        out
+    }
+
+    pub fn expect_shape(&self, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(Error::tensor(
+                &self.name,
+                format!(
+                    "in {}: expected shape {:?}, found {:?} (does config.json match these weights?)",
+                    self.file.display(),
+                    shape,
+                    self.shape
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// All tensors of a model directory, by name.
+pub struct WeightStore {
+    tensors: HashMap<String, Tensor>,
+    dir: PathBuf,
+}
+
+impl WeightStore {
+    /// Opens the weights of a Hugging Face model directory (single file or sharded).
+    ///
+    /// # Safety
+    /// The files are memory-mapped: they must not be modified or truncated while the store
+    /// (or any tensor borrowed from it) is alive.
+    pub unsafe fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_files(&index)?
+        } else {
+            return Err(Error::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json here; is this a Hugging Face model directory? \
+                 (GGUF files are converted with `peftrt import`)",
+            ));
+        };
+        let mut tensors = HashMap::new();
+        for file in files {
+            // SAFETY: forwarded to our caller.
+            for t in unsafe { open_file(&file)? } {
+                if tensors.contains_key(&t.name) {
+                    return Err(Error::tensor(&t.name, format!("appears twice (again in {})", file.display())));
+                }
+                tensors.insert(t.name.clone(), t);
+            }
+        }
+        Ok(WeightStore { tensors, dir: dir.to_path_buf() })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::tensor(name, format!("missing from the weights in {}", self.dir.display()))
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensors, sorted by name.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut v: Vec<_> = self.tensors.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+/// The shard files named by an index, in order, each checked to exist.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(index, "no \"weight_map\" object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files = BTreeMap::new();
+    for (tensor, file) in map {
+        let name = file
+            .as_str()
+            .filter(|f| !f.contains('/') && !f.contains('\\') && !f.is_empty())
+            .ok_or_else(|| Error::format(index, format!("weight_map[\"{tensor}\"] is not a plain file name")))?;
+        files.entry(name.to_string()).or_insert_with(|| tensor.clone());
+    }
+    files
+        .into_iter()
+        .map(|(name, tensor)| {
+            let path = dir.join(&name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(Error::format(
+                    index,
+                    format!("shard {name} (holding {tensor}, among others) is missing; download the complete model"),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Maps one safetensors file and lists its tensors, validating the header against the file.
+///
+/// # Safety
+/// See [`WeightStore::open`].
+unsafe fn open_file(path: &Path) -> Result<Vec<Tensor>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the caller promises the file is not modified while mapped.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
+        .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    let data_start = 8 + header_len;
+    let file_arc = Arc::new(path.to_path_buf());
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::tensor(
+                    &name,
+                    format!("in {}: dtype {other:?} is not supported (F32, F16, BF16)", path.display()),
+                ))
+            }
+        };
+        let (a, b) = info.data_offsets;
+        let numel: usize = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).unwrap_or(usize::MAX);
+        if b < a || numel.checked_mul(dtype.size()) != Some(b - a) {
+            return Err(Error::tensor(&name, format!("in {}: header offsets disagree with its shape and dtype", path.display())));
+        }
+        let start = data_start + a;
+        let len = b - a;
+        if start + len > map.len() {
+            return Err(Error::tensor(&name, format!("in {}: data runs past the end of the file (truncated download?)", path.display())));
+        }
+        let storage = if (map.as_ptr() as usize + start) % dtype.size() == 0 {
+            Storage::Mapped { map: map.clone(), start, len }
+        } else {
+            log::warn!("{}: tensor {name} is misaligned; copying it", path.display());
+            let mut words = vec![0u32; len.div_ceil(4)];
+            // SAFETY: `words` holds at least `len` bytes; the source range was bounds-checked.
+            unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(start), words.as_mut_ptr().cast::<u8>(), len) };
+            Storage::Owned(words.into(), len)
+        };
+        out.push(Tensor { name, dtype, shape: info.shape.clone(), file: file_arc.clone(), storage });
+    }
+    Ok(out)
+}
