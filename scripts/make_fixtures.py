@@ -382,7 +382,7 @@ def write_reference(model_dir: Path, load_dtype: torch.dtype, description: str) 
         "incremental_prefix": str(N_PREFIX_INCREMENTAL),
         "description": description,
         "generator": f"scripts/make_fixtures.py (transformers {transformers.__version__}, "
-        f"torch {torch.__version__})",
+        f"torch {torch.__version__.split('+')[0]})",
     }
     save_safetensors(tensors, model_dir / "reference.safetensors", metadata)
     check_reference_file(model_dir / "reference.safetensors", tensors, metadata)

@@ -164,7 +164,7 @@ def main() -> int:
 
     meta["gguf_sha256"] = stamp.split("\n")[0].split("=")[1]
     meta["generator"] = (f"scripts/smollm2_reference.py v{REFERENCE_VERSION} (transformers "
-                         f"{transformers.__version__}, torch {torch.__version__})")
+                         f"{transformers.__version__}, torch {torch.__version__.split('+')[0]})")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, out, meta)
     stamp_path.write_text(stamp)
