@@ -407,10 +407,7 @@ mod tests {
             ["<s>", "t", "he", "<tool>"]
         );
         let dec = t
-            .decode(
-                &t.encode("<s>the<tool>", false).unwrap().get_ids().to_vec(),
-                true,
-            )
+            .decode(&t.encode("<s>the<tool>", false).unwrap().get_ids(), true)
             .unwrap();
         assert_eq!(dec, "the<tool>");
     }
