@@ -490,9 +490,10 @@ unsafe impl GgmlBlock for BlockQ3K {
                 for off in [0, 16] {
                     let dl = d_all * scales[is] as f32;
                     is += 1;
-                    for l in off..off + 16 {
-                        let hbit = if self.hmask[l] & m != 0 { 0 } else { 4 };
-                        let v = ((q[l] >> shift) & 3) as i32 - hbit;
+                    let (q, hm) = (&q[off..off + 16], &self.hmask[off..off + 16]);
+                    for (&ql, &h) in q.iter().zip(hm) {
+                        let hbit = if h & m != 0 { 0 } else { 4 };
+                        let v = ((ql >> shift) & 3) as i32 - hbit;
                         y[out] = dl * v as f32;
                         out += 1;
                     }
@@ -612,6 +613,7 @@ fn dequantize_blocks<B: GgmlBlock>(data: &[u8], out: &mut [f32]) {
 ///
 /// Errors (as a message, for the caller to wrap with the tensor name) when the type is not
 /// supported or the lengths do not match.
+#[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; the MSRV is 1.80
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), String> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
     if out.len() % bs != 0 || data.len() != out.len() / bs * ts {

@@ -311,3 +311,131 @@ impl Vocab {
         Json::Object(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A byte-level vocabulary: three control tokens, the 256 byte characters, a few merges.
+    fn vocab(pre: &str, add_bos: bool) -> Vocab {
+        let mut tokens: Vec<String> = ["<s>", "</s>", "<tool>"].map(String::from).to_vec();
+        let mut types = vec![
+            TOKEN_TYPE_CONTROL,
+            TOKEN_TYPE_CONTROL,
+            TOKEN_TYPE_USER_DEFINED,
+        ];
+        // GPT-2's printable stand-ins for the 256 bytes.
+        let mut n = 0;
+        for b in 0u32..256 {
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let c = if printable {
+                char::from_u32(b).unwrap()
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap()
+            };
+            tokens.push(c.to_string());
+            types.push(1);
+        }
+        let merges: Vec<(String, String)> = [
+            ("Ġ", "t"),
+            ("h", "e"),
+            ("Ġt", "he"),
+            ("1", "2"),
+            ("12", "3"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        for (a, b) in &merges {
+            tokens.push(format!("{a}{b}"));
+            types.push(1);
+        }
+        Vocab {
+            model: "gpt2".into(),
+            pre: pre.into(),
+            tokens,
+            token_types: types,
+            merges,
+            special: SpecialTokens {
+                bos: Some((0, "<s>".into())),
+                eos: Some((1, "</s>".into())),
+                unk: None,
+                pad: None,
+                add_bos,
+                add_eos: false,
+            },
+        }
+    }
+
+    fn tokenizer(pre: &str, add_bos: bool) -> tokenizers::Tokenizer {
+        let json = vocab(pre, add_bos)
+            .tokenizer_json(Path::new("x.gguf"))
+            .unwrap();
+        json.to_string().parse::<tokenizers::Tokenizer>().unwrap()
+    }
+
+    fn tokens(t: &tokenizers::Tokenizer, text: &str, special: bool) -> Vec<String> {
+        t.encode(text, special).unwrap().get_tokens().to_vec()
+    }
+
+    #[test]
+    fn every_supported_pre_type_loads_and_splits_digits_as_its_model_does() {
+        // GPT-2: " 123" is one pre-token, so the digit merges apply.
+        let gpt2 = tokenizer("gpt2", false);
+        assert_eq!(tokens(&gpt2, " the 123", false), ["Ġthe", "Ġ", "123"]);
+        // SmolLM / StarCoder: digits one by one.
+        assert_eq!(
+            tokens(&tokenizer("smollm", false), " the 123", false),
+            ["Ġthe", "Ġ", "1", "2", "3"]
+        );
+        // Llama 3: up to three digits together; Qwen2: one by one.
+        assert_eq!(
+            tokens(&tokenizer("llama-bpe", false), "1234", false),
+            ["123", "4"]
+        );
+        assert_eq!(
+            tokens(&tokenizer("qwen2", false), "1234", false),
+            ["1", "2", "3", "4"]
+        );
+        // Control tokens are special, user-defined ones added but not special.
+        let t = tokenizer("llama3", false);
+        assert_eq!(
+            tokens(&t, "<s>the<tool>", false),
+            ["<s>", "t", "he", "<tool>"]
+        );
+        let ids = t.encode("<s>the<tool>", false).unwrap().get_ids().to_vec();
+        let dec = t.decode(&ids, true).unwrap();
+        assert_eq!(dec, "the<tool>");
+    }
+
+    #[test]
+    fn bos_is_added_only_when_the_gguf_asks() {
+        assert_eq!(
+            tokens(&tokenizer("gpt2", true), "the", true),
+            ["<s>", "t", "he"]
+        );
+        assert_eq!(tokens(&tokenizer("gpt2", false), "the", true), ["t", "he"]);
+    }
+
+    #[test]
+    fn unsupported_pre_and_models_are_named() {
+        let err = vocab("deepseek-llm", false)
+            .tokenizer_json(Path::new("m.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.gguf") && err.contains("`deepseek-llm`"),
+            "{err}"
+        );
+        let mut v = vocab("gpt2", false);
+        v.model = "llama".into();
+        let err = v
+            .tokenizer_json(Path::new("m.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokenizer.ggml.model `llama`"), "{err}");
+    }
+}
