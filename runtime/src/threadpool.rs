@@ -252,6 +252,10 @@ impl<T> SharedMut<T> {
     pub fn new(s: &mut [T]) -> Self {
         SharedMut(s.as_mut_ptr())
     }
+    /// The raw pointer (methods, unlike the field, keep closures capturing the `Sync` wrapper).
+    pub fn ptr(&self) -> *mut T {
+        self.0
+    }
     /// # Safety
     /// `range` must lie inside the buffer this pointer came from, and no other thread may
     /// access that range while the returned slice lives.
