@@ -269,42 +269,43 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
     let k = m.cols;
     let nr = tile_tokens::<S>();
     debug_assert!(xp.len() >= n.div_ceil(nr) * k * nr && rows.end <= m.rows);
-    WIDE_ROWS.with(|wide| {
-        let mut wide = wide.borrow_mut();
-        let mut r = rows.start;
-        while r < rows.end {
-            let mr = S::MR.min(rows.end - r);
-            // The row block as f32: borrowed for F32 weights, widened into scratch otherwise.
-            let block: *const f32 = match m.w {
-                Weights::F32(w) => w[r * k..(r + mr) * k].as_ptr(),
-                Weights::F16(w) => {
-                    // SAFETY: slices in bounds; widen writes exactly `mr * k` elements.
-                    unsafe { widen::<S, f16>(&w[r * k..(r + mr) * k], &mut wide) }
-                }
-                Weights::BF16(w) => {
-                    // SAFETY: as above.
-                    unsafe { widen::<S, bf16>(&w[r * k..(r + mr) * k], &mut wide) }
-                }
-            };
-            for tile in 0..n.div_ceil(nr) {
-                let tokens = nr.min(n - tile * nr);
-                let xt = xp[tile * k * nr..(tile + 1) * k * nr].as_ptr();
-                // SAFETY: `block` holds `mr` rows of `k` f32; `xt` one packed tile; the output
-                // rows r..r+mr and tokens of this tile are ours (caller contract).
-                unsafe {
-                    let yt = y.add(tile * nr * ldy + r);
-                    if mr == S::MR {
-                        tile_kernel::<S>(S::MR, k, block, xt, yt, ldy, tokens);
-                    } else {
-                        for i in 0..mr {
-                            tile_kernel::<S>(1, k, block.add(i * k), xt, yt.add(i), ldy, tokens);
-                        }
+    // Take the scratch out of the thread-local (no allocation): the kernel must not run inside
+    // a `with` closure, which would be compiled without this entry point's target features.
+    let mut wide = WIDE_ROWS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    let mut r = rows.start;
+    while r < rows.end {
+        let mr = S::MR.min(rows.end - r);
+        // The row block as f32: borrowed for F32 weights, widened into scratch otherwise.
+        let block: *const f32 = match m.w {
+            Weights::F32(w) => w[r * k..(r + mr) * k].as_ptr(),
+            Weights::F16(w) => {
+                // SAFETY: slices in bounds; widen writes exactly `mr * k` elements.
+                unsafe { widen::<S, f16>(&w[r * k..(r + mr) * k], &mut wide) }
+            }
+            Weights::BF16(w) => {
+                // SAFETY: as above.
+                unsafe { widen::<S, bf16>(&w[r * k..(r + mr) * k], &mut wide) }
+            }
+        };
+        for tile in 0..n.div_ceil(nr) {
+            let tokens = nr.min(n - tile * nr);
+            let xt = xp[tile * k * nr..(tile + 1) * k * nr].as_ptr();
+            // SAFETY: `block` holds `mr` rows of `k` f32; `xt` one packed tile; the output
+            // rows r..r+mr and tokens of this tile are ours (caller contract).
+            unsafe {
+                let yt = y.add(tile * nr * ldy + r);
+                if mr == S::MR {
+                    tile_kernel::<S>(S::MR, k, block, xt, yt, ldy, tokens);
+                } else {
+                    for i in 0..mr {
+                        tile_kernel::<S>(1, k, block.add(i * k), xt, yt.add(i), ldy, tokens);
                     }
                 }
             }
-            r += mr;
         }
-    });
+        r += mr;
+    }
+    WIDE_ROWS.with(|w| *w.borrow_mut() = wide);
 }
 
 /// Widens `src` to f32 into `dst` (resized to fit) and returns its pointer.
