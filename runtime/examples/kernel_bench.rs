@@ -1,6 +1,6 @@
 //! Micro-benchmark of the matrix kernels on SmolLM2-135M shapes.
 //!
-//! `cargo run --release -p peftrt --example kernel_bench [-- --quick]`
+//! `cargo run --release -p peftrt --example kernel_bench [-- --quick] [--matmul]`
 //!
 //! Prints GB/s of weight bytes streamed by `matvec` (decode) and GFLOP/s of `matmul` with 128
 //! tokens (prefill), for F32/F16/BF16 weights on 1 and 2 threads. Variants are measured
@@ -73,6 +73,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let only_matmul = std::env::args().any(|a| a == "--matmul");
     let rounds = if quick { 2 } else { 5 };
     println!("kernels: {:?}", kernels::isa());
     let pools = [ThreadPool::new(1), ThreadPool::new(2)];
@@ -85,7 +86,7 @@ fn main() {
     );
     // Seconds per call of each shape, [shape][dtype][threads].
     let mut secs = Vec::new();
-    for &(name, rows, cols) in SHAPES {
+    for &(name, rows, cols) in SHAPES.iter().filter(|_| !only_matmul) {
         let nc = copies(rows * cols);
         let d = data(rows * cols, nc);
         let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1).collect();
@@ -127,7 +128,7 @@ fn main() {
     println!(
         "\nall projections of one SmolLM2-135M decode step, tokens/s (upper bound of decode):"
     );
-    for (di, dt) in dtypes.iter().enumerate() {
+    for (di, dt) in dtypes.iter().enumerate().filter(|_| !only_matmul) {
         let step = |pi: usize| {
             let s = |i: usize| secs[i][di][pi];
             30.0 * (2.0 * s(0) + 2.0 * s(1) + 2.0 * s(2) + s(3)) + s(4)

@@ -204,15 +204,40 @@ pub fn matvec(pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
 pub fn matvec_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
     check_mat(&m, x.len(), 1, y.len());
     let out = SharedMut::new(y);
-    pool.run(|i, n| {
-        let rows = split_range(m.rows, i, n, 16);
-        if rows.is_empty() {
-            return;
+    let chunks = RowChunks::new(m.rows, pool.n_threads(), 16);
+    pool.run(|_, _| {
+        while let Some(rows) = chunks.next() {
+            // SAFETY: each chunk of rows is handed to exactly one thread and lies inside `y`.
+            let y = unsafe { out.slice(rows.clone()) };
+            matvec_rows_isa(isa, m, rows, x, y);
         }
-        // SAFETY: `split_range` gives each thread a disjoint range of rows inside `y`.
-        let y = unsafe { out.slice(rows.clone()) };
-        matvec_rows_isa(isa, m, rows, x, y);
     });
+}
+
+/// Rows handed out in chunks on demand (an atomic counter), about 4 per thread: a thread that
+/// was descheduled (a busy machine, or a slow core on big.LITTLE) does less, instead of every
+/// other thread waiting for its fixed share.
+struct RowChunks {
+    rows: usize,
+    chunk: usize,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl RowChunks {
+    fn new(rows: usize, threads: usize, align: usize) -> Self {
+        let chunk = rows.div_ceil(4 * threads).div_ceil(align).max(1) * align;
+        RowChunks {
+            rows,
+            chunk,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn next(&self) -> Option<std::ops::Range<usize>> {
+        let c = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let start = c.checked_mul(self.chunk)?;
+        (start < self.rows).then(|| start..(start + self.chunk).min(self.rows))
+    }
 }
 
 thread_local! {
@@ -261,17 +286,16 @@ pub fn matmul_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y
         let mut packed = packed.borrow_mut();
         simd::pack_x(x, n, m.cols, tile_tokens, &mut packed);
         let xp: &[f32] = &packed;
-        pool.run(|i, nt| {
-            let rows = split_range(m.rows, i, nt, mr);
-            if rows.is_empty() {
-                return;
+        let chunks = RowChunks::new(m.rows, pool.n_threads(), mr);
+        pool.run(|_, _| {
+            while let Some(rows) = chunks.next() {
+                // SAFETY: each chunk of rows goes to one thread; `y` is `[n, m.rows]` (checked).
+                dispatch!(
+                    isa,
+                    matmul_rows(m, rows, xp, n, out.ptr(), m.rows),
+                    unreachable!()
+                )
             }
-            // SAFETY: threads own disjoint row ranges; `y` is `[n, m.rows]` (checked above).
-            dispatch!(
-                isa,
-                matmul_rows(m, rows, xp, n, out.ptr(), m.rows),
-                unreachable!()
-            )
         });
     });
 }

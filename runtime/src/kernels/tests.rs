@@ -99,9 +99,9 @@ fn scalar_matvec_matches_f64() {
         for m in data.views(0).map(|w| MatRef { w, rows, cols }) {
             let mut y = vec![0.0; rows];
             scalar::matvec_rows(m, 0..rows, &x, &mut y);
-            for r in 0..rows {
+            for (r, &got) in y.iter().enumerate() {
                 let (want, scale) = row_f64(&m, r, &x);
-                assert_close(y[r], want, scale, &format!("scalar {rows}x{cols} row {r}"));
+                assert_close(got, want, scale, &format!("scalar {rows}x{cols} row {r}"));
             }
         }
     }
