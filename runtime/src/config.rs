@@ -76,6 +76,16 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
+/// A token id or a list of them (`eos_token_id` may be either).
+fn parse_token_ids(v: Option<&Value>) -> Vec<u32> {
+    let id = |x: &Value| x.as_u64().filter(|&n| n < u32::MAX as u64).map(|n| n as u32);
+    match v {
+        None => vec![],
+        Some(Value::Array(a)) => a.iter().filter_map(id).collect(),
+        Some(x) => id(x).into_iter().collect(),
+    }
+}
+
 impl ModelConfig {
     /// Reads `config.json` from a model directory.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -195,12 +205,7 @@ impl ModelConfig {
             Arch::Qwen2 if bool_key("use_sliding_window", false)? => usize_key("sliding_window")?,
             _ => None,
         };
-        let token_id = |x: &Value| x.as_u64().filter(|&n| n < u32::MAX as u64).map(|n| n as u32);
-        let eos_token_ids = match get(v, "eos_token_id") {
-            None => vec![],
-            Some(Value::Array(a)) => a.iter().filter_map(token_id).collect(),
-            Some(x) => token_id(x).into_iter().collect(),
-        };
+        let eos_token_ids = parse_token_ids(get(v, "eos_token_id"));
 
         let cfg = ModelConfig {
             arch,
@@ -220,10 +225,26 @@ impl ModelConfig {
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: bool_key("mlp_bias", false)?,
             sliding_window,
-            bos_token_id: get(v, "bos_token_id").and_then(token_id),
+            bos_token_id: parse_token_ids(get(v, "bos_token_id")).first().copied(),
             eos_token_ids,
         };
         Ok(cfg)
+    }
+
+    /// Adds the end-of-sequence ids of a `generation_config.json` (when the file exists):
+    /// chat models often end turns with a token that `config.json` does not list.
+    pub fn add_generation_eos(&mut self, path: &Path) -> Result<()> {
+        if !path.is_file() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        for id in parse_token_ids(get(&v, "eos_token_id")) {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
     }
 
     /// Width of all query heads together.

@@ -97,7 +97,8 @@ impl Model {
         if !dir.is_dir() {
             return Err(Error::format(dir, "not a directory; pass a Hugging Face model directory (GGUF files: `peftrt import` first)"));
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
+        config.add_generation_eos(&dir.join("generation_config.json"))?;
         // SAFETY: documented above: the caller keeps the files unmodified while the model lives.
         let store = unsafe { WeightStore::open(dir)? };
         let c = &config;

@@ -23,55 +23,7 @@ use serde_json::{json, Map, Value as Json};
 use super::file::{GgufFile, TensorInfo};
 use super::vocab::Vocab;
 use crate::error::{Error, Result};
-
-/// The floating-point type of the imported weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-}
-
-impl DType {
-    fn safetensors_name(self) -> &'static str {
-        match self {
-            DType::F32 => "F32",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-        }
-    }
-
-    fn torch_name(self) -> &'static str {
-        match self {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-        }
-    }
-
-    fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-
-    /// Appends `values` converted to this dtype (round to nearest even) as little-endian bytes.
-    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
-        out.reserve(values.len() * self.size());
-        match self {
-            DType::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
-        }
-    }
-}
+pub use crate::weights::DType;
 
 /// How to import.
 #[derive(Clone, Debug)]
@@ -562,7 +514,7 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Pa
         let n_bytes = p.info.n_elements() * dtype.size() as u64;
         header.insert(
             p.hf_name.clone(),
-            json!({"dtype": dtype.safetensors_name(), "shape": p.info.torch_shape(), "data_offsets": [offset, offset + n_bytes]}),
+            json!({"dtype": dtype.name(), "shape": p.info.torch_shape(), "data_offsets": [offset, offset + n_bytes]}),
         );
         offset += n_bytes;
     }
