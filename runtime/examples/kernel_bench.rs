@@ -43,9 +43,7 @@ fn copies(len: usize) -> usize {
 }
 
 fn data(len: usize, copies: usize) -> Data {
-    let v: Vec<f32> = (0..len * copies)
-        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
-        .collect();
+    let v: Vec<f32> = (0..len * copies).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
     Data {
         f16: v.iter().map(|&x| f16::from_f32(x)).collect(),
         bf16: v.iter().map(|&x| bf16::from_f32(x)).collect(),
@@ -80,10 +78,7 @@ fn main() {
     let dtypes = ["f32", "f16", "bf16"];
 
     println!("\nmatvec (decode), GB/s of weights streamed; best of {rounds} rounds");
-    println!(
-        "{:<20} {:>6} {:>9} {:>9}",
-        "shape", "dtype", "1 thread", "2 threads"
-    );
+    println!("{:<20} {:>6} {:>9} {:>9}", "shape", "dtype", "1 thread", "2 threads");
     // Seconds per call of each shape, [shape][dtype][threads].
     let mut secs = Vec::new();
     for &(name, rows, cols) in SHAPES.iter().filter(|_| !only_matmul) {
@@ -100,11 +95,7 @@ fn main() {
                     let mut c = 0;
                     let s = time(reps.max(1), || {
                         c = (c + 1) % nc;
-                        let m = MatRef {
-                            w: weights(&d, dt, c, rows * cols),
-                            rows,
-                            cols,
-                        };
+                        let m = MatRef { w: weights(&d, dt, c, rows * cols), rows, cols };
                         kernels::matvec(pool, m, &x, &mut y)
                     });
                     best[di][pi] = best[di][pi].min(s);
@@ -113,11 +104,7 @@ fn main() {
         }
         for (di, dt) in dtypes.iter().enumerate() {
             let gb = (rows * cols * bytes_per(dt)) as f64 / 1e9;
-            println!(
-                "{name:<20} {dt:>6} {:>9.1} {:>9.1}",
-                gb / best[di][0],
-                gb / best[di][1]
-            );
+            println!("{name:<20} {dt:>6} {:>9.1} {:>9.1}", gb / best[di][0], gb / best[di][1]);
         }
         secs.push(best);
     }
@@ -125,26 +112,17 @@ fn main() {
     // One decode step's projections: 30 layers × (q, k, v, o, gate, up, down) + lm_head.
     // One decode step's projections: 30 × (q, o: 576x576; k, v: 192x576; gate, up: 1536x576;
     // down: 576x1536) + lm_head.
-    println!(
-        "\nall projections of one SmolLM2-135M decode step, tokens/s (upper bound of decode):"
-    );
+    println!("\nall projections of one SmolLM2-135M decode step, tokens/s (upper bound of decode):");
     for (di, dt) in dtypes.iter().enumerate().filter(|_| !only_matmul) {
         let step = |pi: usize| {
             let s = |i: usize| secs[i][di][pi];
             30.0 * (2.0 * s(0) + 2.0 * s(1) + 2.0 * s(2) + s(3)) + s(4)
         };
-        println!(
-            "{dt:>6}: 1 thread {:>6.1} tok/s, 2 threads {:>6.1} tok/s",
-            1.0 / step(0),
-            1.0 / step(1)
-        );
+        println!("{dt:>6}: 1 thread {:>6.1} tok/s, 2 threads {:>6.1} tok/s", 1.0 / step(0), 1.0 / step(1));
     }
 
     println!("\nmatmul (prefill, 128 tokens), GFLOP/s; best of {rounds} rounds");
-    println!(
-        "{:<20} {:>6} {:>9} {:>9}",
-        "shape", "dtype", "1 thread", "2 threads"
-    );
+    println!("{:<20} {:>6} {:>9} {:>9}", "shape", "dtype", "1 thread", "2 threads");
     let n = 128;
     for &(name, rows, cols) in SHAPES.iter().filter(|s| s.1 <= 1536) {
         let d = data(rows * cols, 1);
@@ -156,22 +134,14 @@ fn main() {
         for _ in 0..rounds {
             for (di, dt) in dtypes.iter().enumerate() {
                 for (pi, pool) in pools.iter().enumerate() {
-                    let m = MatRef {
-                        w: weights(&d, dt, 0, rows * cols),
-                        rows,
-                        cols,
-                    };
+                    let m = MatRef { w: weights(&d, dt, 0, rows * cols), rows, cols };
                     let s = time(reps.max(1), || kernels::matmul(pool, m, &x, n, &mut y));
                     best[di][pi] = best[di][pi].min(s);
                 }
             }
         }
         for (di, dt) in dtypes.iter().enumerate() {
-            println!(
-                "{name:<20} {dt:>6} {:>9.1} {:>9.1}",
-                flop / best[di][0] / 1e9,
-                flop / best[di][1] / 1e9
-            );
+            println!("{name:<20} {dt:>6} {:>9.1} {:>9.1}", flop / best[di][0] / 1e9, flop / best[di][1] / 1e9);
         }
     }
 }

@@ -90,8 +90,7 @@ impl ModelConfig {
     /// Reads `config.json` from a model directory.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&v, path)
     }
 
@@ -122,13 +121,15 @@ impl ModelConfig {
         let bool_key = |key: &str, default: bool| -> Result<bool> {
             match get(v, key) {
                 None => Ok(default),
-                Some(x) => x.as_bool().ok_or_else(|| Error::config(path, key, format!("expected true or false, found {x}"))),
+                Some(x) => {
+                    x.as_bool().ok_or_else(|| Error::config(path, key, format!("expected true or false, found {x}")))
+                }
             }
         };
 
-        let model_type = get(v, "model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::config(path, "model_type", "missing; expected \"llama\", \"mistral\" or \"qwen2\""))?;
+        let model_type = get(v, "model_type").and_then(Value::as_str).ok_or_else(|| {
+            Error::config(path, "model_type", "missing; expected \"llama\", \"mistral\" or \"qwen2\"")
+        })?;
         let arch = match model_type {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
@@ -156,11 +157,19 @@ impl ModelConfig {
             Some(d) => d,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
             None => {
-                return Err(Error::config(path, "head_dim", "missing, and hidden_size is not a multiple of num_attention_heads"))
+                return Err(Error::config(
+                    path,
+                    "head_dim",
+                    "missing, and hidden_size is not a multiple of num_attention_heads",
+                ))
             }
         };
         if head_dim % 2 != 0 {
-            return Err(Error::config(path, "head_dim", format!("{head_dim} is odd; rotary embeddings need an even head size")));
+            return Err(Error::config(
+                path,
+                "head_dim",
+                format!("{head_dim} is odd; rotary embeddings need an even head size"),
+            ));
         }
 
         // Rope: transformers >= 4.56 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
@@ -267,7 +276,12 @@ impl ModelConfig {
                 match self.rope_scaling {
                     RopeScaling::None => inv,
                     RopeScaling::Linear { factor } => inv / factor,
-                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => {
                         let old = original_max_position_embeddings;
                         let low_freq_wavelen = old / low_freq_factor;
                         let high_freq_wavelen = old / high_freq_factor;

@@ -82,7 +82,12 @@ pub fn generate(
         }
         if let Some(piece) = stream.push(tok, next)? {
             text.push_str(&piece);
-            if let Some(at) = params.stop.iter().filter_map(|s| text[emitted.min(text.len())..].find(s.as_str()).map(|p| p + emitted)).min() {
+            if let Some(at) = params
+                .stop
+                .iter()
+                .filter_map(|s| text[emitted.min(text.len())..].find(s.as_str()).map(|p| p + emitted))
+                .min()
+            {
                 text.truncate(at);
                 if at > emitted && !on_text(&text[emitted..]) {
                     stop = StopReason::Cancelled;

@@ -20,12 +20,6 @@ pub mod threadpool;
 pub mod tokenizer;
 pub mod weights;
 
-
-
-
-
-
-
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use generate::{generate, Generation, StopReason};

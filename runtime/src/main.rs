@@ -71,7 +71,8 @@ impl ModelArgs {
             .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
         let load_ms = t.elapsed().as_secs_f64() * 1e3;
         let model = Arc::new(model);
-        let session = Session::new(model.clone(), &SessionOptions { n_ctx: self.ctx_size, n_threads: self.threads, n_batch: 0 })?;
+        let session =
+            Session::new(model.clone(), &SessionOptions { n_ctx: self.ctx_size, n_threads: self.threads, n_batch: 0 })?;
         Ok((model, session, load_ms))
     }
 }
@@ -274,7 +275,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         bail!("--prompt-tokens and --repeat must be at least 1");
     }
     if a.prompt_tokens + a.gen_tokens > session.n_ctx() {
-        bail!("--prompt-tokens + --gen-tokens = {} exceed the context of {} tokens", a.prompt_tokens + a.gen_tokens, session.n_ctx());
+        bail!(
+            "--prompt-tokens + --gen-tokens = {} exceed the context of {} tokens",
+            a.prompt_tokens + a.gen_tokens,
+            session.n_ctx()
+        );
     }
     // Fixed pseudo-random token ids, away from the special tokens at the start of the vocabulary.
     let pick = |i: usize, mul: usize| ((i * mul) as u32 % (vocab.saturating_sub(200).max(1))) + 100.min(vocab - 1);
@@ -322,8 +327,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("model      {}", a.m.model.display());
         println!("threads    {}", session.n_threads());
         println!("load       {load_ms:.0} ms");
-        println!("prefill    {pp_med:.1} tok/s  (min {pp_lo:.1}, max {pp_hi:.1}; {} tokens, {} runs)", a.prompt_tokens, a.repeat);
-        println!("decode     {tg_med:.1} tok/s  (min {tg_lo:.1}, max {tg_hi:.1}; {} tokens, {} runs)", a.gen_tokens, a.repeat);
+        println!(
+            "prefill    {pp_med:.1} tok/s  (min {pp_lo:.1}, max {pp_hi:.1}; {} tokens, {} runs)",
+            a.prompt_tokens, a.repeat
+        );
+        println!(
+            "decode     {tg_med:.1} tok/s  (min {tg_lo:.1}, max {tg_hi:.1}; {} tokens, {} runs)",
+            a.gen_tokens, a.repeat
+        );
         println!("peak RSS   {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
     }
     Ok(())

@@ -95,7 +95,10 @@ impl Model {
     /// (replacing them by a rename, as downloaders and `peftrt import` do, is fine).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         if !dir.is_dir() {
-            return Err(Error::format(dir, "not a directory; pass a Hugging Face model directory (GGUF files: `peftrt import` first)"));
+            return Err(Error::format(
+                dir,
+                "not a directory; pass a Hugging Face model directory (GGUF files: `peftrt import` first)",
+            ));
         }
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.add_generation_eos(&dir.join("generation_config.json"))?;

@@ -96,18 +96,10 @@ impl ThreadPool {
         // with the number we actually have so indices stay dense.
         if workers.len() + 1 != wanted {
             let got = workers.len() + 1;
-            drop(ThreadPool {
-                n_threads: wanted,
-                shared,
-                workers,
-            });
+            drop(ThreadPool { n_threads: wanted, shared, workers });
             return ThreadPool::new(got);
         }
-        ThreadPool {
-            n_threads: wanted,
-            shared,
-            workers,
-        }
+        ThreadPool { n_threads: wanted, shared, workers }
     }
 
     /// Number of threads a job runs on, the caller included.
@@ -126,10 +118,7 @@ impl ThreadPool {
             return;
         }
         let s = &*self.shared;
-        if s.busy
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        if s.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             f(0, 1);
             return;
         }
@@ -137,8 +126,7 @@ impl ThreadPool {
         // SAFETY: the lifetime is erased only to store the pointer; workers dereference it
         // only between the epoch bump below and their `remaining` decrement, and this function
         // does not return (or unwind) before `remaining` reaches zero, so `f` outlives every use.
-        let job: JobPtr =
-            unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), JobPtr>(job) };
+        let job: JobPtr = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), JobPtr>(job) };
         // SAFETY: we own `busy` and the previous job finished (`remaining == 0`), so no worker
         // reads `job` now.
         unsafe { *s.job.get() = Some(job) };
@@ -282,10 +270,7 @@ mod tests {
                             covered[j] += 1;
                         }
                     }
-                    assert!(
-                        covered.iter().all(|&c| c == 1),
-                        "len {len} n {n} align {align}"
-                    );
+                    assert!(covered.iter().all(|&c| c == 1), "len {len} n {n} align {align}");
                 }
             }
         }

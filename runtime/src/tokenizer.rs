@@ -50,8 +50,8 @@ impl Tokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let cfg: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+            let cfg: Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
             tok.bos_token = token_string(cfg.get("bos_token"));
             tok.eos_token = token_string(cfg.get("eos_token"));
             tok.chat_template = match cfg.get("chat_template") {
@@ -73,18 +73,14 @@ impl Tokenizer {
 
     /// Tokens of `text`; `add_special` adds what the tokenizer's post-processor adds (e.g. BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+        let enc =
+            self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `tokens`; special tokens are kept unless `skip_special`.
     pub fn decode(&self, tokens: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(tokens, skip_special)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
+        self.inner.decode(tokens, skip_special).map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -106,7 +102,10 @@ impl Tokenizer {
     /// Renders `messages` with the model's chat template, as transformers' `apply_chat_template`.
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
-            Error::Tokenizer("this model has no chat template (tokenizer_config.json has no chat_template); use a plain prompt".into())
+            Error::Tokenizer(
+                "this model has no chat template (tokenizer_config.json has no chat_template); use a plain prompt"
+                    .into(),
+            )
         })?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);

@@ -46,15 +46,9 @@ impl DType {
     pub(crate) fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
         match self {
-            DType::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         }
     }
 }
@@ -72,7 +66,11 @@ pub struct Tensor {
 
 #[derive(Clone)]
 enum Storage {
-    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
     /// A misaligned tensor, copied; `u32` backing guarantees 4-byte alignment.
     Owned(Arc<[u32]>, usize),
 }
@@ -177,9 +175,9 @@ impl WeightStore {
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| {
-            Error::tensor(name, format!("missing from the weights in {}", self.dir.display()))
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, format!("missing from the weights in {}", self.dir.display())))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -256,12 +254,18 @@ unsafe fn open_file(path: &Path) -> Result<Vec<Tensor>> {
         let (a, b) = info.data_offsets;
         let numel: usize = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).unwrap_or(usize::MAX);
         if b < a || numel.checked_mul(dtype.size()) != Some(b - a) {
-            return Err(Error::tensor(&name, format!("in {}: header offsets disagree with its shape and dtype", path.display())));
+            return Err(Error::tensor(
+                &name,
+                format!("in {}: header offsets disagree with its shape and dtype", path.display()),
+            ));
         }
         let start = data_start + a;
         let len = b - a;
         if start + len > map.len() {
-            return Err(Error::tensor(&name, format!("in {}: data runs past the end of the file (truncated download?)", path.display())));
+            return Err(Error::tensor(
+                &name,
+                format!("in {}: data runs past the end of the file (truncated download?)", path.display()),
+            ));
         }
         let storage = if (map.as_ptr() as usize + start) % dtype.size() == 0 {
             Storage::Mapped { map: map.clone(), start, len }

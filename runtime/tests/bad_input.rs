@@ -20,7 +20,10 @@ fn config() -> serde_json::Value {
 }
 
 fn tensors() -> Vec<(String, Vec<usize>)> {
-    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![VOCAB, HIDDEN]), ("model.norm.weight".into(), vec![HIDDEN])];
+    let mut t = vec![
+        ("model.embed_tokens.weight".to_string(), vec![VOCAB, HIDDEN]),
+        ("model.norm.weight".into(), vec![HIDDEN]),
+    ];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         for (n, s) in [
@@ -53,7 +56,10 @@ fn write_model(dir: &Path, skip: Option<&str>) {
             (n, s, bytes)
         })
         .collect();
-    let views: Vec<_> = data.iter().map(|(n, s, b)| (n.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    let views: Vec<_> = data
+        .iter()
+        .map(|(n, s, b)| (n.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
     std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
 }
 

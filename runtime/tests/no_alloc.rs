@@ -39,7 +39,14 @@ fn decode_step_allocates_nothing() {
         let at_start = ALLOCS.load(Ordering::SeqCst);
         let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 64, n_batch: 8, n_threads: threads }).unwrap();
         let mut greedy = Sampler::new(SamplingParams::default(), model.config.vocab_size).unwrap();
-        let p = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.05, repetition_penalty: 1.1, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        };
         let mut sampled = Sampler::new(p, model.config.vocab_size).unwrap();
         assert!(ALLOCS.load(Ordering::SeqCst) > at_start, "the counter sees the session's buffers");
         s.eval(&[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]).unwrap();
@@ -48,7 +55,8 @@ fn decode_step_allocates_nothing() {
         let before = ALLOCS.load(Ordering::SeqCst);
         for i in 0..20 {
             s.eval(&[next]).unwrap();
-            next = if i % 2 == 0 { greedy.sample(s.logits(), s.tokens()) } else { sampled.sample(s.logits(), s.tokens()) };
+            next =
+                if i % 2 == 0 { greedy.sample(s.logits(), s.tokens()) } else { sampled.sample(s.logits(), s.tokens()) };
         }
         let after = ALLOCS.load(Ordering::SeqCst);
         assert_eq!(after - before, 0, "{} allocations in 20 decode steps with {threads} threads", after - before);

@@ -41,10 +41,7 @@ impl Reference {
                     r.i32s.insert(name, v);
                 }
                 safetensors::Dtype::I64 => {
-                    let v = data
-                        .chunks_exact(8)
-                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32)
-                        .collect();
+                    let v = data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32).collect();
                     r.i32s.insert(name, v);
                 }
                 other => bail!("{}: tensor {name} has unexpected dtype {other:?}", path.display()),

@@ -47,6 +47,10 @@ fn chat_template_and_prompt_tokens_match() {
     assert_eq!(tok.encode(&rendered, false).unwrap(), r.tokens("tokens_chat"));
     for case in ["text", "code"] {
         let text = &r.metadata[&format!("prompt_{case}")];
-        assert_eq!(tok.encode(text, false).unwrap(), r.tokens(&format!("tokens_{case}")), "tokens of the {case} prompt");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            r.tokens(&format!("tokens_{case}")),
+            "tokens of the {case} prompt"
+        );
     }
 }

@@ -6,7 +6,8 @@ use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Ses
 use peftrt_conformance::{assert_logits_close, fixture, Reference};
 use std::sync::Arc;
 
-const FIXTURES: [&str; 6] = ["tiny-llama", "tiny-llama-bf16", "tiny-llama-f16", "tiny-llama3-tied", "tiny-mistral", "tiny-qwen2"];
+const FIXTURES: [&str; 6] =
+    ["tiny-llama", "tiny-llama-bf16", "tiny-llama-f16", "tiny-llama3-tied", "tiny-mistral", "tiny-qwen2"];
 
 fn load(name: &str) -> (Arc<Model>, Reference) {
     let dir = fixture(name);
@@ -34,7 +35,11 @@ fn logits_match_transformers() {
             let expected = r.logits(&format!("logits_{case}"));
             for threads in [1, 2] {
                 let mut s = session(&model, 0, threads);
-                assert_logits_close(&format!("{name} {case} ({threads} threads)"), &all_logits(&mut s, &tokens), expected);
+                assert_logits_close(
+                    &format!("{name} {case} ({threads} threads)"),
+                    &all_logits(&mut s, &tokens),
+                    expected,
+                );
             }
         }
     }
@@ -77,7 +82,10 @@ fn chat_template_and_tokenizer_match() {
     for name in FIXTURES {
         let (model, r) = load(name);
         let tok = model.tokenizer().unwrap();
-        let msgs = [Message::new("system", "You are a helpful assistant."), Message::new("user", "What is the capital of France?")];
+        let msgs = [
+            Message::new("system", "You are a helpful assistant."),
+            Message::new("user", "What is the capital of France?"),
+        ];
         let rendered = tok.apply_chat_template(&msgs, true).unwrap();
         assert_eq!(rendered, r.metadata["chat_prompt"], "{name}: chat template renders differently");
         assert_eq!(tok.encode(&rendered, false).unwrap(), r.tokens("tokens_chat"), "{name}: chat tokens");

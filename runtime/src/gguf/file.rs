@@ -260,9 +260,7 @@ impl GgufFile {
         if len < 24 {
             return Err(Error::format(
                 path,
-                format!(
-                    "file is {len} bytes, too short for a GGUF header (24 bytes); is it truncated?"
-                ),
+                format!("file is {len} bytes, too short for a GGUF header (24 bytes); is it truncated?"),
             ));
         }
         // SAFETY: the caller guarantees the file is not modified while mapped (see `# Safety`).
@@ -284,17 +282,10 @@ impl GgufFile {
 
     fn parse(path: PathBuf, storage: Storage) -> Result<GgufFile> {
         let buf = storage.bytes();
-        let mut r = Reader {
-            buf,
-            pos: 0,
-            path: &path,
-        };
+        let mut r = Reader { buf, pos: 0, path: &path };
         let magic = r.take(4, "magic")?;
         if magic != GGUF_MAGIC {
-            return Err(Error::format(
-                &path,
-                format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""),
-            ));
+            return Err(Error::format(&path, format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\"")));
         }
         let version = r.u32("version")?;
         match version {
@@ -306,12 +297,7 @@ impl GgufFile {
                      re-convert the model with a current llama.cpp",
                 ))
             }
-            v => {
-                return Err(Error::format(
-                    &path,
-                    format!("GGUF version {v} is not supported (only 2 and 3)"),
-                ))
-            }
+            v => return Err(Error::format(&path, format!("GGUF version {v} is not supported (only 2 and 3)"))),
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
@@ -324,9 +310,8 @@ impl GgufFile {
         for i in 0..n_kv {
             let key = r.string(&format!("key of metadata entry {i}"))?;
             let ty = r.u32(&key)?;
-            let ty = ValueType::from_u32(ty).ok_or_else(|| {
-                Error::config(&path, &key, format!("unknown metadata value type {ty}"))
-            })?;
+            let ty = ValueType::from_u32(ty)
+                .ok_or_else(|| Error::config(&path, &key, format!("unknown metadata value type {ty}")))?;
             let value = r.value(ty, &key, 0)?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(Error::config(&path, key, "duplicate metadata key"));
@@ -353,17 +338,15 @@ impl GgufFile {
             let name = r.string(&format!("name of tensor {i}"))?;
             let n_dims = r.u32(&name)? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(
-                    r.tensor_err(&name, format!("{n_dims} dimensions (ggml allows 1 to 4)"))
-                );
+                return Err(r.tensor_err(&name, format!("{n_dims} dimensions (ggml allows 1 to 4)")));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
                 dims.push(r.u64(&name)?);
             }
             let ty = r.u32(&name)?;
-            let ggml_type = GgmlType::from_u32(ty)
-                .ok_or_else(|| r.tensor_err(&name, format!("unknown ggml tensor type {ty}")))?;
+            let ggml_type =
+                GgmlType::from_u32(ty).ok_or_else(|| r.tensor_err(&name, format!("unknown ggml tensor type {ty}")))?;
             let offset = r.u64(&name)?;
             let n_elements = dims
                 .iter()
@@ -392,21 +375,13 @@ impl GgufFile {
             if !seen.insert(name.clone()) {
                 return Err(r.tensor_err(&name, "duplicate tensor name".to_string()));
             }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_bytes,
-            });
+            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
         }
 
         let data_start = r.pos.div_ceil(alignment as usize) as u64 * alignment;
         let file_len = buf.len() as u64;
         for t in &tensors {
-            let end = data_start
-                .checked_add(t.offset)
-                .and_then(|s| s.checked_add(t.n_bytes));
+            let end = data_start.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
             match end {
                 Some(end) if end <= file_len => {}
                 _ => {
@@ -423,15 +398,7 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile {
-            path,
-            storage,
-            version,
-            alignment,
-            metadata,
-            tensors,
-            data_start,
-        })
+        Ok(GgufFile { path, storage, version, alignment, metadata, tensors, data_start })
     }
 
     /// The path the file was opened from.
@@ -459,29 +426,18 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    fn typed<'a, T>(
-        &'a self,
-        key: &str,
-        what: &str,
-        f: impl FnOnce(&'a Value) -> Option<T>,
-    ) -> Result<Option<T>> {
+    fn typed<'a, T>(&'a self, key: &str, what: &str, f: impl FnOnce(&'a Value) -> Option<T>) -> Result<Option<T>> {
         match self.metadata.get(key) {
             None => Ok(None),
-            Some(v) => f(v).map(Some).ok_or_else(|| {
-                Error::config(
-                    &self.path,
-                    key,
-                    format!("expected {what}, found {}", v.short()),
-                )
-            }),
+            Some(v) => f(v)
+                .map(Some)
+                .ok_or_else(|| Error::config(&self.path, key, format!("expected {what}, found {}", v.short()))),
         }
     }
 
     /// An unsigned integer key that fits a `u32` (any integer width is accepted).
     pub fn get_u32(&self, key: &str) -> Result<Option<u32>> {
-        self.typed(key, "an integer in u32 range", |v| {
-            v.as_u64().and_then(|x| u32::try_from(x).ok())
-        })
+        self.typed(key, "an integer in u32 range", |v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
     }
 
     /// An unsigned integer key of any width.
@@ -512,34 +468,23 @@ impl GgufFile {
 
     /// An array of strings.
     pub fn get_str_array(&self, key: &str) -> Result<Option<Vec<&str>>> {
-        self.typed(key, "an array of strings", |v| {
-            v.as_array()?.iter().map(Value::as_str).collect()
-        })
+        self.typed(key, "an array of strings", |v| v.as_array()?.iter().map(Value::as_str).collect())
     }
 
     /// An array of integers, as `i64`.
     pub fn get_i64_array(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        self.typed(key, "an array of integers", |v| {
-            v.as_array()?.iter().map(Value::as_i64).collect()
-        })
+        self.typed(key, "an array of integers", |v| v.as_array()?.iter().map(Value::as_i64).collect())
     }
 
     /// An array of numbers, as `f64`.
     pub fn get_f64_array(&self, key: &str) -> Result<Option<Vec<f64>>> {
-        self.typed(key, "an array of numbers", |v| {
-            v.as_array()?.iter().map(Value::as_f64).collect()
-        })
+        self.typed(key, "an array of numbers", |v| v.as_array()?.iter().map(Value::as_f64).collect())
     }
 
     /// `general.architecture`, required by every GGUF model.
     pub fn architecture(&self) -> Result<&str> {
-        self.get_str("general.architecture")?.ok_or_else(|| {
-            Error::config(
-                &self.path,
-                "general.architecture",
-                "missing (is this a model file?)",
-            )
-        })
+        self.get_str("general.architecture")?
+            .ok_or_else(|| Error::config(&self.path, "general.architecture", "missing (is this a model file?)"))
     }
 
     /// The tensor infos, in file order.
@@ -559,10 +504,7 @@ impl GgufFile {
         let buf = self.storage.bytes();
         match (start, end) {
             (Some(s), Some(e)) if e <= buf.len() as u64 => Ok(&buf[s as usize..e as usize]),
-            _ => Err(Error::format(
-                &self.path,
-                format!("tensor `{}`: data lies outside the file", info.name),
-            )),
+            _ => Err(Error::format(&self.path, format!("tensor `{}`: data lies outside the file", info.name))),
         }
     }
 
@@ -584,10 +526,7 @@ impl GgufFile {
 
 impl fmt::Display for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let arch = self
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .unwrap_or("?");
+        let arch = self.get("general.architecture").and_then(Value::as_str).unwrap_or("?");
         let total: u64 = self.tensors.iter().map(|t| t.n_bytes).sum();
         let params: u64 = self.tensors.iter().map(TensorInfo::n_elements).sum();
         writeln!(f, "{}", self.path.display())?;
@@ -606,14 +545,7 @@ impl fmt::Display for GgufFile {
         }
         writeln!(f, "tensors (name, type, shape [torch order], bytes):")?;
         for t in &self.tensors {
-            writeln!(
-                f,
-                "  {:<40} {:<6} {:?} {}",
-                t.name,
-                t.ggml_type.name(),
-                t.torch_shape(),
-                t.n_bytes
-            )?;
+            writeln!(f, "  {:<40} {:<6} {:?} {}", t.name, t.ggml_type.name(), t.torch_shape(), t.n_bytes)?;
         }
         Ok(())
     }
@@ -714,13 +646,7 @@ impl<'a> Reader<'a> {
             ValueType::Bool => match self.array::<1>(key)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => {
-                    return Err(Error::config(
-                        self.path,
-                        key,
-                        format!("invalid bool byte {b}"),
-                    ))
-                }
+                b => return Err(Error::config(self.path, key, format!("invalid bool byte {b}"))),
             },
             ValueType::String => Value::String(self.string(key)?),
             ValueType::Array => {
@@ -728,9 +654,8 @@ impl<'a> Reader<'a> {
                     return Err(Error::config(self.path, key, "arrays nested too deeply"));
                 }
                 let et = self.u32(key)?;
-                let et = ValueType::from_u32(et).ok_or_else(|| {
-                    Error::config(self.path, key, format!("unknown array element type {et}"))
-                })?;
+                let et = ValueType::from_u32(et)
+                    .ok_or_else(|| Error::config(self.path, key, format!("unknown array element type {et}")))?;
                 let n = self.u64(key)?;
                 if n.saturating_mul(et.min_size()) > self.remaining() {
                     return Err(Error::config(
@@ -773,10 +698,7 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         // SAFETY: the temporary file is not modified while mapped.
         let err = unsafe { GgufFile::open(&path) }.unwrap_err().to_string();
-        assert!(
-            err.contains("bad.gguf"),
-            "error does not name the file: {err}"
-        );
+        assert!(err.contains("bad.gguf"), "error does not name the file: {err}");
         err
     }
 
@@ -784,10 +706,7 @@ mod tests {
     fn after_string(bytes: &[u8], s: &str) -> usize {
         let mut needle = (s.len() as u64).to_le_bytes().to_vec();
         needle.extend_from_slice(s.as_bytes());
-        let at = bytes
-            .windows(needle.len())
-            .position(|w| w == needle.as_slice())
-            .unwrap();
+        let at = bytes.windows(needle.len()).position(|w| w == needle.as_slice()).unwrap();
         at + needle.len()
     }
 
@@ -799,17 +718,11 @@ mod tests {
         assert_eq!(g.architecture().unwrap(), "llama");
         assert_eq!(g.alignment(), 32);
         assert_eq!(g.get_u32("llama.block_count").unwrap(), Some(2));
-        assert_eq!(
-            g.get_f32("llama.attention.layer_norm_rms_epsilon").unwrap(),
-            Some(1e-5)
-        );
+        assert_eq!(g.get_f32("llama.attention.layer_norm_rms_epsilon").unwrap(), Some(1e-5));
         assert_eq!(g.get_str("tokenizer.ggml.pre").unwrap(), Some("smollm"));
         let tokens = g.get_str_array("tokenizer.ggml.tokens").unwrap().unwrap();
         assert_eq!(tokens[1], "<|im_start|>");
-        let types = g
-            .get_i64_array("tokenizer.ggml.token_type")
-            .unwrap()
-            .unwrap();
+        let types = g.get_i64_array("tokenizer.ggml.token_type").unwrap().unwrap();
         assert_eq!(types.len(), tokens.len());
         assert_eq!(g.tensors().len(), 21);
         let q = g.tensor("blk.0.attn_q.weight").unwrap();
@@ -820,15 +733,9 @@ mod tests {
         assert_eq!(emb.torch_shape(), vec![tokens.len(), 64]);
         // A typed getter on the wrong type names the key.
         let err = g.get_str("llama.block_count").unwrap_err().to_string();
-        assert!(
-            err.contains("llama.block_count") && err.contains("expected a string"),
-            "{err}"
-        );
+        assert!(err.contains("llama.block_count") && err.contains("expected a string"), "{err}");
         let text = g.describe();
-        assert!(
-            text.contains("architecture llama") && text.contains("blk.1.ffn_up.weight"),
-            "{text}"
-        );
+        assert!(text.contains("architecture llama") && text.contains("blk.1.ffn_up.weight"), "{text}");
         assert!(text.contains("BF16"), "{text}");
         // The in-memory reader agrees with the mapped one.
         let r = GgufFile::read(fixture()).unwrap();
@@ -849,10 +756,7 @@ mod tests {
     fn truncated_tensor_data_names_the_tensor() {
         let bytes = fixture_bytes();
         let err = open_err(&bytes[..bytes.len() - 100]); // past the final padding
-        assert!(
-            err.contains("tensor `output.weight`") && err.contains("past the end"),
-            "{err}"
-        );
+        assert!(err.contains("tensor `output.weight`") && err.contains("past the end"), "{err}");
     }
 
     #[test]
@@ -861,10 +765,7 @@ mod tests {
         let at = after_string(&bytes, "general.architecture") + 4; // skip the value type
         bytes[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
         let err = open_err(&bytes);
-        assert!(
-            err.contains("general.architecture") && err.contains("string length"),
-            "{err}"
-        );
+        assert!(err.contains("general.architecture") && err.contains("string length"), "{err}");
     }
 
     #[test]
@@ -873,10 +774,7 @@ mod tests {
         let at = after_string(&bytes, "tokenizer.ggml.tokens") + 8; // type, element type
         bytes[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         let err = open_err(&bytes);
-        assert!(
-            err.contains("tokenizer.ggml.tokens") && err.contains("cannot fit"),
-            "{err}"
-        );
+        assert!(err.contains("tokenizer.ggml.tokens") && err.contains("cannot fit"), "{err}");
     }
 
     #[test]
@@ -886,10 +784,7 @@ mod tests {
         assert_eq!(bytes[at..at + 4], 0u32.to_le_bytes()); // F32
         bytes[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
         let err = open_err(&bytes);
-        assert!(
-            err.contains("output_norm.weight") && err.contains("unknown ggml tensor type 99"),
-            "{err}"
-        );
+        assert!(err.contains("output_norm.weight") && err.contains("unknown ggml tensor type 99"), "{err}");
     }
 
     #[test]
@@ -899,10 +794,7 @@ mod tests {
         bytes[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         bytes[at + 8..at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let err = open_err(&bytes);
-        assert!(
-            err.contains("blk.0.attn_q.weight") && err.contains("overflow"),
-            "{err}"
-        );
+        assert!(err.contains("blk.0.attn_q.weight") && err.contains("overflow"), "{err}");
     }
 
     #[test]

@@ -37,10 +37,7 @@ pub struct ImportOptions {
 impl ImportOptions {
     /// Options with this dtype and `force` off.
     pub fn new(dtype: DType) -> Self {
-        ImportOptions {
-            dtype,
-            force: false,
-        }
+        ImportOptions { dtype, force: false }
     }
 }
 
@@ -69,24 +66,9 @@ struct Arch {
 }
 
 const ARCHES: &[Arch] = &[
-    Arch {
-        name: "llama",
-        model_type: "llama",
-        class: "LlamaForCausalLM",
-        permuted_qk: true,
-    },
-    Arch {
-        name: "mistral",
-        model_type: "mistral",
-        class: "MistralForCausalLM",
-        permuted_qk: true,
-    },
-    Arch {
-        name: "qwen2",
-        model_type: "qwen2",
-        class: "Qwen2ForCausalLM",
-        permuted_qk: false,
-    },
+    Arch { name: "llama", model_type: "llama", class: "LlamaForCausalLM", permuted_qk: true },
+    Arch { name: "mistral", model_type: "mistral", class: "MistralForCausalLM", permuted_qk: true },
+    Arch { name: "qwen2", model_type: "qwen2", class: "Qwen2ForCausalLM", permuted_qk: false },
 ];
 
 /// The model hyper-parameters read from the metadata.
@@ -118,12 +100,9 @@ struct Planned<'a> {
 /// must not exist or be empty, unless `opts.force`. On error nothing is left at `out_dir`
 /// (an existing directory is untouched) and the temporary directory is removed.
 pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<ImportSummary> {
-    let out_name = out_dir.file_name().ok_or_else(|| {
-        Error::Input(format!(
-            "{}: the output directory needs a name",
-            out_dir.display()
-        ))
-    })?;
+    let out_name = out_dir
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: the output directory needs a name", out_dir.display())))?;
     let exists_non_empty = match fs::read_dir(out_dir) {
         Ok(mut entries) => entries.next().is_some(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -144,10 +123,7 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
     let g = unsafe { GgufFile::open(gguf) }?;
     let arch_name = g.architecture()?;
     let arch = ARCHES.iter().find(|a| a.name == arch_name).ok_or_else(|| {
-        Error::Unsupported(format!(
-            "{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)",
-            gguf.display()
-        ))
+        Error::Unsupported(format!("{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)", gguf.display()))
     })?;
     let hp = hparams(&g, arch)?;
     let plan = plan_tensors(&g, arch, &hp)?;
@@ -174,11 +150,7 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(
-        ".{}.peftrt-import-{}",
-        out_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = parent.join(format!(".{}.peftrt-import-{}", out_name.to_string_lossy(), std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -187,10 +159,7 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
     let written = (|| -> Result<u64> {
         let n_params = write_safetensors(&g, &plan, opts.dtype, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config)?;
-        write_json(
-            &tmp.join("generation_config.json"),
-            &Json::Object(generation),
-        )?;
+        write_json(&tmp.join("generation_config.json"), &Json::Object(generation))?;
         write_json(&tmp.join("tokenizer.json"), &tokenizer)?;
         write_json(&tmp.join("tokenizer_config.json"), &tokenizer_config)?;
         move_into_place(&tmp, out_dir)?;
@@ -235,21 +204,15 @@ fn move_into_place(tmp: &Path, out_dir: &Path) -> Result<()> {
 }
 
 fn write_json(path: &Path, value: &Json) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::format(path, format!("cannot serialise JSON: {e}")))?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::format(path, format!("cannot serialise JSON: {e}")))?;
     text.push('\n');
     fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 /// A required `u32` hyper-parameter `{arch}.{key}`.
 fn required_u32(g: &GgufFile, key: &str) -> Result<u32> {
-    g.get_u32(key)?.ok_or_else(|| {
-        Error::config(
-            g.path(),
-            key,
-            "missing; the GGUF lacks a required hyper-parameter",
-        )
-    })
+    g.get_u32(key)?.ok_or_else(|| Error::config(g.path(), key, "missing; the GGUF lacks a required hyper-parameter"))
 }
 
 fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
@@ -259,9 +222,7 @@ fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
     let hidden = required_u32(g, &key("embedding_length"))?;
     let intermediate = required_u32(g, &key("feed_forward_length"))?;
     let n_head = required_u32(g, &key("attention.head_count"))?;
-    let n_head_kv = g
-        .get_u32(&key("attention.head_count_kv"))?
-        .unwrap_or(n_head);
+    let n_head_kv = g.get_u32(&key("attention.head_count_kv"))?.unwrap_or(n_head);
     if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
         return Err(Error::config(
             g.path(),
@@ -272,11 +233,7 @@ fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
     let key_length = g.get_u32(&key("attention.key_length"))?;
     let head_dim = key_length.unwrap_or(hidden / n_head);
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(Error::config(
-            g.path(),
-            key("attention.key_length"),
-            format!("head size {head_dim} is not even"),
-        ));
+        return Err(Error::config(g.path(), key("attention.key_length"), format!("head size {head_dim} is not even")));
     }
     if let Some(v) = g.get_u32(&key("attention.value_length"))? {
         if v != head_dim {
@@ -298,24 +255,14 @@ fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
     }
     let rms_eps = g
         .get_f32(&key("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| {
-            Error::config(g.path(), key("attention.layer_norm_rms_epsilon"), "missing")
-        })?;
+        .ok_or_else(|| Error::config(g.path(), key("attention.layer_norm_rms_epsilon"), "missing"))?;
     let rope_theta = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
-    let n_tokens = g
-        .get_str_array("tokenizer.ggml.tokens")?
-        .map(|t| t.len() as u64);
-    let embd_rows = g
-        .tensor("token_embd.weight")
-        .and_then(|t| t.dims.get(1).copied());
+    let n_tokens = g.get_str_array("tokenizer.ggml.tokens")?.map(|t| t.len() as u64);
+    let embd_rows = g.tensor("token_embd.weight").and_then(|t| t.dims.get(1).copied());
     let vocab_size = match g.get_u32(&key("vocab_size"))? {
         Some(v) => u64::from(v),
         None => embd_rows.or(n_tokens).ok_or_else(|| {
-            Error::config(
-                g.path(),
-                key("vocab_size"),
-                "missing, and no token_embd.weight to infer it",
-            )
+            Error::config(g.path(), key("vocab_size"), "missing, and no token_embd.weight to infer it")
         })?,
     };
     Ok(Hparams {
@@ -425,26 +372,13 @@ fn plan_tensors<'a>(g: &'a GgufFile, arch: &Arch, hp: &Hparams) -> Result<Vec<Pl
                 ));
             }
         }
-        plan.push(Planned {
-            hf_name,
-            info,
-            unpermute_heads,
-        });
+        plan.push(Planned { hf_name, info, unpermute_heads });
     }
     // Every expected tensor is present and has the expected shape.
-    let (h, i, v) = (
-        hp.hidden as usize,
-        hp.intermediate as usize,
-        hp.vocab_size as usize,
-    );
-    let (q, kv) = (
-        (hp.n_head * hp.head_dim) as usize,
-        (hp.n_head_kv * hp.head_dim) as usize,
-    );
-    let mut expect: Vec<(String, Vec<usize>)> = vec![
-        ("token_embd.weight".into(), vec![v, h]),
-        ("output_norm.weight".into(), vec![h]),
-    ];
+    let (h, i, v) = (hp.hidden as usize, hp.intermediate as usize, hp.vocab_size as usize);
+    let (q, kv) = ((hp.n_head * hp.head_dim) as usize, (hp.n_head_kv * hp.head_dim) as usize);
+    let mut expect: Vec<(String, Vec<usize>)> =
+        vec![("token_embd.weight".into(), vec![v, h]), ("output_norm.weight".into(), vec![h])];
     for l in 0..hp.n_layer {
         for (base, shape) in [
             ("attn_norm", vec![h]),
@@ -465,10 +399,7 @@ fn plan_tensors<'a>(g: &'a GgufFile, arch: &Arch, hp: &Hparams) -> Result<Vec<Pl
     }
     for (name, shape) in expect {
         let info = g.tensor(&name).ok_or_else(|| {
-            Error::tensor(
-                &name,
-                format!("missing in {}; the GGUF is incomplete", g.path().display()),
-            )
+            Error::tensor(&name, format!("missing in {}; the GGUF is incomplete", g.path().display()))
         })?;
         if info.torch_shape() != shape {
             return Err(Error::tensor(
@@ -518,19 +449,16 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Pa
         );
         offset += n_bytes;
     }
-    let mut header =
-        serde_json::to_value(header).map_err(|e| Error::format(path, e.to_string()))?;
+    let mut header = serde_json::to_value(header).map_err(|e| Error::format(path, e.to_string()))?;
     header["__metadata__"] = json!({"format": "pt"});
-    let mut text =
-        serde_json::to_string(&header).map_err(|e| Error::format(path, e.to_string()))?;
+    let mut text = serde_json::to_string(&header).map_err(|e| Error::format(path, e.to_string()))?;
     while text.len() % 8 != 0 {
         text.push(' ');
     }
     let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::new(file);
     let io = |e| Error::io(path, e);
-    w.write_all(&(text.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(text.as_bytes()).map_err(io)?;
     let mut bytes = Vec::new();
     let mut n_params = 0;
@@ -538,33 +466,20 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Pa
         let mut values = g.dequantize(p.info)?;
         if let Some(heads) = p.unpermute_heads {
             let row_len = p.info.dims[0] as usize;
-            values = unpermute_rows(
-                &values,
-                heads as usize,
-                if p.info.dims.len() == 1 { 1 } else { row_len },
-            );
+            values = unpermute_rows(&values, heads as usize, if p.info.dims.len() == 1 { 1 } else { row_len });
         }
         bytes.clear();
         dtype.encode(&values, &mut bytes);
         w.write_all(&bytes).map_err(io)?;
         n_params += values.len() as u64;
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
+    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().map_err(io)?;
     Ok(n_params)
 }
 
 /// `config.json` from the metadata.
-fn config_json(
-    g: &GgufFile,
-    arch: &Arch,
-    hp: &Hparams,
-    vocab: &Vocab,
-    tied: bool,
-    dtype: DType,
-) -> Result<Json> {
+fn config_json(g: &GgufFile, arch: &Arch, hp: &Hparams, vocab: &Vocab, tied: bool, dtype: DType) -> Result<Json> {
     let mut c = Map::new();
     c.insert("architectures".into(), json!([arch.class]));
     c.insert("model_type".into(), json!(arch.model_type));
@@ -628,9 +543,7 @@ fn rope_scaling(g: &GgufFile, arch: &Arch) -> Result<Option<Json>> {
             Some(json!({"type": "linear", "rope_type": "linear", "factor": f}))
         }
         (None, _, Some(_)) => None,
-        (Some("linear"), Some(f), _) => {
-            Some(json!({"type": "linear", "rope_type": "linear", "factor": f}))
-        }
+        (Some("linear"), Some(f), _) => Some(json!({"type": "linear", "rope_type": "linear", "factor": f})),
         (Some("yarn"), Some(f), _) => {
             let mut m = Map::new();
             m.insert("type".into(), json!("yarn"));
@@ -666,13 +579,9 @@ mod tests {
     /// The reference values written by `scripts/gguf_fixtures.py`: name -> (shape, values).
     fn expected() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         let index: Json =
-            serde_json::from_slice(&fs::read(data_dir().join("tiny_llama.expected.json")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&fs::read(data_dir().join("tiny_llama.expected.json")).unwrap()).unwrap();
         let raw = fs::read(data_dir().join("tiny_llama.expected.f32")).unwrap();
-        let all: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let all: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let mut out = BTreeMap::new();
         for (name, e) in index.as_object().unwrap() {
             let shape: Vec<usize> = serde_json::from_value(e["shape"].clone()).unwrap();
@@ -684,10 +593,7 @@ mod tests {
     }
 
     fn f32s(bytes: &[u8]) -> Vec<f32> {
-        bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     }
 
     #[test]
@@ -695,19 +601,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("tiny-hf");
         let s = import(&fixture(), &out, &ImportOptions::new(DType::F32)).unwrap();
-        assert_eq!(
-            (s.architecture.as_str(), s.n_tensors, s.tied_embeddings),
-            ("llama", 21, false)
-        );
+        assert_eq!((s.architecture.as_str(), s.n_tensors, s.tied_embeddings), ("llama", 21, false));
 
         let bytes = fs::read(out.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.len(), 21);
-        for name in [
-            "model.embed_tokens.weight",
-            "lm_head.weight",
-            "model.layers.1.mlp.down_proj.weight",
-        ] {
+        for name in ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.down_proj.weight"] {
             assert!(st.tensor(name).is_ok(), "{name} missing");
         }
         let exp = expected();
@@ -717,15 +616,11 @@ mod tests {
             assert_eq!(t.dtype(), safetensors::Dtype::F32);
             assert_eq!(t.shape(), shape.as_slice(), "{name}");
             let got = f32s(t.data());
-            let bad = got
-                .iter()
-                .zip(values)
-                .position(|(a, b)| a.to_bits() != b.to_bits());
+            let bad = got.iter().zip(values).position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(bad.is_none(), "{name}: first difference at {bad:?}");
         }
 
-        let config: Json =
-            serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
+        let config: Json = serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["architectures"][0], "LlamaForCausalLM");
         assert_eq!(config["num_key_value_heads"], 2);
         assert_eq!(config["rms_norm_eps"], 1e-5);
@@ -733,19 +628,12 @@ mod tests {
         assert_eq!(config["tie_word_embeddings"], false);
         assert_eq!(config["torch_dtype"], "float32");
         assert_eq!(config["max_position_embeddings"], 256);
-        let tc: Json =
-            serde_json::from_slice(&fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        let tc: Json = serde_json::from_slice(&fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
         assert_eq!(tc["eos_token"], "<|im_end|>");
         assert_eq!(tc["add_bos_token"], false);
-        assert!(tc["chat_template"]
-            .as_str()
-            .unwrap()
-            .contains("<|im_start|>"));
+        assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"));
         // Nothing but the output directory is left next to it.
-        let names: Vec<_> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("tiny-hf")]);
     }
 
@@ -757,10 +645,7 @@ mod tests {
         let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
         let enc = tok.encode("<|im_start|>the 12 in", false).unwrap();
         // Digits are split before the GPT-2 regex, so the merge "1 2" never applies.
-        assert_eq!(
-            enc.get_tokens(),
-            ["<|im_start|>", "t", "he", "Ġ", "1", "2", "Ġ", "in"]
-        );
+        assert_eq!(enc.get_tokens(), ["<|im_start|>", "t", "he", "Ġ", "1", "2", "Ġ", "in"]);
         assert_eq!(enc.get_ids()[0], 1);
         let dec = tok.decode(enc.get_ids(), false).unwrap();
         assert_eq!(dec, "<|im_start|>the 12 in");
@@ -774,10 +659,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let exp = expected();
         let (_, norm) = &exp["model.norm.weight"];
-        for (dtype, st_dtype) in [
-            (DType::F16, safetensors::Dtype::F16),
-            (DType::BF16, safetensors::Dtype::BF16),
-        ] {
+        for (dtype, st_dtype) in [(DType::F16, safetensors::Dtype::F16), (DType::BF16, safetensors::Dtype::BF16)] {
             let out = tmp.path().join(format!("{dtype:?}"));
             import(&fixture(), &out, &ImportOptions::new(dtype)).unwrap();
             let bytes = fs::read(out.join("model.safetensors")).unwrap();
@@ -810,17 +692,9 @@ mod tests {
         let bad = tmp.path().join("cut.gguf");
         fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
         let out = tmp.path().join("out");
-        let err = import(&bad, &out, &ImportOptions::new(DType::F32))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("cut.gguf") && err.contains("truncated"),
-            "{err}"
-        );
-        let names: Vec<_> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let err = import(&bad, &out, &ImportOptions::new(DType::F32)).unwrap_err().to_string();
+        assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
+        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("cut.gguf")]);
     }
 
@@ -830,18 +704,10 @@ mod tests {
         let out = tmp.path().join("out");
         fs::create_dir(&out).unwrap();
         fs::write(out.join("keep.txt"), "x").unwrap();
-        let err = import(&fixture(), &out, &ImportOptions::new(DType::F32))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("not empty") && err.contains("--force"),
-            "{err}"
-        );
+        let err = import(&fixture(), &out, &ImportOptions::new(DType::F32)).unwrap_err().to_string();
+        assert!(err.contains("not empty") && err.contains("--force"), "{err}");
         assert!(out.join("keep.txt").exists());
-        let opts = ImportOptions {
-            dtype: DType::F32,
-            force: true,
-        };
+        let opts = ImportOptions { dtype: DType::F32, force: true };
         import(&fixture(), &out, &opts).unwrap();
         assert!(!out.join("keep.txt").exists());
         assert!(out.join("model.safetensors").exists());
@@ -855,15 +721,9 @@ mod tests {
     #[test]
     fn unpermute_inverts_the_gguf_interleaving() {
         // One head of 4 rows of width 1: GGUF order [r0, r2, r1, r3] of HF rows.
-        assert_eq!(
-            unpermute_rows(&[0., 2., 1., 3.], 1, 1),
-            vec![0., 1., 2., 3.]
-        );
+        assert_eq!(unpermute_rows(&[0., 2., 1., 3.], 1, 1), vec![0., 1., 2., 3.]);
         // Two heads of 4 rows of width 2.
-        let gguf: Vec<f32> = [0, 2, 1, 3, 4, 6, 5, 7]
-            .iter()
-            .flat_map(|&r| [r as f32, r as f32 + 0.5])
-            .collect();
+        let gguf: Vec<f32> = [0, 2, 1, 3, 4, 6, 5, 7].iter().flat_map(|&r| [r as f32, r as f32 + 0.5]).collect();
         let hf: Vec<f32> = (0..8).flat_map(|r| [r as f32, r as f32 + 0.5]).collect();
         assert_eq!(unpermute_rows(&gguf, 2, 2), hf);
     }

@@ -213,10 +213,7 @@ impl GgmlType {
     /// Whether [`dequantize`] supports this type.
     pub fn can_dequantize(self) -> bool {
         use GgmlType::*;
-        matches!(
-            self,
-            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
-        )
+        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K)
     }
 }
 
@@ -474,11 +471,7 @@ unsafe impl GgmlBlock for BlockQ3K {
         // 2 bits from bytes 8..12 (the kmask1/kmask2 unpacking of the reference).
         let mut scales = [0i32; 16];
         for (j, s) in scales.iter_mut().enumerate() {
-            let lo = if j < 8 {
-                self.scales[j] & 0xF
-            } else {
-                self.scales[j - 8] >> 4
-            };
+            let lo = if j < 8 { self.scales[j] & 0xF } else { self.scales[j - 8] >> 4 };
             let hi = (self.scales[8 + j % 4] >> (2 * (j / 4))) & 3;
             *s = (lo | (hi << 4)) as i32 - 32;
         }
@@ -509,10 +502,7 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -523,12 +513,7 @@ unsafe impl GgmlBlock for BlockQ4K {
     // ggml-quants.c: dequantize_row_q4_K
     fn to_float(&self, y: &mut [f32]) {
         let (d, min) = (self.d.to_f32(), self.dmin.to_f32());
-        for (g, (q, y)) in self
-            .qs
-            .chunks_exact(32)
-            .zip(y.chunks_exact_mut(64))
-            .enumerate()
-        {
+        for (g, (q, y)) in self.qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
             let (sc, m) = scale_min_k4(2 * g, &self.scales);
             let (d1, m1) = (d * sc as f32, min * m as f32);
             let (sc, m) = scale_min_k4(2 * g + 1, &self.scales);
@@ -548,12 +533,7 @@ unsafe impl GgmlBlock for BlockQ5K {
     // ggml-quants.c: dequantize_row_q5_K
     fn to_float(&self, y: &mut [f32]) {
         let (d, min) = (self.d.to_f32(), self.dmin.to_f32());
-        for (g, (ql, y)) in self
-            .qs
-            .chunks_exact(32)
-            .zip(y.chunks_exact_mut(64))
-            .enumerate()
-        {
+        for (g, (ql, y)) in self.qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
             let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
             let (sc, m) = scale_min_k4(2 * g, &self.scales);
             let (d1, m1) = (d * sc as f32, min * m as f32);
@@ -598,10 +578,7 @@ unsafe impl GgmlBlock for BlockQ6K {
 /// Dequantises whole blocks of type `B` from `data` into `out`.
 fn dequantize_blocks<B: GgmlBlock>(data: &[u8], out: &mut [f32]) {
     let size = std::mem::size_of::<B>();
-    for (chunk, y) in data
-        .chunks_exact(size)
-        .zip(out.chunks_exact_mut(B::BLOCK_SIZE))
-    {
+    for (chunk, y) in data.chunks_exact(size).zip(out.chunks_exact_mut(B::BLOCK_SIZE)) {
         // SAFETY: `chunk` has exactly size_of::<B>() bytes and `B` is valid for any bit
         // pattern (the `GgmlBlock` contract); read_unaligned needs no alignment.
         let block: B = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<B>()) };
@@ -674,9 +651,7 @@ mod tests {
     #[test]
     fn dequantize_matches_gguf_py_bit_exactly() {
         use GgmlType::*;
-        for ty in [
-            F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-        ] {
+        for ty in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K] {
             let raw = std::fs::read(data_dir().join(format!("{ty}.bin"))).unwrap();
             let expected: Vec<f32> = std::fs::read(data_dir().join(format!("{ty}.f32")))
                 .unwrap()
@@ -685,18 +660,12 @@ mod tests {
                 .collect();
             let mut out = vec![f32::NAN; expected.len()];
             dequantize(ty, &raw, &mut out).unwrap();
-            let bad = out
-                .iter()
-                .zip(&expected)
-                .position(|(a, b)| a.to_bits() != b.to_bits());
+            let bad = out.iter().zip(&expected).position(|(a, b)| a.to_bits() != b.to_bits());
             if let Some(i) = bad {
                 panic!("{ty}: element {i}: got {} expected {}", out[i], expected[i]);
             }
             // The fixtures must exercise the values, not be all zeros.
-            assert!(
-                expected.iter().filter(|v| **v != 0.0).count() > expected.len() / 2,
-                "{ty}"
-            );
+            assert!(expected.iter().filter(|v| **v != 0.0).count() > expected.len() / 2, "{ty}");
         }
     }
 

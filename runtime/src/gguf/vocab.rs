@@ -30,7 +30,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// The GPT-2 regex needs no constant: `ByteLevel` applies it when `use_regex` is true.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The Qwen2 split regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`): digits one by one.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The special tokens and flags of a GGUF vocabulary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,18 +67,9 @@ impl Vocab {
         let path = g.path();
         let model = g
             .get_str("tokenizer.ggml.model")?
-            .ok_or_else(|| {
-                Error::config(
-                    path,
-                    "tokenizer.ggml.model",
-                    "missing: the file has no tokenizer",
-                )
-            })?
+            .ok_or_else(|| Error::config(path, "tokenizer.ggml.model", "missing: the file has no tokenizer"))?
             .to_string();
-        let pre = g
-            .get_str("tokenizer.ggml.pre")?
-            .unwrap_or("default")
-            .to_string();
+        let pre = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default").to_string();
         let tokens: Vec<String> = g
             .get_str_array("tokenizer.ggml.tokens")?
             .ok_or_else(|| Error::config(path, "tokenizer.ggml.tokens", "missing"))?
@@ -96,17 +88,10 @@ impl Vocab {
             None => vec![1; tokens.len()],
         };
         let mut merges = Vec::new();
-        for m in g
-            .get_str_array("tokenizer.ggml.merges")?
-            .unwrap_or_default()
-        {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                Error::config(
-                    path,
-                    "tokenizer.ggml.merges",
-                    format!("merge {m:?} has no space"),
-                )
-            })?;
+        for m in g.get_str_array("tokenizer.ggml.merges")?.unwrap_or_default() {
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| Error::config(path, "tokenizer.ggml.merges", format!("merge {m:?} has no space")))?;
             merges.push((a.to_string(), b.to_string()));
         }
         let id = |key: &str| -> Result<Option<(u32, String)>> {
@@ -117,10 +102,7 @@ impl Vocab {
                     None => Err(Error::config(
                         path,
                         key,
-                        format!(
-                            "token id {id} is outside the vocabulary of {}",
-                            tokens.len()
-                        ),
+                        format!("token id {id} is outside the vocabulary of {}", tokens.len()),
                     )),
                 },
             }
@@ -133,14 +115,7 @@ impl Vocab {
             add_bos: g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
             add_eos: g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
         };
-        Ok(Vocab {
-            model,
-            pre,
-            tokens,
-            token_types,
-            merges,
-            special,
-        })
+        Ok(Vocab { model, pre, tokens, token_types, merges, special })
     }
 
     /// The `tokenizer.json` document for this vocabulary.
@@ -186,31 +161,21 @@ impl Vocab {
         let mut vocab = Map::new();
         for (id, t) in self.tokens.iter().enumerate() {
             if vocab.contains_key(t) {
-                log::warn!(
-                    "{}: token {id} {t:?} is a duplicate; keeping the first id",
-                    path.display()
-                );
+                log::warn!("{}: token {id} {t:?} is a duplicate; keeping the first id", path.display());
                 continue;
             }
             vocab.insert(t.clone(), json!(id));
         }
         let merges: Vec<Json> = self.merges.iter().map(|(a, b)| json!([a, b])).collect();
 
-        let special_ids: Vec<u32> = [
-            &self.special.bos,
-            &self.special.eos,
-            &self.special.unk,
-            &self.special.pad,
-        ]
-        .into_iter()
-        .flatten()
-        .map(|(id, _)| *id)
-        .collect();
+        let special_ids: Vec<u32> = [&self.special.bos, &self.special.eos, &self.special.unk, &self.special.pad]
+            .into_iter()
+            .flatten()
+            .map(|(id, _)| *id)
+            .collect();
         let mut added = Vec::new();
         for (id, (t, &ty)) in self.tokens.iter().zip(&self.token_types).enumerate() {
-            let special = ty == TOKEN_TYPE_CONTROL
-                || ty == TOKEN_TYPE_UNKNOWN
-                || special_ids.contains(&(id as u32));
+            let special = ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_UNKNOWN || special_ids.contains(&(id as u32));
             if special || ty == TOKEN_TYPE_USER_DEFINED {
                 added.push(json!({
                     "id": id, "content": t, "single_word": false, "lstrip": false,
@@ -219,32 +184,22 @@ impl Vocab {
             }
         }
 
-        let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+        let byte_level_post =
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
         let post_processor = if self.special.add_bos || self.special.add_eos {
             let mut special_tokens = Map::new();
-            let mut piece =
-                |tok: &Option<(u32, String)>, wanted: bool, key: &str| -> Result<Vec<Json>> {
-                    if !wanted {
-                        return Ok(vec![]);
-                    }
-                    let (id, t) = tok.as_ref().ok_or_else(|| {
-                        Error::config(path, key, "is true but the token id is missing")
-                    })?;
-                    special_tokens.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
-                    Ok(vec![json!({"SpecialToken": {"id": t, "type_id": 0}})])
-                };
-            let bos = piece(
-                &self.special.bos,
-                self.special.add_bos,
-                "tokenizer.ggml.add_bos_token",
-            )?;
-            let eos = piece(
-                &self.special.eos,
-                self.special.add_eos,
-                "tokenizer.ggml.add_eos_token",
-            )?;
-            let seq =
-                |name: &str, type_id: u32| json!({"Sequence": {"id": name, "type_id": type_id}});
+            let mut piece = |tok: &Option<(u32, String)>, wanted: bool, key: &str| -> Result<Vec<Json>> {
+                if !wanted {
+                    return Ok(vec![]);
+                }
+                let (id, t) =
+                    tok.as_ref().ok_or_else(|| Error::config(path, key, "is true but the token id is missing"))?;
+                special_tokens.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
+                Ok(vec![json!({"SpecialToken": {"id": t, "type_id": 0}})])
+            };
+            let bos = piece(&self.special.bos, self.special.add_bos, "tokenizer.ggml.add_bos_token")?;
+            let eos = piece(&self.special.eos, self.special.add_eos, "tokenizer.ggml.add_eos_token")?;
+            let seq = |name: &str, type_id: u32| json!({"Sequence": {"id": name, "type_id": type_id}});
             let with_type = |pieces: &[Json], type_id: u32| -> Vec<Json> {
                 pieces
                     .iter()
@@ -297,10 +252,7 @@ impl Vocab {
             ("unk_token", &self.special.unk),
             ("pad_token", &self.special.pad),
         ] {
-            cfg.insert(
-                key.into(),
-                tok.as_ref().map(|(_, t)| json!(t)).unwrap_or(Json::Null),
-            );
+            cfg.insert(key.into(), tok.as_ref().map(|(_, t)| json!(t)).unwrap_or(Json::Null));
         }
         if let Some(t) = chat_template {
             cfg.insert("chat_template".into(), json!(t));
@@ -320,16 +272,11 @@ mod tests {
     /// A byte-level vocabulary: three control tokens, the 256 byte characters, a few merges.
     fn vocab(pre: &str, add_bos: bool) -> Vocab {
         let mut tokens: Vec<String> = ["<s>", "</s>", "<tool>"].map(String::from).to_vec();
-        let mut types = vec![
-            TOKEN_TYPE_CONTROL,
-            TOKEN_TYPE_CONTROL,
-            TOKEN_TYPE_USER_DEFINED,
-        ];
+        let mut types = vec![TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED];
         // GPT-2's printable stand-ins for the 256 bytes.
         let mut n = 0;
         for b in 0u32..256 {
-            let printable =
-                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             let c = if printable {
                 char::from_u32(b).unwrap()
             } else {
@@ -339,16 +286,10 @@ mod tests {
             tokens.push(c.to_string());
             types.push(1);
         }
-        let merges: Vec<(String, String)> = [
-            ("Ġ", "t"),
-            ("h", "e"),
-            ("Ġt", "he"),
-            ("1", "2"),
-            ("12", "3"),
-        ]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+        let merges: Vec<(String, String)> = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("1", "2"), ("12", "3")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         for (a, b) in &merges {
             tokens.push(format!("{a}{b}"));
             types.push(1);
@@ -371,9 +312,7 @@ mod tests {
     }
 
     fn tokenizer(pre: &str, add_bos: bool) -> tokenizers::Tokenizer {
-        let json = vocab(pre, add_bos)
-            .tokenizer_json(Path::new("x.gguf"))
-            .unwrap();
+        let json = vocab(pre, add_bos).tokenizer_json(Path::new("x.gguf")).unwrap();
         json.to_string().parse::<tokenizers::Tokenizer>().unwrap()
     }
 
@@ -387,25 +326,13 @@ mod tests {
         let gpt2 = tokenizer("gpt2", false);
         assert_eq!(tokens(&gpt2, " the 123", false), ["Ġthe", "Ġ", "123"]);
         // SmolLM / StarCoder: digits one by one.
-        assert_eq!(
-            tokens(&tokenizer("smollm", false), " the 123", false),
-            ["Ġthe", "Ġ", "1", "2", "3"]
-        );
+        assert_eq!(tokens(&tokenizer("smollm", false), " the 123", false), ["Ġthe", "Ġ", "1", "2", "3"]);
         // Llama 3: up to three digits together; Qwen2: one by one.
-        assert_eq!(
-            tokens(&tokenizer("llama-bpe", false), "1234", false),
-            ["123", "4"]
-        );
-        assert_eq!(
-            tokens(&tokenizer("qwen2", false), "1234", false),
-            ["1", "2", "3", "4"]
-        );
+        assert_eq!(tokens(&tokenizer("llama-bpe", false), "1234", false), ["123", "4"]);
+        assert_eq!(tokens(&tokenizer("qwen2", false), "1234", false), ["1", "2", "3", "4"]);
         // Control tokens are special, user-defined ones added but not special.
         let t = tokenizer("llama3", false);
-        assert_eq!(
-            tokens(&t, "<s>the<tool>", false),
-            ["<s>", "t", "he", "<tool>"]
-        );
+        assert_eq!(tokens(&t, "<s>the<tool>", false), ["<s>", "t", "he", "<tool>"]);
         let ids = t.encode("<s>the<tool>", false).unwrap().get_ids().to_vec();
         let dec = t.decode(&ids, true).unwrap();
         assert_eq!(dec, "the<tool>");
@@ -413,29 +340,17 @@ mod tests {
 
     #[test]
     fn bos_is_added_only_when_the_gguf_asks() {
-        assert_eq!(
-            tokens(&tokenizer("gpt2", true), "the", true),
-            ["<s>", "t", "he"]
-        );
+        assert_eq!(tokens(&tokenizer("gpt2", true), "the", true), ["<s>", "t", "he"]);
         assert_eq!(tokens(&tokenizer("gpt2", false), "the", true), ["t", "he"]);
     }
 
     #[test]
     fn unsupported_pre_and_models_are_named() {
-        let err = vocab("deepseek-llm", false)
-            .tokenizer_json(Path::new("m.gguf"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("m.gguf") && err.contains("`deepseek-llm`"),
-            "{err}"
-        );
+        let err = vocab("deepseek-llm", false).tokenizer_json(Path::new("m.gguf")).unwrap_err().to_string();
+        assert!(err.contains("m.gguf") && err.contains("`deepseek-llm`"), "{err}");
         let mut v = vocab("gpt2", false);
         v.model = "llama".into();
-        let err = v
-            .tokenizer_json(Path::new("m.gguf"))
-            .unwrap_err()
-            .to_string();
+        let err = v.tokenizer_json(Path::new("m.gguf")).unwrap_err().to_string();
         assert!(err.contains("tokenizer.ggml.model `llama`"), "{err}");
     }
 }

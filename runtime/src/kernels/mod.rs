@@ -53,14 +53,8 @@ impl Weights<'_> {
         let end = start + out.len();
         match self {
             Weights::F32(w) => out.copy_from_slice(&w[start..end]),
-            Weights::F16(w) => w[start..end]
-                .iter()
-                .zip(out)
-                .for_each(|(s, d)| *d = s.to_f32()),
-            Weights::BF16(w) => w[start..end]
-                .iter()
-                .zip(out)
-                .for_each(|(s, d)| *d = s.to_f32()),
+            Weights::F16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
+            Weights::BF16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
         }
     }
 }
@@ -90,9 +84,8 @@ impl Isa {
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                 return Isa::Avx512;
             }
@@ -150,44 +143,15 @@ macro_rules! dispatch {
 /// Panics with a clear message when a kernel is called with inconsistent shapes (a bug in the
 /// caller); the SIMD kernels rely on these checks for memory safety.
 fn check_mat(m: &MatRef, x_len: usize, n: usize, y_len: usize) {
-    assert!(
-        m.w.len() >= m.rows * m.cols,
-        "weights hold {} elements, shape needs {}x{}",
-        m.w.len(),
-        m.rows,
-        m.cols
-    );
-    assert!(
-        x_len == n * m.cols,
-        "x has {x_len} elements, expected {n}x{}",
-        m.cols
-    );
-    assert!(
-        y_len == n * m.rows,
-        "y has {y_len} elements, expected {n}x{}",
-        m.rows
-    );
+    assert!(m.w.len() >= m.rows * m.cols, "weights hold {} elements, shape needs {}x{}", m.w.len(), m.rows, m.cols);
+    assert!(x_len == n * m.cols, "x has {x_len} elements, expected {n}x{}", m.cols);
+    assert!(y_len == n * m.rows, "y has {y_len} elements, expected {n}x{}", m.rows);
 }
 
 /// `y[j] = W[rows.start + j, :] · x` with instruction set `isa` (single-threaded building block).
-pub(crate) fn matvec_rows_isa(
-    isa: Isa,
-    m: MatRef,
-    rows: std::ops::Range<usize>,
-    x: &[f32],
-    y: &mut [f32],
-) {
-    assert!(
-        rows.end <= m.rows
-            && y.len() >= rows.len()
-            && x.len() >= m.cols
-            && m.w.len() >= m.rows * m.cols
-    );
-    dispatch!(
-        isa,
-        matvec_rows(m, rows.clone(), x, y),
-        scalar::matvec_rows(m, rows, x, y)
-    )
+pub(crate) fn matvec_rows_isa(isa: Isa, m: MatRef, rows: std::ops::Range<usize>, x: &[f32], y: &mut [f32]) {
+    assert!(rows.end <= m.rows && y.len() >= rows.len() && x.len() >= m.cols && m.w.len() >= m.rows * m.cols);
+    dispatch!(isa, matvec_rows(m, rows.clone(), x, y), scalar::matvec_rows(m, rows, x, y))
 }
 
 /// `y[r] = Σ_k W[r, k] · x[k]`: one token through a linear layer (decode).
@@ -226,11 +190,7 @@ struct RowChunks {
 impl RowChunks {
     fn new(rows: usize, threads: usize, align: usize) -> Self {
         let chunk = rows.div_ceil(4 * threads).div_ceil(align).max(1) * align;
-        RowChunks {
-            rows,
-            chunk,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        }
+        RowChunks { rows, chunk, next: std::sync::atomic::AtomicUsize::new(0) }
     }
 
     fn next(&self) -> Option<std::ops::Range<usize>> {
@@ -290,11 +250,7 @@ pub fn matmul_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y
         pool.run(|_, _| {
             while let Some(rows) = chunks.next() {
                 // SAFETY: each chunk of rows goes to one thread; `y` is `[n, m.rows]` (checked).
-                dispatch!(
-                    isa,
-                    matmul_rows(m, rows, xp, n, out.ptr(), m.rows),
-                    unreachable!()
-                )
+                dispatch!(isa, matmul_rows(m, rows, xp, n, out.ptr(), m.rows), unreachable!())
             }
         });
     });
@@ -331,11 +287,7 @@ pub fn add(y: &mut [f32], x: &[f32]) {
 }
 
 pub(crate) fn rmsnorm_isa(isa: Isa, out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-    dispatch!(
-        isa,
-        rmsnorm(out, x, w, eps),
-        scalar::rmsnorm(out, x, w, eps)
-    )
+    dispatch!(isa, rmsnorm(out, x, w, eps), scalar::rmsnorm(out, x, w, eps))
 }
 
 pub(crate) fn softmax_isa(isa: Isa, x: &mut [f32]) {

@@ -44,10 +44,7 @@ impl Simd for Neon {
                 vreinterpretq_f32_u32(vdupq_n_u32(0x7780_0000)), // 2^112
             );
             let special = vcgeq_u32(em, vdupq_n_u32(0x7c00));
-            let bits = vorrq_u32(
-                vreinterpretq_u32_f32(scaled),
-                vandq_u32(special, vdupq_n_u32(0x7f80_0000)),
-            );
+            let bits = vorrq_u32(vreinterpretq_u32_f32(scaled), vandq_u32(special, vdupq_n_u32(0x7f80_0000)));
             vreinterpretq_f32_u32(vorrq_u32(bits, sign))
         }
     }

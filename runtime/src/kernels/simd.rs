@@ -102,16 +102,8 @@ unsafe fn dot_ptr<S: Simd, E: Elem>(a: *const E, b: *const f32, len: usize) -> f
         while k + 4 * l <= len {
             s0 = S::fma(E::load::<S>(a.add(k)), S::load(b.add(k)), s0);
             s1 = S::fma(E::load::<S>(a.add(k + l)), S::load(b.add(k + l)), s1);
-            s2 = S::fma(
-                E::load::<S>(a.add(k + 2 * l)),
-                S::load(b.add(k + 2 * l)),
-                s2,
-            );
-            s3 = S::fma(
-                E::load::<S>(a.add(k + 3 * l)),
-                S::load(b.add(k + 3 * l)),
-                s3,
-            );
+            s2 = S::fma(E::load::<S>(a.add(k + 2 * l)), S::load(b.add(k + 2 * l)), s2);
+            s3 = S::fma(E::load::<S>(a.add(k + 3 * l)), S::load(b.add(k + 3 * l)), s3);
             k += 4 * l;
         }
         while k + l <= len {
@@ -150,13 +142,7 @@ pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f3
 /// Matvec over 4 rows at a time: the 4 rows share each load of `x`, and 8 accumulators
 /// (4 rows × 2 columns blocks) keep the FMA units busy while the weights stream from memory.
 #[inline(always)]
-unsafe fn matvec_typed<S: Simd, E: Elem>(
-    w: &[E],
-    cols: usize,
-    rows: Range<usize>,
-    x: &[f32],
-    y: &mut [f32],
-) {
+unsafe fn matvec_typed<S: Simd, E: Elem>(w: &[E], cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
     debug_assert!(rows.end * cols <= w.len() && x.len() >= cols && y.len() >= rows.len());
     let l = S::LANES;
     let xp = x.as_ptr();
@@ -192,12 +178,8 @@ unsafe fn matvec_typed<S: Simd, E: Elem>(
                 a3 = S::fma(E::load::<S>(p3.add(k)), x0, a3);
                 k += l;
             }
-            let mut s = [
-                S::hsum(S::add(a0, b0)),
-                S::hsum(S::add(a1, b1)),
-                S::hsum(S::add(a2, b2)),
-                S::hsum(S::add(a3, b3)),
-            ];
+            let mut s =
+                [S::hsum(S::add(a0, b0)), S::hsum(S::add(a1, b1)), S::hsum(S::add(a2, b2)), S::hsum(S::add(a3, b3))];
             while k < cols {
                 let xk = *xp.add(k);
                 s[0] += (*p0.add(k)).f32() * xk;
@@ -456,10 +438,7 @@ pub(crate) unsafe fn rmsnorm<S: Simd>(out: &mut [f32], x: &[f32], w: &[f32], eps
     unsafe {
         let iv = S::splat(inv);
         while i + l <= len {
-            let v = S::mul(
-                S::mul(S::load(x.as_ptr().add(i)), iv),
-                S::load(w.as_ptr().add(i)),
-            );
+            let v = S::mul(S::mul(S::load(x.as_ptr().add(i)), iv), S::load(w.as_ptr().add(i)));
             S::store(out.as_mut_ptr().add(i), v);
             i += l;
         }
@@ -582,14 +561,7 @@ macro_rules! simd_entries {
         /// # Safety
         /// The CPU supports the features; see `simd::matmul_rows`.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn matmul_rows(
-            m: MatRef,
-            rows: Range<usize>,
-            xp: &[f32],
-            n: usize,
-            y: *mut f32,
-            ldy: usize,
-        ) {
+        pub(crate) unsafe fn matmul_rows(m: MatRef, rows: Range<usize>, xp: &[f32], n: usize, y: *mut f32, ldy: usize) {
             // SAFETY: forwarded contract.
             unsafe { simd::matmul_rows::<$S>(m, rows, xp, n, y, ldy) }
         }

@@ -41,11 +41,7 @@ impl AllDtypes {
     }
     /// The three views, each starting at element `offset` (to test unaligned data).
     fn views(&self, offset: usize) -> [Weights<'_>; 3] {
-        [
-            Weights::F32(&self.f32[offset..]),
-            Weights::F16(&self.f16[offset..]),
-            Weights::BF16(&self.bf16[offset..]),
-        ]
+        [Weights::F32(&self.f32[offset..]), Weights::F16(&self.f16[offset..]), Weights::BF16(&self.bf16[offset..])]
     }
 }
 
@@ -67,10 +63,7 @@ fn row_f64(m: &MatRef, r: usize, x: &[f32]) -> (f64, f64) {
 
 fn assert_close(got: f32, want: f64, scale: f64, what: &str) {
     let err = (got as f64 - want).abs();
-    assert!(
-        err <= REL * scale + 1e-30,
-        "{what}: got {got}, want {want}, err {err:e}, scale {scale:e}"
-    );
+    assert!(err <= REL * scale + 1e-30, "{what}: got {got}, want {want}, err {err:e}, scale {scale:e}");
 }
 
 const SHAPES: &[(usize, usize)] = &[
@@ -173,30 +166,16 @@ fn matmul_matches_scalar_every_isa_dtype() {
 #[test]
 fn f16_special_values_widen_exactly() {
     // Subnormals, the largest finite value, signed zeros, tiny and large normals.
-    let specials = [
-        0.0f32, -0.0, 6.0e-8, -6.0e-8, 3.0e-5, 6.1e-5, 65504.0, -65504.0, 1.0, -2.5,
-    ];
+    let specials = [0.0f32, -0.0, 6.0e-8, -6.0e-8, 3.0e-5, 6.1e-5, 65504.0, -65504.0, 1.0, -2.5];
     let cols = 64;
-    let vals: Vec<f16> = (0..cols)
-        .map(|i| f16::from_f32(specials[i % specials.len()]))
-        .collect();
+    let vals: Vec<f16> = (0..cols).map(|i| f16::from_f32(specials[i % specials.len()])).collect();
     let pool = ThreadPool::new(1);
     for k in 0..cols {
         let mut x = vec![0.0; cols];
         x[k] = 1.0;
         for isa in Isa::available() {
             let mut y = [0.0f32];
-            matvec_isa(
-                isa,
-                &pool,
-                MatRef {
-                    w: Weights::F16(&vals),
-                    rows: 1,
-                    cols,
-                },
-                &x,
-                &mut y,
-            );
+            matvec_isa(isa, &pool, MatRef { w: Weights::F16(&vals), rows: 1, cols }, &x, &mut y);
             assert_eq!(y[0], vals[k].to_f32(), "{isa:?} element {k}");
         }
     }
@@ -222,11 +201,7 @@ fn vector_kernels_match_scalar() {
                 let mut got = a.to_vec();
                 axpy_isa(isa, &mut got, 0.75, b);
                 // FMA rounds once: compare relative to |y| + |a·x|, not to the (cancelling) sum.
-                let scale: Vec<f32> = a
-                    .iter()
-                    .zip(b)
-                    .map(|(y, x)| y.abs() + (0.75 * x).abs())
-                    .collect();
+                let scale: Vec<f32> = a.iter().zip(b).map(|(y, x)| y.abs() + (0.75 * x).abs()).collect();
                 close_scaled(&got, &want, &scale, &format!("axpy {what}"));
 
                 let mut want = a.to_vec();

@@ -39,11 +39,7 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m256 {
         // SAFETY: `p` valid for 8 u16; zero-extend to 32 bits and shift into the high half.
-        unsafe {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-                _mm_loadu_si128(p.cast()),
-            )))
-        }
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())))) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {
@@ -147,11 +143,7 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
         // SAFETY: `p` valid for 16 u16; zero-extend and shift into the high half.
-        unsafe {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(p.cast()),
-            )))
-        }
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m512) {
