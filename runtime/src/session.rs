@@ -16,7 +16,7 @@ use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use std::sync::Arc;
 
 /// Options for [`Session::new`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
     /// Context length in tokens (KV cache size); 0 = the model's, capped at 4096.
     pub n_ctx: usize,
@@ -26,11 +26,6 @@ pub struct SessionOptions {
     pub n_threads: usize,
 }
 
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions { n_ctx: 0, n_batch: 0, n_threads: 0 }
-    }
-}
 
 /// Number of cores available to this process.
 pub fn default_threads() -> usize {

@@ -267,7 +267,7 @@ unsafe fn open_file(path: &Path) -> Result<Vec<Tensor>> {
                 format!("in {}: data runs past the end of the file (truncated download?)", path.display()),
             ));
         }
-        let storage = if (map.as_ptr() as usize + start) % dtype.size() == 0 {
+        let storage = if (map.as_ptr() as usize + start).is_multiple_of(dtype.size()) {
             Storage::Mapped { map: map.clone(), start, len }
         } else {
             log::warn!("{}: tensor {name} is misaligned; copying it", path.display());
