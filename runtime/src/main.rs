@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use peftrt::gguf::{import, DType, GgufFile, ImportOptions};
 use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,29 @@ enum Cmd {
     Bench(BenchArgs),
     /// Show the architecture, tensors, dtypes and sizes of a model directory or GGUF file.
     Inspect { path: PathBuf },
+    /// Convert a GGUF file into a Hugging Face model directory (tensors dequantised).
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The GGUF file (v2 or v3).
+    gguf: PathBuf,
+    /// The model directory to write (must not exist or be empty, unless --force).
+    out_dir: PathBuf,
+    /// Weight dtype of the output.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Args)]
@@ -130,6 +154,7 @@ fn main() {
         Cmd::Score(a) => cmd_score(a),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Inspect { path } => cmd_inspect(&path),
+        Cmd::Import(a) => cmd_import(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -325,7 +350,32 @@ fn cmd_inspect(path: &Path) -> Result<()> {
             println!("  {:<56} {:<5} {:?}", t.name, t.dtype.name(), t.shape);
         }
         Ok(())
+    } else if path.is_file() {
+        // SAFETY: the file is only read while this command runs; nobody is expected to modify it.
+        let gguf = unsafe { GgufFile::open(path)? };
+        print!("{}", gguf.describe());
+        Ok(())
     } else {
-        bail!("{} is not a model directory", path.display())
+        bail!("{} is neither a model directory nor a GGUF file", path.display())
     }
+}
+
+fn cmd_import(a: ImportArgs) -> Result<()> {
+    let dtype = match a.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let t = Instant::now();
+    let s = import(&a.gguf, &a.out_dir, &ImportOptions { dtype, force: a.force })?;
+    eprintln!(
+        "imported {} ({} tensors, {:.1} M parameters{}) into {} in {:.1} s",
+        s.architecture,
+        s.n_tensors,
+        s.n_parameters as f64 / 1e6,
+        if s.tied_embeddings { ", tied embeddings" } else { "" },
+        s.out_dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

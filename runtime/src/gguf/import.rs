@@ -1,0 +1,918 @@
+//! Importing a GGUF model as a Hugging Face model directory.
+//!
+//! The output is what transformers' `save_pretrained` would write for the same model:
+//! `model.safetensors` (HF tensor names, every tensor dequantised and converted to the chosen
+//! dtype), `config.json`, `generation_config.json`, `tokenizer.json` and
+//! `tokenizer_config.json`. Two things llama.cpp's `convert_hf_to_gguf.py` did are undone:
+//! - tensor names: `blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`, ...;
+//! - for `llama` (and `mistral`) the rows of Q and K were permuted so that each head's rotary
+//!   pairs are interleaved (`LlamaModel.permute`: rows viewed as `[heads, 2, head_dim/2]`,
+//!   axes 1 and 2 swapped; Q with `head_count`, K with `head_count_kv`). `qwen2` is not
+//!   permuted.
+//!
+//! The directory is written atomically: into a temporary sibling, renamed into place at the
+//! end, removed on any error.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value as Json};
+
+use super::file::{GgufFile, TensorInfo};
+use super::vocab::Vocab;
+use crate::error::{Error, Result};
+
+/// The floating-point type of the imported weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Appends `values` converted to this dtype (round to nearest even) as little-endian bytes.
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+}
+
+/// How to import.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// The dtype of every weight in `model.safetensors` (norm weights included).
+    pub dtype: DType,
+    /// Replace `out_dir` if it exists and is not empty (otherwise that is an error).
+    pub force: bool,
+}
+
+impl ImportOptions {
+    /// Options with this dtype and `force` off.
+    pub fn new(dtype: DType) -> Self {
+        ImportOptions {
+            dtype,
+            force: false,
+        }
+    }
+}
+
+/// What [`import`] wrote.
+#[derive(Clone, Debug)]
+pub struct ImportSummary {
+    pub out_dir: PathBuf,
+    /// `general.architecture`.
+    pub architecture: String,
+    pub n_tensors: usize,
+    pub n_parameters: u64,
+    /// True when the GGUF has no `output.weight` (the LM head is the embedding matrix).
+    pub tied_embeddings: bool,
+}
+
+/// Per-architecture facts.
+struct Arch {
+    /// The GGUF architecture name and key prefix (`llama`).
+    name: &'static str,
+    /// HF `model_type`.
+    model_type: &'static str,
+    /// HF `architectures[0]`.
+    class: &'static str,
+    /// Whether convert_hf_to_gguf.py permuted the Q/K rows.
+    permuted_qk: bool,
+}
+
+const ARCHES: &[Arch] = &[
+    Arch {
+        name: "llama",
+        model_type: "llama",
+        class: "LlamaForCausalLM",
+        permuted_qk: true,
+    },
+    Arch {
+        name: "mistral",
+        model_type: "mistral",
+        class: "MistralForCausalLM",
+        permuted_qk: true,
+    },
+    Arch {
+        name: "qwen2",
+        model_type: "qwen2",
+        class: "Qwen2ForCausalLM",
+        permuted_qk: false,
+    },
+];
+
+/// The model hyper-parameters read from the metadata.
+struct Hparams {
+    n_layer: u32,
+    hidden: u32,
+    intermediate: u32,
+    n_head: u32,
+    n_head_kv: u32,
+    head_dim: u32,
+    head_dim_given: bool,
+    rms_eps: f64,
+    rope_theta: f64,
+    context: Option<u64>,
+    vocab_size: u64,
+}
+
+/// One tensor to write: its HF name, its GGUF source and the number of heads whose rotary
+/// permutation to undo.
+struct Planned<'a> {
+    hf_name: String,
+    info: &'a TensorInfo,
+    unpermute_heads: Option<u32>,
+}
+
+/// Imports the GGUF model at `gguf` as a Hugging Face model directory `out_dir`.
+///
+/// The GGUF file is memory-mapped: it must not be modified while the import runs. `out_dir`
+/// must not exist or be empty, unless `opts.force`. On error nothing is left at `out_dir`
+/// (an existing directory is untouched) and the temporary directory is removed.
+pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<ImportSummary> {
+    let out_name = out_dir.file_name().ok_or_else(|| {
+        Error::Input(format!(
+            "{}: the output directory needs a name",
+            out_dir.display()
+        ))
+    })?;
+    let exists_non_empty = match fs::read_dir(out_dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(out_dir, e)),
+    };
+    if exists_non_empty && !opts.force {
+        return Err(Error::io(
+            out_dir,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the output directory exists and is not empty; choose another or use --force",
+            ),
+        ));
+    }
+
+    // SAFETY: the file is only read, and the documented contract of `import` is that it is not
+    // modified while the import runs.
+    let g = unsafe { GgufFile::open(gguf) }?;
+    let arch_name = g.architecture()?;
+    let arch = ARCHES.iter().find(|a| a.name == arch_name).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)",
+            gguf.display()
+        ))
+    })?;
+    let hp = hparams(&g, arch)?;
+    let plan = plan_tensors(&g, arch, &hp)?;
+    let tied = g.tensor("output.weight").is_none();
+    let vocab = Vocab::from_gguf(&g)?;
+    let tokenizer = vocab.tokenizer_json(gguf)?;
+    let chat_template = g.get_str("tokenizer.chat_template")?;
+    let tokenizer_config = vocab.tokenizer_config_json(chat_template, hp.context);
+    let config = config_json(&g, arch, &hp, &vocab, tied, opts.dtype)?;
+    let mut generation = Map::new();
+    generation.insert("_from_model_config".into(), json!(true));
+    for (k, t) in [
+        ("bos_token_id", &vocab.special.bos),
+        ("eos_token_id", &vocab.special.eos),
+        ("pad_token_id", &vocab.special.pad),
+    ] {
+        if let Some((id, _)) = t {
+            generation.insert(k.into(), json!(id));
+        }
+    }
+
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = parent.join(format!(
+        ".{}.peftrt-import-{}",
+        out_name.to_string_lossy(),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+
+    let written = (|| -> Result<u64> {
+        let n_params = write_safetensors(&g, &plan, opts.dtype, &tmp.join("model.safetensors"))?;
+        write_json(&tmp.join("config.json"), &config)?;
+        write_json(
+            &tmp.join("generation_config.json"),
+            &Json::Object(generation),
+        )?;
+        write_json(&tmp.join("tokenizer.json"), &tokenizer)?;
+        write_json(&tmp.join("tokenizer_config.json"), &tokenizer_config)?;
+        move_into_place(&tmp, out_dir)?;
+        Ok(n_params)
+    })();
+    let n_parameters = match written {
+        Ok(n) => n,
+        Err(e) => {
+            if let Err(rm) = fs::remove_dir_all(&tmp) {
+                log::warn!("could not remove {}: {rm}", tmp.display());
+            }
+            return Err(e);
+        }
+    };
+    Ok(ImportSummary {
+        out_dir: out_dir.to_path_buf(),
+        architecture: arch.name.to_string(),
+        n_tensors: plan.len(),
+        n_parameters,
+        tied_embeddings: tied,
+    })
+}
+
+/// Renames `tmp` to `out_dir`, replacing an existing `out_dir` (moved aside first, removed
+/// after the rename succeeded).
+fn move_into_place(tmp: &Path, out_dir: &Path) -> Result<()> {
+    if out_dir.exists() {
+        let mut old = tmp.as_os_str().to_owned();
+        old.push(".old");
+        let old = PathBuf::from(old);
+        fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
+        if let Err(e) = fs::rename(tmp, out_dir) {
+            // Put the previous directory back before reporting.
+            let _ = fs::rename(&old, out_dir);
+            return Err(Error::io(out_dir, e));
+        }
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        Ok(())
+    } else {
+        fs::rename(tmp, out_dir).map_err(|e| Error::io(out_dir, e))
+    }
+}
+
+fn write_json(path: &Path, value: &Json) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::format(path, format!("cannot serialise JSON: {e}")))?;
+    text.push('\n');
+    fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// A required `u32` hyper-parameter `{arch}.{key}`.
+fn required_u32(g: &GgufFile, key: &str) -> Result<u32> {
+    g.get_u32(key)?.ok_or_else(|| {
+        Error::config(
+            g.path(),
+            key,
+            "missing; the GGUF lacks a required hyper-parameter",
+        )
+    })
+}
+
+fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
+    let a = arch.name;
+    let key = |k: &str| format!("{a}.{k}");
+    let n_layer = required_u32(g, &key("block_count"))?;
+    let hidden = required_u32(g, &key("embedding_length"))?;
+    let intermediate = required_u32(g, &key("feed_forward_length"))?;
+    let n_head = required_u32(g, &key("attention.head_count"))?;
+    let n_head_kv = g
+        .get_u32(&key("attention.head_count_kv"))?
+        .unwrap_or(n_head);
+    if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+        return Err(Error::config(
+            g.path(),
+            key("attention.head_count_kv"),
+            format!("{n_head_kv} key/value heads do not divide {n_head} attention heads"),
+        ));
+    }
+    let key_length = g.get_u32(&key("attention.key_length"))?;
+    let head_dim = key_length.unwrap_or(hidden / n_head);
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::config(
+            g.path(),
+            key("attention.key_length"),
+            format!("head size {head_dim} is not even"),
+        ));
+    }
+    if let Some(v) = g.get_u32(&key("attention.value_length"))? {
+        if v != head_dim {
+            return Err(Error::Unsupported(format!(
+                "{}: {}: value head size {v} differs from key head size {head_dim}",
+                g.path().display(),
+                key("attention.value_length")
+            )));
+        }
+    }
+    if let Some(rot) = g.get_u32(&key("rope.dimension_count"))? {
+        if rot != head_dim {
+            return Err(Error::Unsupported(format!(
+                "{}: {}: partial rotary embeddings ({rot} of {head_dim} dimensions)",
+                g.path().display(),
+                key("rope.dimension_count")
+            )));
+        }
+    }
+    let rms_eps = g
+        .get_f32(&key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| {
+            Error::config(g.path(), key("attention.layer_norm_rms_epsilon"), "missing")
+        })?;
+    let rope_theta = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
+    let n_tokens = g
+        .get_str_array("tokenizer.ggml.tokens")?
+        .map(|t| t.len() as u64);
+    let embd_rows = g
+        .tensor("token_embd.weight")
+        .and_then(|t| t.dims.get(1).copied());
+    let vocab_size = match g.get_u32(&key("vocab_size"))? {
+        Some(v) => u64::from(v),
+        None => embd_rows.or(n_tokens).ok_or_else(|| {
+            Error::config(
+                g.path(),
+                key("vocab_size"),
+                "missing, and no token_embd.weight to infer it",
+            )
+        })?,
+    };
+    Ok(Hparams {
+        n_layer,
+        hidden,
+        intermediate,
+        n_head,
+        n_head_kv,
+        head_dim,
+        head_dim_given: key_length.is_some(),
+        // f32 → decimal shortest representation, as transformers would print 1e-05.
+        rms_eps: shortest_f64(rms_eps),
+        rope_theta: shortest_f64(rope_theta),
+        context: g.get_u64(&key("context_length"))?,
+        vocab_size,
+    })
+}
+
+/// The f64 whose shortest decimal form is that of the f32 `x` (1e-5f32 → 1e-5, not
+/// 9.999999747378752e-06), so config.json holds the value the model was converted from.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// Maps every GGUF tensor to its HF name and checks the shapes.
+fn plan_tensors<'a>(g: &'a GgufFile, arch: &Arch, hp: &Hparams) -> Result<Vec<Planned<'a>>> {
+    let mut plan = Vec::new();
+    for info in g.tensors() {
+        let name = info.name.as_str();
+        if name == "rope_freqs.weight" {
+            return Err(Error::Unsupported(format!(
+                "{}: tensor `rope_freqs.weight` (Llama-3.1-style rope scaling factors) cannot be \
+                 turned back into config.json's rope_scaling; import the original HF model instead",
+                g.path().display()
+            )));
+        }
+        let mut unpermute_heads = None;
+        let hf_name = match name {
+            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+            "output_norm.weight" => "model.norm.weight".to_string(),
+            "output.weight" => "lm_head.weight".to_string(),
+            _ => {
+                let mapped = name.strip_prefix("blk.").and_then(|rest| {
+                    let (layer, rest) = rest.split_once('.')?;
+                    let layer: u32 = layer.parse().ok()?;
+                    let (base, suffix) = rest.rsplit_once('.')?;
+                    let hf = match base {
+                        "attn_norm" => "input_layernorm",
+                        "ffn_norm" => "post_attention_layernorm",
+                        "attn_q" => "self_attn.q_proj",
+                        "attn_k" => "self_attn.k_proj",
+                        "attn_v" => "self_attn.v_proj",
+                        "attn_output" => "self_attn.o_proj",
+                        "ffn_gate" => "mlp.gate_proj",
+                        "ffn_up" => "mlp.up_proj",
+                        "ffn_down" => "mlp.down_proj",
+                        _ => return None,
+                    };
+                    if layer >= hp.n_layer || !(suffix == "weight" || suffix == "bias") {
+                        return None;
+                    }
+                    Some((layer, base, format!("model.layers.{layer}.{hf}.{suffix}")))
+                });
+                let Some((_, base, hf)) = mapped else {
+                    return Err(Error::tensor(
+                        name,
+                        format!(
+                            "in {}: no Hugging Face equivalent for this {} tensor; the GGUF may \
+                             be of a variant peftrt does not import",
+                            g.path().display(),
+                            arch.name
+                        ),
+                    ));
+                };
+                if arch.permuted_qk {
+                    unpermute_heads = match base {
+                        "attn_q" => Some(hp.n_head),
+                        "attn_k" => Some(hp.n_head_kv),
+                        _ => None,
+                    };
+                }
+                hf
+            }
+        };
+        if !info.ggml_type.can_dequantize() {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "in {}: type {} cannot be dequantised by peftrt (supported: F32, F16, BF16, \
+                     Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)",
+                    g.path().display(),
+                    info.ggml_type
+                ),
+            ));
+        }
+        let shape = info.torch_shape();
+        if let Some(heads) = unpermute_heads {
+            let rows = shape[0] as u64;
+            if rows != u64::from(heads) * u64::from(hp.head_dim) {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "in {}: {rows} rows, expected {heads} heads × {} head size",
+                        g.path().display(),
+                        hp.head_dim
+                    ),
+                ));
+            }
+        }
+        plan.push(Planned {
+            hf_name,
+            info,
+            unpermute_heads,
+        });
+    }
+    // Every expected tensor is present and has the expected shape.
+    let (h, i, v) = (
+        hp.hidden as usize,
+        hp.intermediate as usize,
+        hp.vocab_size as usize,
+    );
+    let (q, kv) = (
+        (hp.n_head * hp.head_dim) as usize,
+        (hp.n_head_kv * hp.head_dim) as usize,
+    );
+    let mut expect: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![v, h]),
+        ("output_norm.weight".into(), vec![h]),
+    ];
+    for l in 0..hp.n_layer {
+        for (base, shape) in [
+            ("attn_norm", vec![h]),
+            ("ffn_norm", vec![h]),
+            ("attn_q", vec![q, h]),
+            ("attn_k", vec![kv, h]),
+            ("attn_v", vec![kv, h]),
+            ("attn_output", vec![h, q]),
+            ("ffn_gate", vec![i, h]),
+            ("ffn_up", vec![i, h]),
+            ("ffn_down", vec![h, i]),
+        ] {
+            expect.push((format!("blk.{l}.{base}.weight"), shape));
+        }
+    }
+    if g.tensor("output.weight").is_some() {
+        expect.push(("output.weight".into(), vec![v, h]));
+    }
+    for (name, shape) in expect {
+        let info = g.tensor(&name).ok_or_else(|| {
+            Error::tensor(
+                &name,
+                format!("missing in {}; the GGUF is incomplete", g.path().display()),
+            )
+        })?;
+        if info.torch_shape() != shape {
+            return Err(Error::tensor(
+                &name,
+                format!(
+                    "in {}: shape {:?}, expected {shape:?} from the metadata",
+                    g.path().display(),
+                    info.torch_shape()
+                ),
+            ));
+        }
+    }
+    plan.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
+    Ok(plan)
+}
+
+/// Undoes convert_hf_to_gguf.py's `permute` of Q/K rows: within each head of `head_dim`
+/// rows, GGUF row `2*i + j` is HF row `j*head_dim/2 + i`.
+pub fn unpermute_rows(values: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+    let rows = values.len() / row_len.max(1);
+    let head_dim = rows / n_heads.max(1);
+    let half = head_dim / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = (h * head_dim + 2 * i + j) * row_len;
+                let dst = (h * head_dim + j * half + i) * row_len;
+                out[dst..dst + row_len].copy_from_slice(&values[src..src + row_len]);
+            }
+        }
+    }
+    out
+}
+
+/// Streams the tensors into a safetensors file (header first, then each tensor dequantised,
+/// un-permuted and converted in turn, so memory holds one tensor at a time). Returns the
+/// number of parameters.
+fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Path) -> Result<u64> {
+    let mut header = BTreeMap::new();
+    let mut offset = 0u64;
+    for p in plan {
+        let n_bytes = p.info.n_elements() * dtype.size() as u64;
+        header.insert(
+            p.hf_name.clone(),
+            json!({"dtype": dtype.safetensors_name(), "shape": p.info.torch_shape(), "data_offsets": [offset, offset + n_bytes]}),
+        );
+        offset += n_bytes;
+    }
+    let mut header =
+        serde_json::to_value(header).map_err(|e| Error::format(path, e.to_string()))?;
+    header["__metadata__"] = json!({"format": "pt"});
+    let mut text =
+        serde_json::to_string(&header).map_err(|e| Error::format(path, e.to_string()))?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(text.as_bytes()).map_err(io)?;
+    let mut bytes = Vec::new();
+    let mut n_params = 0;
+    for p in plan {
+        let mut values = g.dequantize(p.info)?;
+        if let Some(heads) = p.unpermute_heads {
+            let row_len = p.info.dims[0] as usize;
+            values = unpermute_rows(
+                &values,
+                heads as usize,
+                if p.info.dims.len() == 1 { 1 } else { row_len },
+            );
+        }
+        bytes.clear();
+        dtype.encode(&values, &mut bytes);
+        w.write_all(&bytes).map_err(io)?;
+        n_params += values.len() as u64;
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(n_params)
+}
+
+/// `config.json` from the metadata.
+fn config_json(
+    g: &GgufFile,
+    arch: &Arch,
+    hp: &Hparams,
+    vocab: &Vocab,
+    tied: bool,
+    dtype: DType,
+) -> Result<Json> {
+    let mut c = Map::new();
+    c.insert("architectures".into(), json!([arch.class]));
+    c.insert("model_type".into(), json!(arch.model_type));
+    c.insert("hidden_size".into(), json!(hp.hidden));
+    c.insert("intermediate_size".into(), json!(hp.intermediate));
+    c.insert("num_hidden_layers".into(), json!(hp.n_layer));
+    c.insert("num_attention_heads".into(), json!(hp.n_head));
+    c.insert("num_key_value_heads".into(), json!(hp.n_head_kv));
+    if hp.head_dim_given {
+        c.insert("head_dim".into(), json!(hp.head_dim));
+    }
+    c.insert("hidden_act".into(), json!("silu"));
+    c.insert("rms_norm_eps".into(), json!(hp.rms_eps));
+    c.insert("rope_theta".into(), json!(hp.rope_theta));
+    if let Some(n) = hp.context {
+        c.insert("max_position_embeddings".into(), json!(n));
+    }
+    c.insert("vocab_size".into(), json!(hp.vocab_size));
+    for (k, t) in [
+        ("bos_token_id", &vocab.special.bos),
+        ("eos_token_id", &vocab.special.eos),
+        ("pad_token_id", &vocab.special.pad),
+    ] {
+        if let Some((id, _)) = t {
+            c.insert(k.into(), json!(id));
+        }
+    }
+    c.insert("tie_word_embeddings".into(), json!(tied));
+    c.insert("torch_dtype".into(), json!(dtype.torch_name()));
+    c.insert("use_cache".into(), json!(true));
+    c.insert("initializer_range".into(), json!(0.02));
+    match arch.model_type {
+        "llama" => {
+            let bias = g.tensor("blk.0.attn_q.bias").is_some();
+            c.insert("attention_bias".into(), json!(bias));
+            c.insert("attention_dropout".into(), json!(0.0));
+            c.insert("mlp_bias".into(), json!(false));
+        }
+        "mistral" => {
+            c.insert("sliding_window".into(), json!(null));
+        }
+        _ => {
+            c.insert("use_sliding_window".into(), json!(false));
+        }
+    }
+    if let Some(rs) = rope_scaling(g, arch)? {
+        c.insert("rope_scaling".into(), rs);
+    }
+    Ok(Json::Object(c))
+}
+
+/// `rope_scaling` from `{arch}.rope.scaling.*` (or the older `{arch}.rope.scale_linear`).
+fn rope_scaling(g: &GgufFile, arch: &Arch) -> Result<Option<Json>> {
+    let key = |k: &str| format!("{}.rope.{k}", arch.name);
+    let factor = g.get_f32(&key("scaling.factor"))?.map(shortest_f64);
+    let kind = g.get_str(&key("scaling.type"))?;
+    let linear_old = g.get_f32(&key("scale_linear"))?.map(shortest_f64);
+    Ok(match (kind, factor, linear_old) {
+        (None | Some("none"), _, None) => None,
+        (None, _, Some(f)) | (Some("linear"), None, Some(f)) if f != 1.0 => {
+            Some(json!({"type": "linear", "rope_type": "linear", "factor": f}))
+        }
+        (None, _, Some(_)) => None,
+        (Some("linear"), Some(f), _) => {
+            Some(json!({"type": "linear", "rope_type": "linear", "factor": f}))
+        }
+        (Some("yarn"), Some(f), _) => {
+            let mut m = Map::new();
+            m.insert("type".into(), json!("yarn"));
+            m.insert("rope_type".into(), json!("yarn"));
+            m.insert("factor".into(), json!(f));
+            if let Some(n) = g.get_u64(&key("scaling.original_context_length"))? {
+                m.insert("original_max_position_embeddings".into(), json!(n));
+            }
+            Some(Json::Object(m))
+        }
+        (Some(other), _, _) => {
+            return Err(Error::Unsupported(format!(
+                "{}: {} `{other}` (with factor {factor:?}) cannot be mapped to rope_scaling",
+                g.path().display(),
+                key("scaling.type")
+            )))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf")
+    }
+
+    fn fixture() -> PathBuf {
+        data_dir().join("tiny_llama.gguf")
+    }
+
+    /// The reference values written by `scripts/gguf_fixtures.py`: name -> (shape, values).
+    fn expected() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let index: Json =
+            serde_json::from_slice(&fs::read(data_dir().join("tiny_llama.expected.json")).unwrap())
+                .unwrap();
+        let raw = fs::read(data_dir().join("tiny_llama.expected.f32")).unwrap();
+        let all: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut out = BTreeMap::new();
+        for (name, e) in index.as_object().unwrap() {
+            let shape: Vec<usize> = serde_json::from_value(e["shape"].clone()).unwrap();
+            let off = e["offset"].as_u64().unwrap() as usize;
+            let n: usize = shape.iter().product();
+            out.insert(name.clone(), (shape, all[off..off + n].to_vec()));
+        }
+        out
+    }
+
+    fn f32s(bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn imports_the_tiny_llama_bit_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("tiny-hf");
+        let s = import(&fixture(), &out, &ImportOptions::new(DType::F32)).unwrap();
+        assert_eq!(
+            (s.architecture.as_str(), s.n_tensors, s.tied_embeddings),
+            ("llama", 21, false)
+        );
+
+        let bytes = fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), 21);
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        ] {
+            assert!(st.tensor(name).is_ok(), "{name} missing");
+        }
+        let exp = expected();
+        assert!(exp.contains_key("model.layers.0.self_attn.q_proj.weight"));
+        for (name, (shape, values)) in &exp {
+            let t = st.tensor(name).unwrap();
+            assert_eq!(t.dtype(), safetensors::Dtype::F32);
+            assert_eq!(t.shape(), shape.as_slice(), "{name}");
+            let got = f32s(t.data());
+            let bad = got
+                .iter()
+                .zip(values)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(bad.is_none(), "{name}: first difference at {bad:?}");
+        }
+
+        let config: Json =
+            serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+        assert_eq!(config["num_key_value_heads"], 2);
+        assert_eq!(config["rms_norm_eps"], 1e-5);
+        assert_eq!(config["vocab_size"], 269);
+        assert_eq!(config["tie_word_embeddings"], false);
+        assert_eq!(config["torch_dtype"], "float32");
+        assert_eq!(config["max_position_embeddings"], 256);
+        let tc: Json =
+            serde_json::from_slice(&fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert_eq!(tc["eos_token"], "<|im_end|>");
+        assert_eq!(tc["add_bos_token"], false);
+        assert!(tc["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>"));
+        // Nothing but the output directory is left next to it.
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("tiny-hf")]);
+    }
+
+    #[test]
+    fn tokenizer_splits_digits_for_smollm_pre() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("m");
+        import(&fixture(), &out, &ImportOptions::new(DType::BF16)).unwrap();
+        let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+        let enc = tok.encode("<|im_start|>the 12 in", false).unwrap();
+        // Digits are split before the GPT-2 regex, so the merge "1 2" never applies.
+        assert_eq!(
+            enc.get_tokens(),
+            ["<|im_start|>", "t", "he", "Ġ", "1", "2", "Ġ", "in"]
+        );
+        assert_eq!(enc.get_ids()[0], 1);
+        let dec = tok.decode(enc.get_ids(), false).unwrap();
+        assert_eq!(dec, "<|im_start|>the 12 in");
+        assert_eq!(tok.decode(enc.get_ids(), true).unwrap(), "the 12 in");
+        // Without a special token in the way, " the" uses the merge chain "Ġ t", "Ġt he".
+        assert_eq!(tok.encode(" the", false).unwrap().get_tokens(), ["Ġthe"]);
+    }
+
+    #[test]
+    fn bf16_and_f16_outputs_round_to_nearest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let exp = expected();
+        let (_, norm) = &exp["model.norm.weight"];
+        for (dtype, st_dtype) in [
+            (DType::F16, safetensors::Dtype::F16),
+            (DType::BF16, safetensors::Dtype::BF16),
+        ] {
+            let out = tmp.path().join(format!("{dtype:?}"));
+            import(&fixture(), &out, &ImportOptions::new(dtype)).unwrap();
+            let bytes = fs::read(out.join("model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let t = st.tensor("model.norm.weight").unwrap();
+            assert_eq!(t.dtype(), st_dtype);
+            let got: Vec<f32> = t
+                .data()
+                .chunks_exact(2)
+                .map(|b| match dtype {
+                    DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                })
+                .collect();
+            let want: Vec<f32> = norm
+                .iter()
+                .map(|&v| match dtype {
+                    DType::F16 => half::f16::from_f32(v).to_f32(),
+                    _ => half::bf16::from_f32(v).to_f32(),
+                })
+                .collect();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn truncated_gguf_leaves_no_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bytes = fs::read(fixture()).unwrap();
+        let bad = tmp.path().join("cut.gguf");
+        fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+        let out = tmp.path().join("out");
+        let err = import(&bad, &out, &ImportOptions::new(DType::F32))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cut.gguf") && err.contains("truncated"),
+            "{err}"
+        );
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("cut.gguf")]);
+    }
+
+    #[test]
+    fn refuses_a_non_empty_output_unless_forced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("keep.txt"), "x").unwrap();
+        let err = import(&fixture(), &out, &ImportOptions::new(DType::F32))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not empty") && err.contains("--force"),
+            "{err}"
+        );
+        assert!(out.join("keep.txt").exists());
+        let opts = ImportOptions {
+            dtype: DType::F32,
+            force: true,
+        };
+        import(&fixture(), &out, &opts).unwrap();
+        assert!(!out.join("keep.txt").exists());
+        assert!(out.join("model.safetensors").exists());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+        // An empty existing directory is fine without force.
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        import(&fixture(), &empty, &ImportOptions::new(DType::F32)).unwrap();
+    }
+
+    #[test]
+    fn unpermute_inverts_the_gguf_interleaving() {
+        // One head of 4 rows of width 1: GGUF order [r0, r2, r1, r3] of HF rows.
+        assert_eq!(
+            unpermute_rows(&[0., 2., 1., 3.], 1, 1),
+            vec![0., 1., 2., 3.]
+        );
+        // Two heads of 4 rows of width 2.
+        let gguf: Vec<f32> = [0, 2, 1, 3, 4, 6, 5, 7]
+            .iter()
+            .flat_map(|&r| [r as f32, r as f32 + 0.5])
+            .collect();
+        let hf: Vec<f32> = (0..8).flat_map(|r| [r as f32, r as f32 + 0.5]).collect();
+        assert_eq!(unpermute_rows(&gguf, 2, 2), hf);
+    }
+}
