@@ -15,7 +15,7 @@ Fairness (see shared/bench/README.md, the team's agreed way to time llama.cpp):
 
 Writes the table to stdout and the same as JSON to reports/bench.json.
 """
-import argparse, datetime, importlib.util, json, os, platform, statistics, subprocess, sys
+import argparse, datetime, importlib.metadata, importlib.util, json, os, platform, statistics, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ PROMPT_TOKENS, GEN_TOKENS, REPEAT = 128, 64, 3
 DTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "bf16": "LLAMA_FTYPE_MOSTLY_BF16"}  # ftype 0 and 32
 
 
-def llamacpp_worker(path, threads):
+def llamacpp_bench(path, threads):
     """Runs in a fresh process: exactly shared/bench/llamacpp_bench.py. Prints one JSON object."""
     import resource, time, llama_cpp as L
     L.llama_backend_init()
@@ -57,6 +57,16 @@ def llamacpp_worker(path, threads):
                       "peak_rss_bytes_with_python": rss}))
 
 
+def llamacpp_quantize(src, dst, ftype_name):
+    """llama.cpp's own quantiser (as shared/bench/llamacpp_quantize.py), in a child process: its log is long."""
+    import ctypes, llama_cpp as L
+    p = L.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize, p.nthread = getattr(L, ftype_name), True, os.cpu_count()
+    rc = L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    print(json.dumps({"rc": rc}))
+    sys.exit(rc)
+
+
 def run_json(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -69,19 +79,14 @@ def ensure_llama_cpp():
         print("installing llama-cpp-python (builds llama.cpp from source, several minutes)...", flush=True)
         env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"))
         subprocess.run([sys.executable, "-m", "pip", "install", "-r", "scripts/requirements-bench.txt"], env=env, check=True)
-        importlib.invalidate_caches()
 
 
 def prepare(dtype):
     """The llama.cpp GGUF and the peftrt directory for one dtype, both from SOURCE (cached)."""
     gguf, pdir = OUT_DIR / f"smollm2-{dtype}.gguf", OUT_DIR / f"smollm2-{dtype}"
     if not gguf.exists():
-        import ctypes, llama_cpp as L
-        p = L.llama_model_quantize_default_params()
-        p.ftype, p.allow_requantize, p.nthread = getattr(L, DTYPES[dtype]), True, os.cpu_count()
         tmp = gguf.with_suffix(".gguf.tmp")
-        if L.llama_model_quantize(str(SOURCE).encode(), str(tmp).encode(), ctypes.byref(p)) != 0:
-            sys.exit(f"llama_model_quantize failed for {dtype}")
+        run_json([sys.executable, __file__, "--llamacpp-quantize", str(SOURCE), str(tmp), DTYPES[dtype]])
         tmp.rename(gguf)
     if not pdir.exists():
         subprocess.run([PEFTRT, "import", SOURCE, pdir, "--dtype", dtype], check=True)
@@ -91,10 +96,9 @@ def prepare(dtype):
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-    import llama_cpp
     return {"cpu": cpu, "cores": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
-            "llama_cpp_python": llama_cpp.__version__}
+            "llama_cpp_python": importlib.metadata.version("llama-cpp-python")}
 
 
 def main():
@@ -122,7 +126,7 @@ def main():
             runs[d]["peftrt"].append(run_json([PEFTRT, "bench", "--model", pdir, "--threads", str(a.threads),
                                                "--prompt-tokens", str(PROMPT_TOKENS), "--gen-tokens", str(GEN_TOKENS),
                                                "--repeat", str(REPEAT), "--json"]))
-            runs[d]["llamacpp"].append(run_json([sys.executable, __file__, "--llamacpp-worker", str(gguf), str(a.threads)]))
+            runs[d]["llamacpp"].append(run_json([sys.executable, __file__, "--llamacpp-bench", str(gguf), str(a.threads)]))
             p, l = runs[d]["peftrt"][-1], runs[d]["llamacpp"][-1]
             print(f"round {r}/{a.rounds} {d}: peftrt {p['prefill_tok_s']:.1f}/{p['decode_tok_s']:.1f}, "
                   f"llama.cpp {l['prefill_tok_s']:.1f}/{l['decode_tok_s']:.1f} tok/s (prefill/decode)", flush=True)
@@ -157,7 +161,9 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--llamacpp-worker":
-        llamacpp_worker(sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1:2] == ["--llamacpp-bench"]:
+        llamacpp_bench(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--llamacpp-quantize"]:
+        llamacpp_quantize(*sys.argv[2:5])
     else:
         main()
