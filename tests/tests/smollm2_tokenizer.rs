@@ -2,40 +2,24 @@
 //! `scripts/smollm2_tokens.py`: the rebuilt tokenizer.json gives SmolLM2's token ids, and a
 //! few imported tensors equal gguf-py's dequantised, un-permuted values bit for bit.
 //!
-//! Inputs: the GGUF from `PEFTRT_SMOLLM2_GGUF` (default
-//! `../models/SmolLM2-135M-Instruct.Q4_1.gguf` next to this crate; `make models` fetches it),
-//! and `PEFTRT_SMOLLM2_REF_DIR/smollm2_tokens.json` (+ `smollm2_tokens.weights.f32`) from
+//! Inputs: the GGUF from `PEFTRT_SMOLLM2_GGUF` (default `models/SmolLM2-135M-Instruct.Q4_1.gguf`;
+//! `make models` fetches it), and `PEFTRT_SMOLLM2_REF_DIR/smollm2_tokens.json` (default `models/reference`) (+ `smollm2_tokens.weights.f32`) from
 //! `python scripts/smollm2_tokens.py GGUF REF_DIR/smollm2_tokens.json`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use peftrt::gguf::{import, DType, ImportOptions};
+use peftrt_conformance::real_model_path;
 use serde_json::Value;
 
-fn gguf_path() -> PathBuf {
-    let path = std::env::var_os("PEFTRT_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "SmolLM2 GGUF not found at {}: run `make models` (or set PEFTRT_SMOLLM2_GGUF)",
-        path.display()
-    );
-    path
+/// The GGUF and the reference directory, or `None` (skipped) when absent outside `make test`.
+fn inputs() -> Option<(PathBuf, PathBuf)> {
+    let gguf = real_model_path("PEFTRT_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf")?;
+    let refs = real_model_path("PEFTRT_SMOLLM2_REF_DIR", "reference")?;
+    Some((gguf, refs))
 }
 
-fn reference() -> (Value, Vec<f32>) {
-    let dir = std::env::var_os("PEFTRT_SMOLLM2_REF_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!(
-                "PEFTRT_SMOLLM2_REF_DIR is not set: run `python scripts/smollm2_tokens.py GGUF \
-             DIR/smollm2_tokens.json` and set it to DIR (the Makefile does both)"
-            )
-        });
+fn reference(dir: &Path) -> (Value, Vec<f32>) {
     let json_path = dir.join("smollm2_tokens.json");
     let text = std::fs::read_to_string(&json_path).unwrap_or_else(|e| {
         panic!(
@@ -56,8 +40,8 @@ fn reference() -> (Value, Vec<f32>) {
 
 #[test]
 fn smollm2_gguf_imports_with_the_true_tokenizer_and_exact_weights() {
-    let gguf = gguf_path();
-    let (reference, ref_weights) = reference();
+    let Some((gguf, refs)) = inputs() else { return };
+    let (reference, ref_weights) = reference(&refs);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("smollm2");
     let summary = import(&gguf, &out, &ImportOptions::new(DType::F32)).expect("import");

@@ -3,11 +3,28 @@
 //! Each kernel has a plain scalar reference in [`scalar`]; SIMD versions (AVX2/FMA and
 //! AVX-512 on x86-64, NEON on aarch64) are chosen at run time and tested against it.
 //! Matrix kernels split output rows across the [`ThreadPool`].
+//!
+//! The instruction set is detected once ([`isa`]); every public kernel dispatches on it. The
+//! SIMD kernels are written once over a small vector trait (`simd.rs`) and instantiated for
+//! AVX2 and AVX-512 (`x86.rs`) and NEON (`neon.rs`).
+//!
+//! - [`matvec`] (decode) is memory-bound: it streams 4 weight rows at a time against one `x`.
+//! - [`matmul`] (prefill) is compute-bound: X is packed into tiles of tokens, and a register
+//!   tile of weight rows × tokens does outer-product FMAs; each weight row block is read from
+//!   memory once per call and reused for all tokens.
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 pub mod scalar;
+pub(crate) mod simd;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
 
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use half::{bf16, f16};
+use std::sync::OnceLock;
 
 /// Row-major weight data, borrowed (usually from the memory map).
 #[derive(Clone, Copy, Debug)]
@@ -36,8 +53,14 @@ impl Weights<'_> {
         let end = start + out.len();
         match self {
             Weights::F32(w) => out.copy_from_slice(&w[start..end]),
-            Weights::F16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
-            Weights::BF16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
+            Weights::F16(w) => w[start..end]
+                .iter()
+                .zip(out)
+                .for_each(|(s, d)| *d = s.to_f32()),
+            Weights::BF16(w) => w[start..end]
+                .iter()
+                .zip(out)
+                .for_each(|(s, d)| *d = s.to_f32()),
         }
     }
 }
@@ -50,64 +73,287 @@ pub struct MatRef<'a> {
     pub cols: usize,
 }
 
+/// The instruction set the kernels use on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512F/BW (+ AVX2, FMA, F16C).
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return Isa::Neon;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every instruction set usable here, scalar first (for tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        let mut v = vec![Isa::Scalar];
+        if best == Isa::Avx512 {
+            v.push(Isa::Avx2);
+        }
+        if best != Isa::Scalar {
+            v.push(best);
+        }
+        v
+    }
+}
+
+/// The instruction set the kernels use, detected on first call and cached.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(Isa::detect)
+}
+
+/// Calls the `$f` entry point of the instruction set `$isa`, or `$scalar` for [`Isa::Scalar`].
+macro_rules! dispatch {
+    ($isa:expr, $f:ident($($arg:expr),*), $scalar:expr) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only produced when the CPU has these features.
+            Isa::Avx512 => unsafe { x86::avx512::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only produced (or listed) when the CPU has AVX2/FMA/F16C.
+            Isa::Avx2 => unsafe { x86::avx2::$f($($arg),*) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `Isa::Neon` is only produced when the CPU has NEON.
+            Isa::Neon => unsafe { neon::entries::$f($($arg),*) },
+            _ => $scalar,
+        }
+    };
+}
+
+/// Panics with a clear message when a kernel is called with inconsistent shapes (a bug in the
+/// caller); the SIMD kernels rely on these checks for memory safety.
+fn check_mat(m: &MatRef, x_len: usize, n: usize, y_len: usize) {
+    assert!(
+        m.w.len() >= m.rows * m.cols,
+        "weights hold {} elements, shape needs {}x{}",
+        m.w.len(),
+        m.rows,
+        m.cols
+    );
+    assert!(
+        x_len == n * m.cols,
+        "x has {x_len} elements, expected {n}x{}",
+        m.cols
+    );
+    assert!(
+        y_len == n * m.rows,
+        "y has {y_len} elements, expected {n}x{}",
+        m.rows
+    );
+}
+
+/// `y[j] = W[rows.start + j, :] · x` with instruction set `isa` (single-threaded building block).
+pub(crate) fn matvec_rows_isa(
+    isa: Isa,
+    m: MatRef,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    assert!(
+        rows.end <= m.rows
+            && y.len() >= rows.len()
+            && x.len() >= m.cols
+            && m.w.len() >= m.rows * m.cols
+    );
+    dispatch!(
+        isa,
+        matvec_rows(m, rows.clone(), x, y),
+        scalar::matvec_rows(m, rows, x, y)
+    )
+}
+
 /// `y[r] = Σ_k W[r, k] · x[k]`: one token through a linear layer (decode).
 ///
 /// `x` is `[cols]`, `y` is `[rows]`.
+///
+/// # Panics
+/// If the slice lengths do not match the shape.
 pub fn matvec(pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), m.cols);
-    debug_assert_eq!(y.len(), m.rows);
+    matvec_isa(isa(), pool, m, x, y)
+}
+
+/// [`matvec`] with an explicit instruction set (tests, benchmarks).
+pub fn matvec_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
+    check_mat(&m, x.len(), 1, y.len());
     let out = SharedMut::new(y);
-    pool.run(|i, n| {
-        let rows = split_range(m.rows, i, n, 16);
-        // SAFETY: `split_range` gives each thread a disjoint range of rows.
-        let y = unsafe { out.slice(rows.clone()) };
-        scalar::matvec_rows(m, rows, x, y);
+    let chunks = RowChunks::new(m.rows, pool.n_threads(), 16);
+    pool.run(|_, _| {
+        while let Some(rows) = chunks.next() {
+            // SAFETY: each chunk of rows is handed to exactly one thread and lies inside `y`.
+            let y = unsafe { out.slice(rows.clone()) };
+            matvec_rows_isa(isa, m, rows, x, y);
+        }
     });
+}
+
+/// Rows handed out in chunks on demand (an atomic counter), about 4 per thread: a thread that
+/// was descheduled (a busy machine, or a slow core on big.LITTLE) does less, instead of every
+/// other thread waiting for its fixed share.
+struct RowChunks {
+    rows: usize,
+    chunk: usize,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl RowChunks {
+    fn new(rows: usize, threads: usize, align: usize) -> Self {
+        let chunk = rows.div_ceil(4 * threads).div_ceil(align).max(1) * align;
+        RowChunks {
+            rows,
+            chunk,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn next(&self) -> Option<std::ops::Range<usize>> {
+        let c = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let start = c.checked_mul(self.chunk)?;
+        (start < self.rows).then(|| start..(start + self.chunk).min(self.rows))
+    }
+}
+
+thread_local! {
+    /// The caller's scratch for X packed into token tiles (grows once, then reused).
+    static PACKED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `Y[t, r] = Σ_k W[r, k] · X[t, k]`: `n` tokens through a linear layer (prefill).
 ///
 /// `x` is `[n, cols]`, `y` is `[n, rows]`.
+///
+/// # Panics
+/// If the slice lengths do not match the shape.
 pub fn matmul(pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y: &mut [f32]) {
-    debug_assert_eq!(x.len(), n * m.cols);
-    debug_assert_eq!(y.len(), n * m.rows);
+    matmul_isa(isa(), pool, m, x, n, y)
+}
+
+/// [`matmul`] with an explicit instruction set (tests, benchmarks).
+pub fn matmul_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y: &mut [f32]) {
+    check_mat(&m, x.len(), n, y.len());
+    if n == 1 {
+        return matvec_isa(isa, pool, m, x, y);
+    }
+    let (tile_tokens, mr) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (x86::avx512::TILE_TOKENS, <x86::Avx512 as simd::Simd>::MR),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => (x86::avx2::TILE_TOKENS, <x86::Avx2 as simd::Simd>::MR),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => (neon::entries::TILE_TOKENS, <neon::Neon as simd::Simd>::MR),
+        _ => (0, 1),
+    };
     let out = SharedMut::new(y);
-    pool.run(|i, nt| {
-        let rows = split_range(m.rows, i, nt, 16);
-        for t in 0..n {
-            // SAFETY: each thread writes only its own rows of each output token.
-            let yt = unsafe { out.slice(t * m.rows + rows.start..t * m.rows + rows.end) };
-            scalar::matvec_rows(m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], yt);
-        }
+    if tile_tokens == 0 {
+        pool.run(|i, nt| {
+            let rows = split_range(m.rows, i, nt, 16);
+            for t in 0..n {
+                // SAFETY: each thread writes only its own rows of each output token.
+                let yt = unsafe { out.slice(t * m.rows + rows.start..t * m.rows + rows.end) };
+                scalar::matvec_rows(m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], yt);
+            }
+        });
+        return;
+    }
+    PACKED_X.with(|packed| {
+        let mut packed = packed.borrow_mut();
+        simd::pack_x(x, n, m.cols, tile_tokens, &mut packed);
+        let xp: &[f32] = &packed;
+        let chunks = RowChunks::new(m.rows, pool.n_threads(), mr);
+        pool.run(|_, _| {
+            while let Some(rows) = chunks.next() {
+                // SAFETY: each chunk of rows goes to one thread; `y` is `[n, m.rows]` (checked).
+                dispatch!(
+                    isa,
+                    matmul_rows(m, rows, xp, n, out.ptr(), m.rows),
+                    unreachable!()
+                )
+            }
+        });
     });
 }
 
 /// `out = x / rms(x) * w`, with `rms(x) = sqrt(mean(x²) + eps)` (Llama's RMSNorm).
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-    scalar::rmsnorm(out, x, w, eps)
+    rmsnorm_isa(isa(), out, x, w, eps)
 }
 
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
-    scalar::softmax(x)
+    softmax_isa(isa(), x)
 }
 
 /// `gate = silu(gate) · up` (SwiGLU).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    scalar::silu_mul(gate, up)
+    silu_mul_isa(isa(), gate, up)
 }
 
 /// `Σ a[i] · b[i]`.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    scalar::dot(a, b)
+    dot_isa(isa(), a, b)
 }
 
 /// `y += a · x`.
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    scalar::axpy(y, a, x)
+    axpy_isa(isa(), y, a, x)
 }
 
 /// `y += x`.
 pub fn add(y: &mut [f32], x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    add_isa(isa(), y, x)
+}
+
+pub(crate) fn rmsnorm_isa(isa: Isa, out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    dispatch!(
+        isa,
+        rmsnorm(out, x, w, eps),
+        scalar::rmsnorm(out, x, w, eps)
+    )
+}
+
+pub(crate) fn softmax_isa(isa: Isa, x: &mut [f32]) {
+    dispatch!(isa, softmax(x), scalar::softmax(x))
+}
+
+pub(crate) fn silu_mul_isa(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    dispatch!(isa, silu_mul(gate, up), scalar::silu_mul(gate, up))
+}
+
+pub(crate) fn dot_isa(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    dispatch!(isa, dot(a, b), scalar::dot(a, b))
+}
+
+pub(crate) fn axpy_isa(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
+    dispatch!(isa, axpy(y, a, x), scalar::axpy(y, a, x))
+}
+
+pub(crate) fn add_isa(isa: Isa, y: &mut [f32], x: &[f32]) {
+    dispatch!(isa, add(y, x), scalar::add(y, x))
 }

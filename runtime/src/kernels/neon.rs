@@ -1,0 +1,122 @@
+//! aarch64 Advanced SIMD (NEON) vector type for [`super::simd`] (4 × f32).
+//!
+//! f16 is widened with integer arithmetic (stable Rust has no f16 vector type): the 15 low bits
+//! shifted into f32 position and scaled by 2^112 give normals and subnormals exactly; inf/NaN
+//! get the f32 all-ones exponent. bf16 is the high half of an f32 (shift left 16).
+
+pub(crate) use super::simd::simd_entries;
+use super::simd::Simd;
+use std::arch::aarch64::*;
+
+/// NEON, `float32x4_t`.
+pub(crate) struct Neon;
+
+impl Simd for Neon {
+    type V = float32x4_t;
+    const LANES: usize = 4;
+    // 8 rows × 12 tokens = 24 accumulators of the 32 q registers.
+    const MR: usize = 8;
+    const NV: usize = 3;
+    #[inline(always)]
+    unsafe fn zero() -> float32x4_t {
+        // SAFETY: NEON available (trait contract).
+        unsafe { vdupq_n_f32(0.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> float32x4_t {
+        // SAFETY: NEON available.
+        unsafe { vdupq_n_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> float32x4_t {
+        // SAFETY: `p` valid for 4 f32.
+        unsafe { vld1q_f32(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> float32x4_t {
+        // SAFETY: `p` valid for 4 u16; integer widening as in the module docs.
+        unsafe {
+            let h = vmovl_u16(vld1_u16(p));
+            let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));
+            let em = vandq_u32(h, vdupq_n_u32(0x7fff));
+            let scaled = vmulq_f32(
+                vreinterpretq_f32_u32(vshlq_n_u32::<13>(em)),
+                vreinterpretq_f32_u32(vdupq_n_u32(0x7780_0000)), // 2^112
+            );
+            let special = vcgeq_u32(em, vdupq_n_u32(0x7c00));
+            let bits = vorrq_u32(
+                vreinterpretq_u32_f32(scaled),
+                vandq_u32(special, vdupq_n_u32(0x7f80_0000)),
+            );
+            vreinterpretq_f32_u32(vorrq_u32(bits, sign))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> float32x4_t {
+        // SAFETY: `p` valid for 4 u16.
+        unsafe { vreinterpretq_f32_u32(vshlq_n_u32::<16>(vmovl_u16(vld1_u16(p)))) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: float32x4_t) {
+        // SAFETY: `p` valid for 4 f32 writes.
+        unsafe { vst1q_f32(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available.
+        unsafe { vaddq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available.
+        unsafe { vmulq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn div(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available.
+        unsafe { vdivq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available.
+        unsafe { vmaxq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn min(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available.
+        unsafe { vminq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available; vfmaq computes c + a·b.
+        unsafe { vfmaq_f32(c, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn round(a: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available; round to nearest, ties to even.
+        unsafe { vrndnq_f32(a) }
+    }
+    #[inline(always)]
+    unsafe fn pow2i(n: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON available; (n + 127) << 23 is the f32 bit pattern of 2^n.
+        unsafe {
+            let e = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
+            vreinterpretq_f32_s32(vshlq_n_s32::<23>(e))
+        }
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: float32x4_t) -> f32 {
+        // SAFETY: NEON available.
+        unsafe { vaddvq_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: float32x4_t) -> f32 {
+        // SAFETY: NEON available.
+        unsafe { vmaxvq_f32(v) }
+    }
+}
+
+/// Entry points compiled for NEON.
+pub(crate) mod entries {
+    super::simd_entries!(super::Neon, "neon");
+}

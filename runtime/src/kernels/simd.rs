@@ -1,0 +1,649 @@
+//! Kernels written once over a vector abstraction ([`Simd`]) and instantiated per instruction set.
+//!
+//! Every function here is `#[inline(always)]` and is only called from a `#[target_feature]`
+//! entry point (made by [`simd_entries!`]), so the intrinsics behind [`Simd`] inline into code
+//! compiled for that instruction set. The scalar definitions they must match are in
+//! [`super::scalar`].
+
+use super::{MatRef, Weights};
+use half::{bf16, f16};
+use std::ops::Range;
+
+/// One vector register of f32 lanes and the operations the kernels need.
+///
+/// # Safety
+/// Implementations use instructions of one instruction set; callers must run them only where
+/// it is available (the entry points check this once at run time), and pointers must be valid
+/// for `LANES` elements.
+pub(crate) trait Simd {
+    type V: Copy;
+    const LANES: usize;
+    /// Tokens per register tile of [`matmul_rows`] (`NV` vectors) and weight rows per tile.
+    const NV: usize;
+    const MR: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(v: f32) -> Self::V;
+    /// Unaligned load of `LANES` f32.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// Unaligned load of `LANES` IEEE half floats (as bits), widened to f32.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    /// Unaligned load of `LANES` bfloat16 (as bits), widened to f32.
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b + c`, fused.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Round to the nearest integer (ties to even).
+    unsafe fn round(a: Self::V) -> Self::V;
+    /// `2^n` for integral `n` in `-126..=127`.
+    unsafe fn pow2i(n: Self::V) -> Self::V;
+    /// Sum of the lanes.
+    unsafe fn hsum(v: Self::V) -> f32;
+    /// Maximum of the lanes.
+    unsafe fn hmax(v: Self::V) -> f32;
+}
+
+/// A weight element type: f32, f16 or bf16.
+pub(crate) trait Elem: Copy {
+    /// Loads `S::LANES` elements at `p` as f32.
+    unsafe fn load<S: Simd>(p: *const Self) -> S::V;
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f32) -> S::V {
+        // SAFETY: forwarded contract.
+        unsafe { S::load(p) }
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f16) -> S::V {
+        // SAFETY: `f16` is `repr(transparent)` over u16; forwarded contract.
+        unsafe { S::load_f16(p.cast()) }
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const bf16) -> S::V {
+        // SAFETY: `bf16` is `repr(transparent)` over u16; forwarded contract.
+        unsafe { S::load_bf16(p.cast()) }
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `Σ a[i]·b[i]` over `len` elements (a may be a weight type).
+#[inline(always)]
+unsafe fn dot_ptr<S: Simd, E: Elem>(a: *const E, b: *const f32, len: usize) -> f32 {
+    let l = S::LANES;
+    // SAFETY (whole body): the caller guarantees `a` and `b` are valid for `len` elements,
+    // and every access below is at an index < len.
+    unsafe {
+        let (mut s0, mut s1, mut s2, mut s3) = (S::zero(), S::zero(), S::zero(), S::zero());
+        let mut k = 0;
+        while k + 4 * l <= len {
+            s0 = S::fma(E::load::<S>(a.add(k)), S::load(b.add(k)), s0);
+            s1 = S::fma(E::load::<S>(a.add(k + l)), S::load(b.add(k + l)), s1);
+            s2 = S::fma(
+                E::load::<S>(a.add(k + 2 * l)),
+                S::load(b.add(k + 2 * l)),
+                s2,
+            );
+            s3 = S::fma(
+                E::load::<S>(a.add(k + 3 * l)),
+                S::load(b.add(k + 3 * l)),
+                s3,
+            );
+            k += 4 * l;
+        }
+        while k + l <= len {
+            s0 = S::fma(E::load::<S>(a.add(k)), S::load(b.add(k)), s0);
+            k += l;
+        }
+        let mut s = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
+        while k < len {
+            s += (*a.add(k)).f32() * *b.add(k);
+            k += 1;
+        }
+        s
+    }
+}
+
+/// `Σ a[i]·b[i]`.
+#[inline(always)]
+pub(crate) unsafe fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: both slices hold at least `min(len)` elements.
+    unsafe { dot_ptr::<S, f32>(a.as_ptr(), b.as_ptr(), a.len().min(b.len())) }
+}
+
+/// `y[j] = W[rows.start + j, :] · x` for the rows of `m` in `rows`.
+#[inline(always)]
+pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+    // SAFETY: forwarded; the public API checked the shapes.
+    unsafe {
+        match m.w {
+            Weights::F32(w) => matvec_typed::<S, f32>(w, m.cols, rows, x, y),
+            Weights::F16(w) => matvec_typed::<S, f16>(w, m.cols, rows, x, y),
+            Weights::BF16(w) => matvec_typed::<S, bf16>(w, m.cols, rows, x, y),
+        }
+    }
+}
+
+/// Matvec over 4 rows at a time: the 4 rows share each load of `x`, and 8 accumulators
+/// (4 rows × 2 columns blocks) keep the FMA units busy while the weights stream from memory.
+#[inline(always)]
+unsafe fn matvec_typed<S: Simd, E: Elem>(
+    w: &[E],
+    cols: usize,
+    rows: Range<usize>,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    debug_assert!(rows.end * cols <= w.len() && x.len() >= cols && y.len() >= rows.len());
+    let l = S::LANES;
+    let xp = x.as_ptr();
+    let mut r = rows.start;
+    let mut out = 0;
+    // SAFETY (whole body): rows < rows.end, so every row `r` lies in `w` (checked by the
+    // caller); column indices stay < cols; `out < y.len()`.
+    unsafe {
+        while r + 4 <= rows.end {
+            let p0 = w.as_ptr().add(r * cols);
+            let (p1, p2, p3) = (p0.add(cols), p0.add(2 * cols), p0.add(3 * cols));
+            let (mut a0, mut a1, mut a2, mut a3) = (S::zero(), S::zero(), S::zero(), S::zero());
+            let (mut b0, mut b1, mut b2, mut b3) = (S::zero(), S::zero(), S::zero(), S::zero());
+            let mut k = 0;
+            while k + 2 * l <= cols {
+                let x0 = S::load(xp.add(k));
+                let x1 = S::load(xp.add(k + l));
+                a0 = S::fma(E::load::<S>(p0.add(k)), x0, a0);
+                a1 = S::fma(E::load::<S>(p1.add(k)), x0, a1);
+                a2 = S::fma(E::load::<S>(p2.add(k)), x0, a2);
+                a3 = S::fma(E::load::<S>(p3.add(k)), x0, a3);
+                b0 = S::fma(E::load::<S>(p0.add(k + l)), x1, b0);
+                b1 = S::fma(E::load::<S>(p1.add(k + l)), x1, b1);
+                b2 = S::fma(E::load::<S>(p2.add(k + l)), x1, b2);
+                b3 = S::fma(E::load::<S>(p3.add(k + l)), x1, b3);
+                k += 2 * l;
+            }
+            if k + l <= cols {
+                let x0 = S::load(xp.add(k));
+                a0 = S::fma(E::load::<S>(p0.add(k)), x0, a0);
+                a1 = S::fma(E::load::<S>(p1.add(k)), x0, a1);
+                a2 = S::fma(E::load::<S>(p2.add(k)), x0, a2);
+                a3 = S::fma(E::load::<S>(p3.add(k)), x0, a3);
+                k += l;
+            }
+            let mut s = [
+                S::hsum(S::add(a0, b0)),
+                S::hsum(S::add(a1, b1)),
+                S::hsum(S::add(a2, b2)),
+                S::hsum(S::add(a3, b3)),
+            ];
+            while k < cols {
+                let xk = *xp.add(k);
+                s[0] += (*p0.add(k)).f32() * xk;
+                s[1] += (*p1.add(k)).f32() * xk;
+                s[2] += (*p2.add(k)).f32() * xk;
+                s[3] += (*p3.add(k)).f32() * xk;
+                k += 1;
+            }
+            y[out..out + 4].copy_from_slice(&s);
+            r += 4;
+            out += 4;
+        }
+        while r < rows.end {
+            y[out] = dot_ptr::<S, E>(w.as_ptr().add(r * cols), xp, cols);
+            r += 1;
+            out += 1;
+        }
+    }
+}
+
+/// Tokens per packed tile of X for instruction set `S`.
+#[inline(always)]
+pub(crate) const fn tile_tokens<S: Simd>() -> usize {
+    S::NV * S::LANES
+}
+
+/// Packs `x` (`[n, k]`, row-major) into tiles of `nr` tokens, each `[k][nr]` (token fastest),
+/// padded with zeros: the layout [`matmul_rows`] streams with vector loads.
+pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, nr: usize, out: &mut Vec<f32>) {
+    let tiles = n.div_ceil(nr);
+    out.clear();
+    out.resize(tiles * k * nr, 0.0);
+    for tile in 0..tiles {
+        let dst = &mut out[tile * k * nr..(tile + 1) * k * nr];
+        for t in 0..nr.min(n - tile * nr) {
+            let src = &x[(tile * nr + t) * k..(tile * nr + t + 1) * k];
+            for (kk, v) in src.iter().enumerate() {
+                dst[kk * nr + t] = *v;
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for f16/bf16 weight rows widened to f32 (grows once, then reused).
+    static WIDE_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `Y[t, r] = W[r, :] · X[t, :]` for `r` in `rows`, all `n` tokens, reading X packed by
+/// [`pack_x`] with `tile_tokens::<S>()` tokens per tile. `y` points at `Y[0, 0]`, row stride `ldy`.
+///
+/// Register tile: `MR` weight rows × `NV·LANES` tokens; per step of k it broadcasts `MR` weights
+/// and loads `NV` vectors of packed X (outer product), so no horizontal sums are needed. The
+/// weight rows (MR × k) stay in L1/L2 while all token tiles stream past them, so W is read from
+/// memory once per call; f16/bf16 rows are widened once per row block into per-thread scratch.
+///
+/// # Safety
+/// `y` must be valid for writes of `Y[t, r]`, `t < n`, `r` in `rows`, and no other thread may
+/// touch those elements during the call; `xp` holds the packed tiles of `n` tokens.
+#[inline(always)]
+pub(crate) unsafe fn matmul_rows<S: Simd>(
+    m: MatRef,
+    rows: Range<usize>,
+    xp: &[f32],
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let k = m.cols;
+    let nr = tile_tokens::<S>();
+    debug_assert!(xp.len() >= n.div_ceil(nr) * k * nr && rows.end <= m.rows);
+    // Take the scratch out of the thread-local (no allocation): the kernel must not run inside
+    // a `with` closure, which would be compiled without this entry point's target features.
+    let mut wide = WIDE_ROWS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    let mut r = rows.start;
+    while r < rows.end {
+        let mr = S::MR.min(rows.end - r);
+        // The row block as f32: borrowed for F32 weights, widened into scratch otherwise.
+        let block: *const f32 = match m.w {
+            Weights::F32(w) => w[r * k..(r + mr) * k].as_ptr(),
+            Weights::F16(w) => {
+                // SAFETY: slices in bounds; widen writes exactly `mr * k` elements.
+                unsafe { widen::<S, f16>(&w[r * k..(r + mr) * k], &mut wide) }
+            }
+            Weights::BF16(w) => {
+                // SAFETY: as above.
+                unsafe { widen::<S, bf16>(&w[r * k..(r + mr) * k], &mut wide) }
+            }
+        };
+        for tile in 0..n.div_ceil(nr) {
+            let tokens = nr.min(n - tile * nr);
+            let xt = xp[tile * k * nr..(tile + 1) * k * nr].as_ptr();
+            // SAFETY: `block` holds `mr` rows of `k` f32; `xt` one packed tile; the output
+            // rows r..r+mr and tokens of this tile are ours (caller contract).
+            unsafe {
+                let yt = y.add(tile * nr * ldy + r);
+                if mr == S::MR {
+                    tile_kernel::<S>(S::MR, k, block, xt, yt, ldy, tokens);
+                } else {
+                    for i in 0..mr {
+                        tile_kernel::<S>(1, k, block.add(i * k), xt, yt.add(i), ldy, tokens);
+                    }
+                }
+            }
+        }
+        r += mr;
+    }
+    WIDE_ROWS.with(|w| *w.borrow_mut() = wide);
+}
+
+/// Widens `src` to f32 into `dst` (resized to fit) and returns its pointer.
+#[inline(always)]
+unsafe fn widen<S: Simd, E: Elem>(src: &[E], dst: &mut Vec<f32>) -> *const f32 {
+    if dst.len() < src.len() {
+        dst.resize(src.len(), 0.0);
+    }
+    let l = S::LANES;
+    let mut i = 0;
+    // SAFETY: indices < src.len() <= dst.len().
+    unsafe {
+        while i + l <= src.len() {
+            S::store(dst.as_mut_ptr().add(i), E::load::<S>(src.as_ptr().add(i)));
+            i += l;
+        }
+    }
+    for j in i..src.len() {
+        dst[j] = src[j].f32();
+    }
+    dst.as_ptr()
+}
+
+/// The register-tiled micro-kernel: `rows` (1 or `S::MR`) weight rows × one packed token tile.
+#[inline(always)]
+unsafe fn tile_kernel<S: Simd>(
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    xt: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    tokens: usize,
+) {
+    // Dispatch to const sizes so the accumulators live in registers.
+    // SAFETY: forwarded.
+    unsafe {
+        match (S::MR, S::NV, rows) {
+            (_, 2, 1) => tile_const::<S, 1, 2>(k, w, xt, y, ldy, tokens),
+            (4, 2, 4) => tile_const::<S, 4, 2>(k, w, xt, y, ldy, tokens),
+            (6, 2, 6) => tile_const::<S, 6, 2>(k, w, xt, y, ldy, tokens),
+            (8, 2, 8) => tile_const::<S, 8, 2>(k, w, xt, y, ldy, tokens),
+            (12, 2, 12) => tile_const::<S, 12, 2>(k, w, xt, y, ldy, tokens),
+            (_, 3, 1) => tile_const::<S, 1, 3>(k, w, xt, y, ldy, tokens),
+            (4, 3, 4) => tile_const::<S, 4, 3>(k, w, xt, y, ldy, tokens),
+            (6, 3, 6) => tile_const::<S, 6, 3>(k, w, xt, y, ldy, tokens),
+            (8, 3, 8) => tile_const::<S, 8, 3>(k, w, xt, y, ldy, tokens),
+            _ => unreachable!("unsupported tile shape"),
+        }
+    }
+}
+
+/// `acc[i][j] = Σ_k W[i, k] · Xtile[k][j]`, then scattered to `Y[token, row]`.
+#[inline(always)]
+unsafe fn tile_const<S: Simd, const MR: usize, const NV: usize>(
+    k: usize,
+    w: *const f32,
+    xt: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    tokens: usize,
+) {
+    let l = S::LANES;
+    let nr = NV * l;
+    // SAFETY (whole body): `w` holds MR rows of k, `xt` k × nr, `y` the caller's outputs.
+    unsafe {
+        let mut acc = [[S::zero(); NV]; MR];
+        let mut wp = [w; MR];
+        for (i, p) in wp.iter_mut().enumerate() {
+            *p = w.add(i * k);
+        }
+        let mut xk = xt;
+        for kk in 0..k {
+            let mut xv = [S::zero(); NV];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = S::load(xk.add(j * l));
+            }
+            for i in 0..MR {
+                let b = S::splat(*wp[i].add(kk));
+                for j in 0..NV {
+                    acc[i][j] = S::fma(b, xv[j], acc[i][j]);
+                }
+            }
+            xk = xk.add(nr);
+        }
+        // Transpose out: Y is [token, row].
+        let mut buf = [0f32; 64];
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (j, a) in acc_i.iter().enumerate() {
+                S::store(buf.as_mut_ptr().add(j * l), *a);
+            }
+            for (t, v) in buf.iter().enumerate().take(tokens) {
+                *y.add(t * ldy + i) = *v;
+            }
+        }
+    }
+}
+
+/// `y += a · x`.
+#[inline(always)]
+pub(crate) unsafe fn axpy<S: Simd>(y: &mut [f32], a: f32, x: &[f32]) {
+    let len = y.len().min(x.len());
+    let l = S::LANES;
+    let mut i = 0;
+    // SAFETY: indices < len.
+    unsafe {
+        let av = S::splat(a);
+        while i + l <= len {
+            let p = y.as_mut_ptr().add(i);
+            S::store(p, S::fma(av, S::load(x.as_ptr().add(i)), S::load(p)));
+            i += l;
+        }
+    }
+    for j in i..len {
+        y[j] += a * x[j];
+    }
+}
+
+/// `y += x`.
+#[inline(always)]
+pub(crate) unsafe fn add<S: Simd>(y: &mut [f32], x: &[f32]) {
+    let len = y.len().min(x.len());
+    let l = S::LANES;
+    let mut i = 0;
+    // SAFETY: indices < len.
+    unsafe {
+        while i + l <= len {
+            let p = y.as_mut_ptr().add(i);
+            S::store(p, S::add(S::load(p), S::load(x.as_ptr().add(i))));
+            i += l;
+        }
+    }
+    for j in i..len {
+        y[j] += x[j];
+    }
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w`.
+#[inline(always)]
+pub(crate) unsafe fn rmsnorm<S: Simd>(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let len = out.len().min(x.len()).min(w.len());
+    // SAFETY: x has `len` elements.
+    let ss = unsafe { dot_ptr::<S, f32>(x.as_ptr(), x.as_ptr(), len) } / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    let l = S::LANES;
+    let mut i = 0;
+    // SAFETY: indices < len.
+    unsafe {
+        let iv = S::splat(inv);
+        while i + l <= len {
+            let v = S::mul(
+                S::mul(S::load(x.as_ptr().add(i)), iv),
+                S::load(w.as_ptr().add(i)),
+            );
+            S::store(out.as_mut_ptr().add(i), v);
+            i += l;
+        }
+    }
+    for j in i..len {
+        out[j] = x[j] * inv * w[j];
+    }
+}
+
+/// `e^x` per lane: Cephes-style range reduction `x = n·ln2 + r`, degree-6 polynomial for `e^r`
+/// (|r| ≤ ln2/2), times `2^n`. Max relative error ≈ 2 ulp; inputs are clamped to [-87.3, 88.7]
+/// (so `e^-inf` gives ~1e-38, not 0).
+#[inline(always)]
+unsafe fn exp<S: Simd>(x: S::V) -> S::V {
+    // SAFETY: plain lane arithmetic.
+    unsafe {
+        let x = S::min(S::max(x, S::splat(-87.3)), S::splat(88.7));
+        let n = S::round(S::mul(x, S::splat(std::f32::consts::LOG2_E)));
+        let r = S::fma(n, S::splat(-0.693_359_4), x);
+        let r = S::fma(n, S::splat(2.121_944_4e-4), r);
+        let mut p = S::splat(1.987_569_1e-4);
+        p = S::fma(p, r, S::splat(1.398_199_9e-3));
+        p = S::fma(p, r, S::splat(8.333_452e-3));
+        p = S::fma(p, r, S::splat(4.166_579_6e-2));
+        p = S::fma(p, r, S::splat(1.666_666_5e-1));
+        p = S::fma(p, r, S::splat(0.5));
+        p = S::fma(p, S::mul(r, r), S::add(r, S::splat(1.0)));
+        S::mul(p, S::pow2i(n))
+    }
+}
+
+/// In-place softmax: `x = e^(x - max) / Σ e^(x - max)`.
+#[inline(always)]
+pub(crate) unsafe fn softmax<S: Simd>(x: &mut [f32]) {
+    let len = x.len();
+    if len == 0 {
+        return;
+    }
+    let l = S::LANES;
+    let p = x.as_mut_ptr();
+    // SAFETY: indices < len.
+    unsafe {
+        let mut i = 0;
+        let mut mv = S::splat(f32::NEG_INFINITY);
+        while i + l <= len {
+            mv = S::max(mv, S::load(p.add(i)));
+            i += l;
+        }
+        let mut max = S::hmax(mv);
+        for j in i..len {
+            max = max.max(*p.add(j));
+        }
+        let neg_max = S::splat(-max);
+        let mut sv = S::zero();
+        i = 0;
+        while i + l <= len {
+            let e = exp::<S>(S::add(S::load(p.add(i)), neg_max));
+            S::store(p.add(i), e);
+            sv = S::add(sv, e);
+            i += l;
+        }
+        let mut sum = S::hsum(sv);
+        for j in i..len {
+            let e = (*p.add(j) - max).exp();
+            *p.add(j) = e;
+            sum += e;
+        }
+        let inv = S::splat(1.0 / sum);
+        i = 0;
+        while i + l <= len {
+            S::store(p.add(i), S::mul(S::load(p.add(i)), inv));
+            i += l;
+        }
+        for j in i..len {
+            *p.add(j) *= 1.0 / sum;
+        }
+    }
+}
+
+/// `gate = gate / (1 + e^-gate) · up` (SwiGLU).
+#[inline(always)]
+pub(crate) unsafe fn silu_mul<S: Simd>(gate: &mut [f32], up: &[f32]) {
+    let len = gate.len().min(up.len());
+    let l = S::LANES;
+    let mut i = 0;
+    // SAFETY: indices < len.
+    unsafe {
+        let one = S::splat(1.0);
+        let neg = S::splat(-1.0);
+        while i + l <= len {
+            let p = gate.as_mut_ptr().add(i);
+            let g = S::load(p);
+            let s = S::div(g, S::add(one, exp::<S>(S::mul(g, neg))));
+            S::store(p, S::mul(s, S::load(up.as_ptr().add(i))));
+            i += l;
+        }
+    }
+    for j in i..len {
+        let g = gate[j];
+        gate[j] = g / (1.0 + (-g).exp()) * up[j];
+    }
+}
+
+/// Defines the `#[target_feature]` entry points of every kernel for one [`Simd`] type.
+macro_rules! simd_entries {
+    ($S:ty, $features:literal) => {
+        use crate::kernels::{simd, MatRef};
+        use std::ops::Range;
+
+        /// See [`simd::matvec_rows`].
+        /// # Safety
+        /// The CPU supports the features; shapes checked by the caller.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn matvec_rows(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::matvec_rows::<$S>(m, rows, x, y) }
+        }
+
+        /// See [`simd::matmul_rows`].
+        /// # Safety
+        /// The CPU supports the features; see `simd::matmul_rows`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn matmul_rows(
+            m: MatRef,
+            rows: Range<usize>,
+            xp: &[f32],
+            n: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::matmul_rows::<$S>(m, rows, xp, n, y, ldy) }
+        }
+
+        /// Tokens per packed X tile.
+        pub(crate) const TILE_TOKENS: usize = simd::tile_tokens::<$S>();
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            // SAFETY: forwarded contract.
+            unsafe { simd::dot::<$S>(a, b) }
+        }
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::axpy::<$S>(y, a, x) }
+        }
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn add(y: &mut [f32], x: &[f32]) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::add::<$S>(y, x) }
+        }
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::rmsnorm::<$S>(out, x, w, eps) }
+        }
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn softmax(x: &mut [f32]) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::softmax::<$S>(x) }
+        }
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::silu_mul::<$S>(gate, up) }
+        }
+    };
+}
+pub(crate) use simd_entries;

@@ -1,0 +1,282 @@
+//! Every SIMD kernel against its scalar reference, and the scalar reference against f64.
+//!
+//! Error budget for reductions of length K: |got − want| ≤ 1e-5 · Σ|w_k · x_k| (f32 summation
+//! in any order stays well inside this for K ≤ 8192: the typical error grows like √K · 2^-24).
+//! Element-wise kernels: relative 1e-5 plus an absolute 1e-30 floor.
+
+use super::*;
+use crate::threadpool::ThreadPool;
+
+/// xorshift64*: deterministic test data in [-1, 1).
+struct Rng(u64);
+impl Rng {
+    fn f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        v as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+const REL: f64 = 1e-5;
+
+/// Weight storage of all three dtypes holding the same (f16/bf16-rounded) values.
+struct AllDtypes {
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+}
+
+impl AllDtypes {
+    fn new(v: &[f32]) -> Self {
+        AllDtypes {
+            f32: v.to_vec(),
+            f16: v.iter().map(|&x| f16::from_f32(x)).collect(),
+            bf16: v.iter().map(|&x| bf16::from_f32(x)).collect(),
+        }
+    }
+    /// The three views, each starting at element `offset` (to test unaligned data).
+    fn views(&self, offset: usize) -> [Weights<'_>; 3] {
+        [
+            Weights::F32(&self.f32[offset..]),
+            Weights::F16(&self.f16[offset..]),
+            Weights::BF16(&self.bf16[offset..]),
+        ]
+    }
+}
+
+fn weight(w: &Weights, i: usize) -> f64 {
+    match w {
+        Weights::F32(w) => w[i] as f64,
+        Weights::F16(w) => w[i].to_f64(),
+        Weights::BF16(w) => w[i].to_f64(),
+    }
+}
+
+/// f64 dot of row `r` with `x`, and Σ|w·x| (the error scale).
+fn row_f64(m: &MatRef, r: usize, x: &[f32]) -> (f64, f64) {
+    (0..m.cols).fold((0.0, 0.0), |(s, a), k| {
+        let p = weight(&m.w, r * m.cols + k) * x[k] as f64;
+        (s + p, a + p.abs())
+    })
+}
+
+fn assert_close(got: f32, want: f64, scale: f64, what: &str) {
+    let err = (got as f64 - want).abs();
+    assert!(
+        err <= REL * scale + 1e-30,
+        "{what}: got {got}, want {want}, err {err:e}, scale {scale:e}"
+    );
+}
+
+const SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (1, 7),
+    (3, 15),
+    (4, 16),
+    (5, 17),
+    (7, 31),
+    (8, 32),
+    (9, 33),
+    (13, 64),
+    (16, 100),
+    (17, 129),
+    (33, 255),
+    (40, 576),
+    (37, 1000),
+];
+
+#[test]
+fn scalar_matvec_matches_f64() {
+    let mut rng = Rng(1);
+    for &(rows, cols) in SHAPES.iter().chain(&[(4, 4096), (2, 8191)]) {
+        let data = AllDtypes::new(&rng.vec(rows * cols));
+        let x = rng.vec(cols);
+        for m in data.views(0).map(|w| MatRef { w, rows, cols }) {
+            let mut y = vec![0.0; rows];
+            scalar::matvec_rows(m, 0..rows, &x, &mut y);
+            for (r, &got) in y.iter().enumerate() {
+                let (want, scale) = row_f64(&m, r, &x);
+                assert_close(got, want, scale, &format!("scalar {rows}x{cols} row {r}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_matches_scalar_every_isa_dtype_and_thread_count() {
+    let mut rng = Rng(2);
+    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
+    for &(rows, cols) in SHAPES {
+        for offset in [0, 1] {
+            let data = AllDtypes::new(&rng.vec(rows * cols + offset));
+            let x = rng.vec(cols + offset);
+            let x = &x[offset..];
+            for m in data.views(offset).map(|w| MatRef { w, rows, cols }) {
+                let mut want = vec![0.0; rows];
+                scalar::matvec_rows(m, 0..rows, x, &mut want);
+                for isa in Isa::available() {
+                    for pool in &pools {
+                        let mut y = vec![f32::NAN; rows];
+                        matvec_isa(isa, pool, m, x, &mut y);
+                        for r in 0..rows {
+                            let (_, scale) = row_f64(&m, r, x);
+                            let what = format!(
+                                "{isa:?} {:?} {rows}x{cols} off {offset} threads {} row {r}",
+                                std::mem::discriminant(&m.w),
+                                pool.n_threads()
+                            );
+                            assert_close(y[r], want[r] as f64, scale, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_scalar_every_isa_dtype() {
+    let mut rng = Rng(3);
+    let pools: Vec<ThreadPool> = [1, 2].map(ThreadPool::new).into();
+    let shapes: &[(usize, usize)] = &[(1, 3), (5, 17), (8, 32), (13, 33), (33, 64), (67, 129)];
+    for &(rows, cols) in shapes {
+        for n in [1, 2, 3, 5, 12, 13, 16, 17, 33, 40] {
+            let offset = n % 2;
+            let data = AllDtypes::new(&rng.vec(rows * cols + offset));
+            let x = rng.vec(n * cols + offset);
+            let x = &x[offset..];
+            for m in data.views(offset).map(|w| MatRef { w, rows, cols }) {
+                for isa in Isa::available() {
+                    for pool in &pools {
+                        let mut y = vec![f32::NAN; n * rows];
+                        matmul_isa(isa, pool, m, x, n, &mut y);
+                        for t in 0..n {
+                            let xt = &x[t * cols..(t + 1) * cols];
+                            for r in 0..rows {
+                                let (want, scale) = row_f64(&m, r, xt);
+                                let what = format!("{isa:?} {rows}x{cols} n {n} token {t} row {r}");
+                                assert_close(y[t * rows + r], want, scale, &what);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_special_values_widen_exactly() {
+    // Subnormals, the largest finite value, signed zeros, tiny and large normals.
+    let specials = [
+        0.0f32, -0.0, 6.0e-8, -6.0e-8, 3.0e-5, 6.1e-5, 65504.0, -65504.0, 1.0, -2.5,
+    ];
+    let cols = 64;
+    let vals: Vec<f16> = (0..cols)
+        .map(|i| f16::from_f32(specials[i % specials.len()]))
+        .collect();
+    let pool = ThreadPool::new(1);
+    for k in 0..cols {
+        let mut x = vec![0.0; cols];
+        x[k] = 1.0;
+        for isa in Isa::available() {
+            let mut y = [0.0f32];
+            matvec_isa(
+                isa,
+                &pool,
+                MatRef {
+                    w: Weights::F16(&vals),
+                    rows: 1,
+                    cols,
+                },
+                &x,
+                &mut y,
+            );
+            assert_eq!(y[0], vals[k].to_f32(), "{isa:?} element {k}");
+        }
+    }
+}
+
+#[test]
+fn vector_kernels_match_scalar() {
+    let mut rng = Rng(4);
+    for len in (0..70).chain([127, 128, 129, 576, 1000, 1536]) {
+        for offset in [0, 1] {
+            let a = rng.vec(len + offset);
+            let b = rng.vec(len + offset);
+            let (a, b) = (&a[offset..], &b[offset..]);
+            let scale: f64 = a.iter().zip(b).map(|(a, b)| (a * b).abs() as f64).sum();
+            let want64: f64 = a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert_close(scalar::dot(a, b), want64, scale, "scalar dot");
+            for isa in Isa::available() {
+                let what = format!("{isa:?} len {len} off {offset}");
+                assert_close(dot_isa(isa, a, b), want64, scale, &format!("dot {what}"));
+
+                let mut want = a.to_vec();
+                scalar::axpy(&mut want, 0.75, b);
+                let mut got = a.to_vec();
+                axpy_isa(isa, &mut got, 0.75, b);
+                // FMA rounds once: compare relative to |y| + |a·x|, not to the (cancelling) sum.
+                let scale: Vec<f32> = a
+                    .iter()
+                    .zip(b)
+                    .map(|(y, x)| y.abs() + (0.75 * x).abs())
+                    .collect();
+                close_scaled(&got, &want, &scale, &format!("axpy {what}"));
+
+                let mut want = a.to_vec();
+                scalar::add(&mut want, b);
+                let mut got = a.to_vec();
+                add_isa(isa, &mut got, b);
+                close_elementwise(&got, &want, &format!("add {what}"));
+
+                let mut want = vec![0.0; len];
+                scalar::rmsnorm(&mut want, a, b, 1e-5);
+                let mut got = vec![0.0; len];
+                rmsnorm_isa(isa, &mut got, a, b, 1e-5);
+                close_elementwise(&got, &want, &format!("rmsnorm {what}"));
+
+                // Logits-like range, including a -inf (masked) entry.
+                let mut want: Vec<f32> = a.iter().map(|v| v * 30.0).collect();
+                if len > 3 {
+                    want[len / 2] = f32::NEG_INFINITY;
+                }
+                let mut got = want.clone();
+                scalar::softmax(&mut want);
+                softmax_isa(isa, &mut got);
+                close_elementwise(&got, &want, &format!("softmax {what}"));
+
+                let mut want: Vec<f32> = a.iter().map(|v| v * 20.0).collect();
+                let mut got = want.clone();
+                scalar::silu_mul(&mut want, b);
+                silu_mul_isa(isa, &mut got, b);
+                close_elementwise(&got, &want, &format!("silu_mul {what}"));
+            }
+        }
+    }
+}
+
+fn close_elementwise(got: &[f32], want: &[f32], what: &str) {
+    close_scaled(got, want, want, what)
+}
+
+/// |got − want| ≤ 2·REL·|scale| + 1e-30 element-wise.
+fn close_scaled(got: &[f32], want: &[f32], scale: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let err = (g - w).abs() as f64;
+        let tol = 2.0 * REL * (s.abs() as f64) + 1e-30;
+        assert!(err <= tol, "{what} [{i}]: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn isa_detection_is_cached_and_available() {
+    assert_eq!(isa(), isa());
+    assert!(Isa::available().contains(&isa()));
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Cross-compiles the peftrt library for aarch64 and runs the kernel and thread-pool tests under
+# qemu user emulation, so the NEON kernels are checked against the scalar references.
+# Installs what is missing (Debian/Ubuntu, needs root or sudo); safe to run repeatedly.
+#
+# Usage: scripts/test-aarch64.sh [extra test filter args...]
+set -euo pipefail
+
+TARGET=aarch64-unknown-linux-gnu
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+[ -e /usr/aarch64-linux-gnu/lib/libc.so.6 ] || missing+=(libc6-dev-arm64-cross)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update
+    $SUDO apt-get install -y "${missing[@]}"
+fi
+
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+    rustup target add "$TARGET"
+fi
+
+# Linker, qemu runner and the C cross compiler for onig come from .cargo/config.toml.
+cargo test -p peftrt --lib --target "$TARGET" kernels:: "$@"
+cargo test -p peftrt --lib --target "$TARGET" threadpool:: "$@"
