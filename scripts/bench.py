@@ -119,6 +119,7 @@ def main():
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     models = {d: prepare(d) for d in dtypes}
 
+    binary = PEFTRT.stat().st_mtime_ns  # a shared target dir can be rebuilt under us mid-run
     runs = {d: {"peftrt": [], "llamacpp": []} for d in dtypes}
     for r in range(1, a.rounds + 1):
         for d in dtypes:
@@ -144,6 +145,8 @@ def main():
         results.append(row)
 
     info = machine()
+    if PEFTRT.stat().st_mtime_ns != binary:
+        sys.exit(f"{PEFTRT} was rebuilt during the run: the peftrt numbers mix two builds; run again")
     report = {"machine": info, "threads": a.threads, "prompt_tokens": PROMPT_TOKENS, "gen_tokens": GEN_TOKENS,
               "repeat": REPEAT, "rounds": a.rounds, "source": str(SOURCE), "results": results}
     lines = [f"{info['cpu']}, {info['cores']} cores, {a.threads} threads; {info['date']}; peftrt {info['git_commit']}, "
