@@ -1,0 +1,172 @@
+"""peftrt beside llama.cpp on CPU: prefill and decode speed for SmolLM2-135M-Instruct (`make bench`).
+
+Fairness (see shared/bench/README.md, the team's agreed way to time llama.cpp):
+- Same weights: both models are made from models/SmolLM2-135M-Instruct.Q4_1.gguf, dequantised and
+  rounded to the benchmarked dtype; llama.cpp's GGUF by llama.cpp's own quantiser
+  (`llama_model_quantize`, allow_requantize), peftrt's directory by `peftrt import --dtype`.
+- Same work: 128-token prompt in one batch (prefill), then 64 tokens decoded one at a time, the same
+  fixed pseudo-random token ids, the same thread count; one warm-up run then the median of 3 runs,
+  inside each process.
+- llama.cpp is timed through llama-cpp-python's low-level API (one `llama_decode` per step), never
+  the high-level `Llama.eval`, whose Python-side copies add milliseconds per token.
+- Every measurement is a fresh process (no state, caches or allocator warmth carried over).
+- The machine is shared and noisy: in each round peftrt and llama.cpp run back to back for each
+  dtype, rounds repeat, and the report gives the median over rounds and the peftrt/llama.cpp ratios.
+
+Writes the table to stdout and the same as JSON to reports/bench.json.
+"""
+import argparse, datetime, importlib.metadata, importlib.util, json, os, platform, statistics, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = Path("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+OUT_DIR = Path("models/bench")
+PEFTRT = Path("target/release/peftrt")
+PROMPT_TOKENS, GEN_TOKENS, REPEAT = 128, 64, 3
+DTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "bf16": "LLAMA_FTYPE_MOSTLY_BF16"}  # ftype 0 and 32
+
+
+def llamacpp_bench(path, threads):
+    """Runs in a fresh process: exactly shared/bench/llamacpp_bench.py. Prints one JSON object."""
+    import resource, time, llama_cpp as L
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = 512
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    arr = (L.llama_token * PROMPT_TOKENS)(*[(i * 7919) % (n_vocab - 200) + 100 for i in range(PROMPT_TOKENS)])
+    one = (L.llama_token * 1)()
+    pp, tg = [], []
+    for _ in range(REPEAT + 1):
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        t = time.perf_counter()
+        assert L.llama_decode(ctx, L.llama_batch_get_one(arr, PROMPT_TOKENS)) == 0
+        L.llama_get_logits_ith(ctx, -1); L.llama_synchronize(ctx)
+        pp.append(PROMPT_TOKENS / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for i in range(GEN_TOKENS):
+            one[0] = (i * 31) % (n_vocab - 200) + 100
+            assert L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) == 0
+            L.llama_get_logits_ith(ctx, -1)
+        L.llama_synchronize(ctx)
+        tg.append(GEN_TOKENS / (time.perf_counter() - t))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # includes the Python interpreter
+    print(json.dumps({"prefill_tok_s": statistics.median(pp[1:]), "decode_tok_s": statistics.median(tg[1:]),
+                      "peak_rss_bytes_with_python": rss}))
+
+
+def llamacpp_quantize(src, dst, ftype_name):
+    """llama.cpp's own quantiser (as shared/bench/llamacpp_quantize.py), in a child process: its log is long."""
+    import ctypes, llama_cpp as L
+    p = L.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize, p.nthread = getattr(L, ftype_name), True, os.cpu_count()
+    rc = L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    print(json.dumps({"rc": rc}))
+    sys.exit(rc)
+
+
+def run_json(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def ensure_llama_cpp():
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("installing llama-cpp-python (builds llama.cpp from source, several minutes)...", flush=True)
+        env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-r", "scripts/requirements-bench.txt"], env=env, check=True)
+
+
+def prepare(dtype):
+    """The llama.cpp GGUF and the peftrt directory for one dtype, both from SOURCE (cached)."""
+    gguf, pdir = OUT_DIR / f"smollm2-{dtype}.gguf", OUT_DIR / f"smollm2-{dtype}"
+    if not gguf.exists():
+        tmp = gguf.with_suffix(".gguf.tmp")
+        run_json([sys.executable, __file__, "--llamacpp-quantize", str(SOURCE), str(tmp), DTYPES[dtype]])
+        tmp.rename(gguf)
+    if not pdir.exists():
+        subprocess.run([PEFTRT, "import", SOURCE, pdir, "--dtype", dtype], check=True)
+    return gguf, pdir
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+            "llama_cpp_python": importlib.metadata.version("llama-cpp-python")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtypes", default="f32,bf16", help=f"comma-separated, from {','.join(DTYPES)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="reports/bench.json")
+    a = ap.parse_args()
+    os.chdir(ROOT)
+    dtypes = a.dtypes.split(",")
+    if unknown := [d for d in dtypes if d not in DTYPES]:
+        sys.exit(f"unknown dtypes {unknown}; known: {list(DTYPES)}")
+    for f in (SOURCE, PEFTRT):
+        if not f.exists():
+            sys.exit(f"{f} is missing: run `make models build` first")
+    ensure_llama_cpp()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    models = {d: prepare(d) for d in dtypes}
+
+    binary = PEFTRT.stat().st_mtime_ns  # a shared target dir can be rebuilt under us mid-run
+    runs = {d: {"peftrt": [], "llamacpp": []} for d in dtypes}
+    for r in range(1, a.rounds + 1):
+        for d in dtypes:
+            gguf, pdir = models[d]
+            runs[d]["peftrt"].append(run_json([PEFTRT, "bench", "--model", pdir, "--threads", str(a.threads),
+                                               "--prompt-tokens", str(PROMPT_TOKENS), "--gen-tokens", str(GEN_TOKENS),
+                                               "--repeat", str(REPEAT), "--json"]))
+            runs[d]["llamacpp"].append(run_json([sys.executable, __file__, "--llamacpp-bench", str(gguf), str(a.threads)]))
+            p, l = runs[d]["peftrt"][-1], runs[d]["llamacpp"][-1]
+            print(f"round {r}/{a.rounds} {d}: peftrt {p['prefill_tok_s']:.1f}/{p['decode_tok_s']:.1f}, "
+                  f"llama.cpp {l['prefill_tok_s']:.1f}/{l['decode_tok_s']:.1f} tok/s (prefill/decode)", flush=True)
+
+    med = lambda rs, k: statistics.median(x[k] for x in rs)
+    results = []
+    for d in dtypes:
+        p, l = runs[d]["peftrt"], runs[d]["llamacpp"]
+        row = {"dtype": d}
+        for k in ("prefill", "decode"):
+            row[f"peftrt_{k}_tok_s"], row[f"llamacpp_{k}_tok_s"] = med(p, f"{k}_tok_s"), med(l, f"{k}_tok_s")
+            row[f"{k}_ratio"] = row[f"peftrt_{k}_tok_s"] / row[f"llamacpp_{k}_tok_s"]
+        row["peftrt_peak_rss_bytes"], row["peftrt_load_ms"] = med(p, "peak_rss_bytes"), med(p, "load_ms")
+        row["rounds"] = runs[d]
+        results.append(row)
+
+    info = machine()
+    if PEFTRT.stat().st_mtime_ns != binary:
+        sys.exit(f"{PEFTRT} was rebuilt during the run: the peftrt numbers mix two builds; run again")
+    report = {"machine": info, "threads": a.threads, "prompt_tokens": PROMPT_TOKENS, "gen_tokens": GEN_TOKENS,
+              "repeat": REPEAT, "rounds": a.rounds, "source": str(SOURCE), "results": results}
+    lines = [f"{info['cpu']}, {info['cores']} cores, {a.threads} threads; {info['date']}; peftrt {info['git_commit']}, "
+             f"llama-cpp-python {info['llama_cpp_python']}; median of {a.rounds} rounds (tok/s)", "",
+             "| dtype | peftrt prefill | llama.cpp prefill | ratio | peftrt decode | llama.cpp decode | ratio | peftrt peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in results:
+        lines.append(f"| {x['dtype']} | {x['peftrt_prefill_tok_s']:.1f} | {x['llamacpp_prefill_tok_s']:.1f} | {x['prefill_ratio']:.2f} "
+                     f"| {x['peftrt_decode_tok_s']:.1f} | {x['llamacpp_decode_tok_s']:.1f} | {x['decode_ratio']:.2f} "
+                     f"| {x['peftrt_peak_rss_bytes'] / 2**20:.0f} MiB |")
+    print("\n" + "\n".join(lines))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--llamacpp-bench"]:
+        llamacpp_bench(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--llamacpp-quantize"]:
+        llamacpp_quantize(*sys.argv[2:5])
+    else:
+        main()
