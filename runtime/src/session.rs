@@ -26,7 +26,6 @@ pub struct SessionOptions {
     pub n_threads: usize,
 }
 
-
 /// Number of cores available to this process.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -225,9 +224,14 @@ impl Session {
         for (li, layer) in model.layers.iter().enumerate() {
             // Attention block.
             rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.input_norm, eps);
-            linear(pool, &layer.q_proj, &s.xb[..n * h], n, &mut s.q[..n * q_dim]);
-            linear(pool, &layer.k_proj, &s.xb[..n * h], n, &mut s.k[..n * kv_dim]);
-            linear(pool, &layer.v_proj, &s.xb[..n * h], n, &mut s.v[..n * kv_dim]);
+            let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
+            linear(
+                pool,
+                qkv,
+                &s.xb[..n * h],
+                n,
+                [&mut s.q[..n * q_dim], &mut s.k[..n * kv_dim], &mut s.v[..n * kv_dim]],
+            );
             for t in 0..n {
                 let (cos, sin) = (&s.cos[t * half..(t + 1) * half], &s.sin[t * half..(t + 1) * half]);
                 for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(c.head_dim) {
@@ -239,15 +243,15 @@ impl Session {
             }
             cache.store(c, li, pos0, n, &s.k, &s.v);
             attention(pool, c, &cache, li, pos0, n, &s.q, &mut s.att, &mut s.att_out);
-            linear(pool, &layer.o_proj, &s.att_out[..n * q_dim], n, &mut s.out[..n * h]);
+            linear(pool, [&layer.o_proj], &s.att_out[..n * q_dim], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
 
             // MLP block.
             rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
-            linear(pool, &layer.gate_proj, &s.xb[..n * h], n, &mut s.gate[..n * inter]);
-            linear(pool, &layer.up_proj, &s.xb[..n * h], n, &mut s.up[..n * inter]);
+            let gate_up = [&layer.gate_proj, &layer.up_proj];
+            linear(pool, gate_up, &s.xb[..n * h], n, [&mut s.gate[..n * inter], &mut s.up[..n * inter]]);
             kernels::silu_mul(&mut s.gate[..n * inter], &s.up[..n * inter]);
-            linear(pool, &layer.down_proj, &s.gate[..n * inter], n, &mut s.out[..n * h]);
+            linear(pool, [&layer.down_proj], &s.gate[..n * inter], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
         }
 
@@ -257,13 +261,13 @@ impl Session {
             Want::Last => {
                 let last = (n - 1) * h;
                 kernels::rmsnorm(&mut s.xb[..h], &s.x[last..last + h], &model.norm, eps);
-                linear(pool, &model.lm_head, &s.xb[..h], 1, &mut s.logits);
+                linear(pool, [&model.lm_head], &s.xb[..h], 1, [&mut s.logits]);
             }
             Want::All(out) => {
                 rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &model.norm, eps);
                 let start = out.len();
                 out.resize(start + n * vocab, 0.0);
-                linear(pool, &model.lm_head, &s.xb[..n * h], n, &mut out[start..]);
+                linear(pool, [&model.lm_head], &s.xb[..n * h], n, [&mut out[start..]]);
                 s.logits.copy_from_slice(&out[start + (n - 1) * vocab..]);
             }
         }
@@ -350,16 +354,22 @@ fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     }
 }
 
-/// `y = x·Wᵀ + b` for `n` tokens: the one place every projection goes through.
-pub(crate) fn linear(pool: &ThreadPool, lin: &Linear, x: &[f32], n: usize, y: &mut [f32]) {
-    if n == 1 {
-        kernels::matvec(pool, lin.mat(), x, y);
-    } else {
-        kernels::matmul(pool, lin.mat(), x, n, y);
-    }
-    if let Some(b) = &lin.bias {
-        for row in y.chunks_exact_mut(lin.rows) {
-            kernels::add(row, b);
+/// `ys[i] = x·Wᵢᵀ + bᵢ` for `n` tokens, for `N` projections of the same input (q/k/v,
+/// gate/up share one parallel job): the one place every projection goes through.
+pub(crate) fn linear<const N: usize>(
+    pool: &ThreadPool,
+    lins: [&Linear; N],
+    x: &[f32],
+    n: usize,
+    mut ys: [&mut [f32]; N],
+) {
+    let mats = lins.map(Linear::mat);
+    kernels::matmul_many(pool, &mats, x, n, &mut ys);
+    for (lin, y) in lins.iter().zip(ys) {
+        if let Some(b) = &lin.bias {
+            for row in y.chunks_exact_mut(lin.rows) {
+                kernels::add(row, b);
+            }
         }
     }
 }

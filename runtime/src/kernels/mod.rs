@@ -22,7 +22,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
-use crate::threadpool::{split_range, SharedMut, ThreadPool};
+use crate::threadpool::{SharedMut, ThreadPool};
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
@@ -166,37 +166,44 @@ pub fn matvec(pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
 
 /// [`matvec`] with an explicit instruction set (tests, benchmarks).
 pub fn matvec_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
-    check_mat(&m, x.len(), 1, y.len());
-    let out = SharedMut::new(y);
-    let chunks = RowChunks::new(m.rows, pool.n_threads(), 16);
-    pool.run(|_, _| {
-        while let Some(rows) = chunks.next() {
-            // SAFETY: each chunk of rows is handed to exactly one thread and lies inside `y`.
-            let y = unsafe { out.slice(rows.clone()) };
-            matvec_rows_isa(isa, m, rows, x, y);
-        }
-    });
+    matmul_many_isa(isa, pool, &[m], x, 1, &mut [y])
 }
 
-/// Rows handed out in chunks on demand (an atomic counter), about 4 per thread: a thread that
-/// was descheduled (a busy machine, or a slow core on big.LITTLE) does less, instead of every
-/// other thread waiting for its fixed share.
+/// The most matrices one [`matmul_many`] call takes.
+pub const MAX_MANY: usize = 4;
+
+/// Rows of up to [`MAX_MANY`] matrices handed out in chunks on demand (one atomic counter),
+/// about 4 per thread and matrix: a thread that was descheduled (a busy machine, or a slow
+/// core on big.LITTLE) does less, instead of every other thread waiting for its fixed share.
 struct RowChunks {
-    rows: usize,
-    chunk: usize,
+    rows: [usize; MAX_MANY],
+    chunk: [usize; MAX_MANY],
+    count: [usize; MAX_MANY],
     next: std::sync::atomic::AtomicUsize,
 }
 
 impl RowChunks {
-    fn new(rows: usize, threads: usize, align: usize) -> Self {
-        let chunk = rows.div_ceil(4 * threads).div_ceil(align).max(1) * align;
-        RowChunks { rows, chunk, next: std::sync::atomic::AtomicUsize::new(0) }
+    fn new(ms: &[MatRef], threads: usize, align: usize) -> Self {
+        let mut c = RowChunks { rows: [0; MAX_MANY], chunk: [1; MAX_MANY], count: [0; MAX_MANY], next: 0.into() };
+        for (i, m) in ms.iter().enumerate() {
+            c.rows[i] = m.rows;
+            c.chunk[i] = m.rows.div_ceil(4 * threads).div_ceil(align).max(1) * align;
+            c.count[i] = m.rows.div_ceil(c.chunk[i]);
+        }
+        c
     }
 
-    fn next(&self) -> Option<std::ops::Range<usize>> {
-        let c = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let start = c.checked_mul(self.chunk)?;
-        (start < self.rows).then(|| start..(start + self.chunk).min(self.rows))
+    /// The next `(matrix, rows)` to compute, or `None` when all are handed out.
+    fn next(&self) -> Option<(usize, std::ops::Range<usize>)> {
+        let mut c = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..MAX_MANY {
+            if c < self.count[i] {
+                let start = c * self.chunk[i];
+                return Some((i, start..(start + self.chunk[i]).min(self.rows[i])));
+            }
+            c -= self.count[i];
+        }
+        None
     }
 }
 
@@ -217,9 +224,25 @@ pub fn matmul(pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y: &mut [f32]) 
 
 /// [`matmul`] with an explicit instruction set (tests, benchmarks).
 pub fn matmul_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y: &mut [f32]) {
-    check_mat(&m, x.len(), n, y.len());
-    if n == 1 {
-        return matvec_isa(isa, pool, m, x, y);
+    matmul_many_isa(isa, pool, &[m], x, n, &mut [y])
+}
+
+/// Several linear layers on the same input (q/k/v; gate/up): `ys[i] = X · msᵢᵀ`, with X packed
+/// once and all rows of all matrices shared out in one parallel job.
+///
+/// # Panics
+/// If more than [`MAX_MANY`] matrices are given, or a slice length does not match its shape.
+pub fn matmul_many(pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    matmul_many_isa(isa(), pool, ms, x, n, ys)
+}
+
+/// [`matmul_many`] with an explicit instruction set.
+pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    assert!(ms.len() <= MAX_MANY && ms.len() == ys.len(), "matmul_many: {} matrices, {} outputs", ms.len(), ys.len());
+    let mut outs = [SharedMut(std::ptr::null_mut()); MAX_MANY];
+    for ((m, y), o) in ms.iter().zip(ys.iter_mut()).zip(outs.iter_mut()) {
+        check_mat(m, x.len(), n, y.len());
+        *o = SharedMut::new(y);
     }
     let (tile_tokens, mr) = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -230,27 +253,31 @@ pub fn matmul_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y
         Isa::Neon => (neon::entries::TILE_TOKENS, <neon::Neon as simd::Simd>::MR),
         _ => (0, 1),
     };
-    let out = SharedMut::new(y);
-    if tile_tokens == 0 {
-        pool.run(|i, nt| {
-            let rows = split_range(m.rows, i, nt, 16);
-            for t in 0..n {
-                // SAFETY: each thread writes only its own rows of each output token.
-                let yt = unsafe { out.slice(t * m.rows + rows.start..t * m.rows + rows.end) };
-                scalar::matvec_rows(m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], yt);
+    if n == 1 || tile_tokens == 0 {
+        // One token (decode), or no SIMD: row-by-row dot products.
+        let chunks = RowChunks::new(ms, pool.n_threads(), 16);
+        pool.run(|_, _| {
+            while let Some((i, rows)) = chunks.next() {
+                let m = ms[i];
+                for t in 0..n {
+                    // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
+                    let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
+                    matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+                }
             }
         });
         return;
     }
     PACKED_X.with(|packed| {
         let mut packed = packed.borrow_mut();
-        simd::pack_x(x, n, m.cols, tile_tokens, &mut packed);
+        simd::pack_x(x, n, ms[0].cols, tile_tokens, &mut packed);
         let xp: &[f32] = &packed;
-        let chunks = RowChunks::new(m.rows, pool.n_threads(), mr);
+        let chunks = RowChunks::new(ms, pool.n_threads(), mr);
         pool.run(|_, _| {
-            while let Some(rows) = chunks.next() {
-                // SAFETY: each chunk of rows goes to one thread; `y` is `[n, m.rows]` (checked).
-                dispatch!(isa, matmul_rows(m, rows, xp, n, out.ptr(), m.rows), unreachable!())
+            while let Some((i, rows)) = chunks.next() {
+                let m = ms[i];
+                // SAFETY: each chunk of rows goes to one thread; `ys[i]` is `[n, m.rows]` (checked).
+                dispatch!(isa, matmul_rows(m, rows, xp, n, outs[i].ptr(), m.rows), unreachable!())
             }
         });
     });

@@ -255,3 +255,34 @@ fn isa_detection_is_cached_and_available() {
     assert_eq!(isa(), isa());
     assert!(Isa::available().contains(&isa()));
 }
+
+/// Several matrices on one input in one job (q/k/v, gate/up) give what each gives alone, for
+/// one token (decode) and many (prefill), every instruction set and thread count.
+#[test]
+fn matmul_many_matches_separate_matrices() {
+    let mut rng = Rng(7);
+    let cols = 67;
+    let rows = [40, 9, 9];
+    let data: Vec<Vec<f32>> = rows.iter().map(|&r| rng.vec(r * cols)).collect();
+    for n in [1, 5, 37] {
+        let x = rng.vec(n * cols);
+        for isa in Isa::available() {
+            for threads in [1, 2, 3] {
+                let pool = ThreadPool::new(threads);
+                let ms: Vec<MatRef> =
+                    data.iter().zip(rows).map(|(d, r)| MatRef { w: Weights::F32(d), rows: r, cols }).collect();
+                let mut outs: Vec<Vec<f32>> = rows.iter().map(|&r| vec![0.0; n * r]).collect();
+                let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                matmul_many_isa(isa, &pool, &ms, &x, n, &mut ys);
+                for (m, out) in ms.iter().zip(&outs) {
+                    for t in 0..n {
+                        for r in 0..m.rows {
+                            let (want, scale) = row_f64(m, r, &x[t * cols..(t + 1) * cols]);
+                            assert_close(out[t * m.rows + r], want, scale, &format!("{isa:?} n={n} threads={threads}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
