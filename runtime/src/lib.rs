@@ -2,11 +2,30 @@
 //!
 //! The main types:
 //! - [`Model`]: an immutable, shareable model — configuration ([`ModelConfig`]),
-//!   memory-mapped weights ([`weights::Weights`]) and tokenizer ([`Tokenizer`]).
-//! - [`Session`]: per-conversation mutable state — KV cache, scratch buffers, sampler.
+//!   memory-mapped weights ([`weights::WeightStore`]) and tokenizer ([`Tokenizer`]).
+//! - [`Session`]: per-conversation mutable state — KV cache, activation buffers, thread pool.
 //!   Many sessions may share one model across threads.
+//! - [`Sampler`] and [`generate()`]: choosing tokens and the streaming generation loop.
 //! - [`kernels`]: the numeric kernels, each with a scalar reference and SIMD versions.
 //! - [`gguf`]: reading GGUF files and importing them as Hugging Face model directories.
+//!
+//! ```no_run
+//! use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
+//! use std::sync::Arc;
+//!
+//! let model = Arc::new(Model::load("models/smollm2-135m-instruct".as_ref(), &LoadOptions::default())?);
+//! let tok = model.tokenizer()?;
+//! let prompt = tok.apply_chat_template(&[Message::new("user", "Name three colours.")], true)?;
+//! let tokens = tok.encode(&prompt, false)?;
+//! let mut session = Session::new(model.clone(), &SessionOptions::default())?;
+//! let mut sampler = Sampler::new(SamplingParams { max_tokens: 32, ..Default::default() }, model.config.vocab_size)?;
+//! let reply = generate(&mut session, &tokens, &mut sampler, |text| {
+//!     print!("{text}");
+//!     true // keep going
+//! })?;
+//! eprintln!("{:.1} tokens/s", reply.decode_tok_s());
+//! # Ok::<(), peftrt::Error>(())
+//! ```
 
 pub mod config;
 pub mod error;
