@@ -1,0 +1,126 @@
+//! The `peftrt` command line on a tiny fixture model: every subcommand runs, output formats
+//! are what they say, and bad input exits with a clear message instead of a panic.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn peftrt(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peftrt")).args(args).output().expect("run peftrt")
+}
+
+fn run(args: &[&str]) -> Output {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    peftrt(&args)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn model() -> String {
+    fixture("tiny-llama").display().to_string()
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed() {
+    let out =
+        run(&["generate", "--model", &model(), "--chat", "--prompt", "Hello", "--max-tokens", "8", "--ignore-eos"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).trim().is_empty());
+    let err = text(&out.stderr);
+    assert!(err.contains("tok/s") && err.contains("load"), "{err}");
+}
+
+#[test]
+fn stop_string_ends_the_output_before_it() {
+    let greedy = |extra: &[&str]| {
+        let mut args =
+            vec!["generate", "--model", "", "--prompt", "The quick brown", "--max-tokens", "16", "--ignore-eos"];
+        let m = model();
+        args[2] = &m;
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim_end_matches('\n').to_string()
+    };
+    let full = greedy(&[]);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 6, "too little output to test: {full:?}");
+    // A stop string from the middle of the greedy output.
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = greedy(&["--stop", &stop]);
+    let at = full.find(&stop).unwrap();
+    assert_eq!(cut, full[..at], "stop string {stop:?}");
+}
+
+#[test]
+fn score_writes_logits_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("s.safetensors");
+    let out = run(&["score", "--model", &model(), "--tokens", "3,4,5", "--out", out_path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bytes = std::fs::read(&out_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("logits").unwrap().shape(), &[3, 400]);
+    assert_eq!(st.tensor("tokens").unwrap().data(), &[3, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0]);
+}
+
+#[test]
+fn bench_json_has_the_documented_fields() {
+    let out =
+        run(&["bench", "--model", &model(), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["prefill_tok_s", "decode_tok_s", "load_ms", "peak_rss_bytes"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+}
+
+#[test]
+fn inspect_lists_tensors() {
+    let out = run(&["inspect", &model()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(s.contains("llama") && s.contains("model.layers.1.mlp.down_proj.weight"), "{s}");
+}
+
+#[test]
+fn bad_prompts_are_refused_clearly() {
+    let m = model();
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let out = peftrt(&["generate".as_ref(), "--model".as_ref(), m.as_ref(), "--prompt".as_ref(), bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("UTF-8"), "{}", text(&out.stderr));
+
+    let out = run(&["generate", "--model", &m, "--prompt", ""]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("empty"), "{}", text(&out.stderr));
+
+    let long = "word ".repeat(400);
+    let out = run(&["generate", "--model", &m, "--prompt", &long, "--ctx-size", "64"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("context") && !err.contains("panicked"), "{err}");
+
+    let out = run(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/model"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn import_of_a_broken_gguf_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("broken.gguf");
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let out_dir = dir.path().join("out");
+    let out = run(&["import", gguf.to_str().unwrap(), out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("broken.gguf"), "{}", text(&out.stderr));
+    assert!(!out_dir.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary directory was left behind");
+}
