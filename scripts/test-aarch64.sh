@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Cross-compiles the peftrt library for aarch64 and runs the kernel and thread-pool tests under
-# qemu user emulation, so the NEON kernels are checked against the scalar references.
+# Cross-compiles peftrt for aarch64 and runs, under qemu user emulation, the library's unit
+# tests (NEON kernels against the scalar references, thread pool, GGUF, sampler...) and the
+# small-model conformance tests (tiny fixtures against transformers' logits). The real-model
+# tests are left to the native run: they are slow under emulation and test no other code.
 # Installs what is missing (Debian/Ubuntu, needs root or sudo); safe to run repeatedly.
 #
 # Usage: scripts/test-aarch64.sh [extra test filter args...]
@@ -27,5 +29,5 @@ if ! rustup target list --installed | grep -qx "$TARGET"; then
 fi
 
 # Linker, qemu runner and the C cross compiler for onig come from .cargo/config.toml.
-cargo test -p peftrt --lib --target "$TARGET" kernels:: "$@"
-cargo test -p peftrt --lib --target "$TARGET" threadpool:: "$@"
+cargo test --release --target "$TARGET" -p peftrt --lib "$@"
+cargo test --release --target "$TARGET" -p peftrt-conformance --test tiny_models "$@"
