@@ -117,8 +117,8 @@ pub(crate) struct Avx512;
 impl Simd for Avx512 {
     type V = __m512;
     const LANES: usize = 16;
-    // 8 rows × 32 tokens = 16 accumulators of the 32 zmm registers.
-    const MR: usize = 8;
+    // 12 rows × 32 tokens = 24 accumulators of the 32 zmm registers.
+    const MR: usize = 12;
     const NV: usize = 2;
     #[inline(always)]
     unsafe fn zero() -> __m512 {
