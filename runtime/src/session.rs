@@ -10,7 +10,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::{self, MatRef, Weights};
 use crate::model::{Linear, Model};
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use std::sync::Arc;
@@ -329,20 +329,16 @@ fn attention(
             let pos = pos0 + t;
             let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let base = cache.at(c, layer, head / group, 0);
-            let key = |j: usize| &kc[base + j * hd..base + (j + 1) * hd];
-            let value = |j: usize| &vc[base + j * hd..base + (j + 1) * hd];
             let qv = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+            let (keys, values) =
+                (&kc[base + lo * hd..base + (pos + 1) * hd], &vc[base + lo * hd..base + (pos + 1) * hd]);
             let scores = &mut scores_row[lo..=pos];
-            for (j, sc) in (lo..=pos).zip(scores.iter_mut()) {
-                *sc = kernels::dot(qv, key(j)) * scale;
-            }
+            kernels::matvec_local(MatRef { w: Weights::F32(keys), rows: pos + 1 - lo, cols: hd }, qv, scores);
+            scores.iter_mut().for_each(|s| *s *= scale);
             kernels::softmax(scores);
             // SAFETY: each (token, head) item belongs to one thread; its output slice is disjoint.
             let o = unsafe { out.slice(t * q_dim + head * hd..t * q_dim + (head + 1) * hd) };
-            o.fill(0.0);
-            for (j, &p) in (lo..=pos).zip(scores.iter()) {
-                kernels::axpy(o, p, value(j));
-            }
+            kernels::weighted_sum(o, scores, values);
         }
     });
 }

@@ -308,6 +308,25 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     axpy_isa(isa(), y, a, x)
 }
 
+/// `y = Σ_j p[j] · v[j]`, the rows `v[j]` of `y.len()` elements (attention: probabilities
+/// times values), with one dispatch for all rows.
+///
+/// # Panics
+/// If `v` holds fewer than `p.len()` rows.
+pub fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
+    weighted_sum_isa(isa(), y, p, v)
+}
+
+/// `y = W · x` on the calling thread alone (small matrices inside an already parallel job,
+/// e.g. attention scores `K · q`).
+///
+/// # Panics
+/// If the slice lengths do not match the shape.
+pub fn matvec_local(m: MatRef, x: &[f32], y: &mut [f32]) {
+    check_mat(&m, x.len(), 1, y.len());
+    matvec_rows_isa(isa(), m, 0..m.rows, x, y)
+}
+
 /// `y += x`.
 pub fn add(y: &mut [f32], x: &[f32]) {
     add_isa(isa(), y, x)
@@ -331,6 +350,18 @@ pub(crate) fn dot_isa(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 
 pub(crate) fn axpy_isa(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     dispatch!(isa, axpy(y, a, x), scalar::axpy(y, a, x))
+}
+
+pub(crate) fn weighted_sum_isa(isa: Isa, y: &mut [f32], p: &[f32], v: &[f32]) {
+    assert!(
+        v.len() >= p.len() * y.len(),
+        "weighted_sum: {} rows of {} need {} values, got {}",
+        p.len(),
+        y.len(),
+        p.len() * y.len(),
+        v.len()
+    );
+    dispatch!(isa, weighted_sum(y, p, v), scalar::weighted_sum(y, p, v))
 }
 
 pub(crate) fn add_isa(isa: Isa, y: &mut [f32], x: &[f32]) {

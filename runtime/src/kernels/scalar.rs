@@ -52,3 +52,12 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
+
+/// `y = Σ_j p[j] · v[j]` over rows `v[j]` of `y.len()`.
+pub fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
+    let d = y.len();
+    y.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        axpy(y, pj, &v[j * d..(j + 1) * d]);
+    }
+}

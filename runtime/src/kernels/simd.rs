@@ -542,6 +542,17 @@ pub(crate) unsafe fn silu_mul<S: Simd>(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `y = Σ_j p[j] · v[j]` over rows `v[j]` of `y.len()` (attention's weighted sum of values).
+#[inline(always)]
+pub(crate) unsafe fn weighted_sum<S: Simd>(y: &mut [f32], p: &[f32], v: &[f32]) {
+    let d = y.len();
+    y.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        // SAFETY: forwarded contract (the CPU supports S); the slice is bounds-checked.
+        unsafe { axpy::<S>(y, pj, &v[j * d..(j + 1) * d]) }
+    }
+}
+
 /// Defines the `#[target_feature]` entry points of every kernel for one [`Simd`] type.
 macro_rules! simd_entries {
     ($S:ty, $features:literal) => {
@@ -583,6 +594,14 @@ macro_rules! simd_entries {
         pub(crate) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
             // SAFETY: forwarded contract.
             unsafe { simd::axpy::<$S>(y, a, x) }
+        }
+
+        /// # Safety
+        /// The CPU supports the features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::weighted_sum::<$S>(y, p, v) }
         }
 
         /// # Safety

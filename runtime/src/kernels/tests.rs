@@ -286,3 +286,21 @@ fn matmul_many_matches_separate_matrices() {
         }
     }
 }
+
+/// Attention's weighted sum of value rows, every instruction set against the scalar reference.
+#[test]
+fn weighted_sum_matches_scalar() {
+    let mut rng = Rng(11);
+    for (rows, d) in [(1, 1), (3, 7), (17, 64), (100, 33), (5, 128)] {
+        let p = rng.vec(rows);
+        let v = rng.vec(rows * d);
+        let mut want = vec![0.0; d];
+        scalar::weighted_sum(&mut want, &p, &v);
+        let scale: Vec<f32> = (0..d).map(|i| (0..rows).map(|j| (p[j] * v[j * d + i]).abs()).sum()).collect();
+        for isa in Isa::available() {
+            let mut got = vec![f32::NAN; d];
+            weighted_sum_isa(isa, &mut got, &p, &v);
+            close_scaled(&got, &want, &scale, &format!("{isa:?} weighted_sum {rows}x{d}"));
+        }
+    }
+}
