@@ -27,6 +27,7 @@
 //! # Ok::<(), peftrt::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -39,6 +40,7 @@ pub mod threadpool;
 pub mod tokenizer;
 pub mod weights;
 
+pub use adapter::Adapter;
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use generate::{generate, Generation, StopReason};

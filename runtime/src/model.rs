@@ -28,6 +28,9 @@ pub struct Linear {
     pub cols: usize,
     /// The module path, e.g. `model.layers.3.self_attn.q_proj` (adapters attach by this name).
     pub name: String,
+    /// Index among the model's linear layers ([`Model::linears`] order): adapters keep their
+    /// weights in a table indexed by it, so finding a layer's adapter costs nothing.
+    pub id: usize,
 }
 
 impl Linear {
@@ -41,7 +44,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias, rows, cols, name: name.to_string() })
+        Ok(Linear { weight, bias, rows, cols, name: name.to_string(), id: usize::MAX })
     }
 
     pub fn mat(&self) -> MatRef<'_> {
@@ -69,6 +72,25 @@ pub struct Layer {
     pub up_proj: Linear,
     /// `[hidden, intermediate]`
     pub down_proj: Linear,
+}
+
+impl Layer {
+    /// The block's linear layers, in a fixed order.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 /// A loaded model. Immutable after loading; `Sync`, shared by sessions.
@@ -133,13 +155,24 @@ impl Model {
         let lm_head = if store.contains("lm_head.weight") && !c.tie_word_embeddings {
             Linear::load(&store, "lm_head", c.vocab_size, h, false)?
         } else if c.tie_word_embeddings {
-            Linear { weight: embed_tokens.clone(), bias: None, rows: c.vocab_size, cols: h, name: "lm_head".into() }
+            Linear {
+                weight: embed_tokens.clone(),
+                bias: None,
+                rows: c.vocab_size,
+                cols: h,
+                name: "lm_head".into(),
+                id: usize::MAX,
+            }
         } else {
             return Err(Error::tensor(
                 "lm_head.weight",
                 format!("missing from {}, and config.json does not set tie_word_embeddings", dir.display()),
             ));
         };
+        let mut lm_head = lm_head;
+        for (i, lin) in layers.iter_mut().flat_map(Layer::linears_mut).chain([&mut lm_head]).enumerate() {
+            lin.id = i;
+        }
         let tokenizer = if opts.no_tokenizer { None } else { Some(Tokenizer::from_dir(dir)?) };
         Ok(Model {
             norm: norm("model.norm.weight")?,
@@ -157,6 +190,11 @@ impl Model {
     /// The tokenizer, or an error saying the model was loaded without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model was loaded without its tokenizer".into()))
+    }
+
+    /// Every linear layer, in `id` order: the decoder blocks' projections, then `lm_head`.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(Layer::linears).chain([&self.lm_head])
     }
 
     /// The weight store (all tensors by name).

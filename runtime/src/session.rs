@@ -8,6 +8,7 @@
 //! same graph): embed → for each layer (RMSNorm → q/k/v → RoPE → causal GQA attention →
 //! o_proj → residual → RMSNorm → SwiGLU MLP → residual) → RMSNorm → lm_head.
 
+use crate::adapter::Adapter;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatRef, Weights};
@@ -58,7 +59,14 @@ struct Scratch {
     sin: Vec<f32>,
     /// `[vocab]` logits of the last evaluated token
     logits: Vec<f32>,
+    /// `[n_batch, max rank]` adapters' `A·x`
+    lora_u: Vec<f32>,
+    /// `[n_batch, max out]` adapters' `B·(A·x)`
+    lora_y: Vec<f32>,
 }
+
+/// The active adapters of a session, each with its scale.
+pub type ActiveAdapters = Vec<(Arc<Adapter>, f32)>;
 
 /// What logits a forward pass produces.
 enum Want<'a> {
@@ -81,6 +89,8 @@ pub struct Session {
     /// `[layers, n_kv_heads, n_ctx, head_dim]`
     v_cache: Vec<f32>,
     s: Scratch,
+    /// Adapters applied unmerged on every projection they target.
+    adapters: ActiveAdapters,
 }
 
 impl Session {
@@ -117,6 +127,8 @@ impl Session {
             cos: vec![0.0; n_batch * half],
             sin: vec![0.0; n_batch * half],
             logits: vec![0.0; c.vocab_size],
+            lora_u: Vec::new(),
+            lora_y: Vec::new(),
         };
         Ok(Session {
             pool: ThreadPool::new(n_threads),
@@ -126,8 +138,38 @@ impl Session {
             k_cache: vec![0.0; cache],
             v_cache: vec![0.0; cache],
             s,
+            adapters: Vec::new(),
             model,
         })
+    }
+
+    /// Makes `adapters` the active set, each with its scale (0 = off). Weights are shared, not
+    /// copied; the cache is kept (call [`Session::reset`] to re-read a prompt with them).
+    pub fn set_adapters(&mut self, adapters: &[(Arc<Adapter>, f32)]) -> Result<()> {
+        let key = Arc::as_ptr(&self.model) as usize;
+        if let Some((a, _)) = adapters.iter().find(|(a, _)| a.model_key != key) {
+            return Err(Error::Input(format!("adapter {} was loaded for a different model instance", a.name)));
+        }
+        if let Some((a, s)) = adapters.iter().find(|(_, s)| !s.is_finite()) {
+            return Err(Error::Input(format!("adapter {}: scale {s} is not a finite number", a.name)));
+        }
+        let rank = adapters.iter().map(|(a, _)| a.max_rank).max().unwrap_or(0);
+        let out = adapters.iter().map(|(a, _)| a.max_out).max().unwrap_or(0);
+        let n_batch = self.n_batch;
+        if self.s.lora_u.len() < n_batch * rank {
+            self.s.lora_u.resize(n_batch * rank, 0.0);
+        }
+        if self.s.lora_y.len() < n_batch * out {
+            self.s.lora_y.resize(n_batch * out, 0.0);
+        }
+        self.adapters.clear();
+        self.adapters.extend(adapters.iter().cloned());
+        Ok(())
+    }
+
+    /// The active adapters and their scales.
+    pub fn adapters(&self) -> &[(Arc<Adapter>, f32)] {
+        &self.adapters
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -204,7 +246,8 @@ impl Session {
 
     /// One batch of at most `n_batch` tokens through the network (inputs already checked).
     fn forward(&mut self, tokens: &[u32], want: Want) {
-        let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, .. } = self;
+        let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, adapters, .. } = self;
+        let mut lora = Lora { active: adapters, u: &mut s.lora_u, y: &mut s.lora_y };
         let c = &model.config;
         let n = tokens.len();
         let pos0 = history.len();
@@ -227,6 +270,7 @@ impl Session {
             let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
             linear(
                 pool,
+                &mut lora,
                 qkv,
                 &s.xb[..n * h],
                 n,
@@ -243,15 +287,15 @@ impl Session {
             }
             cache.store(c, li, pos0, n, &s.k, &s.v);
             attention(pool, c, &cache, li, pos0, n, &s.q, &mut s.att, &mut s.att_out);
-            linear(pool, [&layer.o_proj], &s.att_out[..n * q_dim], n, [&mut s.out[..n * h]]);
+            linear(pool, &mut lora, [&layer.o_proj], &s.att_out[..n * q_dim], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
 
             // MLP block.
             rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
             let gate_up = [&layer.gate_proj, &layer.up_proj];
-            linear(pool, gate_up, &s.xb[..n * h], n, [&mut s.gate[..n * inter], &mut s.up[..n * inter]]);
+            linear(pool, &mut lora, gate_up, &s.xb[..n * h], n, [&mut s.gate[..n * inter], &mut s.up[..n * inter]]);
             kernels::silu_mul(&mut s.gate[..n * inter], &s.up[..n * inter]);
-            linear(pool, [&layer.down_proj], &s.gate[..n * inter], n, [&mut s.out[..n * h]]);
+            linear(pool, &mut lora, [&layer.down_proj], &s.gate[..n * inter], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
         }
 
@@ -261,13 +305,13 @@ impl Session {
             Want::Last => {
                 let last = (n - 1) * h;
                 kernels::rmsnorm(&mut s.xb[..h], &s.x[last..last + h], &model.norm, eps);
-                linear(pool, [&model.lm_head], &s.xb[..h], 1, [&mut s.logits]);
+                linear(pool, &mut lora, [&model.lm_head], &s.xb[..h], 1, [&mut s.logits]);
             }
             Want::All(out) => {
                 rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &model.norm, eps);
                 let start = out.len();
                 out.resize(start + n * vocab, 0.0);
-                linear(pool, [&model.lm_head], &s.xb[..n * h], n, [&mut out[start..]]);
+                linear(pool, &mut lora, [&model.lm_head], &s.xb[..n * h], n, [&mut out[start..]]);
                 s.logits.copy_from_slice(&out[start + (n - 1) * vocab..]);
             }
         }
@@ -354,6 +398,7 @@ fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 /// gate/up share one parallel job): the one place every projection goes through.
 pub(crate) fn linear<const N: usize>(
     pool: &ThreadPool,
+    lora: &mut Lora,
     lins: [&Linear; N],
     x: &[f32],
     n: usize,
@@ -367,7 +412,23 @@ pub(crate) fn linear<const N: usize>(
                 kernels::add(row, b);
             }
         }
+        // Unmerged adapters: y += scale · B(A·x) for each active adapter on this layer
+        // (PEFT's `lora.Linear.forward`, llama.cpp's `build_lora_mm`).
+        for (adapter, weight) in lora.active.iter() {
+            let Some(lw) = adapter.for_layer(lin).filter(|_| *weight != 0.0) else { continue };
+            let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * lin.rows]);
+            kernels::matmul_many(pool, &[lw.a_mat()], x, n, &mut [&mut *u]);
+            kernels::matmul_many(pool, &[lw.b_mat()], u, n, &mut [&mut *v]);
+            kernels::axpy(y, weight * lw.scale, v);
+        }
     }
+}
+
+/// What [`linear`] needs to apply adapters: the active set and its scratch.
+pub(crate) struct Lora<'a> {
+    active: &'a [(Arc<Adapter>, f32)],
+    u: &'a mut [f32],
+    y: &'a mut [f32],
 }
 
 /// cos and sin of `pos · inv_freq` for positions `pos0..pos0 + n`, computed in f32 as transformers does.

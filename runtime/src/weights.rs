@@ -174,6 +174,19 @@ impl WeightStore {
         Ok(WeightStore { tensors, dir: dir.to_path_buf() })
     }
 
+    /// Opens one safetensors file (an adapter's `adapter_model.safetensors`).
+    ///
+    /// # Safety
+    /// As [`WeightStore::open`]: the file must not change while the store lives.
+    pub unsafe fn open_file(path: &Path) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        // SAFETY: forwarded to our caller.
+        for t in unsafe { open_file(path)? } {
+            tensors.insert(t.name.clone(), t);
+        }
+        Ok(WeightStore { tensors, dir: path.to_path_buf() })
+    }
+
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         self.tensors
             .get(name)

@@ -1,0 +1,89 @@
+//! Unmerged LoRA adapters against PEFT (tests/fixtures/adapters, made by
+//! scripts/make_adapter_fixtures.py): q/v only, all-linear with rsLoRA, rank/alpha patterns,
+//! layers_to_transform, qwen2 with biases, two adapters at once with different scales, and
+//! PEFT's merge_and_unload result.
+
+use peftrt::{Adapter, LoadOptions, Model, Session, SessionOptions};
+use peftrt_conformance::{assert_logits_close, fixture, Reference};
+use std::sync::Arc;
+
+fn model(name: &str) -> Arc<Model> {
+    Arc::new(Model::load(&fixture(name), &LoadOptions { no_tokenizer: true }).unwrap())
+}
+
+fn reference() -> Reference {
+    Reference::load(&fixture("adapters/reference.safetensors")).unwrap()
+}
+
+fn logits(model: &Arc<Model>, adapters: &[(Arc<Adapter>, f32)], tokens: &[u32]) -> Vec<f32> {
+    let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 128, n_batch: 16, n_threads: 2 }).unwrap();
+    s.set_adapters(adapters).unwrap();
+    let mut out = Vec::new();
+    s.eval_all(tokens, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn single_adapters_match_peft() {
+    let r = reference();
+    for (name, base) in [
+        ("llama-qv", "tiny-llama"),
+        ("llama-all-rslora", "tiny-llama"),
+        ("llama-patterns", "tiny-llama"),
+        ("llama-layers", "tiny-llama"),
+        ("qwen2-qkvo", "tiny-qwen2"),
+    ] {
+        let m = model(base);
+        let tokens = r.tokens(&format!("tokens_b_{}", base.replace('-', "_")));
+        let a = Arc::new(Adapter::load(&fixture(&format!("adapters/{name}")), &m).unwrap());
+        let got = logits(&m, &[(a.clone(), 1.0)], &tokens);
+        assert_logits_close(&format!("{name} unmerged"), &got, r.logits(&format!("logits_{}", name.replace('-', "_"))));
+        // Scale 0 is exactly off.
+        let off = logits(&m, &[(a, 0.0)], &tokens);
+        assert_eq!(off, logits(&m, &[], &tokens), "{name}: scale 0 must equal the base model");
+    }
+}
+
+#[test]
+fn two_adapters_with_scales_match_peft() {
+    let r = reference();
+    let m = model("tiny-llama");
+    let tokens = r.tokens("tokens_b_tiny_llama");
+    let qv = Arc::new(Adapter::load(&fixture("adapters/llama-qv"), &m).unwrap());
+    let all = Arc::new(Adapter::load(&fixture("adapters/llama-all-rslora"), &m).unwrap());
+    let got = logits(&m, &[(qv, 1.0), (all, 0.5)], &tokens);
+    assert_logits_close("llama-qv ×1 + llama-all-rslora ×0.5", &got, r.logits("logits_two_llama"));
+}
+
+#[test]
+fn peft_merged_model_matches_unmerged() {
+    let r = reference();
+    let merged = model("adapters/merged-llama-qv");
+    let tokens = r.tokens("tokens_b_tiny_llama");
+    assert_logits_close("merged-llama-qv", &logits(&merged, &[], &tokens), r.logits("logits_merged_llama_qv"));
+    let m = model("tiny-llama");
+    let qv = Arc::new(Adapter::load(&fixture("adapters/llama-qv"), &m).unwrap());
+    assert_logits_close(
+        "unmerged vs PEFT merged",
+        &logits(&m, &[(qv, 1.0)], &tokens),
+        r.logits("logits_merged_llama_qv"),
+    );
+}
+
+#[test]
+fn wrong_base_and_unsupported_adapters_are_refused_clearly() {
+    // tiny-llama3-tied has head_dim 32: its q_proj is [128, 64], the adapter's B is [64, 8].
+    let wider = model("tiny-llama3-tied");
+    let e =
+        Adapter::load(&fixture("adapters/llama-qv"), &wider).err().expect("adapter on a different base").to_string();
+    assert!(e.contains("does not match this base model") && e.contains("[128, 8]") && e.contains("[64, 8]"), "{e}");
+    let llama = model("tiny-llama");
+    let e =
+        Adapter::load(&fixture("adapters/llama-dora"), &llama).err().expect("DoRA is not supported yet").to_string();
+    assert!(e.contains("DoRA"), "{e}");
+    let other = model("tiny-llama");
+    let a = Arc::new(Adapter::load(&fixture("adapters/llama-qv"), &other).unwrap());
+    let mut s = Session::new(llama, &SessionOptions::default()).unwrap();
+    let e = s.set_adapters(&[(a, 1.0)]).unwrap_err().to_string();
+    assert!(e.contains("different model"), "{e}");
+}
