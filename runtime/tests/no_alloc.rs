@@ -1,6 +1,6 @@
 //! Decoding a token allocates nothing: after the session is built and warmed up, `eval` of
-//! one token (the forward pass, the thread pool, the kernels) and greedy/top-p sampling make
-//! no heap allocation. Counted with a wrapping global allocator.
+//! one token (the forward pass, the thread pool, the kernels, an active adapter) and
+//! greedy/top-p sampling make no heap allocation. Counted with a wrapping global allocator.
 
 use peftrt::{LoadOptions, Model, Sampler, SamplingParams, Session, SessionOptions};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -35,7 +35,8 @@ static GLOBAL: Counting = Counting;
 fn decode_step_allocates_nothing() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-qwen2");
     let model = Arc::new(Model::load(&dir, &LoadOptions { no_tokenizer: true }).unwrap());
-    for threads in [1, 2] {
+    let adapter = Arc::new(peftrt::Adapter::load(&dir.join("../adapters/qwen2-qkvo"), &model).unwrap());
+    for (threads, adapters) in [(1, vec![]), (2, vec![]), (2, vec![(adapter.clone(), 0.7)])] {
         let at_start = ALLOCS.load(Ordering::SeqCst);
         let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 64, n_batch: 8, n_threads: threads }).unwrap();
         let mut greedy = Sampler::new(SamplingParams::default(), model.config.vocab_size).unwrap();
@@ -49,6 +50,7 @@ fn decode_step_allocates_nothing() {
         };
         let mut sampled = Sampler::new(p, model.config.vocab_size).unwrap();
         assert!(ALLOCS.load(Ordering::SeqCst) > at_start, "the counter sees the session's buffers");
+        s.set_adapters(&adapters).unwrap();
         s.eval(&[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]).unwrap();
         let mut next = greedy.sample(s.logits(), s.tokens());
         s.eval(&[next]).unwrap(); // warm-up: first use of every buffer and worker
@@ -59,6 +61,12 @@ fn decode_step_allocates_nothing() {
                 if i % 2 == 0 { greedy.sample(s.logits(), s.tokens()) } else { sampled.sample(s.logits(), s.tokens()) };
         }
         let after = ALLOCS.load(Ordering::SeqCst);
-        assert_eq!(after - before, 0, "{} allocations in 20 decode steps with {threads} threads", after - before);
+        assert_eq!(
+            after - before,
+            0,
+            "{} allocations in 20 decode steps with {threads} threads, {} adapters",
+            after - before,
+            adapters.len()
+        );
     }
 }

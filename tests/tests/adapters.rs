@@ -87,3 +87,109 @@ fn wrong_base_and_unsupported_adapters_are_refused_clearly() {
     let e = s.set_adapters(&[(a, 1.0)]).unwrap_err().to_string();
     assert!(e.contains("different model"), "{e}");
 }
+
+/// A copy of the llama-qv adapter in a temporary directory, to corrupt.
+fn scratch_adapter() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("adapters/llama-qv").join(f), d.path().join(f)).unwrap();
+    }
+    d
+}
+
+fn load_err(dir: &std::path::Path) -> String {
+    let m = model("tiny-llama");
+    match Adapter::load(dir, &m) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_config(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("adapter_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, v.to_string()).unwrap();
+}
+
+/// Rewrites adapter_model.safetensors keeping only the tensors `keep` accepts.
+fn filter_tensors(dir: &std::path::Path, keep: impl Fn(&str) -> bool) {
+    let p = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| keep(n)).collect();
+    std::fs::write(&p, safetensors::serialize(kept, None).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_adapters_give_clear_errors() {
+    let d = scratch_adapter();
+    edit_config(d.path(), |v| v["r"] = 4.into());
+    let e = load_err(d.path());
+    assert!(e.contains("lora_A") && e.contains("r = 4") && e.contains("[4, 64]") && e.contains("[8, 64]"), "{e}");
+
+    let d = scratch_adapter();
+    edit_config(d.path(), |v| v["peft_type"] = "IA3".into());
+    let e = load_err(d.path());
+    assert!(e.contains("IA3") && e.contains("peft_type"), "{e}");
+
+    let d = scratch_adapter();
+    std::fs::write(d.path().join("adapter_config.json"), "{ not json").unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("adapter_config.json") && e.contains("JSON"), "{e}");
+
+    let d = scratch_adapter();
+    filter_tensors(d.path(), |n| !(n.contains("layers.1.self_attn.v_proj") && n.contains("lora_B")));
+    let e = load_err(d.path());
+    assert!(e.contains("layers.1.self_attn.v_proj") && e.contains("incomplete"), "{e}");
+
+    let d = scratch_adapter();
+    filter_tensors(d.path(), |n| !(n.contains("layers.0.self_attn.q_proj") && n.contains("lora_A")));
+    let e = load_err(d.path());
+    assert!(e.contains("layers.0.self_attn.q_proj") && e.contains("lora_A"), "{e}");
+
+    let d = scratch_adapter();
+    let p = d.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 64]).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("adapter_model.safetensors"), "{e}");
+
+    let d = scratch_adapter();
+    std::fs::rename(d.path().join("adapter_model.safetensors"), d.path().join("adapter_model.bin")).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("pickle") && e.contains("safetensors"), "{e}");
+}
+
+#[test]
+fn unknown_target_module_is_named() {
+    let d = scratch_adapter();
+    let p = d.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qkv_proj"), v))
+        .collect();
+    std::fs::write(&p, safetensors::serialize(renamed, None).unwrap()).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("model.layers.1.self_attn.qkv_proj") && e.contains("does not have"), "{e}");
+}
+
+/// A refused adapter leaves the model and its sessions as they were.
+#[test]
+fn refused_adapter_leaves_sessions_unaffected() {
+    let r = reference();
+    let m = model("tiny-llama");
+    let tokens = r.tokens("tokens_b_tiny_llama");
+    let qv = Arc::new(Adapter::load(&fixture("adapters/llama-qv"), &m).unwrap());
+    let mut s = Session::new(m.clone(), &SessionOptions { n_ctx: 128, n_batch: 16, n_threads: 2 }).unwrap();
+    s.set_adapters(&[(qv, 1.0)]).unwrap();
+    let d = scratch_adapter();
+    edit_config(d.path(), |v| v["r"] = 2.into());
+    assert!(Adapter::load(d.path(), &m).is_err());
+    let mut out = Vec::new();
+    s.eval_all(&tokens, &mut out).unwrap();
+    assert_logits_close("llama-qv after a refused load", &out, r.logits("logits_llama_qv"));
+}
