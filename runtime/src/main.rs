@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use peftrt::gguf::{import, DType, GgufFile, ImportOptions};
-use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
+use peftrt::{generate, Adapter, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,19 +62,54 @@ struct ModelArgs {
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(long = "ctx-size", default_value_t = 0)]
     ctx_size: usize,
+    /// A PEFT LoRA adapter directory, optionally with a scale (default 1): DIR or DIR:0.5.
+    /// Repeatable: the adapters' effects add up.
+    #[arg(long = "adapter", value_name = "DIR[:SCALE]")]
+    adapters: Vec<String>,
+}
+
+/// A loaded model and a session with the requested adapters active.
+struct Loaded {
+    model: Arc<Model>,
+    session: Session,
+    load_ms: f64,
+    adapter_load_ms: f64,
 }
 
 impl ModelArgs {
-    fn load(&self, tokenizer: bool) -> Result<(Arc<Model>, Session, f64)> {
+    fn load(&self, tokenizer: bool) -> Result<Loaded> {
         let t = Instant::now();
         let model = Model::load(&self.model, &LoadOptions { no_tokenizer: !tokenizer })
             .with_context(|| format!("cannot load the model in {}", self.model.display()))?;
         let load_ms = t.elapsed().as_secs_f64() * 1e3;
         let model = Arc::new(model);
-        let session =
+        let mut session =
             Session::new(model.clone(), &SessionOptions { n_ctx: self.ctx_size, n_threads: self.threads, n_batch: 0 })?;
-        Ok((model, session, load_ms))
+        let t = Instant::now();
+        let mut active = Vec::new();
+        for spec in &self.adapters {
+            let (dir, scale) = parse_adapter_spec(spec)?;
+            let adapter =
+                Adapter::load(&dir, &model).with_context(|| format!("cannot load the adapter in {}", dir.display()))?;
+            active.push((Arc::new(adapter), scale));
+        }
+        let adapter_load_ms = t.elapsed().as_secs_f64() * 1e3;
+        session.set_adapters(&active)?;
+        Ok(Loaded { model, session, load_ms, adapter_load_ms })
     }
+}
+
+/// `DIR` or `DIR:SCALE` (a trailing `:number` is the scale; directories may contain colons).
+fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f32)> {
+    if let Some((dir, scale)) = spec.rsplit_once(':') {
+        if let Ok(s) = scale.parse::<f32>() {
+            if !s.is_finite() {
+                bail!("--adapter {spec}: the scale must be a finite number");
+            }
+            return Ok((PathBuf::from(dir), s));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
 }
 
 #[derive(Args)]
@@ -168,7 +203,7 @@ fn utf8(s: std::ffi::OsString, what: &str) -> Result<String> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let (model, mut session, load_ms) = a.m.load(true)?;
+    let Loaded { model, mut session, load_ms, .. } = a.m.load(true)?;
     let tok = model.tokenizer()?;
     let prompt = utf8(a.prompt, "--prompt")?;
     if prompt.is_empty() {
@@ -217,7 +252,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
-    let (model, mut session, _) = a.m.load(a.prompt.is_some())?;
+    let Loaded { model, mut session, .. } = a.m.load(a.prompt.is_some())?;
     let tokens: Vec<u32> = match (&a.tokens, a.prompt) {
         (Some(list), _) => list
             .split(',')
@@ -269,7 +304,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let (model, mut session, load_ms) = a.m.load(false)?;
+    let Loaded { model, mut session, load_ms, adapter_load_ms } = a.m.load(false)?;
     let vocab = model.config.vocab_size as u32;
     if a.prompt_tokens == 0 || a.repeat == 0 {
         bail!("--prompt-tokens and --repeat must be at least 1");
@@ -306,6 +341,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (tg_lo, tg_hi) = spread(&tg);
     let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
     let rss = peak_rss_bytes().unwrap_or(0);
+    // Switching adapters: a session's active set replaced (all off, then back on), per switch.
+    let active = session.adapters().to_vec();
+    let switch_us = if active.is_empty() {
+        0.0
+    } else {
+        let t = Instant::now();
+        for _ in 0..500 {
+            session.set_adapters(&[])?;
+            session.set_adapters(&active)?;
+        }
+        t.elapsed().as_secs_f64() * 1e6 / 1000.0
+    };
     if a.json {
         let v = serde_json::json!({
             "model": a.m.model.display().to_string(),
@@ -314,6 +361,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "gen_tokens": a.gen_tokens,
             "repeat": a.repeat,
             "load_ms": load_ms,
+            "adapters": a.m.adapters,
+            "adapter_load_ms": adapter_load_ms,
+            "adapter_switch_us": switch_us,
             "prefill_tok_s": pp_med,
             "prefill_tok_s_min": pp_lo,
             "prefill_tok_s_max": pp_hi,
@@ -327,6 +377,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         println!("model      {}", a.m.model.display());
         println!("threads    {}", session.n_threads());
         println!("load       {load_ms:.0} ms");
+        if !a.m.adapters.is_empty() {
+            println!("adapters   {} (load {adapter_load_ms:.2} ms, switch {switch_us:.2} µs)", a.m.adapters.join(" "));
+        }
         println!(
             "prefill    {pp_med:.1} tok/s  (min {pp_lo:.1}, max {pp_hi:.1}; {} tokens, {} runs)",
             a.prompt_tokens, a.repeat

@@ -124,3 +124,46 @@ fn import_of_a_broken_gguf_leaves_nothing() {
     assert!(!out_dir.exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary directory was left behind");
 }
+
+#[test]
+fn adapters_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixture("adapters/llama-qv").display().to_string();
+    let score = |extra: &[&str], name: &str| -> Vec<u8> {
+        let path = dir.path().join(name);
+        let mut args = vec!["score", "--model", "", "--tokens", "3,4,5", "--out", path.to_str().unwrap()];
+        let m = model();
+        args[2] = &m;
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        std::fs::read(path).unwrap()
+    };
+    let base = score(&[], "base.safetensors");
+    let off = score(&["--adapter", &format!("{adapter}:0")], "off.safetensors");
+    let on = score(&["--adapter", &adapter], "on.safetensors");
+    assert_eq!(base, off, "scale 0 is exactly off");
+    assert_ne!(base, on, "the adapter changes the logits");
+
+    let out = run(&[
+        "bench",
+        "--model",
+        &model(),
+        "--adapter",
+        &adapter,
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["adapter_load_ms"].as_f64().unwrap() > 0.0 && v["adapter_switch_us"].as_f64().unwrap() > 0.0, "{v}");
+
+    let out = run(&["generate", "--model", &model(), "--prompt", "hi", "--adapter", "/nonexistent/adapter:0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/adapter"), "{}", text(&out.stderr));
+}
