@@ -34,6 +34,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod output;
 pub mod sampler;
 pub mod session;
 pub mod threadpool;

@@ -13,9 +13,7 @@
 //! The directory is written atomically: into a temporary sibling, renamed into place at the
 //! end, removed on any error.
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value as Json};
@@ -23,6 +21,7 @@ use serde_json::{json, Map, Value as Json};
 use super::file::{GgufFile, TensorInfo};
 use super::vocab::Vocab;
 use crate::error::{Error, Result};
+use crate::output::{self, write_dir_atomically, write_json};
 pub use crate::weights::DType;
 
 /// How to import.
@@ -100,7 +99,7 @@ struct Planned<'a> {
 /// must not exist or be empty, unless `opts.force`. On error nothing is left at `out_dir`
 /// (an existing directory is untouched) and the temporary directory is removed.
 pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<ImportSummary> {
-    let out_name = out_dir
+    out_dir
         .file_name()
         .ok_or_else(|| Error::Input(format!("{}: the output directory needs a name", out_dir.display())))?;
     let exists_non_empty = match fs::read_dir(out_dir) {
@@ -145,35 +144,14 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
         }
     }
 
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(".{}.peftrt-import-{}", out_name.to_string_lossy(), std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-
-    let written = (|| -> Result<u64> {
+    let n_parameters = write_dir_atomically(out_dir, |tmp| {
         let n_params = write_safetensors(&g, &plan, opts.dtype, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config)?;
         write_json(&tmp.join("generation_config.json"), &Json::Object(generation))?;
         write_json(&tmp.join("tokenizer.json"), &tokenizer)?;
         write_json(&tmp.join("tokenizer_config.json"), &tokenizer_config)?;
-        move_into_place(&tmp, out_dir)?;
         Ok(n_params)
-    })();
-    let n_parameters = match written {
-        Ok(n) => n,
-        Err(e) => {
-            if let Err(rm) = fs::remove_dir_all(&tmp) {
-                log::warn!("could not remove {}: {rm}", tmp.display());
-            }
-            return Err(e);
-        }
-    };
+    })?;
     Ok(ImportSummary {
         out_dir: out_dir.to_path_buf(),
         architecture: arch.name.to_string(),
@@ -183,34 +161,6 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
     })
 }
 
-/// Renames `tmp` to `out_dir`, replacing an existing `out_dir` (moved aside first, removed
-/// after the rename succeeded).
-fn move_into_place(tmp: &Path, out_dir: &Path) -> Result<()> {
-    if out_dir.exists() {
-        let mut old = tmp.as_os_str().to_owned();
-        old.push(".old");
-        let old = PathBuf::from(old);
-        fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
-        if let Err(e) = fs::rename(tmp, out_dir) {
-            // Put the previous directory back before reporting.
-            let _ = fs::rename(&old, out_dir);
-            return Err(Error::io(out_dir, e));
-        }
-        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        Ok(())
-    } else {
-        fs::rename(tmp, out_dir).map_err(|e| Error::io(out_dir, e))
-    }
-}
-
-fn write_json(path: &Path, value: &Json) -> Result<()> {
-    let mut text =
-        serde_json::to_string_pretty(value).map_err(|e| Error::format(path, format!("cannot serialise JSON: {e}")))?;
-    text.push('\n');
-    fs::write(path, text).map_err(|e| Error::io(path, e))
-}
-
-/// A required `u32` hyper-parameter `{arch}.{key}`.
 fn required_u32(g: &GgufFile, key: &str) -> Result<u32> {
     g.get_u32(key)?.ok_or_else(|| Error::config(g.path(), key, "missing; the GGUF lacks a required hyper-parameter"))
 }
@@ -439,43 +389,18 @@ pub fn unpermute_rows(values: &[f32], n_heads: usize, row_len: usize) -> Vec<f32
 /// un-permuted and converted in turn, so memory holds one tensor at a time). Returns the
 /// number of parameters.
 fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Path) -> Result<u64> {
-    let mut header = BTreeMap::new();
-    let mut offset = 0u64;
-    for p in plan {
-        let n_bytes = p.info.n_elements() * dtype.size() as u64;
-        header.insert(
-            p.hf_name.clone(),
-            json!({"dtype": dtype.name(), "shape": p.info.torch_shape(), "data_offsets": [offset, offset + n_bytes]}),
-        );
-        offset += n_bytes;
-    }
-    let mut header = serde_json::to_value(header).map_err(|e| Error::format(path, e.to_string()))?;
-    header["__metadata__"] = json!({"format": "pt"});
-    let mut text = serde_json::to_string(&header).map_err(|e| Error::format(path, e.to_string()))?;
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::new(file);
-    let io = |e| Error::io(path, e);
-    w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(text.as_bytes()).map_err(io)?;
-    let mut bytes = Vec::new();
-    let mut n_params = 0;
-    for p in plan {
-        let mut values = g.dequantize(p.info)?;
-        if let Some(heads) = p.unpermute_heads {
-            let row_len = p.info.dims[0] as usize;
-            values = unpermute_rows(&values, heads as usize, if p.info.dims.len() == 1 { 1 } else { row_len });
-        }
-        bytes.clear();
-        dtype.encode(&values, &mut bytes);
-        w.write_all(&bytes).map_err(io)?;
-        n_params += values.len() as u64;
-    }
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(n_params)
+    let tensors: Vec<(String, Vec<usize>)> = plan.iter().map(|p| (p.hf_name.clone(), p.info.torch_shape())).collect();
+    output::write_safetensors(path, &tensors, dtype, |i| {
+        let p = &plan[i];
+        let values = g.dequantize(p.info)?;
+        Ok(match p.unpermute_heads {
+            Some(heads) => {
+                let row_len = p.info.dims[0] as usize;
+                unpermute_rows(&values, heads as usize, if p.info.dims.len() == 1 { 1 } else { row_len })
+            }
+            None => values,
+        })
+    })
 }
 
 /// `config.json` from the metadata.
@@ -567,6 +492,7 @@ fn rope_scaling(g: &GgufFile, arch: &Arch) -> Result<Option<Json>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn data_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gguf")

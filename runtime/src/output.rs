@@ -1,0 +1,109 @@
+//! Writing model directories: safetensors files streamed tensor by tensor, JSON files, and the
+//! whole directory made in a temporary sibling and renamed into place, so a failure never
+//! leaves a half-written model behind. Used by `peftrt import` and `peftrt merge`.
+
+use crate::error::{Error, Result};
+use crate::weights::DType;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Runs `fill(tmp)` on a fresh temporary sibling of `out_dir`, then renames it to `out_dir`
+/// (replacing an existing one). On any error the temporary directory is removed.
+pub fn write_dir_atomically<T>(out_dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out_dir.file_name().ok_or_else(|| Error::format(out_dir, "not a directory name"))?;
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = parent.join(format!(".{}.peftrt-tmp-{}", name.to_string_lossy(), std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(&tmp).and_then(|v| move_into_place(&tmp, out_dir).map(|_| v));
+    if result.is_err() {
+        if let Err(rm) = fs::remove_dir_all(&tmp) {
+            log::warn!("could not remove {}: {rm}", tmp.display());
+        }
+    }
+    result
+}
+
+/// Renames `tmp` to `out_dir`, replacing an existing `out_dir` (moved aside first, removed
+/// after the rename succeeded).
+fn move_into_place(tmp: &Path, out_dir: &Path) -> Result<()> {
+    if out_dir.exists() {
+        let mut old = tmp.as_os_str().to_owned();
+        old.push(".old");
+        let old = PathBuf::from(old);
+        fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
+        if let Err(e) = fs::rename(tmp, out_dir) {
+            // Put the previous directory back before reporting.
+            let _ = fs::rename(&old, out_dir);
+            return Err(Error::io(out_dir, e));
+        }
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        Ok(())
+    } else {
+        fs::rename(tmp, out_dir).map_err(|e| Error::io(out_dir, e))
+    }
+}
+
+/// Writes pretty JSON with a final newline.
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::format(path, format!("cannot serialise JSON: {e}")))?;
+    text.push('\n');
+    fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Writes a safetensors file of `tensors` (name, shape) in `dtype`, asking `values(i)` for the
+/// f32 values of tensor `i` one at a time (so only one tensor is in memory). Returns the
+/// number of parameters written.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    dtype: DType,
+    mut values: impl FnMut(usize) -> Result<Vec<f32>>,
+) -> Result<u64> {
+    let mut header = BTreeMap::new();
+    let mut offset = 0u64;
+    for (name, shape) in tensors {
+        let n_bytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+        header.insert(
+            name.clone(),
+            json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + n_bytes]}),
+        );
+        offset += n_bytes;
+    }
+    let mut header = serde_json::to_value(header).map_err(|e| Error::format(path, e.to_string()))?;
+    header["__metadata__"] = json!({"format": "pt"});
+    let mut text = serde_json::to_string(&header).map_err(|e| Error::format(path, e.to_string()))?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(text.as_bytes()).map_err(io)?;
+    let mut bytes = Vec::new();
+    let mut n_params = 0;
+    for (i, (name, shape)) in tensors.iter().enumerate() {
+        let v = values(i)?;
+        if v.len() != shape.iter().product::<usize>() {
+            return Err(Error::tensor(name, format!("{} values for shape {shape:?}", v.len())));
+        }
+        bytes.clear();
+        dtype.encode(&v, &mut bytes);
+        w.write_all(&bytes).map_err(io)?;
+        n_params += v.len() as u64;
+    }
+    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(n_params)
+}
