@@ -33,6 +33,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod merge;
 pub mod model;
 pub mod output;
 pub mod sampler;

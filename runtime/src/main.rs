@@ -28,6 +28,24 @@ enum Cmd {
     Inspect { path: PathBuf },
     /// Convert a GGUF file into a Hugging Face model directory (tensors dequantised).
     Import(ImportArgs),
+    /// Merge LoRA adapters into a model: W + Σ scale·ΔW, written as a new model directory.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The base model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter directory, optionally with a scale: DIR or DIR:0.5 (repeatable).
+    #[arg(long = "adapter", value_name = "DIR[:SCALE]", required = true)]
+    adapters: Vec<String>,
+    /// The model directory to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight dtype of the output (default: the base's).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
 }
 
 #[derive(Args)]
@@ -191,6 +209,7 @@ fn main() {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Inspect { path } => cmd_inspect(&path),
         Cmd::Import(a) => cmd_import(a),
+        Cmd::Merge(a) => cmd_merge(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -424,12 +443,34 @@ fn cmd_inspect(path: &Path) -> Result<()> {
     }
 }
 
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> DType {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let adapters = a.adapters.iter().map(|s| parse_adapter_spec(s)).collect::<Result<Vec<_>>>()?;
+    let t = Instant::now();
+    let s = peftrt::merge::merge(&a.model, &adapters, &a.out, a.dtype.map(DType::from))?;
+    eprintln!(
+        "merged {} adapter(s) into {} linear layers; wrote {} tensors ({}) to {} in {:.1} s",
+        adapters.len(),
+        s.merged_layers,
+        s.n_tensors,
+        s.dtype.name(),
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn cmd_import(a: ImportArgs) -> Result<()> {
-    let dtype = match a.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = DType::from(a.dtype);
     let t = Instant::now();
     let s = import(&a.gguf, &a.out_dir, &ImportOptions { dtype, force: a.force })?;
     eprintln!(

@@ -193,3 +193,40 @@ fn refused_adapter_leaves_sessions_unaffected() {
     s.eval_all(&tokens, &mut out).unwrap();
     assert_logits_close("llama-qv after a refused load", &out, r.logits("logits_llama_qv"));
 }
+
+/// `peftrt merge` equals PEFT's `merge_and_unload`, and the merged directory runs as a model.
+#[test]
+fn merged_model_matches_peft_merge() {
+    let r = reference();
+    let tokens = r.tokens("tokens_b_tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let s = peftrt::merge::merge(&fixture("tiny-llama"), &[(fixture("adapters/llama-qv"), 1.0)], &out, None).unwrap();
+    assert_eq!(s.merged_layers, 4, "q and v of two layers");
+    let merged = Arc::new(Model::load(&out, &LoadOptions::default()).unwrap());
+    assert_logits_close(
+        "peftrt merge vs PEFT merge_and_unload",
+        &logits(&merged, &[], &tokens),
+        r.logits("logits_merged_llama_qv"),
+    );
+
+    // Two adapters with scales, merged, equal the same two applied unmerged.
+    let out2 = dir.path().join("merged2");
+    let specs = [(fixture("adapters/llama-qv"), 1.0), (fixture("adapters/llama-all-rslora"), 0.5)];
+    peftrt::merge::merge(&fixture("tiny-llama"), &specs, &out2, None).unwrap();
+    let merged2 = model_at(&out2);
+    assert_logits_close("merged two adapters", &logits(&merged2, &[], &tokens), r.logits("logits_two_llama"));
+
+    // An existing output directory is refused; a refused adapter leaves nothing behind.
+    assert!(peftrt::merge::merge(&fixture("tiny-llama"), &specs, &out2, None).is_err());
+    let out3 = dir.path().join("merged3");
+    assert!(
+        peftrt::merge::merge(&fixture("tiny-llama"), &[(fixture("adapters/llama-dora"), 1.0)], &out3, None).is_err()
+    );
+    assert!(!out3.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary directory left behind");
+}
+
+fn model_at(dir: &std::path::Path) -> Arc<Model> {
+    Arc::new(Model::load(dir, &LoadOptions { no_tokenizer: true }).unwrap())
+}
