@@ -190,11 +190,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         offset += len(data)
     h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
+    tmp = path.with_suffix(".tmp")  # written aside, renamed into place: never half a file
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
         for b in blobs:
             f.write(b)
+    tmp.replace(path)
 
 
 def write_json(path: Path, obj: dict) -> None:

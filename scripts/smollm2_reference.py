@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import struct
 import sys
 import time
 import os
@@ -62,28 +61,11 @@ def sha256_file(path: Path) -> str:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    """safetensors writer with a deterministic header (sorted keys)."""
-    import torch
+    """The fixtures' deterministic safetensors writer (imported late: torch only when needed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_fixtures import save_safetensors as save
 
-    dtypes = {torch.float32: "F32", torch.int32: "I32"}
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        data = t.view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    h += b" " * (-len(h) % 8)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-    tmp.replace(path)
+    save(tensors, path, metadata)
 
 
 def main() -> int:
