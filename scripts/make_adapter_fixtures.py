@@ -65,6 +65,7 @@ ADAPTERS: dict[str, tuple[str, int, dict]] = {
     "qwen2-qkvo": ("tiny-qwen2", 106, dict(r=8, lora_alpha=16, target_modules=ATTN)),
 }
 LORA_STD = 0.1        # std of the random lora_A / lora_B entries
+DORA_HALF = 0.5  # the llama-dora adapter is also evaluated at this scale
 MAGNITUDE_NOISE = 0.1  # DoRA magnitude = initial (row norm of W) * (1 + 0.1 * N(0, 1))
 TWO = [("llama-qv", 1.0), ("llama-all-rslora", 0.5)]  # logits_two_llama: adapters and scales
 
@@ -181,6 +182,16 @@ def make_all(out: Path) -> dict:
         metadata[f"base_{key}"] = base
         summary[name] = {"max_abs_delta": delta, "max_abs_logit": float(logits.abs().max()),
                          "n_lora_layers": len(lora_layers(model))}
+
+        if name == "llama-dora":  # DoRA's row norm depends on the scale: check a second one
+            for _, layer in lora_layers(reloaded):
+                layer.set_scale("default", DORA_HALF)
+            half = forward_logits(reloaded, toks[base])
+            d = float((half - logits).abs().max())
+            assert d > 1e-2 * float(logits.abs().max()), d
+            tensors["logits_llama_dora_half"] = half
+            metadata["base_llama_dora_half"] = base
+            metadata["llama_dora_half_scale"] = str(DORA_HALF)
 
         if name == "llama-qv":  # merged copy, as a full model directory
             mdir = out / "merged-llama-qv"

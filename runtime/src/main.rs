@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use peftrt::adapter::{AdapterFile, AdapterOptions};
 use peftrt::gguf::{import, DType, GgufFile, ImportOptions};
+use peftrt::merge::MergeOptions;
 use peftrt::{generate, Adapter, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,8 @@ enum Cmd {
     Score(ScoreArgs),
     /// Measure prefill and decode speed and peak memory.
     Bench(BenchArgs),
-    /// Show the architecture, tensors, dtypes and sizes of a model directory or GGUF file.
+    /// Show a model directory's or GGUF file's architecture, tensors, dtypes and sizes, or a
+    /// PEFT adapter directory's targets, ranks, scales and size.
     Inspect { path: PathBuf },
     /// Convert a GGUF file into a Hugging Face model directory (tensors dequantised).
     Import(ImportArgs),
@@ -43,6 +46,9 @@ struct MergeArgs {
     /// The model directory to write (must not exist).
     #[arg(long)]
     out: PathBuf,
+    /// Merge adapters even if they record a different base model.
+    #[arg(long)]
+    allow_base_mismatch: bool,
     /// Weight dtype of the output (default: the base's).
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
@@ -84,6 +90,9 @@ struct ModelArgs {
     /// Repeatable: the adapters' effects add up.
     #[arg(long = "adapter", value_name = "DIR[:SCALE]")]
     adapters: Vec<String>,
+    /// Load adapters even if they record a different base model than --model.
+    #[arg(long)]
+    allow_base_mismatch: bool,
 }
 
 /// A loaded model and a session with the requested adapters active.
@@ -107,8 +116,9 @@ impl ModelArgs {
         let mut active = Vec::new();
         for spec in &self.adapters {
             let (dir, scale) = parse_adapter_spec(spec)?;
-            let adapter =
-                Adapter::load(&dir, &model).with_context(|| format!("cannot load the adapter in {}", dir.display()))?;
+            let opts = AdapterOptions { allow_base_mismatch: self.allow_base_mismatch };
+            let adapter = Adapter::load_with(&dir, &model, &opts)
+                .with_context(|| format!("cannot load the adapter in {}", dir.display()))?;
             active.push((Arc::new(adapter), scale));
         }
         let adapter_load_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -413,7 +423,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn cmd_inspect(path: &Path) -> Result<()> {
-    if path.is_dir() {
+    if path.join("adapter_config.json").is_file() {
+        inspect_adapter(path)
+    } else if path.is_dir() {
         let model = Model::load(path, &LoadOptions { no_tokenizer: false })
             .with_context(|| format!("cannot load the model in {}", path.display()))?;
         let c = &model.config;
@@ -443,6 +455,50 @@ fn cmd_inspect(path: &Path) -> Result<()> {
     }
 }
 
+fn inspect_adapter(dir: &Path) -> Result<()> {
+    let f = AdapterFile::open(dir).with_context(|| format!("cannot read the adapter in {}", dir.display()))?;
+    let c = &f.config;
+    println!("adapter            {}", dir.display());
+    println!("type               {}", if c.use_dora { "DoRA" } else { "LoRA" });
+    println!("base model         {}", c.base_model.as_deref().unwrap_or("(not recorded)"));
+    println!("base fingerprint   {}", if f.base_fingerprint.is_some() { "recorded (checked at load)" } else { "none" });
+    let rs = if c.rslora { " (rsLoRA: scale alpha/√r)" } else { " (scale alpha/r)" };
+    println!("r / alpha          {} / {}{rs}", c.r, c.alpha);
+    for (k, v) in &c.rank_pattern {
+        println!("  rank_pattern     {k} = {v}");
+    }
+    for (k, v) in &c.alpha_pattern {
+        println!("  alpha_pattern    {k} = {v}");
+    }
+    println!("target_modules     {}", c.target_modules);
+    if !matches!(c.exclude_modules, peftrt::adapter::Targets::Unspecified) {
+        println!("exclude_modules    {}", c.exclude_modules);
+    }
+    if let Some(l) = &c.layers {
+        println!("layers             {l:?}");
+    }
+    let n = f.n_params();
+    println!(
+        "adapted modules    {} ({} parameters, {:.2} MiB on disk)",
+        f.modules.len(),
+        n,
+        f.file_bytes as f64 / (1024.0 * 1024.0)
+    );
+    for (name, t) in &f.modules {
+        println!(
+            "  {:<40} r {:<3} scale {:<8.4} [{} → {}] {}{}",
+            name,
+            t.rank(),
+            f.scale_for(name),
+            t.a.shape[1],
+            t.b.shape[0],
+            t.a.dtype.name(),
+            if t.magnitude.is_some() { " +magnitude" } else { "" }
+        );
+    }
+    Ok(())
+}
+
 impl From<DTypeArg> for DType {
     fn from(d: DTypeArg) -> DType {
         match d {
@@ -456,7 +512,8 @@ impl From<DTypeArg> for DType {
 fn cmd_merge(a: MergeArgs) -> Result<()> {
     let adapters = a.adapters.iter().map(|s| parse_adapter_spec(s)).collect::<Result<Vec<_>>>()?;
     let t = Instant::now();
-    let s = peftrt::merge::merge(&a.model, &adapters, &a.out, a.dtype.map(DType::from))?;
+    let opts = MergeOptions { dtype: a.dtype.map(DType::from), allow_base_mismatch: a.allow_base_mismatch };
+    let s = peftrt::merge::merge(&a.model, &adapters, &a.out, &opts)?;
     eprintln!(
         "merged {} adapter(s) into {} linear layers; wrote {} tensors ({}) to {} in {:.1} s",
         adapters.len(),

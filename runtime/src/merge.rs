@@ -1,7 +1,8 @@
 //! Merging adapters into a base model: `W' = W + Σ scale · ΔW`, computed in f32, written as a
 //! complete Hugging Face model directory that any tool loads (PEFT's `merge_and_unload`).
+//! DoRA layers are merged as PEFT does: each row of `W + s·ΔW` rescaled to its magnitude.
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, AdapterOptions};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::model::{LoadOptions, Model};
@@ -20,26 +21,36 @@ pub struct MergeSummary {
     pub dtype: DType,
 }
 
+/// Options for [`merge`].
+#[derive(Clone, Debug, Default)]
+pub struct MergeOptions {
+    /// Weight dtype of the output (default: the base's embedding dtype).
+    pub dtype: Option<DType>,
+    /// Merge adapters that record a different base model (see [`AdapterOptions`]).
+    pub allow_base_mismatch: bool,
+}
+
 /// Merges `adapters` (directory, scale) into the model in `model_dir` and writes the result to
-/// `out_dir` in `dtype` (default: the base's embedding dtype). Atomic: on error nothing is left.
+/// `out_dir`. Atomic: on error nothing is left.
 pub fn merge(
     model_dir: &Path,
     adapters: &[(PathBuf, f32)],
     out_dir: &Path,
-    dtype: Option<DType>,
+    opts: &MergeOptions,
 ) -> Result<MergeSummary> {
     if out_dir.exists() {
         return Err(Error::Input(format!("{} already exists; choose a new output directory", out_dir.display())));
     }
     let model = Arc::new(Model::load(model_dir, &LoadOptions { no_tokenizer: true })?);
+    let aopts = AdapterOptions { allow_base_mismatch: opts.allow_base_mismatch };
     let loaded: Vec<(Adapter, f32)> =
-        adapters.iter().map(|(dir, s)| Ok((Adapter::load(dir, &model)?, *s))).collect::<Result<_>>()?;
+        adapters.iter().map(|(dir, s)| Ok((Adapter::load_with(dir, &model, &aopts)?, *s))).collect::<Result<_>>()?;
     if model.config.tie_word_embeddings && loaded.iter().any(|(a, _)| a.for_layer(&model.lm_head).is_some()) {
         return Err(Error::Unsupported(
             "an adapter on lm_head cannot be merged into a model whose lm_head is tied to the embeddings".into(),
         ));
     }
-    let dtype = dtype.unwrap_or(model.embed_tokens.dtype);
+    let dtype = opts.dtype.unwrap_or(model.embed_tokens.dtype);
     let linears: HashMap<String, &crate::model::Linear> =
         model.linears().map(|l| (format!("{}.weight", l.name), l)).collect();
     let tensors = model.store().tensors();
@@ -56,12 +67,18 @@ pub fn merge(
                 let mut changed = false;
                 for (adapter, scale) in &loaded {
                     let Some(lw) = adapter.for_layer(lin).filter(|_| *scale != 0.0) else { continue };
-                    let (a, b) = (lw.a.to_f32_vec(), lw.b.to_f32_vec());
-                    let (r, cols) = (lw.rank, lin.cols);
-                    // ΔW[o, :] = s · Σ_k B[o, k] · A[k, :]
-                    for (o, row) in w.chunks_exact_mut(cols).enumerate() {
-                        for k in 0..r {
-                            kernels::axpy(row, scale * lw.scale * b[o * r + k], &a[k * cols..(k + 1) * cols]);
+                    let s = scale * lw.scale;
+                    let delta = lw.delta();
+                    for (row, d) in w.chunks_exact_mut(lin.cols).zip(delta.chunks_exact(lin.cols)) {
+                        kernels::axpy(row, s, d);
+                    }
+                    // DoRA: each row rescaled to its magnitude, W' = m / ‖W + s·ΔW‖_row ⊙ (W + s·ΔW)
+                    // (PEFT's merge; with several adapters each applies to the weights merged so far).
+                    if let Some(dora) = &lw.dora {
+                        for (row, &m) in w.chunks_exact_mut(lin.cols).zip(&dora.magnitude) {
+                            let norm = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+                            let g = (f64::from(m) / norm) as f32;
+                            row.iter_mut().for_each(|x| *x *= g);
                         }
                     }
                     changed = true;

@@ -63,6 +63,8 @@ struct Scratch {
     lora_u: Vec<f32>,
     /// `[n_batch, max out]` adapters' `B·(A·x)`
     lora_y: Vec<f32>,
+    /// `[max out]` DoRA's per-row gains
+    lora_g: Vec<f32>,
 }
 
 /// The active adapters of a session, each with its scale.
@@ -129,6 +131,7 @@ impl Session {
             logits: vec![0.0; c.vocab_size],
             lora_u: Vec::new(),
             lora_y: Vec::new(),
+            lora_g: Vec::new(),
         };
         Ok(Session {
             pool: ThreadPool::new(n_threads),
@@ -161,6 +164,9 @@ impl Session {
         }
         if self.s.lora_y.len() < n_batch * out {
             self.s.lora_y.resize(n_batch * out, 0.0);
+        }
+        if self.s.lora_g.len() < out {
+            self.s.lora_g.resize(out, 0.0);
         }
         self.adapters.clear();
         self.adapters.extend(adapters.iter().cloned());
@@ -247,7 +253,7 @@ impl Session {
     /// One batch of at most `n_batch` tokens through the network (inputs already checked).
     fn forward(&mut self, tokens: &[u32], want: Want) {
         let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, adapters, .. } = self;
-        let mut lora = Lora { active: adapters, u: &mut s.lora_u, y: &mut s.lora_y };
+        let mut lora = Lora { active: adapters, u: &mut s.lora_u, y: &mut s.lora_y, g: &mut s.lora_g };
         let c = &model.config;
         let n = tokens.len();
         let pos0 = history.len();
@@ -395,7 +401,8 @@ fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 }
 
 /// `ys[i] = x·Wᵢᵀ + bᵢ` for `n` tokens, for `N` projections of the same input (q/k/v,
-/// gate/up share one parallel job): the one place every projection goes through.
+/// gate/up share one parallel job), plus the active adapters: the one place every projection
+/// goes through.
 pub(crate) fn linear<const N: usize>(
     pool: &ThreadPool,
     lora: &mut Lora,
@@ -407,19 +414,57 @@ pub(crate) fn linear<const N: usize>(
     let mats = lins.map(Linear::mat);
     kernels::matmul_many(pool, &mats, x, n, &mut ys);
     for (lin, y) in lins.iter().zip(ys) {
+        if !lora.active.is_empty() {
+            apply_adapters(pool, lora, lin, x, n, y);
+        }
         if let Some(b) = &lin.bias {
             for row in y.chunks_exact_mut(lin.rows) {
                 kernels::add(row, b);
             }
         }
-        // Unmerged adapters: y += scale · B(A·x) for each active adapter on this layer
-        // (PEFT's `lora.Linear.forward`, llama.cpp's `build_lora_mm`).
-        for (adapter, weight) in lora.active.iter() {
-            let Some(lw) = adapter.for_layer(lin).filter(|_| *weight != 0.0) else { continue };
-            let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * lin.rows]);
-            kernels::matmul_many(pool, &[lw.a_mat()], x, n, &mut [&mut *u]);
-            kernels::matmul_many(pool, &[lw.b_mat()], u, n, &mut [&mut *v]);
-            kernels::axpy(y, weight * lw.scale, v);
+    }
+}
+
+/// Adds the active adapters' outputs to `y = x·Wᵀ` (before the bias), as PEFT sums the
+/// outputs of its active adapters (llama.cpp's `build_lora_mm` likewise):
+/// - LoRA: `y += s·B(A·x)`;
+/// - DoRA: `y += (g − 1)⊙(x·Wᵀ) + g⊙s·B(A·x)` with `g = m / ‖W + s·B·A‖_row`
+///   (PEFT's `DoraLinearLayer.forward`; every DoRA term uses the base output `x·Wᵀ`, so the
+///   base-output factors are applied first, together).
+fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x: &[f32], n: usize, y: &mut [f32]) {
+    let rows = lin.rows;
+    let active = lora.active;
+    let on_layer = || active.iter().filter_map(|(a, w)| a.for_layer(lin).filter(|_| *w != 0.0).map(|lw| (lw, *w)));
+    if on_layer().any(|(lw, _)| lw.dora.is_some()) {
+        // factor = 1 + Σ (g − 1) over the DoRA adapters, built in `y`'s scratch row `lora.y[..rows]`.
+        let (f, g) = (&mut lora.y[..rows], &mut lora.g[..rows]);
+        f.fill(1.0);
+        for (lw, w) in on_layer() {
+            if let Some(d) = &lw.dora {
+                d.gains(w * lw.scale, g);
+                f.iter_mut().zip(g.iter()).for_each(|(f, g)| *f += g - 1.0);
+            }
+        }
+        for row in y.chunks_exact_mut(rows) {
+            row.iter_mut().zip(f.iter()).for_each(|(y, f)| *y *= f);
+        }
+    }
+    for (lw, weight) in on_layer() {
+        let s = weight * lw.scale;
+        let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * rows]);
+        kernels::matmul_many(pool, &[lw.a_mat()], x, n, &mut [&mut *u]);
+        kernels::matmul_many(pool, &[lw.b_mat()], u, n, &mut [&mut *v]);
+        match &lw.dora {
+            None => kernels::axpy(y, s, v),
+            Some(d) => {
+                let g = &mut lora.g[..rows];
+                d.gains(s, g);
+                for (y, v) in y.chunks_exact_mut(rows).zip(v.chunks_exact(rows)) {
+                    for ((y, v), g) in y.iter_mut().zip(v).zip(g.iter()) {
+                        *y += g * s * v;
+                    }
+                }
+            }
         }
     }
 }
@@ -429,6 +474,7 @@ pub(crate) struct Lora<'a> {
     active: &'a [(Arc<Adapter>, f32)],
     u: &'a mut [f32],
     y: &'a mut [f32],
+    g: &'a mut [f32],
 }
 
 /// cos and sin of `pos · inv_freq` for positions `pos0..pos0 + n`, computed in f32 as transformers does.

@@ -139,6 +139,8 @@ impl Tensor {
 pub struct WeightStore {
     tensors: HashMap<String, Tensor>,
     dir: PathBuf,
+    /// The safetensors header's `__metadata__` (of the first file, for sharded models).
+    metadata: HashMap<String, String>,
 }
 
 impl WeightStore {
@@ -162,16 +164,19 @@ impl WeightStore {
             ));
         };
         let mut tensors = HashMap::new();
+        let mut metadata = None;
         for file in files {
             // SAFETY: forwarded to our caller.
-            for t in unsafe { open_file(&file)? } {
+            let (list, meta) = unsafe { open_file(&file)? };
+            metadata.get_or_insert(meta);
+            for t in list {
                 if tensors.contains_key(&t.name) {
                     return Err(Error::tensor(&t.name, format!("appears twice (again in {})", file.display())));
                 }
                 tensors.insert(t.name.clone(), t);
             }
         }
-        Ok(WeightStore { tensors, dir: dir.to_path_buf() })
+        Ok(WeightStore { tensors, dir: dir.to_path_buf(), metadata: metadata.unwrap_or_default() })
     }
 
     /// Opens one safetensors file (an adapter's `adapter_model.safetensors`).
@@ -179,12 +184,15 @@ impl WeightStore {
     /// # Safety
     /// As [`WeightStore::open`]: the file must not change while the store lives.
     pub unsafe fn open_file(path: &Path) -> Result<Self> {
-        let mut tensors = HashMap::new();
         // SAFETY: forwarded to our caller.
-        for t in unsafe { open_file(path)? } {
-            tensors.insert(t.name.clone(), t);
-        }
-        Ok(WeightStore { tensors, dir: path.to_path_buf() })
+        let (list, metadata) = unsafe { open_file(path)? };
+        let tensors = list.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(WeightStore { tensors, dir: path.to_path_buf(), metadata })
+    }
+
+    /// The safetensors header's `__metadata__` strings.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
@@ -239,11 +247,12 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Maps one safetensors file and lists its tensors, validating the header against the file.
+/// Maps one safetensors file and lists its tensors (and the header's metadata), validating the
+/// header against the file.
 ///
 /// # Safety
 /// See [`WeightStore::open`].
-unsafe fn open_file(path: &Path) -> Result<Vec<Tensor>> {
+unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the caller promises the file is not modified while mapped.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
@@ -291,5 +300,5 @@ unsafe fn open_file(path: &Path) -> Result<Vec<Tensor>> {
         };
         out.push(Tensor { name, dtype, shape: info.shape.clone(), file: file_arc.clone(), storage });
     }
-    Ok(out)
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
 }

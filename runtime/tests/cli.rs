@@ -90,6 +90,25 @@ fn inspect_lists_tensors() {
 }
 
 #[test]
+fn inspect_shows_an_adapter() {
+    let out = run(&["inspect", fixture("adapters/llama-patterns").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for want in [
+        "type               LoRA",
+        "r / alpha          8 / 16",
+        "rank_pattern     k_proj = 2",
+        "target_modules     down_proj,gate_proj,k_proj",
+        "adapted modules    14",
+        "model.layers.0.self_attn.k_proj          r 2   scale 8.0000",
+    ] {
+        assert!(s.contains(want), "`{want}` missing from:\n{s}");
+    }
+    let out = run(&["inspect", fixture("adapters/llama-dora").to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("DoRA") && text(&out.stdout).contains("+magnitude"));
+}
+
+#[test]
 fn bad_prompts_are_refused_clearly() {
     let m = model();
     let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");

@@ -3,6 +3,7 @@
 //! layers_to_transform, qwen2 with biases, two adapters at once with different scales, and
 //! PEFT's merge_and_unload result.
 
+use peftrt::merge::MergeOptions;
 use peftrt::{Adapter, LoadOptions, Model, Session, SessionOptions};
 use peftrt_conformance::{assert_logits_close, fixture, Reference};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ fn single_adapters_match_peft() {
         ("llama-all-rslora", "tiny-llama"),
         ("llama-patterns", "tiny-llama"),
         ("llama-layers", "tiny-llama"),
+        ("llama-dora", "tiny-llama"),
         ("qwen2-qkvo", "tiny-qwen2"),
     ] {
         let m = model(base);
@@ -42,6 +44,17 @@ fn single_adapters_match_peft() {
         let off = logits(&m, &[(a, 0.0)], &tokens);
         assert_eq!(off, logits(&m, &[], &tokens), "{name}: scale 0 must equal the base model");
     }
+}
+
+/// DoRA's row norm `‖W + s·B·A‖` depends on the scale: a session's scale must reach it.
+#[test]
+fn dora_at_another_scale_matches_peft() {
+    let r = reference();
+    let m = model("tiny-llama");
+    let tokens = r.tokens("tokens_b_tiny_llama");
+    let a = Arc::new(Adapter::load(&fixture("adapters/llama-dora"), &m).unwrap());
+    assert!(a.dora);
+    assert_logits_close("llama-dora ×0.5", &logits(&m, &[(a, 0.5)], &tokens), r.logits("logits_llama_dora_half"));
 }
 
 #[test]
@@ -78,9 +91,6 @@ fn wrong_base_and_unsupported_adapters_are_refused_clearly() {
         Adapter::load(&fixture("adapters/llama-qv"), &wider).err().expect("adapter on a different base").to_string();
     assert!(e.contains("does not match this base model") && e.contains("[128, 8]") && e.contains("[64, 8]"), "{e}");
     let llama = model("tiny-llama");
-    let e =
-        Adapter::load(&fixture("adapters/llama-dora"), &llama).err().expect("DoRA is not supported yet").to_string();
-    assert!(e.contains("DoRA"), "{e}");
     let other = model("tiny-llama");
     let a = Arc::new(Adapter::load(&fixture("adapters/llama-qv"), &other).unwrap());
     let mut s = Session::new(llama, &SessionOptions::default()).unwrap();
@@ -126,7 +136,7 @@ fn bad_adapters_give_clear_errors() {
     let d = scratch_adapter();
     edit_config(d.path(), |v| v["r"] = 4.into());
     let e = load_err(d.path());
-    assert!(e.contains("lora_A") && e.contains("r = 4") && e.contains("[4, 64]") && e.contains("[8, 64]"), "{e}");
+    assert!(e.contains("lora_A") && e.contains("rank 4") && e.contains("[8, 64]"), "{e}");
 
     let d = scratch_adapter();
     edit_config(d.path(), |v| v["peft_type"] = "IA3".into());
@@ -177,6 +187,121 @@ fn unknown_target_module_is_named() {
     assert!(e.contains("model.layers.1.self_attn.qkv_proj") && e.contains("does not have"), "{e}");
 }
 
+#[test]
+fn target_modules_must_agree_with_the_base_and_the_tensors() {
+    // A target the base does not have (a GPT-2 name).
+    let d = scratch_adapter();
+    edit_config(d.path(), |v| v["target_modules"] = serde_json::json!(["q_proj", "v_proj", "c_attn"]));
+    let e = load_err(d.path());
+    assert!(e.contains("target_modules") && e.contains("`c_attn`") && e.contains("matches no linear layer"), "{e}");
+
+    // Weights for a module the config does not select.
+    let d = scratch_adapter();
+    edit_config(d.path(), |v| v["target_modules"] = serde_json::json!(["q_proj"]));
+    let e = load_err(d.path());
+    assert!(e.contains("v_proj") && e.contains("do not select"), "{e}");
+
+    // A selected module without weights (layers_to_transform widened).
+    let d = scratch_adapter();
+    edit_config(d.path(), |v| v["target_modules"] = serde_json::json!(".*\\.(q|v|o)_proj"));
+    let e = load_err(d.path());
+    assert!(e.contains("o_proj") && e.contains("no weights"), "{e}");
+
+    // A DoRA magnitude in a plain LoRA adapter, and DoRA without its magnitudes.
+    let d = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("adapters/llama-dora").join(f), d.path().join(f)).unwrap();
+    }
+    edit_config(d.path(), |v| v["use_dora"] = false.into());
+    let e = load_err(d.path());
+    assert!(e.contains("lora_magnitude_vector") && e.contains("use_dora"), "{e}");
+    edit_config(d.path(), |v| v["use_dora"] = true.into());
+    filter_tensors(d.path(), |n| !(n.contains("layers.0.mlp.down_proj") && n.contains("magnitude")));
+    let e = load_err(d.path());
+    assert!(e.contains("layers.0.mlp.down_proj.lora_magnitude_vector") && e.contains("missing"), "{e}");
+
+    // LoRA on embeddings.
+    let d = scratch_adapter();
+    let p = d.path().join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let (_, v) = tensors[0].clone();
+    tensors.push(("base_model.model.model.embed_tokens.lora_embedding_A".into(), v));
+    std::fs::write(&p, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("lora_embedding_A") && e.contains("embedding layer"), "{e}");
+}
+
+/// Rewrites adapter_model.safetensors with `metadata` in its header.
+fn set_metadata(dir: &std::path::Path, metadata: std::collections::HashMap<String, String>) {
+    let p = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    std::fs::write(&p, safetensors::serialize(st.tensors(), Some(metadata)).unwrap()).unwrap();
+}
+
+#[test]
+fn recorded_base_fingerprint_is_enforced() {
+    use peftrt::adapter::{AdapterOptions, BaseFingerprint, BASE_FINGERPRINT_KEY};
+    let llama = model("tiny-llama");
+    // A "fine-tune" of tiny-llama: the same shapes, the embeddings moved by 3%.
+    let tuned_dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), tuned_dir.path().join(f)).unwrap();
+    }
+    let p = tuned_dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let emb: Vec<u8> = st
+        .tensor("model.embed_tokens.weight")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) * 1.03).to_le_bytes())
+        .collect();
+    let mut tensors = st.tensors();
+    let i = tensors.iter().position(|(n, _)| n == "model.embed_tokens.weight").unwrap();
+    let shape = tensors[i].1.shape().to_vec();
+    tensors[i].1 = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &emb).unwrap();
+    std::fs::write(&p, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let tuned = model_at(tuned_dir.path());
+    let fl = BaseFingerprint::of(&llama);
+    // The same model in bf16 still matches; the fine-tune and another architecture do not.
+    assert_eq!(fl.check(&BaseFingerprint::of(&model("tiny-llama-bf16"))), Ok(()));
+    assert!(fl.check(&BaseFingerprint::of(&tuned)).unwrap_err().contains("sampled weights differ"));
+    assert!(fl.check(&BaseFingerprint::of(&model("tiny-mistral"))).unwrap_err().contains("architecture"));
+
+    let d = scratch_adapter();
+    set_metadata(d.path(), [(BASE_FINGERPRINT_KEY.to_string(), fl.to_json())].into());
+    Adapter::load(d.path(), &llama).expect("the adapter's own base");
+    let e = Adapter::load(d.path(), &tuned).err().expect("a different base").to_string();
+    assert!(e.contains("different base model") && e.contains("sampled weights differ") && e.contains("allow"), "{e}");
+    let opts = AdapterOptions { allow_base_mismatch: true };
+    Adapter::load_with(d.path(), &tuned, &opts).expect("explicitly allowed");
+
+    set_metadata(d.path(), [(BASE_FINGERPRINT_KEY.to_string(), "{\"version\": 1}".to_string())].into());
+    let e = Adapter::load(d.path(), &llama).err().expect("malformed fingerprint").to_string();
+    assert!(e.contains(BASE_FINGERPRINT_KEY) && e.contains("malformed"), "{e}");
+}
+
+#[test]
+fn registry_unloads_only_unused_adapters() {
+    use peftrt::adapter::{AdapterOptions, AdapterRegistry};
+    let m = model("tiny-llama");
+    let mut reg = AdapterRegistry::new(m.clone());
+    let qv = reg.load("qv", &fixture("adapters/llama-qv"), &AdapterOptions::default()).unwrap();
+    assert!(reg.load("qv", &fixture("adapters/llama-qv"), &AdapterOptions::default()).is_err(), "duplicate name");
+    let mut s = Session::new(m, &SessionOptions { n_ctx: 32, n_batch: 8, n_threads: 1 }).unwrap();
+    s.set_adapters(&[(qv, 1.0)]).unwrap();
+    let e = reg.unload("qv").unwrap_err().to_string();
+    assert!(e.contains("still held by 1"), "{e}");
+    s.set_adapters(&[]).unwrap();
+    reg.unload("qv").unwrap();
+    assert_eq!(reg.names().count(), 0);
+    assert!(reg.unload("qv").is_err());
+}
+
 /// A refused adapter leaves the model and its sessions as they were.
 #[test]
 fn refused_adapter_leaves_sessions_unaffected() {
@@ -201,7 +326,13 @@ fn merged_model_matches_peft_merge() {
     let tokens = r.tokens("tokens_b_tiny_llama");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
-    let s = peftrt::merge::merge(&fixture("tiny-llama"), &[(fixture("adapters/llama-qv"), 1.0)], &out, None).unwrap();
+    let s = peftrt::merge::merge(
+        &fixture("tiny-llama"),
+        &[(fixture("adapters/llama-qv"), 1.0)],
+        &out,
+        &MergeOptions::default(),
+    )
+    .unwrap();
     assert_eq!(s.merged_layers, 4, "q and v of two layers");
     let merged = Arc::new(Model::load(&out, &LoadOptions::default()).unwrap());
     assert_logits_close(
@@ -213,18 +344,35 @@ fn merged_model_matches_peft_merge() {
     // Two adapters with scales, merged, equal the same two applied unmerged.
     let out2 = dir.path().join("merged2");
     let specs = [(fixture("adapters/llama-qv"), 1.0), (fixture("adapters/llama-all-rslora"), 0.5)];
-    peftrt::merge::merge(&fixture("tiny-llama"), &specs, &out2, None).unwrap();
+    peftrt::merge::merge(&fixture("tiny-llama"), &specs, &out2, &MergeOptions::default()).unwrap();
     let merged2 = model_at(&out2);
     assert_logits_close("merged two adapters", &logits(&merged2, &[], &tokens), r.logits("logits_two_llama"));
 
+    // DoRA merged (each row rescaled to its magnitude) equals DoRA unmerged.
+    let out_dora = dir.path().join("merged-dora");
+    peftrt::merge::merge(
+        &fixture("tiny-llama"),
+        &[(fixture("adapters/llama-dora"), 1.0)],
+        &out_dora,
+        &MergeOptions::default(),
+    )
+    .unwrap();
+    assert_logits_close("merged DoRA", &logits(&model_at(&out_dora), &[], &tokens), r.logits("logits_llama_dora"));
+
     // An existing output directory is refused; a refused adapter leaves nothing behind.
-    assert!(peftrt::merge::merge(&fixture("tiny-llama"), &specs, &out2, None).is_err());
+    assert!(peftrt::merge::merge(&fixture("tiny-llama"), &specs, &out2, &MergeOptions::default()).is_err());
     let out3 = dir.path().join("merged3");
-    assert!(
-        peftrt::merge::merge(&fixture("tiny-llama"), &[(fixture("adapters/llama-dora"), 1.0)], &out3, None).is_err()
-    );
+    let broken = scratch_adapter();
+    edit_config(broken.path(), |v| v["r"] = 2.into());
+    assert!(peftrt::merge::merge(
+        &fixture("tiny-llama"),
+        &[(broken.path().to_path_buf(), 1.0)],
+        &out3,
+        &MergeOptions::default()
+    )
+    .is_err());
     assert!(!out3.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary directory left behind");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary directory left behind");
 }
 
 fn model_at(dir: &std::path::Path) -> Arc<Model> {
