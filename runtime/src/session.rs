@@ -452,8 +452,8 @@ fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x: &[f32], n
     for (lw, weight) in on_layer() {
         let s = weight * lw.scale;
         let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * rows]);
-        kernels::matmul_many(pool, &[lw.a_mat()], x, n, &mut [&mut *u]);
-        kernels::matmul_many(pool, &[lw.b_mat()], u, n, &mut [&mut *v]);
+        small_matmul(pool, lw.a_mat(), x, n, u);
+        small_matmul(pool, lw.b_mat(), u, n, v);
         match &lw.dora {
             None => kernels::axpy(y, s, v),
             Some(d) => {
@@ -466,6 +466,20 @@ fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x: &[f32], n
                 }
             }
         }
+    }
+}
+
+/// `y = x·Wᵀ` for a low-rank factor: on the calling thread when the work is smaller than a
+/// thread-pool dispatch costs (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else
+/// shared out like any projection.
+fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, y: &mut [f32]) {
+    const LOCAL_MAX_MACS: usize = 1 << 16;
+    if n * m.rows * m.cols <= LOCAL_MAX_MACS {
+        for (x, y) in x.chunks_exact(m.cols).zip(y.chunks_exact_mut(m.rows)) {
+            kernels::matvec_local(m, x, y);
+        }
+    } else {
+        kernels::matmul(pool, m, x, n, y);
     }
 }
 
