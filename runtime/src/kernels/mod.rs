@@ -32,6 +32,44 @@ pub enum Weights<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// 4-bit NormalFloat codes with per-block scales (bitsandbytes' layout).
+    Nf4(Nf4<'a>),
+}
+
+/// 4-bit weights as bitsandbytes stores them: element `i` (row-major) is
+/// `table[code(i)] · absmax[i / blocksize]`, with `code(i)` the high nibble of `packed[i / 2]`
+/// for even `i` and the low nibble for odd `i`.
+#[derive(Clone, Copy, Debug)]
+pub struct Nf4<'a> {
+    pub packed: &'a [u8],
+    /// One scale per block of `blocksize` consecutive elements (already de-double-quantised).
+    pub absmax: &'a [f32],
+    pub blocksize: usize,
+    /// The value of each code (bitsandbytes' `quant_map`).
+    pub table: &'a [f32; 16],
+    /// Number of elements.
+    pub len: usize,
+}
+
+impl Nf4<'_> {
+    /// The 4-bit code of element `i`.
+    #[inline(always)]
+    pub fn code(&self, i: usize) -> usize {
+        let b = self.packed[i / 2];
+        usize::from(if i & 1 == 0 { b >> 4 } else { b & 15 })
+    }
+
+    /// Element `i`, dequantised (bitsandbytes' `code[q] * absmax`, in f32).
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        self.table[self.code(i)] * self.absmax[i / self.blocksize]
+    }
+
+    /// Whether the SIMD kernels can take rows of `cols` elements: whole blocks per row, and
+    /// blocks made of whole 32-element groups.
+    pub(crate) fn simd_ok(&self, cols: usize) -> bool {
+        self.blocksize.is_multiple_of(32) && cols.is_multiple_of(self.blocksize)
+    }
 }
 
 impl Weights<'_> {
@@ -41,6 +79,7 @@ impl Weights<'_> {
             Weights::F32(w) => w.len(),
             Weights::F16(w) => w.len(),
             Weights::BF16(w) => w.len(),
+            Weights::Nf4(w) => w.len,
         }
     }
 
@@ -55,6 +94,7 @@ impl Weights<'_> {
             Weights::F32(w) => out.copy_from_slice(&w[start..end]),
             Weights::F16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
             Weights::BF16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
+            Weights::Nf4(w) => (start..end).zip(out).for_each(|(i, d)| *d = w.get(i)),
         }
     }
 }

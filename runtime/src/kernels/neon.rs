@@ -111,6 +111,27 @@ impl Simd for Neon {
         // SAFETY: NEON available.
         unsafe { vmaxvq_f32(v) }
     }
+    type Lut = uint8x16x4_t;
+    #[inline(always)]
+    unsafe fn lut(t: &[f32; 16]) -> uint8x16x4_t {
+        // SAFETY: `t` holds 64 bytes.
+        unsafe { vld1q_u8_x4(t.as_ptr().cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load_nf4(p: *const u8, lut: uint8x16x4_t) -> float32x4_t {
+        // SAFETY: `p` valid for 2 bytes. The 4 codes c0..c3 (high nibble first) become byte
+        // indices 4c+0..4c+3 into the 64-byte table, looked up in one TBL.
+        unsafe {
+            let (b0, b1) = (*p, *p.add(1));
+            let codes = u32::from_le_bytes([b0 >> 4, b0 & 15, b1 >> 4, b1 & 15]);
+            let c = vreinterpretq_u8_u32(vdupq_n_u32(codes));
+            // Each code repeated 4 times: bytes [c0 c0 c0 c0 c1 c1 c1 c1 ...].
+            let rep = vqtbl1q_u8(c, vld1q_u8([0u8, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3].as_ptr()));
+            let idx =
+                vaddq_u8(vshlq_n_u8::<2>(rep), vld1q_u8([0u8, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3].as_ptr()));
+            vreinterpretq_f32_u8(vqtbl4q_u8(lut, idx))
+        }
+    }
 }
 
 /// Entry points compiled for NEON.

@@ -12,6 +12,7 @@ pub fn matvec_rows(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
             Weights::F32(w) => dot(&w[s..s + c], x),
             Weights::F16(w) => w[s..s + c].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
             Weights::BF16(w) => w[s..s + c].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
+            Weights::Nf4(w) => (s..s + c).zip(x).map(|(i, x)| w.get(i) * x).sum(),
         };
     }
 }

@@ -5,7 +5,7 @@
 //! compiled for that instruction set. The scalar definitions they must match are in
 //! [`super::scalar`].
 
-use super::{MatRef, Weights};
+use super::{MatRef, Nf4, Weights};
 use half::{bf16, f16};
 use std::ops::Range;
 
@@ -45,6 +45,12 @@ pub(crate) trait Simd {
     unsafe fn hsum(v: Self::V) -> f32;
     /// Maximum of the lanes.
     unsafe fn hmax(v: Self::V) -> f32;
+    /// A 16-entry f32 table held in registers, for [`Simd::load_nf4`].
+    type Lut: Copy;
+    unsafe fn lut(table: &[f32; 16]) -> Self::Lut;
+    /// `LANES` 4-bit codes from `LANES / 2` bytes at `p` (high nibble first), each replaced by
+    /// its table value.
+    unsafe fn load_nf4(p: *const u8, lut: Self::Lut) -> Self::V;
 }
 
 /// A weight element type: f32, f16 or bf16.
@@ -135,8 +141,98 @@ pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f3
             Weights::F32(w) => matvec_typed::<S, f32>(w, m.cols, rows, x, y),
             Weights::F16(w) => matvec_typed::<S, f16>(w, m.cols, rows, x, y),
             Weights::BF16(w) => matvec_typed::<S, bf16>(w, m.cols, rows, x, y),
+            Weights::Nf4(w) if w.simd_ok(m.cols) => matvec_nf4::<S>(w, m.cols, rows, x, y),
+            Weights::Nf4(_) => super::scalar::matvec_rows(m, rows, x, y),
         }
     }
+}
+
+/// NF4 matvec, dequantising in registers: per block, `absmax · Σ table[code]·x` (one table
+/// lookup per weight: a single permute on AVX-512), so only the 4-bit codes and one scale per
+/// block are read from memory. Two rows at a time share the loads of `x` and give the FMA
+/// units four independent chains.
+///
+/// # Safety
+/// `w.simd_ok(cols)`; `rows` inside the matrix; `x` holds `cols`, `y` `rows.len()` elements.
+#[inline(always)]
+unsafe fn matvec_nf4<S: Simd>(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+    debug_assert!(w.simd_ok(cols) && rows.end * cols <= w.len && x.len() >= cols && y.len() >= rows.len());
+    let (l, bs) = (S::LANES, w.blocksize);
+    let xp = x.as_ptr();
+    let blocks = cols / bs;
+    // SAFETY (whole body): `simd_ok` makes every row whole blocks of whole 2·LANES groups, so
+    // each code byte, scale and x element read lies inside the row being computed.
+    unsafe {
+        let lut = S::lut(w.table);
+        let row = |r: usize| (w.packed.as_ptr().add(r * cols / 2), w.absmax.as_ptr().add(r * blocks));
+        let mut r = rows.start;
+        let mut out = 0;
+        while r + 2 <= rows.end {
+            let ((p0, a0), (p1, a1)) = (row(r), row(r + 1));
+            let (mut acc0, mut acc1) = (S::zero(), S::zero());
+            for b in 0..blocks {
+                let (mut s0, mut s1, mut t0, mut t1) = (S::zero(), S::zero(), S::zero(), S::zero());
+                let mut i = b * bs;
+                while i < (b + 1) * bs {
+                    let (x0, x1) = (S::load(xp.add(i)), S::load(xp.add(i + l)));
+                    s0 = S::fma(S::load_nf4(p0.add(i / 2), lut), x0, s0);
+                    s1 = S::fma(S::load_nf4(p0.add((i + l) / 2), lut), x1, s1);
+                    t0 = S::fma(S::load_nf4(p1.add(i / 2), lut), x0, t0);
+                    t1 = S::fma(S::load_nf4(p1.add((i + l) / 2), lut), x1, t1);
+                    i += 2 * l;
+                }
+                acc0 = S::fma(S::splat(*a0.add(b)), S::add(s0, s1), acc0);
+                acc1 = S::fma(S::splat(*a1.add(b)), S::add(t0, t1), acc1);
+            }
+            y[out] = S::hsum(acc0);
+            y[out + 1] = S::hsum(acc1);
+            r += 2;
+            out += 2;
+        }
+        if r < rows.end {
+            let (p0, a0) = row(r);
+            let mut acc = S::zero();
+            for b in 0..blocks {
+                let (mut s0, mut s1) = (S::zero(), S::zero());
+                let mut i = b * bs;
+                while i < (b + 1) * bs {
+                    s0 = S::fma(S::load_nf4(p0.add(i / 2), lut), S::load(xp.add(i)), s0);
+                    s1 = S::fma(S::load_nf4(p0.add((i + l) / 2), lut), S::load(xp.add(i + l)), s1);
+                    i += 2 * l;
+                }
+                acc = S::fma(S::splat(*a0.add(b)), S::add(s0, s1), acc);
+            }
+            y[out] = S::hsum(acc);
+        }
+    }
+}
+
+/// Dequantises NF4 elements `start..start + len` into `dst` (resized to fit) and returns its
+/// pointer: exactly bitsandbytes' `table[code] * absmax` in f32.
+#[inline(always)]
+unsafe fn widen_nf4<S: Simd>(w: Nf4, start: usize, len: usize, cols: usize, dst: &mut Vec<f32>) -> *const f32 {
+    if dst.len() < len {
+        dst.resize(len, 0.0);
+    }
+    if w.simd_ok(cols) && start.is_multiple_of(w.blocksize) && len.is_multiple_of(w.blocksize) {
+        let l = S::LANES;
+        // SAFETY: whole blocks of whole LANES groups inside the matrix; `dst` holds `len`.
+        unsafe {
+            let lut = S::lut(w.table);
+            let mut i = 0;
+            while i < len {
+                let scale = S::splat(w.absmax[(start + i) / w.blocksize]);
+                for j in (i..i + w.blocksize).step_by(l) {
+                    let v = S::load_nf4(w.packed.as_ptr().add((start + j) / 2), lut);
+                    S::store(dst.as_mut_ptr().add(j), S::mul(v, scale));
+                }
+                i += w.blocksize;
+            }
+        }
+    } else {
+        (0..len).for_each(|j| dst[j] = w.get(start + j));
+    }
+    dst.as_ptr()
 }
 
 /// Matvec over 4 rows at a time: the 4 rows share each load of `x`, and 8 accumulators
@@ -267,6 +363,10 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
             Weights::BF16(w) => {
                 // SAFETY: as above.
                 unsafe { widen::<S, bf16>(&w[r * k..(r + mr) * k], &mut wide) }
+            }
+            Weights::Nf4(w) => {
+                // SAFETY: the range lies inside the matrix (checked by the caller).
+                unsafe { widen_nf4::<S>(w, r * k, mr * k, k, &mut wide) }
             }
         };
         for tile in 0..n.div_ceil(nr) {

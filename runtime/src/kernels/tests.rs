@@ -50,6 +50,7 @@ fn weight(w: &Weights, i: usize) -> f64 {
         Weights::F32(w) => w[i] as f64,
         Weights::F16(w) => w[i].to_f64(),
         Weights::BF16(w) => w[i].to_f64(),
+        Weights::Nf4(w) => w.get(i) as f64,
     }
 }
 
@@ -301,6 +302,78 @@ fn weighted_sum_matches_scalar() {
             let mut got = vec![f32::NAN; d];
             weighted_sum_isa(isa, &mut got, &p, &v);
             close_scaled(&got, &want, &scale, &format!("{isa:?} weighted_sum {rows}x{d}"));
+        }
+    }
+}
+
+/// bitsandbytes' NF4 code values (its `quant_map`).
+const NF4_TABLE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Random NF4 data for `len` elements: packed codes and one positive scale per block.
+fn nf4_data(rng: &mut Rng, len: usize, blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let packed = (0..len.div_ceil(2)).map(|_| ((rng.f32() + 1.0) * 128.0) as u8).collect();
+    let absmax = (0..len.div_ceil(blocksize)).map(|_| rng.f32().abs() * 0.1 + 1e-3).collect();
+    (packed, absmax)
+}
+
+#[test]
+fn nf4_codes_are_high_nibble_first() {
+    let (packed, absmax) = ([0x1f_u8, 0x70], [2.0f32]);
+    let w = Nf4 { packed: &packed, absmax: &absmax, blocksize: 64, table: &NF4_TABLE, len: 4 };
+    assert_eq!([w.get(0), w.get(1), w.get(2), w.get(3)], [2.0 * NF4_TABLE[1], 2.0, 0.0, -2.0]);
+}
+
+/// NF4 matvec (fused SIMD) and matmul (dequantise then f32 tiles) against f64, every
+/// instruction set, for shapes the SIMD path takes and ones it leaves to the scalar code
+/// (blocks straddling rows).
+#[test]
+fn nf4_matvec_and_matmul_match_f64_every_isa() {
+    let mut rng = Rng(13);
+    let pools: Vec<ThreadPool> = [1, 2, 3].map(ThreadPool::new).into();
+    for (rows, cols, bs) in
+        [(1, 64, 64), (7, 64, 64), (9, 128, 32), (16, 576, 64), (5, 256, 128), (3, 96, 64), (4, 48, 32)]
+    {
+        let (packed, absmax) = nf4_data(&mut rng, rows * cols, bs);
+        let w = Nf4 { packed: &packed, absmax: &absmax, blocksize: bs, table: &NF4_TABLE, len: rows * cols };
+        let m = MatRef { w: Weights::Nf4(w), rows, cols };
+        // Dequantisation is exact: table value × scale.
+        let mut deq = vec![0.0; rows * cols];
+        m.w.to_f32(0, &mut deq);
+        for (i, d) in deq.iter().enumerate() {
+            assert_eq!(*d, NF4_TABLE[w.code(i)] * absmax[i / bs]);
+        }
+        for n in [1, 3, 17] {
+            let x = rng.vec(n * cols);
+            for isa in Isa::available() {
+                for pool in &pools {
+                    let mut y = vec![f32::NAN; n * rows];
+                    matmul_isa(isa, pool, m, &x, n, &mut y);
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let (want, scale) = row_f64(&m, r, &x[t * cols..(t + 1) * cols]);
+                            let what = format!("nf4 {isa:?} {rows}x{cols} bs {bs} n {n} token {t} row {r}");
+                            assert_close(y[t * rows + r], want, scale, &what);
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -109,6 +109,25 @@ impl Simd for Avx2 {
             _mm_cvtss_f32(s)
         }
     }
+    type Lut = (__m256, __m256);
+    #[inline(always)]
+    unsafe fn lut(t: &[f32; 16]) -> (__m256, __m256) {
+        // SAFETY: `t` holds 16 f32.
+        unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) }
+    }
+    #[inline(always)]
+    unsafe fn load_nf4(p: *const u8, (lo8, hi8): (__m256, __m256)) -> __m256 {
+        // SAFETY: `p` valid for 4 bytes. Codes interleaved high-nibble-first, widened to 8
+        // lanes; entries 0–7 and 8–15 each looked up by one permute, chosen by bit 3.
+        unsafe {
+            let b = _mm_cvtsi32_si128(p.cast::<i32>().read_unaligned());
+            let m = _mm_set1_epi8(15);
+            let codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16::<4>(b), m), _mm_and_si128(b, m));
+            let idx = _mm256_cvtepu8_epi32(codes);
+            let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+            _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx), high)
+        }
+    }
 }
 
 /// AVX-512F (+BW for the bf16 widening), `__m512` (16 × f32).
@@ -202,6 +221,23 @@ impl Simd for Avx512 {
     unsafe fn hmax(v: __m512) -> f32 {
         // SAFETY: AVX-512F available.
         unsafe { _mm512_reduce_max_ps(v) }
+    }
+    type Lut = __m512;
+    #[inline(always)]
+    unsafe fn lut(t: &[f32; 16]) -> __m512 {
+        // SAFETY: `t` holds 16 f32.
+        unsafe { _mm512_loadu_ps(t.as_ptr()) }
+    }
+    #[inline(always)]
+    unsafe fn load_nf4(p: *const u8, lut: __m512) -> __m512 {
+        // SAFETY: `p` valid for 8 bytes. Codes interleaved high-nibble-first, widened to 16
+        // lanes, and one permute looks all 16 up.
+        unsafe {
+            let b = _mm_loadl_epi64(p.cast());
+            let m = _mm_set1_epi8(15);
+            let codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16::<4>(b), m), _mm_and_si128(b, m));
+            _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), lut)
+        }
     }
 }
 
