@@ -96,6 +96,7 @@ impl ModelConfig {
 
     /// Parses a config from JSON; `path` is only used in error messages.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        check_quantization(v, path)?;
         let usize_key = |key: &str| -> Result<Option<usize>> {
             match get(v, key) {
                 None => Ok(None),
@@ -299,6 +300,28 @@ impl ModelConfig {
             })
             .collect()
     }
+}
+
+/// Refuses quantisation schemes other than bitsandbytes 4-bit (whose NF4 tensors the loader
+/// reads; FP4 is refused there, per tensor).
+fn check_quantization(v: &Value, path: &Path) -> Result<()> {
+    let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else { return Ok(()) };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("(none)");
+    if method != "bitsandbytes" {
+        return Err(Error::config(
+            path,
+            "quantization_config.quant_method",
+            format!("\"{method}\" checkpoints are not supported; peftrt runs float and bitsandbytes NF4 models"),
+        ));
+    }
+    if q.get("load_in_8bit").and_then(Value::as_bool) == Some(true) {
+        return Err(Error::config(
+            path,
+            "quantization_config.load_in_8bit",
+            "8-bit bitsandbytes (LLM.int8) checkpoints are not supported; use the float model or NF4",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

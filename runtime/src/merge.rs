@@ -6,6 +6,7 @@ use crate::adapter::{Adapter, AdapterOptions};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::model::{LoadOptions, Model};
+use crate::nf4::Nf4Weight;
 use crate::output::{write_dir_atomically, write_json, write_safetensors};
 use crate::weights::DType;
 use std::collections::HashMap;
@@ -53,14 +54,31 @@ pub fn merge(
     let dtype = opts.dtype.unwrap_or(model.embed_tokens.dtype);
     let linears: HashMap<String, &crate::model::Linear> =
         model.linears().map(|l| (format!("{}.weight", l.name), l)).collect();
-    let tensors = model.store().tensors();
-    let list: Vec<(String, Vec<usize>)> = tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    // An NF4 base is merged into its dequantised values (what a QLoRA adapter was trained
+    // against) and written as floats: the 4-bit codes' companions are dropped, and each
+    // quantised weight is written with its logical shape.
+    let aux: std::collections::HashSet<String> = model
+        .linears()
+        .filter(|l| l.nf4.is_some())
+        .flat_map(|l| Nf4Weight::aux_names(&format!("{}.weight", l.name)))
+        .collect();
+    let tensors: Vec<_> = model.store().tensors().into_iter().filter(|t| !aux.contains(&t.name)).collect();
+    let list: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| match linears.get(&t.name) {
+            Some(l) if l.nf4.is_some() => (t.name.clone(), vec![l.rows, l.cols]),
+            _ => (t.name.clone(), t.shape.clone()),
+        })
+        .collect();
     let mut merged_layers = 0;
 
     write_dir_atomically(out_dir, |tmp| {
         write_safetensors(&tmp.join("model.safetensors"), &list, dtype, |i| {
             let t = tensors[i];
-            let mut w = t.to_f32_vec();
+            let mut w = match linears.get(&t.name) {
+                Some(l) if l.nf4.is_some() => l.to_f32_vec(),
+                _ => t.to_f32_vec(),
+            };
             // The tied lm_head shares the embedding tensor: never merged (refused above).
             let lin = linears.get(&t.name).filter(|l| !(model.config.tie_word_embeddings && l.name == "lm_head"));
             if let Some(lin) = lin {
@@ -107,6 +125,9 @@ fn copy_model_files(from: &Path, to: &Path, dtype: DType) -> Result<()> {
             let mut v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
             v["torch_dtype"] = dtype.torch_name().into();
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("quantization_config"); // merged weights are floats
+            }
             if v.get("dtype").is_some() {
                 v["dtype"] = dtype.torch_name().into();
             }

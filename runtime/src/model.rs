@@ -7,8 +7,9 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::MatRef;
+use crate::nf4::Nf4Weight;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{Tensor, WeightStore};
+use crate::weights::{DType, Tensor, WeightStore};
 use std::path::{Path, PathBuf};
 
 /// Options for [`Model::load`].
@@ -18,9 +19,13 @@ pub struct LoadOptions {
     pub no_tokenizer: bool,
 }
 
-/// A linear layer: weight `[out, in]` (memory-mapped) and an optional bias `[out]`.
+/// A linear layer: weight `[out, in]` (memory-mapped; float, or NF4 codes) and an optional
+/// bias `[out]`.
 pub struct Linear {
+    /// The float weight, or for an NF4 layer the packed codes.
     pub weight: Tensor,
+    /// The 4-bit weight and its decoded scales, for an NF4 layer.
+    pub nf4: Option<Nf4Weight>,
     pub bias: Option<Vec<f32>>,
     /// Output features.
     pub rows: usize,
@@ -35,20 +40,39 @@ pub struct Linear {
 
 impl Linear {
     fn load(ws: &WeightStore, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Self> {
-        let weight = ws.get(&format!("{name}.weight"))?.clone();
-        weight.expect_shape(&[rows, cols])?;
+        let wname = format!("{name}.weight");
+        let weight = ws.get(&wname)?.clone();
+        let nf4 = if weight.dtype == DType::U8 {
+            Some(Nf4Weight::load(ws, &wname, rows, cols)?)
+        } else {
+            weight.expect_shape(&[rows, cols])?;
+            weight.expect_float()?;
+            None
+        };
         let bias = if bias {
             let b = ws.get(&format!("{name}.bias"))?;
             b.expect_shape(&[rows])?;
+            b.expect_float()?;
             Some(b.to_f32_vec())
         } else {
             None
         };
-        Ok(Linear { weight, bias, rows, cols, name: name.to_string(), id: usize::MAX })
+        Ok(Linear { weight, nf4, bias, rows, cols, name: name.to_string(), id: usize::MAX })
     }
 
     pub fn mat(&self) -> MatRef<'_> {
-        MatRef { w: self.weight.weights(), rows: self.rows, cols: self.cols }
+        let w = match &self.nf4 {
+            Some(q) => q.weights(),
+            None => self.weight.weights(),
+        };
+        MatRef { w, rows: self.rows, cols: self.cols }
+    }
+
+    /// The weight in f32 (dequantised for NF4: bitsandbytes' values exactly).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        self.mat().w.to_f32(0, &mut out);
+        out
     }
 }
 
@@ -131,11 +155,13 @@ impl Model {
         let norm = |name: &str| -> Result<Vec<f32>> {
             let t = store.get(name)?;
             t.expect_shape(&[h])?;
+            t.expect_float()?;
             Ok(t.to_f32_vec())
         };
 
         let embed_tokens = store.get("model.embed_tokens.weight")?.clone();
         embed_tokens.expect_shape(&[c.vocab_size, h])?;
+        embed_tokens.expect_float()?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -157,6 +183,7 @@ impl Model {
         } else if c.tie_word_embeddings {
             Linear {
                 weight: embed_tokens.clone(),
+                nf4: None,
                 bias: None,
                 rows: c.vocab_size,
                 cols: h,

@@ -70,13 +70,42 @@ pub fn write_safetensors(
     dtype: DType,
     mut values: impl FnMut(usize) -> Result<Vec<f32>>,
 ) -> Result<u64> {
+    let specs: Vec<TensorSpec> =
+        tensors.iter().map(|(name, shape)| TensorSpec { name: name.clone(), shape: shape.clone(), dtype }).collect();
+    let mut f32s = Vec::new();
+    write_safetensors_bytes(path, &specs, |i, out| {
+        f32s = values(i)?;
+        if f32s.len() != tensors[i].1.iter().product::<usize>() {
+            return Err(Error::tensor(&tensors[i].0, format!("{} values for shape {:?}", f32s.len(), tensors[i].1)));
+        }
+        dtype.encode(&f32s, out);
+        Ok(())
+    })
+}
+
+/// A tensor to write: name, shape and stored dtype.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// Writes a safetensors file of `tensors`, in the given order, asking `bytes(i, out)` to
+/// append the little-endian bytes of tensor `i` (checked against its shape and dtype).
+/// Returns the number of elements written.
+pub fn write_safetensors_bytes(
+    path: &Path,
+    tensors: &[TensorSpec],
+    mut bytes: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<u64> {
     let mut header = BTreeMap::new();
     let mut offset = 0u64;
-    for (name, shape) in tensors {
-        let n_bytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+    for t in tensors {
+        let n_bytes = t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64;
         header.insert(
-            name.clone(),
-            json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + n_bytes]}),
+            t.name.clone(),
+            json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + n_bytes]}),
         );
         offset += n_bytes;
     }
@@ -91,19 +120,22 @@ pub fn write_safetensors(
     let io = |e| Error::io(path, e);
     w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(text.as_bytes()).map_err(io)?;
-    let mut bytes = Vec::new();
-    let mut n_params = 0;
-    for (i, (name, shape)) in tensors.iter().enumerate() {
-        let v = values(i)?;
-        if v.len() != shape.iter().product::<usize>() {
-            return Err(Error::tensor(name, format!("{} values for shape {shape:?}", v.len())));
+    let mut buf = Vec::new();
+    let mut n_elems = 0;
+    for (i, t) in tensors.iter().enumerate() {
+        buf.clear();
+        bytes(i, &mut buf)?;
+        let n = t.shape.iter().product::<usize>();
+        if buf.len() != n * t.dtype.size() {
+            return Err(Error::tensor(
+                &t.name,
+                format!("{} bytes for shape {:?} in {}", buf.len(), t.shape, t.dtype.name()),
+            ));
         }
-        bytes.clear();
-        dtype.encode(&v, &mut bytes);
-        w.write_all(&bytes).map_err(io)?;
-        n_params += v.len() as u64;
+        w.write_all(&buf).map_err(io)?;
+        n_elems += n as u64;
     }
     let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().map_err(io)?;
-    Ok(n_params)
+    Ok(n_elems)
 }

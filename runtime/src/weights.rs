@@ -16,6 +16,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Raw bytes: packed 4-bit codes and their quantisation state (never a float weight).
+    U8,
 }
 
 impl DType {
@@ -23,6 +25,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::U8 => 1,
         }
     }
     /// The safetensors dtype name.
@@ -31,6 +34,7 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::U8 => "U8",
         }
     }
 
@@ -39,6 +43,7 @@ impl DType {
             DType::F32 => "float32",
             DType::F16 => "float16",
             DType::BF16 => "bfloat16",
+            DType::U8 => "uint8",
         }
     }
 
@@ -49,6 +54,7 @@ impl DType {
             DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
             DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            DType::U8 => out.extend(values.iter().map(|&v| v as u8)),
         }
     }
 }
@@ -80,7 +86,8 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    fn bytes(&self) -> &[u8] {
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped { map, start, len } => &map[*start..*start + *len],
             Storage::Owned(words, len) => {
@@ -90,7 +97,22 @@ impl Tensor {
         }
     }
 
+    /// An error unless this is a float tensor (F32, F16, BF16): checked when loading every
+    /// tensor that is used as float weights.
+    pub fn expect_float(&self) -> Result<()> {
+        if self.dtype == DType::U8 {
+            return Err(Error::tensor(
+                &self.name,
+                format!("in {}: is U8, where float weights (F32, F16 or BF16) are expected", self.file.display()),
+            ));
+        }
+        Ok(())
+    }
+
     /// The elements, borrowed in their stored type.
+    ///
+    /// # Panics
+    /// For a U8 tensor (callers check [`Tensor::expect_float`] when loading).
     pub fn weights(&self) -> Weights<'_> {
         let b = self.bytes();
         let n = self.numel();
@@ -102,6 +124,7 @@ impl Tensor {
                 DType::F32 => Weights::F32(std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), n)),
                 DType::F16 => Weights::F16(std::slice::from_raw_parts(b.as_ptr().cast::<f16>(), n)),
                 DType::BF16 => Weights::BF16(std::slice::from_raw_parts(b.as_ptr().cast::<bf16>(), n)),
+                DType::U8 => panic!("tensor {} is U8, not float weights (a loader missed expect_float)", self.name),
             }
         }
     }
@@ -109,11 +132,16 @@ impl Tensor {
     /// The tensor as a matrix `[rows, cols]` (a linear layer's weight), checking its shape.
     pub fn matrix(&self, rows: usize, cols: usize) -> Result<MatRef<'_>> {
         self.expect_shape(&[rows, cols])?;
+        self.expect_float()?;
         Ok(MatRef { w: self.weights(), rows, cols })
     }
 
-    /// A copy of the tensor in f32 (for small tensors: norms, biases).
+    /// A copy of the tensor in f32 (for small tensors: norms, biases). U8 bytes become their
+    /// values.
     pub fn to_f32_vec(&self) -> Vec<f32> {
+        if self.dtype == DType::U8 {
+            return self.bytes().iter().map(|&b| f32::from(b)).collect();
+        }
         let mut out = vec![0.0; self.numel()];
         self.weights().to_f32(0, &mut out);
         out
@@ -266,10 +294,14 @@ unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::U8 => DType::U8,
             other => {
                 return Err(Error::tensor(
                     &name,
-                    format!("in {}: dtype {other:?} is not supported (F32, F16, BF16)", path.display()),
+                    format!(
+                        "in {}: dtype {other:?} is not supported (F32, F16, BF16; U8 for 4-bit weights)",
+                        path.display()
+                    ),
                 ))
             }
         };
