@@ -178,7 +178,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     """safetensors writer with a deterministic header (sorted keys). safetensors' own writer keeps
     `__metadata__` in a Rust HashMap, whose order changes from run to run."""
     dtypes = {torch.float32: "F32", torch.int32: "I32", torch.float16: "F16",
-              torch.bfloat16: "BF16"}
+              torch.bfloat16: "BF16", torch.uint8: "U8"}
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
     for name in sorted(tensors):
