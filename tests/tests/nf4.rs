@@ -84,3 +84,92 @@ fn merge_onto_nf4_base_writes_the_dequantised_floats() {
         r.logits("logits_b_lora"),
     );
 }
+
+/// The runtime's quantiser against bitsandbytes' `quantize_4bit` (and its double quantisation,
+/// torch's mean and the 8-bit blockwise kernel) on the adversarial cases of
+/// tests/fixtures/nf4/quantize_cases.safetensors: byte for byte, bit for bit.
+#[test]
+fn quantiser_is_bitsandbytes_exact() {
+    use peftrt::nf4::{self, Scales};
+    let bytes = std::fs::read(fixture("nf4/quantize_cases.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |name: &str| -> Vec<f32> {
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} missing"));
+        let d = t.data();
+        match t.dtype() {
+            safetensors::Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            safetensors::Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            safetensors::Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => panic!("{name}: {other:?}"),
+        }
+    };
+    let u8s = |name: &str| st.tensor(name).unwrap().data().to_vec();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&f32s("nf4_map")), bits(&nf4::NF4_TABLE));
+    assert_eq!(bits(&f32s("dynamic_map")), bits(&nf4::dynamic_map()));
+
+    let cases: Vec<&str> = meta.keys().filter_map(|k| k.strip_suffix(".blocksize")).collect();
+    assert!(cases.len() >= 12, "{cases:?}");
+    for case in cases {
+        let bs: usize = meta[&format!("{case}.blocksize")].parse().unwrap();
+        let x = f32s(&format!("{case}.input"));
+        let q = nf4::quantize(&x, bs, false);
+        assert_eq!(q.packed, u8s(&format!("{case}.weight")), "{case}: packed codes");
+        let Scales::F32(absmax) = &q.scales else { unreachable!() };
+        assert_eq!(bits(absmax), bits(&f32s(&format!("{case}.absmax"))), "{case}: absmax");
+        let dq = nf4::quantize(&x, bs, true);
+        assert_eq!(dq.packed, q.packed, "{case}: double quantisation keeps the codes");
+        let Scales::Double { codes, nested_absmax, offset } = &dq.scales else { unreachable!() };
+        assert_eq!(offset.to_bits(), f32s(&format!("{case}.dq.offset"))[0].to_bits(), "{case}: offset (torch mean)");
+        assert_eq!(*codes, u8s(&format!("{case}.dq.absmax")), "{case}: 8-bit absmax codes");
+        assert_eq!(bits(nested_absmax), bits(&f32s(&format!("{case}.dq.nested_absmax"))), "{case}: nested absmax");
+        // Dequantised with the loader's formula, the values equal bitsandbytes'.
+        let scales = dq.absmax();
+        let deq: Vec<f32> = (0..x.len())
+            .map(|i| {
+                let c = (dq.packed[i / 2] >> if i % 2 == 0 { 4 } else { 0 }) & 15;
+                nf4::NF4_TABLE[c as usize] * scales[i / bs]
+            })
+            .collect();
+        assert_eq!(bits(&deq), bits(&f32s(&format!("{case}.dq.dequant"))), "{case}: dequantised");
+    }
+
+    // torch's f32 mean, and double quantisation of long absmax vectors, on inputs regenerated here.
+    let input = |n: usize, signed: bool| -> Vec<f32> {
+        (0..n as u64)
+            .map(|i| {
+                let u = (i.wrapping_mul(2654435761).wrapping_add(12345)) as u32;
+                let x = (u >> 8) as f32 * 2f32.powi(-30 + (u & 7) as i32);
+                if signed && u & 8 != 0 {
+                    -x
+                } else {
+                    x
+                }
+            })
+            .collect()
+    };
+    let mut n_means = 0;
+    for key in st.names() {
+        let Some(rest) = key.strip_prefix("mean.") else { continue };
+        let Some((family, n)) = rest.split_once('.') else { continue };
+        let Ok(n) = n.parse::<usize>() else { continue }; // …threads2/4: multi-threaded torch
+        let got = nf4::torch_mean(&input(n, family == "signed"));
+        assert_eq!(got.to_bits(), f32s(key)[0].to_bits(), "{key}");
+        n_means += 1;
+    }
+    assert!(n_means >= 30, "{n_means} means checked");
+    for n in [1000, 4099] {
+        let a = input(n, false);
+        let offset = nf4::torch_mean(&a);
+        assert_eq!(offset.to_bits(), f32s(&format!("dq.pos.{n}.offset"))[0].to_bits());
+        let centred: Vec<f32> = a.iter().map(|v| v - offset).collect();
+        let (codes, nested) = nf4::quantize_blockwise_8bit(&centred);
+        assert_eq!(codes, u8s(&format!("dq.pos.{n}.absmax")), "dq.pos.{n}");
+        assert_eq!(bits(&nested), bits(&f32s(&format!("dq.pos.{n}.nested_absmax"))));
+    }
+    let (codes, absmax) = nf4::quantize_blockwise_8bit(&f32s("blockwise8.input"));
+    assert_eq!(codes, u8s("blockwise8.codes"));
+    assert_eq!(bits(&absmax), bits(&f32s("blockwise8.absmax")));
+}
