@@ -38,6 +38,7 @@ pub mod model;
 pub mod nf4;
 pub mod output;
 pub mod perplexity;
+pub mod quantize;
 pub mod sampler;
 pub mod session;
 pub mod threadpool;

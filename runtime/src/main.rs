@@ -33,6 +33,50 @@ enum Cmd {
     Import(ImportArgs),
     /// Merge LoRA adapters into a model: W + Σ scale·ΔW, written as a new model directory.
     Merge(MergeArgs),
+    /// Quantise a model's decoder linear layers to NF4 (bitsandbytes' exact layout and bytes).
+    Quantize(QuantizeArgs),
+    /// Perplexity of a model (with adapters) over a text file, in sliding windows.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The float model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The model directory to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Elements per scale (bitsandbytes: 32, 64, ..., 4096).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Keep the per-block scales in f32 instead of quantising them to 8 bits.
+    #[arg(long)]
+    no_double_quant: bool,
+    /// Decoder linear layers to keep in float, by name or suffix (e.g. down_proj,layers.0.mlp.up_proj).
+    #[arg(long, value_delimiter = ',')]
+    keep: Vec<String>,
+    /// Quantise a model that `peftrt merge` made from an NF4 base (rounds its weights again).
+    #[arg(long)]
+    requantize_merged: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// The UTF-8 text file to score.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per window (default: the context size).
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    /// Tokens between window starts (default: half a window).
+    #[arg(long, default_value_t = 0)]
+    stride: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -220,6 +264,8 @@ fn main() {
         Cmd::Inspect { path } => cmd_inspect(&path),
         Cmd::Import(a) => cmd_import(a),
         Cmd::Merge(a) => cmd_merge(a),
+        Cmd::Quantize(a) => cmd_quantize(a),
+        Cmd::Perplexity(a) => cmd_perplexity(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -539,5 +585,68 @@ fn cmd_import(a: ImportArgs) -> Result<()> {
         s.out_dir.display(),
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    let opts = peftrt::quantize::QuantizeOptions {
+        blocksize: a.blocksize,
+        double_quant: !a.no_double_quant,
+        keep: a.keep,
+        requantize_merged: a.requantize_merged,
+    };
+    let t = Instant::now();
+    let s = peftrt::quantize::quantize_model(&a.model, &a.out, &opts)?;
+    eprintln!(
+        "quantised {} linear layers to NF4 (blocksize {}{}; {} kept in float); wrote {:.1} MiB to {} in {:.1} s",
+        s.quantized_layers,
+        opts.blocksize,
+        if opts.double_quant { ", double-quantised scales" } else { "" },
+        s.kept_layers,
+        s.bytes as f64 / (1024.0 * 1024.0),
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
+    let Loaded { model, mut session, .. } = a.m.load(true)?;
+    let text =
+        std::fs::read_to_string(&a.text).with_context(|| format!("cannot read {} as UTF-8 text", a.text.display()))?;
+    let tokens = model.tokenizer()?.encode(&text, true)?;
+    let window = if a.window == 0 { session.n_ctx() } else { a.window };
+    if window > session.n_ctx() {
+        bail!("--window {window} is larger than the context ({}); raise --ctx-size", session.n_ctx());
+    }
+    let stride = if a.stride == 0 { (window / 2).max(1) } else { a.stride };
+    let t = Instant::now();
+    let p = peftrt::perplexity::perplexity(&mut session, &tokens, window, stride, |done, total| {
+        eprint!("\rwindow {done}/{total}");
+    })?;
+    eprintln!();
+    let secs = t.elapsed().as_secs_f64();
+    if a.json {
+        let v = serde_json::json!({
+            "perplexity": p.ppl(),
+            "nll_per_token": p.nll / p.n_scored as f64,
+            "tokens": tokens.len(),
+            "scored": p.n_scored,
+            "windows": p.windows,
+            "window": window,
+            "stride": stride,
+            "adapters": a.m.adapters,
+            "seconds": secs,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "perplexity {:.4} over {} tokens ({} windows of {window}, stride {stride}; {:.1} s)",
+            p.ppl(),
+            p.n_scored,
+            p.windows,
+            secs
+        );
+    }
     Ok(())
 }

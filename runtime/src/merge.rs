@@ -7,11 +7,14 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::model::{LoadOptions, Model};
 use crate::nf4::Nf4Weight;
-use crate::output::{write_dir_atomically, write_json, write_safetensors};
+use crate::output::{copy_model_files, write_dir_atomically, write_safetensors};
 use crate::weights::DType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The `config.json` key marking a model merged onto a dequantised NF4 base.
+pub const MERGED_FROM_NF4_KEY: &str = "peftrt_merged_from_nf4";
 
 /// What [`merge`] wrote.
 #[derive(Clone, Debug)]
@@ -105,36 +108,20 @@ pub fn merge(
             }
             Ok(w)
         })?;
-        copy_model_files(model_dir, tmp, dtype)
-    })?;
-    Ok(MergeSummary { merged_layers, n_tensors: list.len(), dtype })
-}
-
-/// Copies config, tokenizer and generation files (everything but the weights), recording the
-/// new dtype in `config.json`.
-fn copy_model_files(from: &Path, to: &Path, dtype: DType) -> Result<()> {
-    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-        let entry = entry.map_err(|e| Error::io(from, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        if !path.is_file() || name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
-            continue;
-        }
-        if name == "config.json" {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            let mut v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+        let from_nf4 = model.linears().any(|l| l.nf4.is_some());
+        copy_model_files(model_dir, tmp, |v| {
             v["torch_dtype"] = dtype.torch_name().into();
-            if let Some(obj) = v.as_object_mut() {
-                obj.remove("quantization_config"); // merged weights are floats
-            }
             if v.get("dtype").is_some() {
                 v["dtype"] = dtype.torch_name().into();
             }
-            write_json(&to.join(&name), &v)?;
-        } else {
-            std::fs::copy(&path, to.join(&name)).map_err(|e| Error::io(&path, e))?;
-        }
-    }
-    Ok(())
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("quantization_config"); // merged weights are floats
+            }
+            if from_nf4 {
+                // `peftrt quantize` warns before rounding these merged weights to 4 bits again.
+                v[MERGED_FROM_NF4_KEY] = true.into();
+            }
+        })
+    })?;
+    Ok(MergeSummary { merged_layers, n_tensors: list.len(), dtype })
 }

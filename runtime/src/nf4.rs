@@ -260,20 +260,16 @@ pub fn quantize(x: &[f32], blocksize: usize, double_quant: bool) -> Quantized {
     let code = |s: f32| bounds.partition_point(|&b| b < s) as u8;
     let n = x.len();
     let full = n / blocksize * blocksize;
+    let absmax = block_absmax(x, blocksize);
     let mut scaled = Vec::with_capacity(n + 1);
-    let mut absmax = Vec::with_capacity(n.div_ceil(blocksize));
-    for block in x[..full].chunks_exact(blocksize) {
-        let a = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (block, &a) in x[..full].chunks_exact(blocksize).zip(&absmax) {
         let r = 1.0 / a.max(MIN_ABSMAX);
         scaled.extend(block.iter().map(|v| (v * r).clamp(-1.0, 1.0)));
-        absmax.push(a);
     }
     if full < n {
-        // The last, partial block: a clamped scale, stored clamped, and a true division.
-        let rest = &x[full..];
-        let a = rest.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(MIN_ABSMAX);
-        scaled.extend(rest.iter().map(|v| (v / a).clamp(-1.0, 1.0)));
-        absmax.push(a);
+        // The last, partial block: a true division (by the clamped scale).
+        let a = absmax[absmax.len() - 1];
+        scaled.extend(x[full..].iter().map(|v| (v / a).clamp(-1.0, 1.0)));
     }
     if n % 2 == 1 {
         scaled.push(0.0);
@@ -290,6 +286,18 @@ pub fn quantize(x: &[f32], blocksize: usize, double_quant: bool) -> Quantized {
     Quantized { packed, scales, blocksize }
 }
 
+/// The stored per-block scales of [`quantize`]: `max |x|` per block, the last, partial block's
+/// clamped to at least `f32(1e-38)` (bitsandbytes stores it so; full blocks keep 0).
+pub fn block_absmax(x: &[f32], blocksize: usize) -> Vec<f32> {
+    let full = x.len() / blocksize * blocksize;
+    let amax = |b: &[f32]| b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut absmax: Vec<f32> = x[..full].chunks_exact(blocksize).map(amax).collect();
+    if full < x.len() {
+        absmax.push(amax(&x[full..]).max(MIN_ABSMAX));
+    }
+    absmax
+}
+
 impl Quantized {
     /// The per-block scales as the loader decodes them.
     pub fn absmax(&self) -> Vec<f32> {
@@ -297,7 +305,11 @@ impl Quantized {
             Scales::F32(a) => a.clone(),
             Scales::Double { codes, nested_absmax, offset } => {
                 let d = dynamic_map();
-                codes.iter().enumerate().map(|(i, &q)| d[q as usize] * nested_absmax[i / NESTED_BLOCKSIZE] + offset).collect()
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| d[q as usize] * nested_absmax[i / NESTED_BLOCKSIZE] + offset)
+                    .collect()
             }
         }
     }

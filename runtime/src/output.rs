@@ -139,3 +139,29 @@ pub fn write_safetensors_bytes(
     file.sync_all().map_err(io)?;
     Ok(n_elems)
 }
+
+/// Copies a model directory's files other than its weights (config, tokenizer, generation
+/// config, chat template) from `from` to `to`, letting `edit` change `config.json` on the way.
+pub fn copy_model_files(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) -> Result<()> {
+    let mut edit = Some(edit);
+    for entry in fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if !path.is_file() || name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+            continue;
+        }
+        if name == "config.json" {
+            let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let mut v: Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+            if let Some(edit) = edit.take() {
+                edit(&mut v);
+            }
+            write_json(&to.join(&name), &v)?;
+        } else {
+            fs::copy(&path, to.join(&name)).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}

@@ -100,8 +100,12 @@ fn quantiser_is_bitsandbytes_exact() {
         let d = t.data();
         match t.dtype() {
             safetensors::Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            safetensors::Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            safetensors::Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            safetensors::Dtype::BF16 => {
+                d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
+            safetensors::Dtype::F16 => {
+                d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
             other => panic!("{name}: {other:?}"),
         }
     };
@@ -172,4 +176,70 @@ fn quantiser_is_bitsandbytes_exact() {
     let (codes, absmax) = nf4::quantize_blockwise_8bit(&f32s("blockwise8.input"));
     assert_eq!(codes, u8s("blockwise8.codes"));
     assert_eq!(bits(&absmax), bits(&f32s("blockwise8.absmax")));
+}
+
+/// `peftrt quantize` of tiny-llama writes every tensor with the bytes transformers +
+/// bitsandbytes wrote for tiny-llama-nf4 (codes, scales, maps, the quant_state JSON), and the
+/// same quantization_config.
+#[test]
+fn quantize_model_equals_transformers_bitsandbytes_checkpoint() {
+    use peftrt::quantize::{quantize_model, QuantizeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    let s = quantize_model(&fixture("tiny-llama"), &out, &QuantizeOptions::default()).unwrap();
+    assert_eq!((s.quantized_layers, s.kept_layers), (14, 0));
+    let ours = std::fs::read(out.join("model.safetensors")).unwrap();
+    let theirs = std::fs::read(fixture("nf4/tiny-llama-nf4/model.safetensors")).unwrap();
+    let (ours, theirs) = (
+        safetensors::SafeTensors::deserialize(&ours).unwrap(),
+        safetensors::SafeTensors::deserialize(&theirs).unwrap(),
+    );
+    let mut names = ours.names();
+    names.sort();
+    let mut their_names = theirs.names();
+    their_names.sort();
+    assert_eq!(names, their_names);
+    for name in names {
+        let (a, b) = (ours.tensor(name).unwrap(), theirs.tensor(name).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{name}");
+        assert!(a.data() == b.data(), "{name}: bytes differ");
+    }
+    let config = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&out)["quantization_config"], config(&fixture("nf4/tiny-llama-nf4"))["quantization_config"]);
+
+    // It runs as the bitsandbytes checkpoint does.
+    let m = Arc::new(Model::load(&out, &LoadOptions::default()).unwrap());
+    let r = reference();
+    assert_logits_close("peftrt quantize", &logits(&m, &[], &r.tokens("tokens_b"), 2), r.logits("logits_b"));
+
+    // Options: f32 scales, another block size, layers kept in float.
+    let out2 = dir.path().join("q2");
+    let opts =
+        QuantizeOptions { blocksize: 32, double_quant: false, keep: vec!["down_proj".into()], ..Default::default() };
+    let s = quantize_model(&fixture("tiny-llama"), &out2, &opts).unwrap();
+    assert_eq!((s.quantized_layers, s.kept_layers), (12, 2));
+    let m2 = Model::load(&out2, &LoadOptions::default()).unwrap();
+    let l0 = &m2.layers[0];
+    assert!(l0.down_proj.nf4.is_none() && l0.q_proj.nf4.as_ref().is_some_and(|q| q.blocksize == 32 && !q.double_quant));
+}
+
+/// Re-quantising a model merged onto an NF4 base needs an explicit flag.
+#[test]
+fn requantising_a_merged_nf4_model_needs_a_flag() {
+    use peftrt::quantize::{quantize_model, QuantizeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    let adapters = [(fixture("nf4/llama-nf4-qvd"), 1.0)];
+    peftrt::merge::merge(&fixture("nf4/tiny-llama-nf4"), &adapters, &merged, &MergeOptions::default()).unwrap();
+    let e = quantize_model(&merged, &dir.path().join("q"), &QuantizeOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("merged onto a dequantised NF4 base") && e.contains("--requantize-merged"), "{e}");
+    assert!(!dir.path().join("q").exists());
+    let opts = QuantizeOptions { requantize_merged: true, ..Default::default() };
+    quantize_model(&merged, &dir.path().join("q"), &opts).unwrap();
+    let e = quantize_model(&fixture("nf4/tiny-llama-nf4"), &dir.path().join("q3"), &QuantizeOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already quantised"), "{e}");
 }
