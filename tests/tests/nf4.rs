@@ -243,3 +243,94 @@ fn requantising_a_merged_nf4_model_needs_a_flag() {
         .to_string();
     assert!(e.contains("already quantised"), "{e}");
 }
+
+/// A copy of tiny-llama-nf4 whose tensors `edit` may change (name, dtype, shape, bytes).
+fn corrupted(edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture("nf4/tiny-llama-nf4");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), d.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut list: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    edit(&mut list);
+    let views: Vec<_> = list
+        .iter()
+        .map(|(n, dt, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(d.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    d
+}
+
+fn load_err(dir: &std::path::Path) -> String {
+    match Model::load(dir, &LoadOptions::default()) {
+        Ok(_) => panic!("{} should not load", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+const Q: &str = "model.layers.0.self_attn.q_proj.weight";
+
+fn set_state(list: &mut [(String, safetensors::Dtype, Vec<usize>, Vec<u8>)], edit: impl Fn(&str) -> String) {
+    let state = list.iter_mut().find(|t| t.0 == format!("{Q}.quant_state.bitsandbytes__nf4")).unwrap();
+    let text = edit(std::str::from_utf8(&state.3).unwrap());
+    state.2 = vec![text.len()];
+    state.3 = text.into_bytes();
+}
+
+#[test]
+fn bad_nf4_checkpoints_are_refused_clearly() {
+    let d = corrupted(|l| l.retain(|t| t.0 != format!("{Q}.absmax")));
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("{Q}.absmax")) && e.contains("missing"), "{e}");
+
+    let d = corrupted(|l| l.retain(|t| !t.0.starts_with(&format!("{Q}.quant_state"))));
+    let e = load_err(d.path());
+    assert!(e.contains("quant_state.bitsandbytes__nf4") && e.contains("is missing"), "{e}");
+
+    let d = corrupted(|l| set_state(l, |s| s.replace("\"shape\": [64, 64]", "\"shape\": [32, 128]")));
+    let e = load_err(d.path());
+    assert!(e.contains("says shape [32, 128]") && e.contains("[64, 64]"), "{e}");
+
+    let d = corrupted(|l| set_state(l, |s| s.replace("\"blocksize\": 64", "\"blocksize\": 48")));
+    let e = load_err(d.path());
+    assert!(e.contains("blocksize") && e.contains("48") && e.contains("4096"), "{e}");
+
+    // A valid block size that disagrees with the number of scales.
+    let d = corrupted(|l| set_state(l, |s| s.replace("\"blocksize\": 64", "\"blocksize\": 128")));
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("{Q}.absmax")) && e.contains("quant_state agree"), "{e}");
+
+    let d = corrupted(|l| set_state(l, |_| "{not json".into()));
+    let e = load_err(d.path());
+    assert!(e.contains("quant_state") && e.contains("JSON"), "{e}");
+
+    let d = corrupted(|l| {
+        let w = l.iter_mut().find(|t| t.0 == Q).unwrap();
+        w.3.truncate(w.3.len() - 2);
+        w.2 = vec![w.3.len(), 1];
+    });
+    let e = load_err(d.path());
+    assert!(e.contains(Q) && e.contains("4 bits"), "{e}");
+
+    // FP4 is refused by name.
+    let d = corrupted(|l| {
+        for t in l.iter_mut().filter(|t| t.0.ends_with("bitsandbytes__nf4")) {
+            t.0 = t.0.replace("bitsandbytes__nf4", "bitsandbytes__fp4");
+            t.3 = String::from_utf8(t.3.clone()).unwrap().replace("nf4", "fp4").into_bytes();
+        }
+    });
+    let e = load_err(d.path());
+    assert!(e.contains("FP4") && e.contains("bitsandbytes__fp4"), "{e}");
+
+    // Other quantisation methods in config.json.
+    let d = corrupted(|_| {});
+    let p = d.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["quantization_config"]["quant_method"] = "gptq".into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("quant_method") && e.contains("gptq"), "{e}");
+}

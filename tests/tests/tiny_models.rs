@@ -93,3 +93,49 @@ fn chat_template_and_tokenizer_match() {
         assert_eq!(tok.encode(&r.metadata["text_b"], false).unwrap(), r.tokens("tokens_b"), "{name}: text_b tokens");
     }
 }
+
+/// Perplexity with one window equals the one computed from transformers' logits; sliding
+/// windows score every token once.
+#[test]
+fn perplexity_matches_transformers_logits() {
+    let (model, r) = load("tiny-llama");
+    let tokens = r.tokens("tokens_b");
+    let logits = r.logits("logits_b");
+    let vocab = model.config.vocab_size;
+    let nll: f64 = (1..tokens.len())
+        .map(|t| {
+            let row = &logits[(t - 1) * vocab..t * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+            lse - row[tokens[t] as usize] as f64
+        })
+        .sum();
+    let want = (nll / (tokens.len() - 1) as f64).exp();
+    let mut s = session(&model, 0, 2);
+    let p = peftrt::perplexity::perplexity(&mut s, &tokens, 128, 64, |_, _| {}).unwrap();
+    assert_eq!((p.n_scored, p.windows), (tokens.len() - 1, 1));
+    assert!((p.ppl() - want).abs() <= 1e-4 * want, "perplexity {} vs {want} from transformers' logits", p.ppl());
+    // Windows of 16 every 8 tokens: each window re-reads its tokens and scores those the
+    // previous window did not, recomputed here window by window.
+    let mut calls = 0;
+    let w = peftrt::perplexity::perplexity(&mut s, &tokens, 16, 8, |_, _| calls += 1).unwrap();
+    assert_eq!(w.n_scored, tokens.len() - 1);
+    assert_eq!((w.windows, calls), (tokens.len().div_ceil(8) - 1, w.windows));
+    let mut nll = 0.0;
+    let (mut begin, mut prev_end) = (0, 1);
+    loop {
+        let end = (begin + 16).min(tokens.len());
+        s.reset();
+        let l = all_logits(&mut s, &tokens[begin..end]);
+        for t in prev_end..end {
+            let row = &l[(t - 1 - begin) * vocab..(t - begin) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            nll += max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() - row[tokens[t] as usize] as f64;
+        }
+        if end == tokens.len() {
+            break;
+        }
+        (begin, prev_end) = (begin + 8, end);
+    }
+    assert!((w.nll - nll).abs() <= 1e-9 * nll, "{} vs {nll}", w.nll);
+}
