@@ -25,6 +25,8 @@ PROMPT         ?= Write a haiku about a lighthouse.
 export PEFTRT_SMOLLM2_GGUF    := $(abspath $(SMOLLM2_GGUF))
 export PEFTRT_SMOLLM2_DIR     := $(abspath $(SMOLLM2_DIR))
 export PEFTRT_SMOLLM2_REF_DIR := $(abspath $(SMOLLM2_REF))
+# Tests that check files against transformers run this Python (tests/tests/nf4.rs).
+export PEFTRT_PYTHON          := $(abspath $(PY))
 
 .PHONY: all build venv models run test test-rust test-aarch64 bench fixtures clean
 

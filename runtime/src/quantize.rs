@@ -144,7 +144,15 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
         }
     }
 
-    // Pass 2: stream the tensors, quantising each layer when its codes come up.
+    // Widest elements first, so every float tensor stays aligned in the file (the U8 codes and
+    // odd-sized quant_state JSON come last) and loads without a copy. A stable sort keeps each
+    // layer's U8 tensors together for the pass below.
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(specs[i].dtype.size()));
+    let specs: Vec<TensorSpec> = order.iter().map(|&i| specs[i].clone()).collect();
+    let sources: Vec<(usize, Part)> = order.iter().map(|&i| sources[i].clone()).collect();
+
+    // Pass 2: stream the tensors, quantising each layer when its first piece comes up.
     let mut current: Option<(usize, LayerOut)> = None;
     let quantized_layers = targets.len();
     let kept_layers = model.layers.len() * 7 - quantized_layers;
@@ -159,21 +167,40 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
                 out.extend_from_slice(t.bytes());
                 return Ok(());
             }
+            let f32s = |v: &[f32], out: &mut Vec<u8>| v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            match part {
+                Part::NestedMap => {
+                    f32s(&nf4::dynamic_map(), out);
+                    return Ok(());
+                }
+                Part::Map => {
+                    f32s(&nf4::NF4_TABLE, out);
+                    return Ok(());
+                }
+                Part::State(text) => {
+                    out.extend_from_slice(text.as_bytes());
+                    return Ok(());
+                }
+                Part::NestedAbsmax => {
+                    // Written before the layer's codes: needs only the block scales.
+                    let absmax = nf4::block_absmax(&t.to_f32_vec(), blocksize);
+                    let offset = nf4::torch_mean(&absmax);
+                    let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+                    f32s(&nf4::quantize_blockwise_8bit(&centred).1, out);
+                    return Ok(());
+                }
+                _ => {}
+            }
             if current.as_ref().is_none_or(|(c, _)| c != ti) {
                 let q = nf4::quantize(&t.to_f32_vec(), blocksize, double_quant);
                 current = Some((*ti, LayerOut { quantized: q }));
             }
             let q = &current.as_ref().expect("set above").1.quantized;
-            let f32s = |v: &[f32], out: &mut Vec<u8>| v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
             match (part, &q.scales) {
                 (Part::Codes, _) => out.extend_from_slice(&q.packed),
                 (Part::Absmax, Scales::F32(a)) => f32s(a, out),
                 (Part::Absmax, Scales::Double { codes, .. }) => out.extend_from_slice(codes),
-                (Part::NestedAbsmax, Scales::Double { nested_absmax, .. }) => f32s(nested_absmax, out),
-                (Part::NestedMap, _) => f32s(&nf4::dynamic_map(), out),
-                (Part::Map, _) => f32s(&nf4::NF4_TABLE, out),
-                (Part::State(text), _) => out.extend_from_slice(text.as_bytes()),
-                _ => unreachable!("parts follow the scales' kind"),
+                _ => unreachable!("the other parts returned above"),
             }
             Ok(())
         })?;
@@ -208,6 +235,7 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
 }
 
 /// What a tensor of the output is made from.
+#[derive(Clone)]
 enum Part {
     Copy,
     Codes,

@@ -324,7 +324,13 @@ unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>
         let storage = if (map.as_ptr() as usize + start).is_multiple_of(dtype.size()) {
             Storage::Mapped { map: map.clone(), start, len }
         } else {
-            log::warn!("{}: tensor {name} is misaligned; copying it", path.display());
+            // Expected after odd-sized U8 tensors (bitsandbytes' quant_state JSON); only a
+            // large copy is worth a warning.
+            if len > 1 << 20 {
+                log::warn!("{}: tensor {name} ({len} bytes) is misaligned; copying it", path.display());
+            } else {
+                log::debug!("{}: tensor {name} is misaligned; copying it", path.display());
+            }
             let mut words = vec![0u32; len.div_ceil(4)];
             // SAFETY: `words` holds at least `len` bytes; the source range was bounds-checked.
             unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(start), words.as_mut_ptr().cast::<u8>(), len) };

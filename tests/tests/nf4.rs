@@ -334,3 +334,26 @@ fn bad_nf4_checkpoints_are_refused_clearly() {
     let e = load_err(d.path());
     assert!(e.contains("quant_method") && e.contains("gptq"), "{e}");
 }
+
+/// transformers + bitsandbytes load what `peftrt quantize` writes, as a 4-bit model with the
+/// logits of bitsandbytes' own checkpoint (scripts/check_nf4_loads.py, run with the Python of
+/// `PEFTRT_PYTHON`; `make test` sets it, plain `cargo test` skips unless PEFTRT_REQUIRE_MODELS=1).
+#[test]
+fn transformers_loads_peftrt_quantize_output() {
+    let python = match std::env::var_os("PEFTRT_PYTHON") {
+        Some(p) => std::path::PathBuf::from(p),
+        None if std::env::var_os("PEFTRT_REQUIRE_MODELS").is_some() => panic!("PEFTRT_PYTHON is not set"),
+        None => return eprintln!("skipped: set PEFTRT_PYTHON to a Python with transformers and bitsandbytes"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    peftrt::quantize::quantize_model(&fixture("tiny-llama"), &out, &Default::default()).unwrap();
+    let status = std::process::Command::new(python)
+        .arg(peftrt_conformance::repo_root().join("scripts/check_nf4_loads.py"))
+        .arg(&out)
+        .arg(fixture("nf4/reference.safetensors"))
+        .args(["tokens_b", "logits_b"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "transformers could not load peftrt's NF4 output with the same logits");
+}
