@@ -51,6 +51,14 @@ pub(crate) trait Simd {
     /// `LANES` 4-bit codes from `LANES / 2` bytes at `p` (high nibble first), each replaced by
     /// its table value.
     unsafe fn load_nf4(p: *const u8, lut: Self::Lut) -> Self::V;
+    /// `4·LANES` codes from `2·LANES` bytes: [`Simd::load_nf4`] four times, or one wide load
+    /// where the instruction set has one.
+    #[inline(always)]
+    unsafe fn load_nf4_x4(p: *const u8, lut: Self::Lut) -> [Self::V; 4] {
+        let h = Self::LANES / 2;
+        // SAFETY: `p` valid for `2·LANES` bytes (caller).
+        unsafe { [0, 1, 2, 3].map(|i| Self::load_nf4(p.add(i * h), lut)) }
+    }
 }
 
 /// A weight element type: f32, f16 or bf16.
@@ -167,19 +175,39 @@ unsafe fn matvec_nf4<S: Simd>(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32]
         let row = |r: usize| (w.packed.as_ptr().add(r * cols / 2), w.absmax.as_ptr().add(r * blocks));
         let mut r = rows.start;
         let mut out = 0;
+        // Wide steps of 4·LANES codes when blocks hold whole steps (AVX-512: 64 codes from one
+        // 32-byte load), else steps of 2·LANES.
+        let wide = bs.is_multiple_of(4 * l);
         while r + 2 <= rows.end {
             let ((p0, a0), (p1, a1)) = (row(r), row(r + 1));
             let (mut acc0, mut acc1) = (S::zero(), S::zero());
             for b in 0..blocks {
                 let (mut s0, mut s1, mut t0, mut t1) = (S::zero(), S::zero(), S::zero(), S::zero());
                 let mut i = b * bs;
-                while i < (b + 1) * bs {
-                    let (x0, x1) = (S::load(xp.add(i)), S::load(xp.add(i + l)));
-                    s0 = S::fma(S::load_nf4(p0.add(i / 2), lut), x0, s0);
-                    s1 = S::fma(S::load_nf4(p0.add((i + l) / 2), lut), x1, s1);
-                    t0 = S::fma(S::load_nf4(p1.add(i / 2), lut), x0, t0);
-                    t1 = S::fma(S::load_nf4(p1.add((i + l) / 2), lut), x1, t1);
-                    i += 2 * l;
+                if wide {
+                    while i < (b + 1) * bs {
+                        let x = [0, 1, 2, 3].map(|j| S::load(xp.add(i + j * l)));
+                        let w0 = S::load_nf4_x4(p0.add(i / 2), lut);
+                        let w1 = S::load_nf4_x4(p1.add(i / 2), lut);
+                        s0 = S::fma(w0[0], x[0], s0);
+                        s1 = S::fma(w0[1], x[1], s1);
+                        t0 = S::fma(w1[0], x[0], t0);
+                        t1 = S::fma(w1[1], x[1], t1);
+                        s0 = S::fma(w0[2], x[2], s0);
+                        s1 = S::fma(w0[3], x[3], s1);
+                        t0 = S::fma(w1[2], x[2], t0);
+                        t1 = S::fma(w1[3], x[3], t1);
+                        i += 4 * l;
+                    }
+                } else {
+                    while i < (b + 1) * bs {
+                        let (x0, x1) = (S::load(xp.add(i)), S::load(xp.add(i + l)));
+                        s0 = S::fma(S::load_nf4(p0.add(i / 2), lut), x0, s0);
+                        s1 = S::fma(S::load_nf4(p0.add((i + l) / 2), lut), x1, s1);
+                        t0 = S::fma(S::load_nf4(p1.add(i / 2), lut), x0, t0);
+                        t1 = S::fma(S::load_nf4(p1.add((i + l) / 2), lut), x1, t1);
+                        i += 2 * l;
+                    }
                 }
                 acc0 = S::fma(S::splat(*a0.add(b)), S::add(s0, s1), acc0);
                 acc1 = S::fma(S::splat(*a1.add(b)), S::add(t0, t1), acc1);

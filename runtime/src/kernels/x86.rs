@@ -239,6 +239,24 @@ impl Simd for Avx512 {
             _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), lut)
         }
     }
+    #[inline(always)]
+    unsafe fn load_nf4_x4(p: *const u8, lut: __m512) -> [__m512; 4] {
+        // SAFETY: `p` valid for 32 bytes. One load of 64 codes; the byte unpacks interleave
+        // within 128-bit lanes: `lo` holds codes 0–15 | 32–47, `hi` codes 16–31 | 48–63.
+        unsafe {
+            let b = _mm256_loadu_si256(p.cast());
+            let m = _mm256_set1_epi8(15);
+            let (h, l) = (_mm256_and_si256(_mm256_srli_epi16::<4>(b), m), _mm256_and_si256(b, m));
+            let (lo, hi) = (_mm256_unpacklo_epi8(h, l), _mm256_unpackhi_epi8(h, l));
+            let look = |c: __m128i| _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), lut);
+            [
+                look(_mm256_castsi256_si128(lo)),
+                look(_mm256_castsi256_si128(hi)),
+                look(_mm256_extracti128_si256::<1>(lo)),
+                look(_mm256_extracti128_si256::<1>(hi)),
+            ]
+        }
+    }
 }
 
 /// Entry points compiled for AVX2 + FMA + F16C.
