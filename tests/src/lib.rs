@@ -101,10 +101,16 @@ pub fn fixture(name: &str) -> PathBuf {
 /// notice) when absent, unless `PEFTRT_REQUIRE_MODELS=1` (as `make test` sets), then a panic.
 pub fn real_model_path(env: &str, default: &str) -> Option<PathBuf> {
     let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| repo_root().join("models").join(default));
+    present_or_skip(path, &format!("set {env} or run `make models`"))
+}
+
+/// `Some(path)` when it exists; otherwise `None` with a notice naming `hint`, or a panic under
+/// `PEFTRT_REQUIRE_MODELS=1` (the policy of [`real_model_path`], for files found inside one).
+pub fn present_or_skip(path: PathBuf, hint: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    let msg = format!("{} not found (set {env} or run `make models`)", path.display());
+    let msg = format!("{} not found ({hint})", path.display());
     if std::env::var("PEFTRT_REQUIRE_MODELS").as_deref() == Ok("1") {
         panic!("{msg}");
     }
