@@ -527,11 +527,12 @@ impl AdapterConfig {
         }
         let truthy = |key: &str| v.get(key).and_then(Value::as_bool) == Some(true);
         if truthy("fan_in_fan_out") {
-            return Err(Error::config(
-                path,
-                "fan_in_fan_out",
-                "true is for GPT-2-style Conv1D layers, which Llama-family models do not have",
-            ));
+            // PEFT itself resets it to false for nn.Linear (with a warning): Llama-family layers
+            // have no GPT-2-style Conv1D, so the weights are in the usual [out, in] layout.
+            log::warn!(
+                "{}: fan_in_fan_out is true, which PEFT ignores for Linear layers; ignoring it too",
+                path.display()
+            );
         }
         match v.get("bias").and_then(Value::as_str) {
             None | Some("none") => {}
@@ -849,6 +850,12 @@ mod tests {
         assert!(!all.selects("model.layers.0.self_attn.q_proj", false));
         assert_eq!(layer_index("model.layers.12.mlp.up_proj"), Some(12));
         assert_eq!(layer_index("lm_head"), None);
+    }
+
+    #[test]
+    fn fan_in_fan_out_is_ignored_for_linear_layers_as_peft_does() {
+        let v = serde_json::json!({"r": 4, "lora_alpha": 8, "fan_in_fan_out": true});
+        assert!(AdapterConfig::parse(&v, Path::new("adapter_config.json")).is_ok());
     }
 
     #[test]
