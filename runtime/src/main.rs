@@ -59,6 +59,10 @@ struct QuantizeArgs {
     /// Quantise a model that `peftrt merge` made from an NF4 base (rounds its weights again).
     #[arg(long)]
     requantize_merged: bool,
+    /// Quantise the output head too (a tied head gets its own NF4 copy): fewer bytes per
+    /// decoded token, some accuracy lost.
+    #[arg(long)]
+    quantize_head: bool,
 }
 
 #[derive(Args)]
@@ -594,6 +598,7 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         double_quant: !a.no_double_quant,
         keep: a.keep,
         requantize_merged: a.requantize_merged,
+        quantize_head: a.quantize_head,
     };
     let t = Instant::now();
     let s = peftrt::quantize::quantize_model(&a.model, &a.out, &opts)?;

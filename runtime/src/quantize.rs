@@ -25,11 +25,21 @@ pub struct QuantizeOptions {
     /// Quantise a model that `peftrt merge` made from an NF4 base (rounds the merged weights to
     /// 4 bits a second time).
     pub requantize_merged: bool,
+    /// Quantise the output head too (a tied head becomes its own NF4 `lm_head`; the input
+    /// embeddings keep their dtype). Decode reads the head once per token, so on small models
+    /// it is a large share of the bytes; it costs some accuracy (see `peftrt perplexity`).
+    pub quantize_head: bool,
 }
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { blocksize: 64, double_quant: true, keep: Vec::new(), requantize_merged: false }
+        QuantizeOptions {
+            blocksize: 64,
+            double_quant: true,
+            keep: Vec::new(),
+            requantize_merged: false,
+            quantize_head: false,
+        }
     }
 }
 
@@ -95,21 +105,28 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
         .flat_map(|l| l.linears())
         .filter(|l| !opts.keep.iter().any(|k| suffix_match(&l.name, k)))
         .map(|l| (format!("{}.weight", l.name), (l.rows, l.cols)))
+        .chain(opts.quantize_head.then(|| ("lm_head.weight".to_string(), (model.lm_head.rows, model.lm_head.cols))))
         .collect();
+    let tied = model.config.tie_word_embeddings;
 
     // Pass 1: the header needs each quant_state JSON, which holds the scales' mean.
-    let tensors = model.store().tensors();
+    let mut tensors: Vec<(String, &crate::weights::Tensor)> =
+        model.store().tensors().into_iter().map(|t| (t.name.clone(), t)).collect();
+    if opts.quantize_head && tied {
+        // The tied head becomes a tensor of its own (the embeddings stay as they are).
+        tensors.push(("lm_head.weight".into(), &model.embed_tokens));
+    }
     let mut specs = Vec::new();
     let mut sources = Vec::new(); // per spec: (source tensor index, part)
-    for (ti, t) in tensors.iter().enumerate() {
-        let Some(&(rows, cols)) = targets.get(&t.name) else {
-            specs.push(TensorSpec { name: t.name.clone(), shape: t.shape.clone(), dtype: t.dtype });
+    for (ti, (tname, t)) in tensors.iter().enumerate() {
+        let Some(&(rows, cols)) = targets.get(tname) else {
+            specs.push(TensorSpec { name: tname.clone(), shape: t.shape.clone(), dtype: t.dtype });
             sources.push((ti, Part::Copy));
             continue;
         };
         let x = t.to_f32_vec();
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Err(Error::tensor(&t.name, format!("element {i} is {}: cannot quantise non-finite weights", x[i])));
+            return Err(Error::tensor(tname, format!("element {i} is {}: cannot quantise non-finite weights", x[i])));
         }
         let n = rows * cols;
         let nb = n.div_ceil(opts.blocksize);
@@ -119,7 +136,7 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
             opts.blocksize,
             t.dtype.torch_name()
         );
-        let name = &t.name;
+        let name = tname;
         let mut push = |suffix: &str, shape: Vec<usize>, dtype: DType, part: Part| {
             specs.push(TensorSpec { name: format!("{name}{suffix}"), shape, dtype });
             sources.push((ti, part));
@@ -155,14 +172,14 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
     // Pass 2: stream the tensors, quantising each layer when its first piece comes up.
     let mut current: Option<(usize, LayerOut)> = None;
     let quantized_layers = targets.len();
-    let kept_layers = model.layers.len() * 7 - quantized_layers;
+    let kept_layers = model.layers.len() * 7 + usize::from(opts.quantize_head) - quantized_layers;
     let blocksize = opts.blocksize;
     let double_quant = opts.double_quant;
     let bytes = write_dir_atomically(out_dir, |tmp| {
         let path = tmp.join("model.safetensors");
         write_safetensors_bytes(&path, &specs, |i, out| {
             let (ti, part) = &sources[i];
-            let t = tensors[*ti];
+            let t = tensors[*ti].1;
             if matches!(part, Part::Copy) {
                 out.extend_from_slice(t.bytes());
                 return Ok(());
@@ -215,7 +232,9 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
                 "llm_int8_enable_fp32_cpu_offload": false,
                 "llm_int8_has_fp16_weight": false,
                 // transformers converts every nn.Linear but these to Linear4bit when loading.
-                "llm_int8_skip_modules": if opts.keep.is_empty() {
+                "llm_int8_skip_modules": if opts.quantize_head {
+                    json!(opts.keep) // an explicit list: transformers converts lm_head too
+                } else if opts.keep.is_empty() {
                     serde_json::Value::Null
                 } else {
                     json!(std::iter::once("lm_head".to_string()).chain(opts.keep.iter().cloned()).collect::<Vec<_>>())
@@ -227,6 +246,9 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
             });
             if let Some(obj) = v.as_object_mut() {
                 obj.remove(MERGED_FROM_NF4_KEY);
+            }
+            if opts.quantize_head && tied {
+                v["tie_word_embeddings"] = false.into();
             }
         })?;
         std::fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(&path, e))

@@ -357,3 +357,50 @@ fn transformers_loads_peftrt_quantize_output() {
         .unwrap();
     assert!(status.success(), "transformers could not load peftrt's NF4 output with the same logits");
 }
+
+/// `--quantize-head`: a tied head becomes its own NF4 `lm_head` (the embeddings stay float),
+/// peftrt runs it, and transformers + bitsandbytes load it to the same logits.
+#[test]
+fn quantized_head_runs_here_and_in_transformers() {
+    use peftrt::quantize::{quantize_model, QuantizeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    let opts = QuantizeOptions { quantize_head: true, ..Default::default() };
+    let s = quantize_model(&fixture("tiny-llama3-tied"), &out, &opts).unwrap();
+    assert_eq!(s.kept_layers, 0);
+    let m = Arc::new(Model::load(&out, &LoadOptions::default()).unwrap());
+    assert!(
+        !m.config.tie_word_embeddings && m.lm_head.nf4.is_some() && m.embed_tokens.dtype != peftrt::weights::DType::U8
+    );
+    let r = Reference::load(&fixture("tiny-llama3-tied/reference.safetensors")).unwrap();
+    let tokens = r.tokens("tokens_b");
+    let got = logits(&m, &[], &tokens, 2);
+    // 4-bit weights move the logits, but not beyond recognition.
+    let (d, scale) = peftrt_conformance::max_abs_diff(&got, r.logits("logits_b"));
+    assert!(d < 0.5 * scale, "NF4 with an NF4 head: max |Δ| {d} vs max |logit| {scale}");
+
+    let Some(python) = std::env::var_os("PEFTRT_PYTHON") else { return };
+    let ids: Vec<u8> = tokens.iter().flat_map(|&t| (t as i32).to_le_bytes()).collect();
+    let vals: Vec<u8> = got.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = [
+        ("tokens", safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![tokens.len()], &ids).unwrap()),
+        (
+            "logits",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![tokens.len(), m.config.vocab_size],
+                &vals,
+            )
+            .unwrap(),
+        ),
+    ];
+    let ours = dir.path().join("ours.safetensors");
+    std::fs::write(&ours, safetensors::serialize(views, None).unwrap()).unwrap();
+    let status = std::process::Command::new(python)
+        .arg(peftrt_conformance::repo_root().join("scripts/check_nf4_loads.py"))
+        .args([out.as_os_str(), ours.as_os_str()])
+        .args(["tokens", "logits"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "transformers disagrees with peftrt on the NF4-head model");
+}

@@ -51,6 +51,12 @@ pub(crate) trait Simd {
     /// `LANES` 4-bit codes from `LANES / 2` bytes at `p` (high nibble first), each replaced by
     /// its table value.
     unsafe fn load_nf4(p: *const u8, lut: Self::Lut) -> Self::V;
+    /// An NF4 matvec written for this instruction set, if it has one and takes these shapes
+    /// (`w.simd_ok(cols)` holds); `false` leaves the rows to the generic kernel.
+    #[inline(always)]
+    unsafe fn matvec_nf4_native(_w: Nf4, _cols: usize, _rows: Range<usize>, _x: &[f32], _y: &mut [f32]) -> bool {
+        false
+    }
     /// `4·LANES` codes from `2·LANES` bytes: [`Simd::load_nf4`] four times, or one wide load
     /// where the instruction set has one.
     #[inline(always)]
@@ -149,7 +155,11 @@ pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f3
             Weights::F32(w) => matvec_typed::<S, f32>(w, m.cols, rows, x, y),
             Weights::F16(w) => matvec_typed::<S, f16>(w, m.cols, rows, x, y),
             Weights::BF16(w) => matvec_typed::<S, bf16>(w, m.cols, rows, x, y),
-            Weights::Nf4(w) if w.simd_ok(m.cols) => matvec_nf4::<S>(w, m.cols, rows, x, y),
+            Weights::Nf4(w) if w.simd_ok(m.cols) => {
+                if !S::matvec_nf4_native(w, m.cols, rows.clone(), x, y) {
+                    matvec_nf4::<S>(w, m.cols, rows, x, y)
+                }
+            }
             Weights::Nf4(_) => super::scalar::matvec_rows(m, rows, x, y),
         }
     }

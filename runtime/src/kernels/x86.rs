@@ -5,7 +5,9 @@
 
 pub(crate) use super::simd::simd_entries;
 use super::simd::Simd;
+use super::Nf4;
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 /// AVX2 + FMA + F16C, `__m256` (8 × f32).
 pub(crate) struct Avx2;
@@ -240,6 +242,16 @@ impl Simd for Avx512 {
         }
     }
     #[inline(always)]
+    unsafe fn matvec_nf4_native(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) -> bool {
+        if !w.blocksize.is_multiple_of(64) {
+            return false;
+        }
+        // SAFETY: AVX-512F/BW available (trait contract); shapes checked by the caller
+        // (`simd_ok`: rows of whole blocks, so of whole 64-code groups).
+        unsafe { nf4_strided(w, cols, rows, x, y) };
+        true
+    }
+    #[inline(always)]
     unsafe fn load_nf4_x4(p: *const u8, lut: __m512) -> [__m512; 4] {
         // SAFETY: `p` valid for 32 bytes. One load of 64 codes; the byte unpacks interleave
         // within 128-bit lanes: `lo` holds codes 0–15 | 32–47, `hi` codes 16–31 | 48–63.
@@ -267,4 +279,96 @@ pub(crate) mod avx2 {
 /// Entry points compiled for AVX-512F/BW (with AVX2/FMA/F16C, which every AVX-512 CPU has).
 pub(crate) mod avx512 {
     super::simd_entries!(super::Avx512, "avx512f,avx512bw,avx2,fma,f16c");
+}
+
+thread_local! {
+    /// `x` reordered for [`nf4_strided`] (grows once per thread, then reused).
+    static X_STRIDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// NF4 matvec on AVX-512 with one table permute per 16 weights and nothing else on the shuffle
+/// port: a 64-byte load holds 128 codes, 8 per 32-bit lane; `vpermps` reads only the low 4 bits
+/// of each index, so the lane shifted right by `4c` looks up code `c` of each lane (elements
+/// `8j + e(c)`, `e = 1, 0, 3, 2, 5, 4, 7, 6`) with no unpacking. `x` is reordered once into that
+/// strided order, so the products are the same as element by element, summed in another order.
+/// Block scales (64 codes = 8 lanes) are applied per lane once per 128 codes. A row's last
+/// 64 codes, when it has an odd number of 64-code groups, go through the unpacking path.
+///
+/// # Safety
+/// AVX-512F/BW; `w.blocksize` a multiple of 64 dividing `cols`; `rows` inside the matrix;
+/// `x` holds `cols` and `y` `rows.len()` elements.
+#[inline(always)]
+unsafe fn nf4_strided(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+    let (bs, chunks, tail) = (w.blocksize, cols / 128, cols % 128);
+    debug_assert!(bs.is_multiple_of(64) && cols.is_multiple_of(bs) && (tail == 0 || (tail == 64 && bs == 64)));
+    let mut xs = X_STRIDED.with(|v| std::mem::take(&mut *v.borrow_mut()));
+    xs.resize(chunks * 128, 0.0);
+    const E: [usize; 8] = [1, 0, 3, 2, 5, 4, 7, 6];
+    for ch in 0..chunks {
+        for (c, e) in E.iter().enumerate() {
+            for j in 0..16 {
+                xs[ch * 128 + c * 16 + j] = x[ch * 128 + 8 * j + e];
+            }
+        }
+    }
+    // SAFETY (whole block): every code byte, scale and x element read lies in the row being
+    // computed (rows of whole blocks); `xs` holds `chunks * 128` values.
+    unsafe {
+        let lut = _mm512_loadu_ps(w.table.as_ptr());
+        // Lane j covers elements 8j..8j+7 of a 128-code chunk: block (8j) / bs of the chunk.
+        let blocks_per_chunk = (128 / bs).max(1);
+        let scale_idx = _mm512_set_epi32(
+            (120 / bs) as i32,
+            (112 / bs) as i32,
+            (104 / bs) as i32,
+            (96 / bs) as i32,
+            (88 / bs) as i32,
+            (80 / bs) as i32,
+            (72 / bs) as i32,
+            (64 / bs) as i32,
+            (56 / bs) as i32,
+            (48 / bs) as i32,
+            (40 / bs) as i32,
+            (32 / bs) as i32,
+            (24 / bs) as i32,
+            (16 / bs) as i32,
+            (8 / bs) as i32,
+            0,
+        );
+        let scale_mask: __mmask16 = (1u16 << blocks_per_chunk) - 1;
+        let xp = xs.as_ptr();
+        for (out, r) in rows.enumerate() {
+            let p = w.packed.as_ptr().add(r * cols / 2);
+            let a = w.absmax.as_ptr().add(r * cols / bs);
+            let mut acc = _mm512_setzero_ps();
+            for ch in 0..chunks {
+                let d = _mm512_loadu_si512(p.add(ch * 64).cast());
+                let xc = xp.add(ch * 128);
+                let look = |i: __m512i| _mm512_permutexvar_ps(i, lut);
+                let mut s0 = _mm512_mul_ps(look(d), _mm512_loadu_ps(xc));
+                let mut s1 = _mm512_mul_ps(look(_mm512_srli_epi32::<4>(d)), _mm512_loadu_ps(xc.add(16)));
+                let mut s2 = _mm512_mul_ps(look(_mm512_srli_epi32::<8>(d)), _mm512_loadu_ps(xc.add(32)));
+                let mut s3 = _mm512_mul_ps(look(_mm512_srli_epi32::<12>(d)), _mm512_loadu_ps(xc.add(48)));
+                s0 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<16>(d)), _mm512_loadu_ps(xc.add(64)), s0);
+                s1 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<20>(d)), _mm512_loadu_ps(xc.add(80)), s1);
+                s2 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<24>(d)), _mm512_loadu_ps(xc.add(96)), s2);
+                s3 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<28>(d)), _mm512_loadu_ps(xc.add(112)), s3);
+                let scales = _mm512_maskz_loadu_ps(scale_mask, a.add(ch * 128 / bs));
+                let sum = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+                acc = _mm512_fmadd_ps(sum, _mm512_permutexvar_ps(scale_idx, scales), acc);
+            }
+            if tail == 64 {
+                let base = chunks * 128;
+                let v = Avx512::load_nf4_x4(p.add(base / 2), lut);
+                let xt = x.as_ptr().add(base);
+                let mut s = _mm512_mul_ps(v[0], _mm512_loadu_ps(xt));
+                s = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(xt.add(16)), s);
+                s = _mm512_fmadd_ps(v[2], _mm512_loadu_ps(xt.add(32)), s);
+                s = _mm512_fmadd_ps(v[3], _mm512_loadu_ps(xt.add(48)), s);
+                acc = _mm512_fmadd_ps(s, _mm512_set1_ps(*a.add(base / bs)), acc);
+            }
+            y[out] = _mm512_reduce_add_ps(acc);
+        }
+    }
+    X_STRIDED.with(|v| *v.borrow_mut() = xs);
 }
