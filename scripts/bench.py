@@ -31,7 +31,9 @@ PEFTRT = Path("target/release/peftrt")
 PROMPT_TOKENS, GEN_TOKENS, REPEAT = 128, 64, 3
 # peftrt dtype -> llama.cpp ftype of the peer model (ftype 0, 32, 2). NF4 (4 bits + one f32 scale per
 # 64 weights, double-quantised) is set beside llama.cpp's Q4_0 (4 bits + one f16 scale per 32).
-DTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "nf4": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+# "nf4h" is NF4 with the output head quantised too (`peftrt quantize --quantize-head`).
+DTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "nf4": "LLAMA_FTYPE_MOSTLY_Q4_0",
+          "nf4h": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
 def llamacpp_bench(path, threads):
@@ -91,15 +93,17 @@ def ensure_llama_cpp():
 
 def prepare(dtype, llamacpp=True):
     """The llama.cpp GGUF and the peftrt directory for one dtype, both from SOURCE (cached)."""
-    gguf, pdir = OUT_DIR / f"smollm2-{dtype}.gguf", OUT_DIR / f"smollm2-{dtype}"
+    # Both NF4 variants are timed beside the same llama.cpp Q4_0 model.
+    gguf, pdir = OUT_DIR / f"smollm2-{'nf4' if dtype == 'nf4h' else dtype}.gguf", OUT_DIR / f"smollm2-{dtype}"
     if llamacpp and not gguf.exists():
         tmp = gguf.with_suffix(".gguf.tmp")
         run_json([sys.executable, __file__, "--llamacpp-quantize", str(SOURCE), str(tmp), DTYPES[dtype]])
         tmp.rename(gguf)
     if not pdir.exists():
-        if dtype == "nf4":  # `peftrt quantize` of the BF16 import: 4-bit decoder layers, BF16 embeddings/head
+        if dtype in ("nf4", "nf4h"):  # `peftrt quantize` of the BF16 import: 4-bit decoder layers, BF16 embeddings
             _, bf16 = prepare("bf16", llamacpp=False)
-            subprocess.run([PEFTRT, "quantize", "--model", bf16, "--out", pdir], check=True)
+            head = ["--quantize-head"] if dtype == "nf4h" else []
+            subprocess.run([PEFTRT, "quantize", "--model", bf16, "--out", pdir, *head], check=True)
         else:
             subprocess.run([PEFTRT, "import", SOURCE, pdir, "--dtype", dtype], check=True)
     return gguf, pdir
@@ -183,7 +187,7 @@ def adapters_main(a, dtypes):
 def main():
     global PEFTRT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)} (default f32,bf16,nf4; bf16 with --adapters)")
+    ap.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)} (default f32,bf16,nf4,nf4h; bf16 with --adapters)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", help="default reports/bench.json (reports/bench-adapters.json with --adapters)")
@@ -194,7 +198,7 @@ def main():
     PEFTRT = a.peftrt if a.peftrt == PEFTRT else a.peftrt.resolve()  # paths given are from here, not ROOT
     a.adapters = [str(Path(d).resolve()) for d in a.adapters or []]
     os.chdir(ROOT)
-    dtypes = (a.dtypes or ("bf16" if a.adapters else "f32,bf16,nf4")).split(",")
+    dtypes = (a.dtypes or ("bf16" if a.adapters else "f32,bf16,nf4,nf4h")).split(",")
     if unknown := [d for d in dtypes if d not in DTYPES]:
         sys.exit(f"unknown dtypes {unknown}; known: {list(DTYPES)}")
     for f in (SOURCE, PEFTRT):
