@@ -33,6 +33,11 @@ def main() -> int:
         if isinstance(m, bnn.Linear4bit):
             m.support_avx512bf16_for_cpu = False  # the portable f32 path (see tests/fixtures/nf4)
             n4 += 1
+    # transformers keeps the unquantised tensors (embeddings, norms, head) in the checkpoint's
+    # dtype whatever `dtype` says; peftrt computes in f32, so widen them (exactly) to compare.
+    for name, p in model.named_parameters():
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     with safe_open(ref, framework="pt") as f:
         tokens = f.get_tensor(tokens_key).long()
         want = f.get_tensor(logits_key)
