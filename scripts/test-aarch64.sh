@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cross-compiles peftrt for aarch64 and runs, under qemu user emulation, the library's unit
 # tests (NEON kernels against the scalar references, thread pool, GGUF, sampler...) and the
-# small-model conformance tests (tiny fixtures against transformers' logits). The real-model
+# small-model conformance tests (tiny fixtures against transformers' and PEFT's logits, LoRA,
+# DoRA and NF4 on the NEON kernels). The real-model
 # tests are left to the native run: they are slow under emulation and test no other code.
 # Installs what is missing (Debian/Ubuntu, needs root or sudo); safe to run repeatedly.
 #
@@ -30,4 +31,4 @@ fi
 
 # Linker, qemu runner and the C cross compiler for onig come from .cargo/config.toml.
 cargo test --release --target "$TARGET" -p peftrt --lib "$@"
-cargo test --release --target "$TARGET" -p peftrt-conformance --test tiny_models "$@"
+cargo test --release --target "$TARGET" -p peftrt-conformance --test tiny_models --test adapters --test nf4 "$@"
