@@ -337,22 +337,85 @@ unsafe fn nf4_strided(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mu
         );
         let scale_mask: __mmask16 = (1u16 << blocks_per_chunk) - 1;
         let xp = xs.as_ptr();
-        for (out, r) in rows.enumerate() {
+        macro_rules! look {
+            ($d:expr, $k:literal) => {
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<$k>($d), lut)
+            };
+        }
+        let mut rr = rows.start;
+        let mut o = 0;
+        // Two rows at a time share each load of the strided x.
+        while rr + 2 <= rows.end {
+            let (p0, p1) = (w.packed.as_ptr().add(rr * cols / 2), w.packed.as_ptr().add((rr + 1) * cols / 2));
+            let (a0, a1) = (w.absmax.as_ptr().add(rr * cols / bs), w.absmax.as_ptr().add((rr + 1) * cols / bs));
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for ch in 0..chunks {
+                let d0 = _mm512_loadu_si512(p0.add(ch * 64).cast());
+                let d1 = _mm512_loadu_si512(p1.add(ch * 64).cast());
+                let xc = xp.add(ch * 128);
+                let x0 = _mm512_loadu_ps(xc);
+                let x1 = _mm512_loadu_ps(xc.add(16));
+                let mut s0 = _mm512_mul_ps(look!(d0, 0), x0);
+                let mut t0 = _mm512_mul_ps(look!(d1, 0), x0);
+                let mut s1 = _mm512_mul_ps(look!(d0, 4), x1);
+                let mut t1 = _mm512_mul_ps(look!(d1, 4), x1);
+                let x2 = _mm512_loadu_ps(xc.add(32));
+                s0 = _mm512_fmadd_ps(look!(d0, 8), x2, s0);
+                t0 = _mm512_fmadd_ps(look!(d1, 8), x2, t0);
+                let x3 = _mm512_loadu_ps(xc.add(48));
+                s1 = _mm512_fmadd_ps(look!(d0, 12), x3, s1);
+                t1 = _mm512_fmadd_ps(look!(d1, 12), x3, t1);
+                let x4 = _mm512_loadu_ps(xc.add(64));
+                s0 = _mm512_fmadd_ps(look!(d0, 16), x4, s0);
+                t0 = _mm512_fmadd_ps(look!(d1, 16), x4, t0);
+                let x5 = _mm512_loadu_ps(xc.add(80));
+                s1 = _mm512_fmadd_ps(look!(d0, 20), x5, s1);
+                t1 = _mm512_fmadd_ps(look!(d1, 20), x5, t1);
+                let x6 = _mm512_loadu_ps(xc.add(96));
+                s0 = _mm512_fmadd_ps(look!(d0, 24), x6, s0);
+                t0 = _mm512_fmadd_ps(look!(d1, 24), x6, t0);
+                let x7 = _mm512_loadu_ps(xc.add(112));
+                s1 = _mm512_fmadd_ps(look!(d0, 28), x7, s1);
+                t1 = _mm512_fmadd_ps(look!(d1, 28), x7, t1);
+                let sc0 = _mm512_permutexvar_ps(scale_idx, _mm512_maskz_loadu_ps(scale_mask, a0.add(ch * 128 / bs)));
+                let sc1 = _mm512_permutexvar_ps(scale_idx, _mm512_maskz_loadu_ps(scale_mask, a1.add(ch * 128 / bs)));
+                acc0 = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), sc0, acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sc1, acc1);
+            }
+            if tail == 64 {
+                let base = chunks * 128;
+                let xt = x.as_ptr().add(base);
+                let v0 = Avx512::load_nf4_x4(p0.add(base / 2), lut);
+                let v1 = Avx512::load_nf4_x4(p1.add(base / 2), lut);
+                let (mut s, mut t) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for k in 0..4 {
+                    let xv = _mm512_loadu_ps(xt.add(16 * k));
+                    s = _mm512_fmadd_ps(v0[k], xv, s);
+                    t = _mm512_fmadd_ps(v1[k], xv, t);
+                }
+                acc0 = _mm512_fmadd_ps(s, _mm512_set1_ps(*a0.add(base / bs)), acc0);
+                acc1 = _mm512_fmadd_ps(t, _mm512_set1_ps(*a1.add(base / bs)), acc1);
+            }
+            y[o] = _mm512_reduce_add_ps(acc0);
+            y[o + 1] = _mm512_reduce_add_ps(acc1);
+            rr += 2;
+            o += 2;
+        }
+        for (out, r) in (rr..rows.end).enumerate().map(|(i, r)| (o + i, r)) {
             let p = w.packed.as_ptr().add(r * cols / 2);
             let a = w.absmax.as_ptr().add(r * cols / bs);
             let mut acc = _mm512_setzero_ps();
             for ch in 0..chunks {
                 let d = _mm512_loadu_si512(p.add(ch * 64).cast());
                 let xc = xp.add(ch * 128);
-                let look = |i: __m512i| _mm512_permutexvar_ps(i, lut);
-                let mut s0 = _mm512_mul_ps(look(d), _mm512_loadu_ps(xc));
-                let mut s1 = _mm512_mul_ps(look(_mm512_srli_epi32::<4>(d)), _mm512_loadu_ps(xc.add(16)));
-                let mut s2 = _mm512_mul_ps(look(_mm512_srli_epi32::<8>(d)), _mm512_loadu_ps(xc.add(32)));
-                let mut s3 = _mm512_mul_ps(look(_mm512_srli_epi32::<12>(d)), _mm512_loadu_ps(xc.add(48)));
-                s0 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<16>(d)), _mm512_loadu_ps(xc.add(64)), s0);
-                s1 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<20>(d)), _mm512_loadu_ps(xc.add(80)), s1);
-                s2 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<24>(d)), _mm512_loadu_ps(xc.add(96)), s2);
-                s3 = _mm512_fmadd_ps(look(_mm512_srli_epi32::<28>(d)), _mm512_loadu_ps(xc.add(112)), s3);
+                let mut s0 = _mm512_mul_ps(look!(d, 0), _mm512_loadu_ps(xc));
+                let mut s1 = _mm512_mul_ps(look!(d, 4), _mm512_loadu_ps(xc.add(16)));
+                let mut s2 = _mm512_mul_ps(look!(d, 8), _mm512_loadu_ps(xc.add(32)));
+                let mut s3 = _mm512_mul_ps(look!(d, 12), _mm512_loadu_ps(xc.add(48)));
+                s0 = _mm512_fmadd_ps(look!(d, 16), _mm512_loadu_ps(xc.add(64)), s0);
+                s1 = _mm512_fmadd_ps(look!(d, 20), _mm512_loadu_ps(xc.add(80)), s1);
+                s2 = _mm512_fmadd_ps(look!(d, 24), _mm512_loadu_ps(xc.add(96)), s2);
+                s3 = _mm512_fmadd_ps(look!(d, 28), _mm512_loadu_ps(xc.add(112)), s3);
                 let scales = _mm512_maskz_loadu_ps(scale_mask, a.add(ch * 128 / bs));
                 let sum = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
                 acc = _mm512_fmadd_ps(sum, _mm512_permutexvar_ps(scale_idx, scales), acc);
