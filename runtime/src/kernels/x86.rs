@@ -260,12 +260,12 @@ impl Simd for Avx512 {
             let m = _mm256_set1_epi8(15);
             let (h, l) = (_mm256_and_si256(_mm256_srli_epi16::<4>(b), m), _mm256_and_si256(b, m));
             let (lo, hi) = (_mm256_unpacklo_epi8(h, l), _mm256_unpackhi_epi8(h, l));
-            let look = |c: __m128i| _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c), lut);
+            // (No closure here: it would keep the intrinsics from inlining.)
             [
-                look(_mm256_castsi256_si128(lo)),
-                look(_mm256_castsi256_si128(hi)),
-                look(_mm256_extracti128_si256::<1>(lo)),
-                look(_mm256_extracti128_si256::<1>(hi)),
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)), lut),
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)), lut),
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(lo)), lut),
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(hi)), lut),
             ]
         }
     }
