@@ -85,12 +85,14 @@ def lora_layers(model) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def randomise(model, seed: int) -> None:
+def randomise(model, seed: int, std: float = LORA_STD) -> None:
+    """lora_A, lora_B ~ std·N(0, 1) and DoRA magnitudes × (1 + MAGNITUDE_NOISE·N(0, 1)), drawn in
+    parameter-name order from one seeded generator."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(LORA_STD * torch.randn(p.shape, generator=g))
+                p.copy_(std * torch.randn(p.shape, generator=g))
             elif ".lora_magnitude_vector." in name:
                 p.mul_(1.0 + MAGNITUDE_NOISE * torch.randn(p.shape, generator=g))
 

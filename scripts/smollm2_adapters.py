@@ -35,7 +35,6 @@ one CPU thread; two runs give byte-identical files.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from smollm2_reference import sha256_file  # light: its heavy imports are inside main
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -71,14 +72,6 @@ PROMPTS = {"text": "Once upon a time, in a small village by the sea, there lived
 CHAT = [{"role": "user", "content": "Give me three tips for staying focused while studying."}]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def key(name: str) -> str:
     return name.replace("-", "_")
 
@@ -105,12 +98,12 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     # Importing make_fixtures sets one CPU thread, deterministic algorithms and quiet logging.
     from make_fixtures import check_reference_file, forward_logits, save_safetensors, write_json
+    from make_adapter_fixtures import lora_layers, randomise
 
     import peft
     import torch
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
-    from peft.tuners.lora import LoraLayer
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -118,16 +111,6 @@ def main() -> int:
     def load_base():
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
         return m.eval()
-
-    def lora_layers(model) -> list[tuple[str, LoraLayer]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-    def randomise(model, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                if ".lora_A." in name or ".lora_B." in name:
-                    p.copy_(LORA_STD * torch.randn(p.shape, generator=g))
 
     def save_adapter(model, path: Path) -> None:
         # A name, not this machine's path; save_embedding_layers=False: "auto" looks the base up online.
@@ -192,7 +175,7 @@ def main() -> int:
     for name, (seed, kw) in ADAPTERS.items():
         cfg = LoraConfig(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **kw)
         model = get_peft_model(load_base(), cfg).eval()
-        randomise(model, seed)
+        randomise(model, seed, LORA_STD)
         for _, layer in lora_layers(model):
             s = kw["lora_alpha"] / (math.sqrt(kw["r"]) if kw.get("use_rslora") else kw["r"])
             assert layer.scaling["default"] == s, (name, layer.scaling)

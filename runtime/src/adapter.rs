@@ -494,7 +494,7 @@ impl std::fmt::Display for Targets {
 }
 
 /// PEFT's list matching: the whole name, or a suffix after a dot.
-fn suffix_match(module: &str, target: &str) -> bool {
+pub(crate) fn suffix_match(module: &str, target: &str) -> bool {
     module == target || module.strip_suffix(target).is_some_and(|p| p.ends_with('.'))
 }
 

@@ -2,6 +2,7 @@
 //! exactly the bytes) transformers + bitsandbytes save a 4-bit model, so that the result loads
 //! in transformers and a QLoRA adapter trained on it meets the same values here.
 
+use crate::adapter::suffix_match;
 use crate::error::{Error, Result};
 use crate::merge::MERGED_FROM_NF4_KEY;
 use crate::model::{LoadOptions, Model};
@@ -266,9 +267,4 @@ enum Part {
     NestedMap,
     Map,
     State(String),
-}
-
-/// PEFT-style module matching: the whole name, or a suffix after a dot.
-fn suffix_match(module: &str, target: &str) -> bool {
-    module == target || module.strip_suffix(target).is_some_and(|p| p.ends_with('.'))
 }

@@ -306,25 +306,7 @@ fn weighted_sum_matches_scalar() {
     }
 }
 
-/// bitsandbytes' NF4 code values (its `quant_map`).
-const NF4_TABLE: [f32; 16] = [
-    -1.0,
-    -0.696_192_8,
-    -0.525_073_05,
-    -0.394_917_5,
-    -0.284_441_38,
-    -0.184_773_43,
-    -0.091_050_036,
-    0.0,
-    0.079_580_3,
-    0.160_930_2,
-    0.246_112_3,
-    0.337_915_24,
-    0.440_709_83,
-    0.562_617,
-    0.722_956_84,
-    1.0,
-];
+use crate::nf4::NF4_TABLE;
 
 /// Random NF4 data for `len` elements: packed codes and one positive scale per block.
 fn nf4_data(rng: &mut Rng, len: usize, blocksize: usize) -> (Vec<u8>, Vec<f32>) {
