@@ -255,14 +255,20 @@ pub enum Scales {
 /// Quantises `x` (row-major, widened to f32) to NF4 exactly as bitsandbytes 0.50 does on a CPU
 /// (tests/fixtures/nf4/README.md §1–2). `x` must be finite.
 pub fn quantize(x: &[f32], blocksize: usize, double_quant: bool) -> Quantized {
+    let absmax = block_absmax(x, blocksize);
+    let packed = quantize_codes(x, blocksize, &absmax);
+    Quantized { packed, scales: quantize_scales(absmax, double_quant), blocksize }
+}
+
+/// The packed 4-bit codes of [`quantize`], given the block scales from [`block_absmax`].
+pub fn quantize_codes(x: &[f32], blocksize: usize, absmax: &[f32]) -> Vec<u8> {
     debug_assert!(BLOCKSIZES.contains(&blocksize) && x.iter().all(|v| v.is_finite()));
     let bounds: [f32; 15] = std::array::from_fn(|k| (NF4_TABLE[k] + NF4_TABLE[k + 1]) / 2.0);
     let code = |s: f32| bounds.partition_point(|&b| b < s) as u8;
     let n = x.len();
     let full = n / blocksize * blocksize;
-    let absmax = block_absmax(x, blocksize);
     let mut scaled = Vec::with_capacity(n + 1);
-    for (block, &a) in x[..full].chunks_exact(blocksize).zip(&absmax) {
+    for (block, &a) in x[..full].chunks_exact(blocksize).zip(absmax) {
         let r = 1.0 / a.max(MIN_ABSMAX);
         scaled.extend(block.iter().map(|v| (v * r).clamp(-1.0, 1.0)));
     }
@@ -274,16 +280,19 @@ pub fn quantize(x: &[f32], blocksize: usize, double_quant: bool) -> Quantized {
     if n % 2 == 1 {
         scaled.push(0.0);
     }
-    let packed = scaled.chunks_exact(2).map(|p| (code(p[0]) << 4) | code(p[1])).collect();
-    let scales = if double_quant {
-        let offset = torch_mean(&absmax);
-        let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-        let (codes, nested_absmax) = quantize_blockwise_8bit(&centred);
-        Scales::Double { codes, nested_absmax, offset }
-    } else {
-        Scales::F32(absmax)
-    };
-    Quantized { packed, scales, blocksize }
+    scaled.chunks_exact(2).map(|p| (code(p[0]) << 4) | code(p[1])).collect()
+}
+
+/// The stored form of the block scales: as they are, or double-quantised (the mean taken off,
+/// then 8-bit codes in blocks of 256).
+pub fn quantize_scales(absmax: Vec<f32>, double_quant: bool) -> Scales {
+    if !double_quant {
+        return Scales::F32(absmax);
+    }
+    let offset = torch_mean(&absmax);
+    let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+    let (codes, nested_absmax) = quantize_blockwise_8bit(&centred);
+    Scales::Double { codes, nested_absmax, offset }
 }
 
 /// The stored per-block scales of [`quantize`]: `max |x|` per block, the last, partial block's

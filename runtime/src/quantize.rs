@@ -53,11 +53,6 @@ pub struct QuantizeSummary {
     pub bytes: u64,
 }
 
-/// One layer's tensors, computed together when its weight is reached.
-struct LayerOut {
-    quantized: nf4::Quantized,
-}
-
 /// Quantises every linear layer inside the decoder blocks of `model_dir` (but `opts.keep`) to
 /// NF4 and writes the model to `out_dir`; embeddings, norms and the output head keep their
 /// dtype. Atomic: on error nothing is left behind.
@@ -119,6 +114,9 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
     }
     let mut specs = Vec::new();
     let mut sources = Vec::new(); // per spec: (source tensor index, part)
+                                  // Per source tensor: its stored block scales, computed here (the JSON needs their mean) and
+                                  // written in pass 2 (small: one or four bytes per block of 64 weights).
+    let mut scales: Vec<Option<Scales>> = vec![None; tensors.len()];
     for (ti, (tname, t)) in tensors.iter().enumerate() {
         let Some(&(rows, cols)) = targets.get(tname) else {
             specs.push(TensorSpec { name: tname.clone(), shape: t.shape.clone(), dtype: t.dtype });
@@ -143,11 +141,11 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
             sources.push((ti, part));
         };
         push("", vec![n.div_ceil(2), 1], DType::U8, Part::Codes);
-        if opts.double_quant {
-            let offset = nf4::torch_mean(&nf4::block_absmax(&x, opts.blocksize));
+        let stored = nf4::quantize_scales(nf4::block_absmax(&x, opts.blocksize), opts.double_quant);
+        if let Scales::Double { offset, .. } = &stored {
             let text = format!(
                 r#"{state}, "nested_blocksize": {NESTED_BLOCKSIZE}, "nested_dtype": "float32", "nested_offset": {}}}"#,
-                nf4::python_float_repr(f64::from(offset))
+                nf4::python_float_repr(f64::from(*offset))
             );
             push(".absmax", vec![nb], DType::U8, Part::Absmax);
             push(".nested_absmax", vec![nb.div_ceil(NESTED_BLOCKSIZE)], DType::F32, Part::NestedAbsmax);
@@ -160,18 +158,17 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
             push(".quant_map", vec![16], DType::F32, Part::Map);
             push(".quant_state.bitsandbytes__nf4", vec![text.len()], DType::U8, Part::State(text));
         }
+        scales[ti] = Some(stored);
     }
 
     // Widest elements first, so every float tensor stays aligned in the file (the U8 codes and
-    // odd-sized quant_state JSON come last) and loads without a copy. A stable sort keeps each
-    // layer's U8 tensors together for the pass below.
+    // odd-sized quant_state JSON come last) and loads without a copy.
     let mut order: Vec<usize> = (0..specs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(specs[i].dtype.size()));
     let specs: Vec<TensorSpec> = order.iter().map(|&i| specs[i].clone()).collect();
     let sources: Vec<(usize, Part)> = order.iter().map(|&i| sources[i].clone()).collect();
 
-    // Pass 2: stream the tensors, quantising each layer when its first piece comes up.
-    let mut current: Option<(usize, LayerOut)> = None;
+    // Pass 2: stream the tensors; a layer's codes are computed when they are written.
     let quantized_layers = targets.len();
     let kept_layers = model.layers.len() * 7 + usize::from(opts.quantize_head) - quantized_layers;
     let blocksize = opts.blocksize;
@@ -181,44 +178,25 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
         write_safetensors_bytes(&path, &specs, |i, out| {
             let (ti, part) = &sources[i];
             let t = tensors[*ti].1;
-            if matches!(part, Part::Copy) {
-                out.extend_from_slice(t.bytes());
-                return Ok(());
-            }
             let f32s = |v: &[f32], out: &mut Vec<u8>| v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            let stored = || scales[*ti].as_ref().expect("scales computed in pass 1");
             match part {
-                Part::NestedMap => {
-                    f32s(&nf4::dynamic_map(), out);
-                    return Ok(());
+                Part::Copy => out.extend_from_slice(t.bytes()),
+                Part::Codes => {
+                    let x = t.to_f32_vec();
+                    out.extend_from_slice(&nf4::quantize_codes(&x, blocksize, &nf4::block_absmax(&x, blocksize)));
                 }
-                Part::Map => {
-                    f32s(&nf4::NF4_TABLE, out);
-                    return Ok(());
-                }
-                Part::State(text) => {
-                    out.extend_from_slice(text.as_bytes());
-                    return Ok(());
-                }
-                Part::NestedAbsmax => {
-                    // Written before the layer's codes: needs only the block scales.
-                    let absmax = nf4::block_absmax(&t.to_f32_vec(), blocksize);
-                    let offset = nf4::torch_mean(&absmax);
-                    let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-                    f32s(&nf4::quantize_blockwise_8bit(&centred).1, out);
-                    return Ok(());
-                }
-                _ => {}
-            }
-            if current.as_ref().is_none_or(|(c, _)| c != ti) {
-                let q = nf4::quantize(&t.to_f32_vec(), blocksize, double_quant);
-                current = Some((*ti, LayerOut { quantized: q }));
-            }
-            let q = &current.as_ref().expect("set above").1.quantized;
-            match (part, &q.scales) {
-                (Part::Codes, _) => out.extend_from_slice(&q.packed),
-                (Part::Absmax, Scales::F32(a)) => f32s(a, out),
-                (Part::Absmax, Scales::Double { codes, .. }) => out.extend_from_slice(codes),
-                _ => unreachable!("the other parts returned above"),
+                Part::Absmax => match stored() {
+                    Scales::F32(a) => f32s(a, out),
+                    Scales::Double { codes, .. } => out.extend_from_slice(codes),
+                },
+                Part::NestedAbsmax => match stored() {
+                    Scales::Double { nested_absmax, .. } => f32s(nested_absmax, out),
+                    Scales::F32(_) => unreachable!("nested scales are listed only for double quantisation"),
+                },
+                Part::NestedMap => f32s(&nf4::dynamic_map(), out),
+                Part::Map => f32s(&nf4::NF4_TABLE, out),
+                Part::State(text) => out.extend_from_slice(text.as_bytes()),
             }
             Ok(())
         })?;
