@@ -117,3 +117,19 @@ pub fn present_or_skip(path: PathBuf, hint: &str) -> Option<PathBuf> {
     eprintln!("skipping: {msg}");
     None
 }
+
+/// Logits at every position of `tokens` from a fresh session (context 128, batches of 16) with
+/// `adapters` active.
+pub fn session_logits(
+    model: &std::sync::Arc<peftrt::Model>,
+    adapters: &[(std::sync::Arc<peftrt::Adapter>, f32)],
+    tokens: &[u32],
+    threads: usize,
+) -> Vec<f32> {
+    let opts = peftrt::SessionOptions { n_ctx: 128, n_batch: 16, n_threads: threads };
+    let mut s = peftrt::Session::new(model.clone(), &opts).unwrap();
+    s.set_adapters(adapters).unwrap();
+    let mut out = Vec::new();
+    s.eval_all(tokens, &mut out).unwrap();
+    out
+}

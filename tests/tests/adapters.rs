@@ -17,11 +17,7 @@ fn reference() -> Reference {
 }
 
 fn logits(model: &Arc<Model>, adapters: &[(Arc<Adapter>, f32)], tokens: &[u32]) -> Vec<f32> {
-    let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 128, n_batch: 16, n_threads: 2 }).unwrap();
-    s.set_adapters(adapters).unwrap();
-    let mut out = Vec::new();
-    s.eval_all(tokens, &mut out).unwrap();
-    out
+    peftrt_conformance::session_logits(model, adapters, tokens, 2)
 }
 
 #[test]

@@ -15,13 +15,7 @@ fn reference() -> Reference {
     Reference::load(&fixture("nf4/reference.safetensors")).unwrap()
 }
 
-fn logits(model: &Arc<Model>, adapters: &[(Arc<Adapter>, f32)], tokens: &[u32], threads: usize) -> Vec<f32> {
-    let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 128, n_batch: 16, n_threads: threads }).unwrap();
-    s.set_adapters(adapters).unwrap();
-    let mut out = Vec::new();
-    s.eval_all(tokens, &mut out).unwrap();
-    out
-}
+use peftrt_conformance::session_logits as logits;
 
 #[test]
 fn bitsandbytes_checkpoint_matches_transformers() {
