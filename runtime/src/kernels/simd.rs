@@ -348,10 +348,13 @@ pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, nr: usize, out: &mut Vec<f32
     out.resize(tiles * k * nr, 0.0);
     for tile in 0..tiles {
         let dst = &mut out[tile * k * nr..(tile + 1) * k * nr];
-        for t in 0..nr.min(n - tile * nr) {
-            let src = &x[(tile * nr + t) * k..(tile * nr + t + 1) * k];
-            for (kk, v) in src.iter().enumerate() {
-                dst[kk * nr + t] = *v;
+        let src = &x[tile * nr * k..];
+        let tokens = nr.min(n - tile * nr);
+        // Written in order, read from `tokens` rows at once (their lines stay in L1): the other
+        // way round every store lands on a new cache line.
+        for (kk, col) in dst.chunks_exact_mut(nr).enumerate() {
+            for (t, d) in col[..tokens].iter_mut().enumerate() {
+                *d = src[t * k + kk];
             }
         }
     }
@@ -366,9 +369,10 @@ thread_local! {
 /// [`pack_x`] with `tile_tokens::<S>()` tokens per tile. `y` points at `Y[0, 0]`, row stride `ldy`.
 ///
 /// Register tile: `MR` weight rows × `NV·LANES` tokens; per step of k it broadcasts `MR` weights
-/// and loads `NV` vectors of packed X (outer product), so no horizontal sums are needed. The
-/// weight rows (MR × k) stay in L1/L2 while all token tiles stream past them, so W is read from
-/// memory once per call; f16/bf16 rows are widened once per row block into per-thread scratch.
+/// and loads `NV` vectors of packed X (outer product), so no horizontal sums are needed. The rows
+/// are widened to f32 once per call (f16/bf16/NF4) into per-thread scratch and stay in L2 while
+/// the token tiles pass; k is cut into L1-sized chunks, and each tile's results are transposed
+/// through a small buffer before they are copied to Y.
 ///
 /// # Safety
 /// `y` must be valid for writes of `Y[t, r]`, `t < n`, `r` in `rows`, and no other thread may
@@ -384,48 +388,113 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
 ) {
     let k = m.cols;
     let nr = tile_tokens::<S>();
+    let (mr_max, nv, l) = (S::MR, S::NV, S::LANES);
     debug_assert!(xp.len() >= n.div_ceil(nr) * k * nr && rows.end <= m.rows);
-    // Take the scratch out of the thread-local (no allocation): the kernel must not run inside
+    // Take the scratch out of the thread-locals (no allocation): the kernel must not run inside
     // a `with` closure, which would be compiled without this entry point's target features.
     let mut wide = WIDE_ROWS.with(|w| std::mem::take(&mut *w.borrow_mut()));
-    let mut r = rows.start;
-    while r < rows.end {
-        let mr = S::MR.min(rows.end - r);
-        // The row block as f32: borrowed for F32 weights, widened into scratch otherwise.
+    let mut acc = TILE_ACC.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    let mut out = TILE_OUT.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    // The rows go in groups of at most ROW_GROUP, so the widened copy stays small (L2-sized)
+    // whatever range the caller hands over.
+    let mut g0 = rows.start;
+    while g0 < rows.end {
+        let group = g0..(g0 + ROW_GROUP).min(rows.end);
+        g0 = group.end;
+        let nrows = group.len();
+        // All rows of the range as f32, row-major: borrowed for F32 weights, widened into scratch
+        // otherwise (once: they are reused by every token tile).
         let block: *const f32 = match m.w {
-            Weights::F32(w) => w[r * k..(r + mr) * k].as_ptr(),
+            Weights::F32(w) => w[group.start * k..group.end * k].as_ptr(),
             Weights::F16(w) => {
-                // SAFETY: slices in bounds; widen writes exactly `mr * k` elements.
-                unsafe { widen::<S, f16>(&w[r * k..(r + mr) * k], &mut wide) }
+                // SAFETY: slices in bounds; widen writes exactly `nrows * k` elements.
+                unsafe { widen::<S, f16>(&w[group.start * k..group.end * k], &mut wide) }
             }
             Weights::BF16(w) => {
                 // SAFETY: as above.
-                unsafe { widen::<S, bf16>(&w[r * k..(r + mr) * k], &mut wide) }
+                unsafe { widen::<S, bf16>(&w[group.start * k..group.end * k], &mut wide) }
             }
             Weights::Nf4(w) => {
                 // SAFETY: the range lies inside the matrix (checked by the caller).
-                unsafe { widen_nf4::<S>(w, r * k, mr * k, k, &mut wide) }
+                unsafe { widen_nf4::<S>(w, group.start * k, nrows * k, k, &mut wide) }
             }
         };
+        // k is cut into chunks whose slice of the packed X tile stays in L1 while every row block
+        // passes over it; partial sums wait in `acc` (`nv` vectors per row) between chunks.
+        let chunks = k.div_ceil(KC_MAX);
+        let kc = k.div_ceil(chunks);
+        if chunks > 1 && acc.len() < nrows * nv * l {
+            acc.resize(nrows * nv * l, 0.0);
+        }
+        // Each tile's results are transposed into `out` (`[token][nrows]`, small enough for L1)
+        // and then copied to Y row by row: scattering straight into Y, whose token stride is a whole
+        // matrix row, makes the 16–32 stores of one column hit the same few cache sets.
+        if out.len() < nr * nrows {
+            out.resize(nr * nrows, 0.0);
+        }
         for tile in 0..n.div_ceil(nr) {
             let tokens = nr.min(n - tile * nr);
-            let xt = xp[tile * k * nr..(tile + 1) * k * nr].as_ptr();
-            // SAFETY: `block` holds `mr` rows of `k` f32; `xt` one packed tile; the output
-            // rows r..r+mr and tokens of this tile are ours (caller contract).
-            unsafe {
-                let yt = y.add(tile * nr * ldy + r);
-                if mr == S::MR {
-                    tile_kernel::<S>(S::MR, k, block, xt, yt, ldy, tokens);
-                } else {
-                    for i in 0..mr {
-                        tile_kernel::<S>(1, k, block.add(i * k), xt, yt.add(i), ldy, tokens);
+            let mut c0 = 0;
+            while c0 < k {
+                let len = kc.min(k - c0);
+                let pass = Pass { first: c0 == 0, last: c0 + len == k };
+                let xt = xp[tile * k * nr + c0 * nr..].as_ptr();
+                let mut r = 0;
+                while r < nrows {
+                    let mr = mr_max.min(nrows - r);
+                    // SAFETY: `block` holds `nrows` rows of `k` f32; `xt` the chunk of one packed
+                    // tile; `acc` holds `nv·l` floats per row when there is more than one chunk; the
+                    // output rows and tokens of this tile are ours (caller contract).
+                    unsafe {
+                        let ot = out.as_mut_ptr().add(r);
+                        let at = acc.as_mut_ptr().add(r * nv * l);
+                        let w = block.add(r * k + c0);
+                        if mr == mr_max {
+                            tile_kernel::<S>(mr_max, len, w, k, xt, at, pass, ot, nrows, tokens);
+                        } else {
+                            for i in 0..mr {
+                                let (w, at, ot) = (w.add(i * k), at.add(i * nv * l), ot.add(i));
+                                tile_kernel::<S>(1, len, w, k, xt, at, pass, ot, nrows, tokens);
+                            }
+                        }
                     }
+                    r += mr;
+                }
+                c0 += len;
+            }
+            for t in 0..tokens {
+                // SAFETY: token `tile·nr + t < n`, the rows `group` of it are ours (caller contract).
+                unsafe {
+                    let dst = y.add((tile * nr + t) * ldy + group.start);
+                    std::ptr::copy_nonoverlapping(out.as_ptr().add(t * nrows), dst, nrows);
                 }
             }
         }
-        r += mr;
     }
     WIDE_ROWS.with(|w| *w.borrow_mut() = wide);
+    TILE_ACC.with(|a| *a.borrow_mut() = acc);
+    TILE_OUT.with(|o| *o.borrow_mut() = out);
+}
+
+/// The most values of k per chunk: a chunk of a packed X tile (`KC_MAX × tile_tokens` f32,
+/// 16 KiB with AVX-512) and of the MR weight rows fit in a 32 KiB L1 together.
+const KC_MAX: usize = 128;
+
+/// The most weight rows [`matmul_rows`] widens at once (a multiple of every `MR`).
+const ROW_GROUP: usize = 192;
+
+thread_local! {
+    /// Per-thread transposed results of one token tile of [`matmul_rows`] (grows once).
+    static TILE_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread partial sums of [`matmul_rows`] between k chunks (grows once, then reused).
+    static TILE_ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Which k chunk a micro-kernel call covers: the first starts from zero, the last writes Y.
+#[derive(Clone, Copy)]
+struct Pass {
+    first: bool,
+    last: bool,
 }
 
 /// Widens `src` to f32 into `dst` (resized to fit) and returns its pointer.
@@ -449,13 +518,18 @@ unsafe fn widen<S: Simd, E: Elem>(src: &[E], dst: &mut Vec<f32>) -> *const f32 {
     dst.as_ptr()
 }
 
-/// The register-tiled micro-kernel: `rows` (1 or `S::MR`) weight rows × one packed token tile.
+/// The register-tiled micro-kernel: `rows` (1 or `S::MR`) weight rows (row stride `ldw`) × one
+/// packed token tile, over `kc` values of k.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_kernel<S: Simd>(
     rows: usize,
-    k: usize,
+    kc: usize,
     w: *const f32,
+    ldw: usize,
     xt: *const f32,
+    acc: *mut f32,
+    pass: Pass,
     y: *mut f32,
     ldy: usize,
     tokens: usize,
@@ -464,41 +538,54 @@ unsafe fn tile_kernel<S: Simd>(
     // SAFETY: forwarded.
     unsafe {
         match (S::MR, S::NV, rows) {
-            (_, 2, 1) => tile_const::<S, 1, 2>(k, w, xt, y, ldy, tokens),
-            (4, 2, 4) => tile_const::<S, 4, 2>(k, w, xt, y, ldy, tokens),
-            (6, 2, 6) => tile_const::<S, 6, 2>(k, w, xt, y, ldy, tokens),
-            (8, 2, 8) => tile_const::<S, 8, 2>(k, w, xt, y, ldy, tokens),
-            (12, 2, 12) => tile_const::<S, 12, 2>(k, w, xt, y, ldy, tokens),
-            (_, 3, 1) => tile_const::<S, 1, 3>(k, w, xt, y, ldy, tokens),
-            (4, 3, 4) => tile_const::<S, 4, 3>(k, w, xt, y, ldy, tokens),
-            (6, 3, 6) => tile_const::<S, 6, 3>(k, w, xt, y, ldy, tokens),
-            (8, 3, 8) => tile_const::<S, 8, 3>(k, w, xt, y, ldy, tokens),
+            (_, 2, 1) => tile_const::<S, 1, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (4, 2, 4) => tile_const::<S, 4, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (6, 2, 6) => tile_const::<S, 6, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (8, 2, 8) => tile_const::<S, 8, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (12, 2, 12) => tile_const::<S, 12, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (_, 3, 1) => tile_const::<S, 1, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (4, 3, 4) => tile_const::<S, 4, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (6, 3, 6) => tile_const::<S, 6, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
+            (8, 3, 8) => tile_const::<S, 8, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
             _ => unreachable!("unsupported tile shape"),
         }
     }
 }
 
-/// `acc[i][j] = Σ_k W[i, k] · Xtile[k][j]`, then scattered to `Y[token, row]`.
+/// `acc[i][j] (+)= Σ_k W[i, k] · Xtile[k][j]` over one k chunk; after the last chunk the sums
+/// are scattered to `Y[token, row]`, before it they wait in `accp` (`MR × NV` vectors).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_const<S: Simd, const MR: usize, const NV: usize>(
-    k: usize,
+    kc: usize,
     w: *const f32,
+    ldw: usize,
     xt: *const f32,
+    accp: *mut f32,
+    pass: Pass,
     y: *mut f32,
     ldy: usize,
     tokens: usize,
 ) {
     let l = S::LANES;
     let nr = NV * l;
-    // SAFETY (whole body): `w` holds MR rows of k, `xt` k × nr, `y` the caller's outputs.
+    // SAFETY (whole body): `w` holds MR rows of `kc` (stride `ldw`), `xt` kc × nr, `accp`
+    // MR·NV vectors unless this is a single pass, `y` the caller's outputs.
     unsafe {
         let mut acc = [[S::zero(); NV]; MR];
+        if !pass.first {
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                for (j, a) in acc_i.iter_mut().enumerate() {
+                    *a = S::load(accp.add((i * NV + j) * l));
+                }
+            }
+        }
         let mut wp = [w; MR];
         for (i, p) in wp.iter_mut().enumerate() {
-            *p = w.add(i * k);
+            *p = w.add(i * ldw);
         }
         let mut xk = xt;
-        for kk in 0..k {
+        for kk in 0..kc {
             let mut xv = [S::zero(); NV];
             for (j, v) in xv.iter_mut().enumerate() {
                 *v = S::load(xk.add(j * l));
@@ -510,6 +597,14 @@ unsafe fn tile_const<S: Simd, const MR: usize, const NV: usize>(
                 }
             }
             xk = xk.add(nr);
+        }
+        if !pass.last {
+            for (i, acc_i) in acc.iter().enumerate() {
+                for (j, a) in acc_i.iter().enumerate() {
+                    S::store(accp.add((i * NV + j) * l), *a);
+                }
+            }
+            return;
         }
         // Transpose out: Y is [token, row].
         let mut buf = [0f32; 64];

@@ -137,7 +137,7 @@ fn matvec_matches_scalar_every_isa_dtype_and_thread_count() {
 fn matmul_matches_scalar_every_isa_dtype() {
     let mut rng = Rng(3);
     let pools: Vec<ThreadPool> = [1, 2].map(ThreadPool::new).into();
-    let shapes: &[(usize, usize)] = &[(1, 3), (5, 17), (8, 32), (13, 33), (33, 64), (67, 129)];
+    let shapes: &[(usize, usize)] = &[(1, 3), (5, 17), (8, 32), (13, 33), (33, 64), (67, 129), (25, 300), (130, 140)];
     for &(rows, cols) in shapes {
         for n in [1, 2, 3, 5, 12, 13, 16, 17, 33, 40] {
             let offset = n % 2;
