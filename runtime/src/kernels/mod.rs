@@ -22,7 +22,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
-use crate::threadpool::{SharedMut, ThreadPool};
+use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
@@ -310,8 +310,18 @@ pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n:
     }
     PACKED_X.with(|packed| {
         let mut packed = packed.borrow_mut();
-        simd::pack_x(x, n, ms[0].cols, tile_tokens, &mut packed);
-        let xp: &[f32] = &packed;
+        let k = ms[0].cols;
+        let len = n.div_ceil(tile_tokens) * k * tile_tokens;
+        if packed.len() < len {
+            packed.resize(len, 0.0);
+        }
+        // Packing is a transpose of all of X: the threads share it out by columns.
+        let dst = SharedMut::new(&mut packed[..len]);
+        pool.run(|ti, nt| {
+            // SAFETY: each thread packs its own columns into `packed`, which holds `len` floats.
+            unsafe { simd::pack_x(x, n, k, tile_tokens, split_range(k, ti, nt, 1), dst.ptr()) }
+        });
+        let xp: &[f32] = &packed[..len];
         let chunks = RowChunks::new(ms, pool.n_threads(), mr);
         pool.run(|_, _| {
             while let Some((i, rows)) = chunks.next() {

@@ -340,21 +340,29 @@ pub(crate) const fn tile_tokens<S: Simd>() -> usize {
     S::NV * S::LANES
 }
 
-/// Packs `x` (`[n, k]`, row-major) into tiles of `nr` tokens, each `[k][nr]` (token fastest),
-/// padded with zeros: the layout [`matmul_rows`] streams with vector loads.
-pub(crate) fn pack_x(x: &[f32], n: usize, k: usize, nr: usize, out: &mut Vec<f32>) {
-    let tiles = n.div_ceil(nr);
-    out.clear();
-    out.resize(tiles * k * nr, 0.0);
-    for tile in 0..tiles {
-        let dst = &mut out[tile * k * nr..(tile + 1) * k * nr];
+/// Packs columns `cols` of `x` (`[n, k]`, row-major) into tiles of `nr` tokens, each `[k][nr]`
+/// (token fastest), padded with zeros: the layout [`matmul_rows`] streams with vector loads.
+/// `out` holds `n.div_ceil(nr) * k * nr` floats; threads may pack disjoint column ranges.
+///
+/// # Safety
+/// `out` must be valid for those writes, and no other thread may write the same columns.
+pub(crate) unsafe fn pack_x(x: &[f32], n: usize, k: usize, nr: usize, cols: Range<usize>, out: *mut f32) {
+    debug_assert!(x.len() >= n * k && cols.end <= k);
+    for tile in 0..n.div_ceil(nr) {
         let src = &x[tile * nr * k..];
         let tokens = nr.min(n - tile * nr);
         // Written in order, read from `tokens` rows at once (their lines stay in L1): the other
         // way round every store lands on a new cache line.
-        for (kk, col) in dst.chunks_exact_mut(nr).enumerate() {
-            for (t, d) in col[..tokens].iter_mut().enumerate() {
-                *d = src[t * k + kk];
+        for kk in cols.clone() {
+            // SAFETY: the caller's contract; `kk < k`, `t < nr`.
+            unsafe {
+                let dst = out.add((tile * k + kk) * nr);
+                for t in 0..tokens {
+                    *dst.add(t) = src[t * k + kk];
+                }
+                for t in tokens..nr {
+                    *dst.add(t) = 0.0;
+                }
             }
         }
     }
