@@ -1,0 +1,403 @@
+//! The training loop: batches in a seeded order, the loss on response tokens only, gradient
+//! accumulation, clipping, AdamW with a warm-up schedule, and the adapter written at the end.
+//!
+//! One optimiser step consumes `grad_accum` micro-batches of `batch_size` examples; the loss of
+//! a step is the mean over all response tokens of its micro-batches (the sum of token losses
+//! divided by their count, as transformers' Trainer does with `num_items_in_batch`). The
+//! micro-batch stream runs through the epochs: micro-batch `m` is batch `m % per_epoch` of
+//! epoch `m / per_epoch`, whose order is a permutation seeded by (`seed`, epoch). Dropout draws
+//! from libtorch's generator reseeded with (`seed`, step) at every step. A run is therefore a
+//! function of its options alone: CPU runs are bit-reproducible, and a run resumed at step `k`
+//! continues exactly as the uninterrupted one.
+
+use crate::checkpoint::{self, RunState};
+use crate::data::{epoch_order, Batch, Dataset, Encoder, Format, IGNORE};
+use crate::error::{Error, Result};
+use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
+use crate::model::{BaseModel, BaseStorage};
+use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule};
+use crate::save::{check_output, save_adapter, Provenance};
+use peftrt::adapter::BaseFingerprint;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// The LoRA options of a run.
+#[derive(Clone, Debug)]
+pub struct LoraOptions {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f64,
+    /// `q_proj,v_proj`, `all-linear` or a regex.
+    pub target: String,
+    pub rslora: bool,
+    pub init: Init,
+    /// Only these decoder layers (`layers_to_transform`).
+    pub layers: Option<Vec<usize>>,
+    /// Start from this PEFT adapter's weights and configuration.
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        LoraOptions {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target: "q_proj,v_proj".into(),
+            rslora: false,
+            init: Init::Kaiming,
+            layers: None,
+            init_adapter: None,
+        }
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub base: PathBuf,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub overwrite: bool,
+    /// `None`: detect from the first record.
+    pub format: Option<Format>,
+    pub max_seq_len: usize,
+    pub lora: LoraOptions,
+    /// Quantise the frozen base to NF4 (QLoRA).
+    pub qlora: bool,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: f64,
+    /// Overrides `epochs`.
+    pub max_steps: Option<u64>,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// Clip the gradient norm to this (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    /// Shuffle the examples each epoch (seeded); off: file order.
+    pub shuffle: bool,
+    pub device: Device,
+    /// A user-given version of the dataset, recorded in the provenance.
+    pub dataset_version: Option<String>,
+    /// Write a checkpoint every this many steps.
+    pub checkpoint_every: Option<u64>,
+    /// Where checkpoints go (default: the output path with `-checkpoint` appended). One
+    /// directory, replaced by each newer checkpoint.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run whose checkpoint this is (the other options must be the same).
+    pub resume: Option<PathBuf>,
+    /// Stop cleanly after this step, with a checkpoint, as an interruption does (a time-boxed
+    /// job); `--resume` continues.
+    pub stop_after: Option<u64>,
+    /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+impl TrainOptions {
+    /// Defaults for everything but the paths.
+    pub fn new(base: PathBuf, data: PathBuf, output: PathBuf) -> Self {
+        TrainOptions {
+            base,
+            data,
+            output,
+            overwrite: false,
+            format: None,
+            max_seq_len: 1024,
+            lora: LoraOptions::default(),
+            qlora: false,
+            batch_size: 4,
+            grad_accum: 1,
+            epochs: 1.0,
+            max_steps: None,
+            lr: 2e-4,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            shuffle: true,
+            device: Device::Cpu,
+            dataset_version: None,
+            checkpoint_every: None,
+            checkpoint_dir: None,
+            resume: None,
+            stop_after: None,
+            interrupt: None,
+        }
+    }
+
+    /// The checkpoint directory.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.checkpoint_dir.clone().unwrap_or_else(|| {
+            let mut p = self.output.clone().into_os_string();
+            p.push("-checkpoint");
+            PathBuf::from(p)
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return Err(Error::Input("--batch-size and --grad-accum must be at least 1".into()));
+        }
+        if self.max_seq_len < 2 {
+            return Err(Error::Input("--max-seq-len must be at least 2".into()));
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.epochs > 0.0 && self.epochs.is_finite())) {
+            return Err(Error::Input("train for at least one step: --epochs > 0 or --max-steps ≥ 1".into()));
+        }
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(Error::Input(format!("--lr {}: must be a non-negative number", self.lr)));
+        }
+        if let Some(m) = self.max_grad_norm {
+            if m.is_nan() || m <= 0.0 {
+                return Err(Error::Input(format!(
+                    "--max-grad-norm {m}: must be positive (omit it to disable clipping)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hyper-parameters recorded in the provenance.
+    fn hyperparameters(&self, lora: &LoraSet, steps: u64) -> serde_json::Value {
+        let c = &lora.spec.config;
+        json!({
+            "r": c.r, "lora_alpha": c.alpha, "lora_dropout": self.lora.dropout, "use_rslora": c.rslora,
+            "target_modules": c.target_modules.to_string(), "layers_to_transform": c.layers,
+            "init": format!("{:?}", self.lora.init).to_lowercase(),
+            "init_adapter": self.lora.init_adapter.as_ref().map(|p| p.display().to_string()),
+            "qlora": self.qlora, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+            "epochs": self.epochs, "max_steps": self.max_steps, "steps": steps, "lr": self.lr,
+            "warmup_steps": self.warmup_steps, "schedule": self.schedule.name(),
+            "betas": [self.adamw.beta1, self.adamw.beta2], "eps": self.adamw.eps,
+            "weight_decay": self.adamw.weight_decay, "max_grad_norm": self.max_grad_norm,
+            "max_seq_len": self.max_seq_len, "seed": self.seed, "shuffle": self.shuffle,
+        })
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    /// Loss of every step (mean over its response tokens).
+    pub losses: Vec<f64>,
+    /// Learning rate of every step.
+    pub lrs: Vec<f64>,
+    /// Gradient norm of every step, before clipping.
+    pub grad_norms: Vec<f64>,
+    pub n_examples: usize,
+    pub n_truncated: usize,
+    pub n_dropped: usize,
+    /// Tokens processed (unpadded).
+    pub n_tokens: i64,
+}
+
+/// A loaded base model with its tokenizer and fingerprint.
+pub struct Base {
+    pub runtime: peftrt::Model,
+    pub model: BaseModel,
+    pub fingerprint: BaseFingerprint,
+}
+
+impl Base {
+    /// Loads a Hugging Face model directory with the runtime's loader, then into libtorch.
+    pub fn load(dir: &std::path::Path, storage: BaseStorage, device: Device) -> Result<Base> {
+        if dir.is_dir() && !dir.join("config.json").is_file() {
+            let hint = if dir.join("adapter_config.json").is_file() {
+                "; it is a PEFT adapter: pass it with --init-adapter, and the model it was trained on with --base"
+            } else {
+                "; pass the base model's directory (config.json, *.safetensors, tokenizer.json)"
+            };
+            return Err(Error::Input(format!(
+                "{}: not a Hugging Face model directory (no config.json){hint}",
+                dir.display()
+            )));
+        }
+        let runtime = peftrt::Model::load(dir, &peftrt::LoadOptions::default())?;
+        let model = BaseModel::from_runtime(&runtime, storage, device)?;
+        let fingerprint = BaseFingerprint::of(&runtime);
+        Ok(Base { runtime, model, fingerprint })
+    }
+
+    /// The end-of-sequence id appended to plain-text examples, and the padding id.
+    pub fn eos(&self) -> Option<i64> {
+        self.runtime.config.eos_token_ids.first().map(|&t| i64::from(t))
+    }
+}
+
+/// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
+pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
+    let ids = batch.ids.f_to(model.device)?;
+    let labels = batch.labels.f_to(model.device)?;
+    let logits = model.forward(&ids, lora, train)?;
+    let vocab = logits.size()[2];
+    Ok(logits.f_reshape([-1, vocab])?.f_cross_entropy_loss::<Tensor>(
+        &labels.f_reshape([-1])?,
+        None,
+        Reduction::Sum,
+        IGNORE,
+        0.0,
+    )?)
+}
+
+/// The LoRA layers a run starts from: `--init-adapter`'s, or fresh ones drawn from `seed`.
+pub fn initial_lora(model: &BaseModel, o: &LoraOptions, seed: u64) -> Result<LoraSet> {
+    match &o.init_adapter {
+        Some(dir) => LoraSet::from_adapter(model, dir, o.dropout, o.init),
+        None => {
+            let targets = parse_targets(&o.target)?;
+            let spec = LoraSpec::new(o.r, o.alpha, targets, o.rslora, o.layers.clone(), o.dropout, o.init)?;
+            tch::manual_seed(seed as i64);
+            LoraSet::init(model, spec)
+        }
+    }
+}
+
+/// Runs in one process share libtorch's global random generator (initialisation, dropout):
+/// they take turns, so that each stays a function of its own seed.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Trains an adapter and writes it to `opts.output`.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let _turn = GENERATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    opts.check()?;
+    check_output(&opts.output, opts.overwrite)?;
+    let storage = if opts.qlora { BaseStorage::Nf4 } else { BaseStorage::Float };
+    let base = Base::load(&opts.base, storage, opts.device)?;
+    let tokenizer = base.runtime.tokenizer()?;
+    let enc = Encoder { tokenizer, eos: base.eos(), max_seq_len: opts.max_seq_len };
+    let data = Dataset::load(&opts.data, opts.format, &enc)?;
+    let lora = match &opts.resume {
+        Some(dir) => LoraSet::from_adapter(&base.model, dir, opts.lora.dropout, opts.lora.init)?,
+        None => initial_lora(&base.model, &opts.lora, opts.seed)?,
+    };
+    let params: Vec<Tensor> = lora.named_parameters().into_iter().map(|(_, t)| t).collect();
+    let mut opt = AdamW::new(opts.adamw.clone(), &params)?;
+
+    let n = data.examples.len();
+    let per_epoch = n.div_ceil(opts.batch_size) as u64;
+    let total_steps = opts
+        .max_steps
+        .unwrap_or_else(|| ((opts.epochs * per_epoch as f64) / opts.grad_accum as f64).ceil().max(1.0) as u64);
+    let pad = base.eos().unwrap_or(0);
+    let prov = Provenance {
+        base: base.fingerprint.clone(),
+        dataset: json!({
+            "sha256": data.sha256,
+            "file": opts.data.file_name().map(|f| f.to_string_lossy().into_owned()),
+            "version": opts.dataset_version,
+            "format": data.format.name(),
+            "examples": n,
+            "truncated": data.n_truncated,
+        }),
+        hyperparameters: opts.hyperparameters(&lora, total_steps),
+    };
+    // What a resumed run must share with the run that wrote the checkpoint.
+    let agreement = json!({
+        "hyperparameters": prov.hyperparameters,
+        "dataset_sha256": data.sha256,
+        "base_model": base.fingerprint.to_json(),
+    });
+    let base_name = opts.base.display().to_string();
+    let mut state = match &opts.resume {
+        Some(dir) => checkpoint::restore(dir, &lora, &mut opt, &agreement)?,
+        None => RunState::default(),
+    };
+    let ckpt_dir = opts.checkpoint_path();
+    let save_checkpoint = |state: &RunState, opt: &AdamW| -> Result<()> {
+        checkpoint::save(&ckpt_dir, &lora, opt, state, &agreement, &base_name, &prov)
+    };
+
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    for step in state.step..total_steps {
+        tch::manual_seed(opts.seed.wrapping_add(step.wrapping_mul(0x9e37_79b9)) as i64);
+        let mut batches = Vec::with_capacity(opts.grad_accum);
+        for k in 0..opts.grad_accum as u64 {
+            let m = step * opts.grad_accum as u64 + k;
+            let (epoch, within) = (m / per_epoch, (m % per_epoch) as usize);
+            let ord = match &order {
+                Some((e, o)) if *e == epoch => o,
+                _ => &order.insert((epoch, epoch_order(n, opts.seed, epoch, opts.shuffle))).1,
+            };
+            let chosen: Vec<_> = ord[within * opts.batch_size..((within + 1) * opts.batch_size).min(n)]
+                .iter()
+                .map(|&i| &data.examples[i])
+                .collect();
+            batches.push(Batch::new(&chosen, pad)?);
+        }
+        let n_targets: i64 = batches.iter().map(|b| b.n_targets).sum();
+        zero_grad(&params)?;
+        let mut loss = 0.0;
+        for b in &batches {
+            let l = batch_loss_sum(&base.model, &lora, b, true)?.f_div_scalar(n_targets as f64)?;
+            l.f_backward()?;
+            loss += l.f_double_value(&[])?;
+            state.n_tokens += b.n_tokens;
+        }
+        let grad_norm = clip_grad_norm(&params, opts.max_grad_norm)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            let kept = if ckpt_dir.join(checkpoint::STATE_FILE).is_file() {
+                format!("the last good checkpoint is in {}", ckpt_dir.display())
+            } else {
+                "no checkpoint was written (--checkpoint-every)".into()
+            };
+            return Err(Error::NonFinite(format!(
+                "step {}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; stopped without writing \
+                 the adapter ({kept}). Lower --lr, or check the data",
+                step + 1
+            )));
+        }
+        let lr = opts.lr * opts.schedule.factor(step, opts.warmup_steps, total_steps);
+        opt.step(&params, lr)?;
+        state.step = step + 1;
+        state.losses.push(loss);
+        state.lrs.push(lr);
+        state.grad_norms.push(grad_norm);
+
+        let interrupted = opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let stop = interrupted || opts.stop_after == Some(state.step);
+        let last = state.step == total_steps;
+        if !last && (stop || opts.checkpoint_every.is_some_and(|k| state.step % k == 0)) {
+            save_checkpoint(&state, &opt)?;
+        }
+        if stop && !last {
+            let why = if interrupted { "interrupted" } else { "stopped as asked (--stop-after)" };
+            return Err(Error::Interrupted(format!(
+                "{why} after step {} of {total_steps}; checkpoint written to {}; continue with --resume {}",
+                state.step,
+                ckpt_dir.display(),
+                ckpt_dir.display()
+            )));
+        }
+    }
+
+    save_adapter(&opts.output, &lora, &base_name, &prov, opts.overwrite)?;
+    Ok(TrainReport {
+        losses: state.losses,
+        lrs: state.lrs,
+        grad_norms: state.grad_norms,
+        n_examples: n,
+        n_truncated: data.n_truncated,
+        n_dropped: data.n_dropped,
+        n_tokens: state.n_tokens,
+    })
+}
+
+/// Mean loss per response token of `data` (no dropout, no gradients).
+pub fn eval_loss(model: &BaseModel, lora: &LoraSet, data: &Dataset, batch_size: usize, pad: i64) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let (mut sum, mut count) = (0.0, 0i64);
+    for chunk in data.examples.chunks(batch_size.max(1)) {
+        let refs: Vec<_> = chunk.iter().collect();
+        let b = Batch::new(&refs, pad)?;
+        sum += batch_loss_sum(model, lora, &b, false)?.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        count += b.n_targets;
+    }
+    Ok(sum / count.max(1) as f64)
+}
