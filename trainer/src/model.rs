@@ -66,6 +66,27 @@ impl Nf4Tensor {
         })
     }
 
+    /// An NF4 weight as the runtime loaded it from an NF4 checkpoint: the same codes and
+    /// decoded scales (re-quantising the dequantised values could round the scales again).
+    fn from_runtime(q: &peftrt::nf4::Nf4Weight, rows: usize, cols: usize, device: Device) -> Result<Self> {
+        let n = rows * cols;
+        let packed = q.packed.bytes();
+        if q.len != n || packed.len() != n.div_ceil(2) || !n.is_multiple_of(q.blocksize) {
+            return Err(Error::Input(format!(
+                "tensor {}: {} NF4 codes in blocks of {} do not make a {rows}×{cols} weight",
+                q.packed.name, q.len, q.blocksize
+            )));
+        }
+        Ok(Nf4Tensor {
+            packed: Tensor::f_from_slice(packed)?.f_to(device)?,
+            absmax: Tensor::f_from_slice(&q.absmax)?.f_to(device)?,
+            table: Tensor::f_from_slice(&q.table)?.f_to(device)?,
+            rows: rows as i64,
+            cols: cols as i64,
+            blocksize: q.blocksize as i64,
+        })
+    }
+
     /// The weight `[rows, cols]`: `table[code] · absmax[block]` in f32, as bitsandbytes
     /// dequantises, then cast to `kind`.
     fn dequantize(&self, kind: Kind) -> Result<Tensor> {
@@ -154,17 +175,15 @@ impl BaseLinear {
     fn load(lin: &peftrt::model::Linear, storage: BaseStorage, kind: Kind, device: Device) -> Result<Self> {
         let (rows, cols) = (lin.rows, lin.cols);
         let weight = match (storage, &lin.nf4) {
-            // Already NF4 on disk: the runtime decodes bitsandbytes' values exactly.
-            (_, Some(_)) | (BaseStorage::Nf4, None) => {
-                let w = lin.to_f32_vec();
-                match storage {
-                    BaseStorage::Nf4 => Frozen::Nf4(Nf4Tensor::quantize(&w, rows, cols, device)?),
-                    BaseStorage::Float => {
-                        Frozen::Float(vec_tensor(&w, kind, device)?.f_reshape([rows as i64, cols as i64])?)
-                    }
-                }
-            }
             (BaseStorage::Float, None) => Frozen::Float(float_tensor(&lin.weight, kind, device)?),
+            // An NF4 checkpoint, trained on as stored.
+            (BaseStorage::Nf4, Some(q)) => Frozen::Nf4(Nf4Tensor::from_runtime(q, rows, cols, device)?),
+            // Quantised here, with the runtime's quantiser (the bytes `peftrt quantize` writes).
+            (BaseStorage::Nf4, None) => Frozen::Nf4(Nf4Tensor::quantize(&lin.to_f32_vec(), rows, cols, device)?),
+            // An NF4 checkpoint in float: bitsandbytes' dequantised values (the runtime's decoding).
+            (BaseStorage::Float, Some(_)) => {
+                Frozen::Float(vec_tensor(&lin.to_f32_vec(), kind, device)?.f_reshape([rows as i64, cols as i64])?)
+            }
         };
         let bias = lin.bias.as_deref().map(|b| vec_tensor(b, kind, device)).transpose()?;
         Ok(BaseLinear { name: lin.name.clone(), id: lin.id, rows, cols, weight, bias })
