@@ -182,3 +182,52 @@ fn runtime_refuses_the_adapter_on_another_base() {
     assert_eq!(sidecar["dataset"]["file"], case["data"]);
     assert_eq!(sidecar["dataset"]["sha256"].as_str().map(str::len), Some(64));
 }
+
+/// PEFT loads the trained adapter (`adapter_config.json`, keys, shapes) and computes the
+/// trainer's logits (scripts/check_peft_loads.py, run with `PEFTRT_PYTHON`; `make test` sets it,
+/// plain `cargo test` skips unless PEFTRT_REQUIRE_MODELS=1).
+#[test]
+fn peft_loads_the_trained_adapter() {
+    let python = match std::env::var_os("PEFTRT_PYTHON") {
+        Some(p) => std::path::PathBuf::from(p),
+        None if std::env::var_os("PEFTRT_REQUIRE_MODELS").is_some() => panic!("PEFTRT_PYTHON is not set"),
+        None => return eprintln!("skipped: set PEFTRT_PYTHON to a Python with transformers and peft"),
+    };
+    let spec = cases();
+    for (name, case) in spec["cases"].as_object().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("adapter");
+        let mut opts = options(name, case, &spec["train"], &out);
+        opts.max_steps = Some(2);
+        train(&opts).unwrap();
+        let tokens = Reference::load(&opts.base.join("reference.safetensors")).unwrap().tokens("tokens_b");
+        let base = Base::load(&opts.base, BaseStorage::Float, Device::Cpu).unwrap();
+        let lora = LoraSet::from_adapter(&base.model, &out, 0.0, Init::Kaiming).unwrap();
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let logits =
+            tch::no_grad(|| base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), &lora, false)).unwrap();
+        let vocab = logits.size()[2] as usize;
+        let values = Vec::<f32>::try_from(&logits.reshape([-1])).unwrap();
+        let ids32: Vec<u8> = tokens.iter().flat_map(|&t| (t as i32).to_le_bytes()).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = [
+            (
+                "tokens",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![tokens.len()], &ids32).unwrap(),
+            ),
+            (
+                "logits",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![tokens.len(), vocab], &bytes)
+                    .unwrap(),
+            ),
+        ];
+        let file = tmp.path().join("logits.safetensors");
+        std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+        let status = std::process::Command::new(&python)
+            .arg(peftrt_conformance::repo_root().join("scripts/check_peft_loads.py"))
+            .args([opts.base.as_os_str(), out.as_os_str(), file.as_os_str()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{name}: PEFT could not load the trained adapter with the trainer's logits");
+    }
+}
