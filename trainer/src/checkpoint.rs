@@ -34,6 +34,8 @@ pub struct RunState {
     pub losses: Vec<f64>,
     pub lrs: Vec<f64>,
     pub grad_norms: Vec<f64>,
+    /// (step, eval loss) of each evaluation.
+    pub eval_losses: Vec<(u64, f64)>,
     pub n_tokens: i64,
 }
 
@@ -77,6 +79,7 @@ pub fn save(
                 "losses": state.losses,
                 "lrs": state.lrs,
                 "grad_norms": state.grad_norms,
+                "eval_losses": state.eval_losses,
                 "n_tokens": state.n_tokens,
                 "run": agreement,
             });
@@ -129,6 +132,8 @@ pub fn restore(dir: &Path, lora: &LoraSet, opt: &mut AdamW, agreement: &Value) -
         losses: list("losses")?,
         lrs: list("lrs")?,
         grad_norms: list("grad_norms")?,
+        eval_losses: serde_json::from_value(v["eval_losses"].clone())
+            .map_err(|e| Error::Input(format!("{}: `eval_losses`: {e}", state_path.display())))?,
         n_tokens: int("n_tokens")? as i64,
     };
     opt.step = int("adam_step")? as i64;

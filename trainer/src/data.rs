@@ -412,6 +412,29 @@ impl SplitMix64 {
     }
 }
 
+/// Holds out `fraction` of `examples` (at least one, at least one left to train on) for
+/// evaluation, chosen by a permutation seeded with `seed`; both parts keep file order.
+pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+    let n = examples.len();
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(Error::Input(format!("--eval-split {fraction}: expected a fraction between 0 and 1")));
+    }
+    let k = ((n as f64 * fraction).round() as usize).max(1);
+    if k >= n {
+        return Err(Error::Input(format!(
+            "--eval-split {fraction}: the data has {n} example(s), too few to hold out {k} and train on the rest"
+        )));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    SplitMix64::new(seed ^ 0x5eed_e7a1).shuffle(&mut order);
+    let mut held = vec![false; n];
+    for &i in &order[..k] {
+        held[i] = true;
+    }
+    let (eval, train): (Vec<_>, Vec<_>) = examples.into_iter().zip(held).partition(|(_, h)| *h);
+    Ok((train.into_iter().map(|(e, _)| e).collect(), eval.into_iter().map(|(e, _)| e).collect()))
+}
+
 /// The order of examples in `epoch`: a seeded permutation, or file order without shuffling.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -435,6 +458,20 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
         assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn eval_split_is_seeded_and_disjoint() {
+        let ex = |i: usize| Example { ids: vec![i as i64, 1], trained: vec![false, true], line: i + 1 };
+        let all: Vec<Example> = (0..20).map(ex).collect();
+        let (train, eval) = split_eval(all.clone(), 0.25, 3).unwrap();
+        assert_eq!((train.len(), eval.len()), (15, 5));
+        let (_, again) = split_eval(all.clone(), 0.25, 3).unwrap();
+        assert_eq!(eval, again);
+        assert!(eval.iter().all(|e| !train.contains(e)));
+        assert!(train.windows(2).all(|w| w[0].line < w[1].line), "file order kept");
+        assert!(split_eval(all[..1].to_vec(), 0.5, 3).is_err());
+        assert!(split_eval(all, 1.5, 3).is_err());
     }
 
     #[test]

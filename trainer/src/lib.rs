@@ -26,6 +26,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod lora;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod save;

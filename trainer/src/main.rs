@@ -121,6 +121,21 @@ struct TrainArgs {
     /// Stop after this step with a checkpoint, as Ctrl-C does (time-boxed jobs).
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Evaluation data (JSONL, same format as --data).
+    #[arg(long, conflicts_with = "eval_split")]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of --data for evaluation, e.g. 0.05.
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// Evaluate every N steps (default: ten times per run) and after the last.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Metrics JSONL (default: the output path + "-metrics.jsonl").
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn train_options(a: TrainArgs) -> Result<TrainOptions> {
@@ -159,6 +174,11 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.checkpoint_dir = a.checkpoint_dir;
     o.resume = a.resume;
     o.stop_after = a.stop_after;
+    o.eval_data = a.eval_data;
+    o.eval_split = a.eval_split;
+    o.eval_every = a.eval_every;
+    o.metrics = a.metrics;
+    o.progress = !a.quiet;
     Ok(o)
 }
 
@@ -180,9 +200,13 @@ fn main() -> Result<()> {
             opts.interrupt = Some(flag);
             eprintln!("training on {}", device_name(opts.device));
             let r = train(&opts)?;
-            for (i, ((loss, lr), gn)) in r.losses.iter().zip(&r.lrs).zip(&r.grad_norms).enumerate() {
-                eprintln!("step {:>5}  loss {loss:.6}  lr {lr:.3e}  grad-norm {gn:.4}", i + 1);
+            if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
+                eprintln!("{} steps: loss {first:.4} → {last:.4}", r.losses.len());
             }
+            if let Some((step, e)) = r.eval_losses.last() {
+                eprintln!("eval loss {e:.4} (perplexity {:.2}) after step {step}", e.exp());
+            }
+            eprintln!("metrics: {}", opts.metrics_path().display());
             eprintln!(
                 "{} examples ({} truncated to --max-seq-len, {} dropped), {} tokens; adapter written to {}",
                 r.n_examples,

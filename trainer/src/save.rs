@@ -85,11 +85,26 @@ pub fn write_adapter_files(dir: &Path, lora: &LoraSet, base_name: &str, prov: &P
     Ok(())
 }
 
-/// Writes the adapter to `out_dir` atomically, replacing it only if `overwrite`.
-pub fn save_adapter(out_dir: &Path, lora: &LoraSet, base_name: &str, prov: &Provenance, overwrite: bool) -> Result<()> {
+/// Writes the adapter to `out_dir` atomically, replacing it only if `overwrite`, with copies of
+/// `extra` files (name in the directory, source).
+pub fn save_adapter(
+    out_dir: &Path,
+    lora: &LoraSet,
+    base_name: &str,
+    prov: &Provenance,
+    overwrite: bool,
+    extra: &[(&str, &Path)],
+) -> Result<()> {
     check_output(out_dir, overwrite)?;
     write_dir_atomically(out_dir, |tmp| {
-        write_adapter_files(tmp, lora, base_name, prov).map_err(|e| match e {
+        let fill = || -> Result<()> {
+            write_adapter_files(tmp, lora, base_name, prov)?;
+            for (name, from) in extra {
+                std::fs::copy(from, tmp.join(name)).map_err(|e| Error::io(*from, e))?;
+            }
+            Ok(())
+        };
+        fill().map_err(|e| match e {
             Error::Runtime(e) => e,
             other => peftrt::Error::Input(other.to_string()),
         })

@@ -11,9 +11,10 @@
 //! continues exactly as the uninterrupted one.
 
 use crate::checkpoint::{self, RunState};
-use crate::data::{epoch_order, Batch, Dataset, Encoder, Format, IGNORE};
+use crate::data::{epoch_order, split_eval, Batch, Dataset, Encoder, Example, Format, IGNORE};
 use crate::error::{Error, Result};
 use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
+use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics};
 use crate::model::{BaseModel, BaseStorage};
 use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule};
 use crate::save::{check_output, save_adapter, Provenance};
@@ -97,6 +98,17 @@ pub struct TrainOptions {
     pub stop_after: Option<u64>,
     /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Evaluation data (same format rules as the training data).
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training data for evaluation instead.
+    pub eval_split: Option<f64>,
+    /// Evaluate every this many steps (default: ten times per run) and after the last.
+    pub eval_every: Option<u64>,
+    /// The metrics JSONL (default: the output path with `-metrics.jsonl` appended); a copy
+    /// ends up in the adapter directory as `training_metrics.jsonl`.
+    pub metrics: Option<PathBuf>,
+    /// Show the progress bar on stderr.
+    pub progress: bool,
 }
 
 impl TrainOptions {
@@ -129,7 +141,21 @@ impl TrainOptions {
             resume: None,
             stop_after: None,
             interrupt: None,
+            eval_data: None,
+            eval_split: None,
+            eval_every: None,
+            metrics: None,
+            progress: false,
         }
+    }
+
+    /// The metrics file.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.metrics.clone().unwrap_or_else(|| {
+            let mut p = self.output.clone().into_os_string();
+            p.push("-metrics.jsonl");
+            PathBuf::from(p)
+        })
     }
 
     /// The checkpoint directory.
@@ -178,6 +204,8 @@ impl TrainOptions {
             "betas": [self.adamw.beta1, self.adamw.beta2], "eps": self.adamw.eps,
             "weight_decay": self.adamw.weight_decay, "max_grad_norm": self.max_grad_norm,
             "max_seq_len": self.max_seq_len, "seed": self.seed, "shuffle": self.shuffle,
+            "eval_split": self.eval_split,
+            "eval_data": self.eval_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
         })
     }
 }
@@ -191,6 +219,10 @@ pub struct TrainReport {
     pub lrs: Vec<f64>,
     /// Gradient norm of every step, before clipping.
     pub grad_norms: Vec<f64>,
+    /// (step, eval loss) of every evaluation.
+    pub eval_losses: Vec<(u64, f64)>,
+    /// Warnings raised while training (overfitting).
+    pub warnings: Vec<String>,
     pub n_examples: usize,
     pub n_truncated: usize,
     pub n_dropped: usize,
@@ -273,6 +305,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let tokenizer = base.runtime.tokenizer()?;
     let enc = Encoder { tokenizer, eos: base.eos(), max_seq_len: opts.max_seq_len };
     let data = Dataset::load(&opts.data, opts.format, &enc)?;
+    let (examples, eval_examples): (Vec<Example>, Vec<Example>) = match (&opts.eval_data, opts.eval_split) {
+        (Some(_), Some(_)) => return Err(Error::Input("give --eval-data or --eval-split, not both".into())),
+        (Some(path), None) => (data.examples.clone(), Dataset::load(path, Some(data.format), &enc)?.examples),
+        (None, Some(f)) => split_eval(data.examples.clone(), f, opts.seed)?,
+        (None, None) => (data.examples.clone(), Vec::new()),
+    };
     let lora = match &opts.resume {
         Some(dir) => LoraSet::from_adapter(&base.model, dir, opts.lora.dropout, opts.lora.init)?,
         None => initial_lora(&base.model, &opts.lora, opts.seed)?,
@@ -280,7 +318,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let params: Vec<Tensor> = lora.named_parameters().into_iter().map(|(_, t)| t).collect();
     let mut opt = AdamW::new(opts.adamw.clone(), &params)?;
 
-    let n = data.examples.len();
+    let n = examples.len();
     let per_epoch = n.div_ceil(opts.batch_size) as u64;
     let total_steps = opts
         .max_steps
@@ -314,8 +352,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         checkpoint::save(&ckpt_dir, &lora, opt, state, &agreement, &base_name, &prov)
     };
 
+    let eval_every = opts.eval_every.unwrap_or((total_steps / 10).max(1));
+    let epoch_of = |step: u64| (step * opts.grad_accum as u64) as f64 / per_epoch as f64;
+    let history: Vec<StepMetrics> = (0..state.step as usize)
+        .map(|i| StepMetrics {
+            step: i as u64 + 1,
+            epoch: epoch_of(i as u64 + 1),
+            loss: state.losses[i],
+            lr: state.lrs[i],
+            grad_norm: state.grad_norms[i],
+            tokens_per_s: None,
+            eval_loss: state.eval_losses.iter().find(|(s, _)| *s == i as u64 + 1).map(|&(_, l)| l),
+        })
+        .collect();
+    let mut metrics = MetricsFile::create(&opts.metrics_path(), &history)?;
+    let mut watch = OverfitWatch::default();
+    let mut warnings = Vec::new();
+    let bar = progress_bar(total_steps, state.step, opts.progress);
+
     let mut order: Option<(u64, Vec<usize>)> = None;
     for step in state.step..total_steps {
+        let started = std::time::Instant::now();
+        let tokens_before = state.n_tokens;
         tch::manual_seed(opts.seed.wrapping_add(step.wrapping_mul(0x9e37_79b9)) as i64);
         let mut batches = Vec::with_capacity(opts.grad_accum);
         for k in 0..opts.grad_accum as u64 {
@@ -327,7 +385,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             };
             let chosen: Vec<_> = ord[within * opts.batch_size..((within + 1) * opts.batch_size).min(n)]
                 .iter()
-                .map(|&i| &data.examples[i])
+                .map(|&i| &examples[i])
                 .collect();
             batches.push(Batch::new(&chosen, pad)?);
         }
@@ -359,6 +417,29 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         state.losses.push(loss);
         state.lrs.push(lr);
         state.grad_norms.push(grad_norm);
+        let tokens_per_s = (state.n_tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let eval_loss = if !eval_examples.is_empty() && (state.step % eval_every == 0 || state.step == total_steps) {
+            let e = eval_loss(&base.model, &lora, &eval_examples, opts.batch_size, pad)?;
+            state.eval_losses.push((state.step, e));
+            if let Some(w) = watch.observe(loss, e) {
+                bar.suspend(|| log::warn!("{w}"));
+                warnings.push(w);
+            }
+            Some(e)
+        } else {
+            None
+        };
+        metrics.write(&StepMetrics {
+            step: state.step,
+            epoch: epoch_of(state.step),
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: Some(tokens_per_s),
+            eval_loss,
+        })?;
+        bar.set_position(state.step);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
 
         let interrupted = opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         let stop = interrupted || opts.stop_after == Some(state.step);
@@ -377,11 +458,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
     }
 
-    save_adapter(&opts.output, &lora, &base_name, &prov, opts.overwrite)?;
+    bar.finish_and_clear();
+    save_adapter(
+        &opts.output,
+        &lora,
+        &base_name,
+        &prov,
+        opts.overwrite,
+        &[("training_metrics.jsonl", metrics.path())],
+    )?;
     Ok(TrainReport {
         losses: state.losses,
         lrs: state.lrs,
         grad_norms: state.grad_norms,
+        eval_losses: state.eval_losses,
+        warnings,
         n_examples: n,
         n_truncated: data.n_truncated,
         n_dropped: data.n_dropped,
@@ -389,11 +480,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     })
 }
 
-/// Mean loss per response token of `data` (no dropout, no gradients).
-pub fn eval_loss(model: &BaseModel, lora: &LoraSet, data: &Dataset, batch_size: usize, pad: i64) -> Result<f64> {
+/// Mean loss per response token of `examples` (no dropout, no gradients).
+pub fn eval_loss(model: &BaseModel, lora: &LoraSet, examples: &[Example], batch_size: usize, pad: i64) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let (mut sum, mut count) = (0.0, 0i64);
-    for chunk in data.examples.chunks(batch_size.max(1)) {
+    for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<_> = chunk.iter().collect();
         let b = Batch::new(&refs, pad)?;
         sum += batch_loss_sum(model, lora, &b, false)?.f_to_kind(Kind::Double)?.f_double_value(&[])?;
