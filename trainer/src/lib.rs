@@ -9,7 +9,10 @@
 //! - [`data::Dataset`]: JSONL examples (alpaca, chat, completion) tokenised with the runtime's
 //!   tokenizer and chat template, with response-only labels; [`data::Batch`] pads them.
 //! - [`optim`]: AdamW, warm-up schedules and gradient clipping as PyTorch computes them.
-//! - [`train::train`]: the loop; [`save`]: the PEFT adapter directory with provenance.
+//! - [`train::train`]: the loop; [`checkpoint`]: resumable state; [`metrics`]: the metrics
+//!   JSONL, progress bar and overfitting warning; [`save`]: the PEFT adapter directory with
+//!   provenance.
+//! - [`eval::evaluate`]: loss, perplexity and JSON/schema validity of generated responses.
 //!
 //! ```no_run
 //! use peftrt_trainer::train::{train, TrainOptions};
@@ -25,11 +28,13 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod save;
+pub mod schema;
 pub mod train;
 
 pub use error::{Error, Result};

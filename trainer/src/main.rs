@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use peftrt_trainer::data::Format;
 use peftrt_trainer::device::{device_name, parse_device};
+use peftrt_trainer::eval::{evaluate, EvalOptions};
 use peftrt_trainer::lora::Init;
 use peftrt_trainer::optim::{AdamWConfig, Schedule};
 use peftrt_trainer::train::{train, LoraOptions, TrainOptions};
@@ -21,7 +22,44 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a LoRA (or QLoRA) adapter on a JSONL data set.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
+    /// Loss and perplexity on JSONL data; with generation, JSON and schema validity (JSON on stdout).
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Base model: a Hugging Face model directory.
+    #[arg(long)]
+    base: PathBuf,
+    /// A PEFT adapter to apply (none: the base alone).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Evaluation data, JSON Lines (alpaca, chat or completion records).
+    #[arg(long)]
+    data: PathBuf,
+    /// auto | alpaca | chat | completion.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// Generate a response to every prompt and report the share that parses as JSON and
+    /// satisfies this JSON schema.
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
+    /// Generate responses (implied by --json-schema).
+    #[arg(long)]
+    generate: bool,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Score on the NF4-quantised base (how a QLoRA adapter was trained).
+    #[arg(long)]
+    qlora: bool,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -182,11 +220,29 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     Ok(o)
 }
 
+fn eval_options(a: EvalArgs) -> Result<EvalOptions> {
+    let mut o = EvalOptions::new(a.base, a.data);
+    o.adapter = a.adapter;
+    o.format = Format::parse(&a.format)?;
+    o.json_schema = a.json_schema;
+    o.generate = a.generate;
+    o.max_new_tokens = a.max_new_tokens;
+    o.max_seq_len = a.max_seq_len;
+    o.batch_size = a.batch_size;
+    o.qlora = a.qlora;
+    o.device = parse_device(&a.device)?;
+    Ok(o)
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
+        Command::Eval(args) => {
+            let r = evaluate(&eval_options(args)?)?;
+            println!("{}", serde_json::to_string_pretty(&r.to_json())?);
+        }
         Command::Train(args) => {
-            let mut opts = train_options(args)?;
+            let mut opts = train_options(*args)?;
             // Ctrl-C: finish the step, write a checkpoint, stop; a second Ctrl-C exits at once.
             let flag = Arc::new(AtomicBool::new(false));
             let handler_flag = flag.clone();

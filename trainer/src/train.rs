@@ -232,7 +232,8 @@ pub struct TrainReport {
 
 /// A loaded base model with its tokenizer and fingerprint.
 pub struct Base {
-    pub runtime: peftrt::Model,
+    /// The runtime's model (tokenizer, chat template; serves generation in `trainer eval`).
+    pub runtime: Arc<peftrt::Model>,
     pub model: BaseModel,
     pub fingerprint: BaseFingerprint,
 }
@@ -251,7 +252,7 @@ impl Base {
                 dir.display()
             )));
         }
-        let runtime = peftrt::Model::load(dir, &peftrt::LoadOptions::default())?;
+        let runtime = Arc::new(peftrt::Model::load(dir, &peftrt::LoadOptions::default())?);
         let model = BaseModel::from_runtime(&runtime, storage, device)?;
         let fingerprint = BaseFingerprint::of(&runtime);
         Ok(Base { runtime, model, fingerprint })
