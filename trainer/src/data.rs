@@ -435,13 +435,55 @@ pub fn split_eval(examples: Vec<Example>, fraction: f64, seed: u64) -> Result<(V
     Ok((train.into_iter().map(|(e, _)| e).collect(), eval.into_iter().map(|(e, _)| e).collect()))
 }
 
-/// The order of examples in `epoch`: a seeded permutation, or file order without shuffling.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    if shuffle {
-        SplitMix64::new(seed ^ epoch.wrapping_mul(0xa076_1d64_78bd_642f)).shuffle(&mut order);
+/// Which examples each epoch trains on: all `n_main` training examples, plus `per_epoch_mix`
+/// of the `n_mix` general-instruction examples of `--mix-data` (indices `n_main..`), taken in
+/// turn from a seeded permutation so that successive epochs see different ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochPlan {
+    pub n_main: usize,
+    pub n_mix: usize,
+    pub per_epoch_mix: usize,
+}
+
+impl EpochPlan {
+    /// Without mixed-in data.
+    pub fn plain(n_main: usize) -> Self {
+        EpochPlan { n_main, n_mix: 0, per_epoch_mix: 0 }
     }
-    order
+
+    /// `ratio` of every epoch's examples drawn from the `n_mix` mixed-in ones.
+    pub fn mixed(n_main: usize, n_mix: usize, ratio: f64) -> Result<Self> {
+        if !(ratio > 0.0 && ratio < 1.0) {
+            return Err(Error::Input(format!("--mix-ratio {ratio}: expected a fraction between 0 and 1")));
+        }
+        let per_epoch_mix = ((n_main as f64 * ratio / (1.0 - ratio)).round() as usize).max(1);
+        Ok(EpochPlan { n_main, n_mix, per_epoch_mix })
+    }
+
+    /// Examples per epoch.
+    pub fn len(&self) -> usize {
+        self.n_main + self.per_epoch_mix
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The examples of `epoch`, in training order: shuffled together (seeded), or without
+    /// shuffling the training examples in file order followed by the mixed-in ones.
+    pub fn order(&self, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.n_main).collect();
+        if self.per_epoch_mix > 0 {
+            let mut mix: Vec<usize> = (0..self.n_mix).collect();
+            SplitMix64::new(seed ^ 0x0417_a11c).shuffle(&mut mix);
+            let start = epoch as usize * self.per_epoch_mix;
+            order.extend((0..self.per_epoch_mix).map(|j| self.n_main + mix[(start + j) % self.n_mix]));
+        }
+        if shuffle {
+            SplitMix64::new(seed ^ epoch.wrapping_mul(0xa076_1d64_78bd_642f)).shuffle(&mut order);
+        }
+        order
+    }
 }
 
 #[cfg(test)]
@@ -450,14 +492,35 @@ mod tests {
 
     #[test]
     fn shuffles_are_seeded_permutations() {
-        let a = epoch_order(50, 7, 0, true);
-        assert_eq!(a, epoch_order(50, 7, 0, true));
-        assert_ne!(a, epoch_order(50, 7, 1, true));
-        assert_ne!(a, epoch_order(50, 8, 0, true));
+        let p = EpochPlan::plain(50);
+        let a = p.order(7, 0, true);
+        assert_eq!(a, p.order(7, 0, true));
+        assert_ne!(a, p.order(7, 1, true));
+        assert_ne!(a, p.order(8, 0, true));
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
-        assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
+        assert_eq!(EpochPlan::plain(5).order(7, 0, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn mixed_epochs_take_turns_through_the_mix_data() {
+        // 10 examples, ratio 1/6: 2 mixed-in examples per epoch out of 5.
+        let p = EpochPlan::mixed(10, 5, 1.0 / 6.0).unwrap();
+        assert_eq!((p.per_epoch_mix, p.len()), (2, 12));
+        let e0 = p.order(1, 0, false);
+        assert_eq!(&e0[..10], &(0..10).collect::<Vec<_>>()[..]);
+        let mut seen: Vec<usize> = (0..3).flat_map(|e| p.order(1, e, false)[10..].to_vec()).collect();
+        assert!(seen.iter().all(|&i| (10..15).contains(&i)));
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 5, "three epochs of two cover all five mixed-in examples");
+        let mut shuffled = p.order(1, 0, true);
+        shuffled.sort();
+        let mut plain = e0.clone();
+        plain.sort();
+        assert_eq!(shuffled, plain, "shuffling permutes the same epoch");
+        assert!(EpochPlan::mixed(10, 5, 1.0).is_err());
     }
 
     #[test]

@@ -174,6 +174,12 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// General instruction data (JSONL) mixed into the training stream.
+    #[arg(long)]
+    mix_data: Option<PathBuf>,
+    /// The share of each epoch's examples drawn from --mix-data.
+    #[arg(long, default_value_t = 0.1, requires = "mix_data")]
+    mix_ratio: f64,
 }
 
 fn train_options(a: TrainArgs) -> Result<TrainOptions> {
@@ -217,6 +223,8 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.eval_every = a.eval_every;
     o.metrics = a.metrics;
     o.progress = !a.quiet;
+    o.mix_data = a.mix_data;
+    o.mix_ratio = a.mix_ratio;
     Ok(o)
 }
 

@@ -11,7 +11,7 @@
 //! continues exactly as the uninterrupted one.
 
 use crate::checkpoint::{self, RunState};
-use crate::data::{epoch_order, split_eval, Batch, Dataset, Encoder, Example, Format, IGNORE};
+use crate::data::{split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE};
 use crate::error::{Error, Result};
 use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
 use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics};
@@ -109,6 +109,10 @@ pub struct TrainOptions {
     pub metrics: Option<PathBuf>,
     /// Show the progress bar on stderr.
     pub progress: bool,
+    /// General instruction data mixed into the training stream (any of the formats).
+    pub mix_data: Option<PathBuf>,
+    /// The share of each epoch's examples drawn from `mix_data`.
+    pub mix_ratio: f64,
 }
 
 impl TrainOptions {
@@ -146,6 +150,8 @@ impl TrainOptions {
             eval_every: None,
             metrics: None,
             progress: false,
+            mix_data: None,
+            mix_ratio: 0.1,
         }
     }
 
@@ -205,6 +211,8 @@ impl TrainOptions {
             "weight_decay": self.adamw.weight_decay, "max_grad_norm": self.max_grad_norm,
             "max_seq_len": self.max_seq_len, "seed": self.seed, "shuffle": self.shuffle,
             "eval_split": self.eval_split,
+            "mix_data": self.mix_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
+            "mix_ratio": self.mix_data.as_ref().map(|_| self.mix_ratio),
             "eval_data": self.eval_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
         })
     }
@@ -312,6 +320,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (None, Some(f)) => split_eval(data.examples.clone(), f, opts.seed)?,
         (None, None) => (data.examples.clone(), Vec::new()),
     };
+    // Mixed-in examples follow the training ones: indices n.. of `examples`.
+    let (examples, plan, mix_sha256) = match &opts.mix_data {
+        None => {
+            let n = examples.len();
+            (examples, EpochPlan::plain(n), None)
+        }
+        Some(path) => {
+            let mix = Dataset::load(path, None, &enc)?;
+            let plan = EpochPlan::mixed(examples.len(), mix.examples.len(), opts.mix_ratio)?;
+            let mut all = examples;
+            all.extend(mix.examples);
+            (all, plan, Some(mix.sha256))
+        }
+    };
     let lora = match &opts.resume {
         Some(dir) => LoraSet::from_adapter(&base.model, dir, opts.lora.dropout, opts.lora.init)?,
         None => initial_lora(&base.model, &opts.lora, opts.seed)?,
@@ -319,7 +341,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let params: Vec<Tensor> = lora.named_parameters().into_iter().map(|(_, t)| t).collect();
     let mut opt = AdamW::new(opts.adamw.clone(), &params)?;
 
-    let n = examples.len();
+    let n = plan.len();
     let per_epoch = n.div_ceil(opts.batch_size) as u64;
     let total_steps = opts
         .max_steps
@@ -341,6 +363,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let agreement = json!({
         "hyperparameters": prov.hyperparameters,
         "dataset_sha256": data.sha256,
+        "mix_sha256": mix_sha256,
         "base_model": base.fingerprint.to_json(),
     });
     let base_name = opts.base.display().to_string();
@@ -382,7 +405,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let (epoch, within) = (m / per_epoch, (m % per_epoch) as usize);
             let ord = match &order {
                 Some((e, o)) if *e == epoch => o,
-                _ => &order.insert((epoch, epoch_order(n, opts.seed, epoch, opts.shuffle))).1,
+                _ => &order.insert((epoch, plan.order(opts.seed, epoch, opts.shuffle))).1,
             };
             let chosen: Vec<_> = ord[within * opts.batch_size..((within + 1) * opts.batch_size).min(n)]
                 .iter()

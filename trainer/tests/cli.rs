@@ -90,3 +90,28 @@ fn non_finite_loss_stops_cleanly() {
     assert!(step >= 1 && state["losses"].as_array().unwrap().iter().all(|l| l.as_f64().is_some_and(f64::is_finite)));
     assert!(e.contains(&format!("step {}", step + 1)), "{e}");
 }
+
+/// `--mix-data`: general instruction data (here in another format) joins each epoch at the
+/// asked ratio, changing what is trained on.
+#[test]
+fn mix_data_joins_the_training_stream() {
+    let d = tempfile::tempdir().unwrap();
+    let run = |mix: bool, name: &str| {
+        let mut o = TrainOptions::new(fixture("tiny-llama"), fixture("trainer/chat.jsonl"), d.path().join(name));
+        o.max_steps = Some(4);
+        o.batch_size = 4;
+        o.lora.dropout = 0.0;
+        if mix {
+            o.mix_data = Some(fixture("trainer/alpaca.jsonl"));
+            o.mix_ratio = 0.25; // 6 chat examples + 2 alpaca ones per epoch
+        }
+        train(&o).unwrap()
+    };
+    let (plain, mixed) = (run(false, "plain"), run(true, "mixed"));
+    assert_eq!((plain.n_examples, mixed.n_examples), (6, 8));
+    assert_ne!(plain.losses, mixed.losses);
+    let prov: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("mixed/peftrt_provenance.json")).unwrap()).unwrap();
+    assert_eq!(prov["hyperparameters"]["mix_data"], "alpaca.jsonl");
+    assert_eq!(prov["hyperparameters"]["mix_ratio"], 0.25);
+}
