@@ -180,6 +180,10 @@ struct TrainArgs {
     /// The share of each epoch's examples drawn from --mix-data.
     #[arg(long, default_value_t = 0.1, requires = "mix_data")]
     mix_ratio: f64,
+    /// Gradient checkpointing: recompute each block in the backward pass (less memory, ~1/3
+    /// more compute).
+    #[arg(long)]
+    grad_checkpoint: bool,
 }
 
 fn train_options(a: TrainArgs) -> Result<TrainOptions> {
@@ -225,6 +229,7 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.progress = !a.quiet;
     o.mix_data = a.mix_data;
     o.mix_ratio = a.mix_ratio;
+    o.grad_checkpoint = a.grad_checkpoint;
     Ok(o)
 }
 

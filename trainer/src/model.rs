@@ -347,21 +347,65 @@ impl BaseModel {
         Ok(h.f_add(&m)?)
     }
 
-    /// The final hidden states `[batch, seq, hidden]` (after the last norm) of token ids
-    /// `[batch, seq]` (Int64), every sequence starting at position 0.
-    pub fn hidden(&self, ids: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let seq = ids.size()[1];
-        let rope = self.rope(seq)?;
-        let mut h = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
-        for b in &self.blocks {
-            h = self.block(b, &h, &rope, lora, train)?;
-        }
-        self.rms_norm(&h, &self.norm)
+    /// The token embeddings `[batch, seq, hidden]` of ids `[batch, seq]` (Int64).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?)
     }
 
-    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]`.
-    pub fn forward(&self, ids: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let h = self.hidden(ids, lora, train)?;
+    /// Rotary tables for positions `0..seq` (shared by every block of a pass).
+    pub fn rope_tables(&self, seq: i64) -> Result<(Tensor, Tensor)> {
+        self.rope(seq)
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Decoder block `i` on `h` `[batch, seq, hidden]`. With `dropout_seed`, libtorch's generator
+    /// is reseeded with `dropout_seed + i` first, so that a recomputation of the block (gradient
+    /// checkpointing) draws the same dropout masks.
+    pub fn block_at(
+        &self,
+        i: usize,
+        h: &Tensor,
+        rope: &(Tensor, Tensor),
+        lora: &LoraSet,
+        train: bool,
+        dropout_seed: Option<i64>,
+    ) -> Result<Tensor> {
+        if let (true, Some(seed)) = (train, dropout_seed) {
+            tch::manual_seed(seed.wrapping_add(i as i64));
+        }
+        let b = self.blocks.get(i).ok_or_else(|| Error::Input(format!("block {i} of {}", self.blocks.len())))?;
+        self.block(b, h, rope, lora, train)
+    }
+
+    /// The last norm and the output head: f32 logits `[batch, seq, vocab]` of the last block's
+    /// output.
+    pub fn head(&self, h: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let h = self.rms_norm(h, &self.norm)?;
         Ok(self.project(&self.lm_head, &h, lora, train)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]`, every sequence starting at
+    /// position 0; `dropout_seed` as in [`BaseModel::block_at`].
+    pub fn forward_seeded(
+        &self,
+        ids: &Tensor,
+        lora: &LoraSet,
+        train: bool,
+        dropout_seed: Option<i64>,
+    ) -> Result<Tensor> {
+        let rope = self.rope(ids.size()[1])?;
+        let mut h = self.embed(ids)?;
+        for i in 0..self.blocks.len() {
+            h = self.block_at(i, &h, &rope, lora, train, dropout_seed)?;
+        }
+        self.head(&h, lora, train)
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` (Int64).
+    pub fn forward(&self, ids: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        self.forward_seeded(ids, lora, train, None)
     }
 }

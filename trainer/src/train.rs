@@ -6,7 +6,7 @@
 //! divided by their count, as transformers' Trainer does with `num_items_in_batch`). The
 //! micro-batch stream runs through the epochs: micro-batch `m` is batch `m % per_epoch` of
 //! epoch `m / per_epoch`, whose order is a permutation seeded by (`seed`, epoch). Dropout draws
-//! from libtorch's generator reseeded with (`seed`, step) at every step. A run is therefore a
+//! from libtorch's generator reseeded with (`seed`, step, micro-batch, block) before each block. A run is therefore a
 //! function of its options alone: CPU runs are bit-reproducible, and a run resumed at step `k`
 //! continues exactly as the uninterrupted one.
 
@@ -113,6 +113,8 @@ pub struct TrainOptions {
     pub mix_data: Option<PathBuf>,
     /// The share of each epoch's examples drawn from `mix_data`.
     pub mix_ratio: f64,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    pub grad_checkpoint: bool,
 }
 
 impl TrainOptions {
@@ -152,6 +154,7 @@ impl TrainOptions {
             progress: false,
             mix_data: None,
             mix_ratio: 0.1,
+            grad_checkpoint: false,
         }
     }
 
@@ -272,11 +275,8 @@ impl Base {
     }
 }
 
-/// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
-pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
-    let ids = batch.ids.f_to(model.device)?;
-    let labels = batch.labels.f_to(model.device)?;
-    let logits = model.forward(&ids, lora, train)?;
+/// The summed cross-entropy of the labelled positions (`labels` −100 elsewhere).
+fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let vocab = logits.size()[2];
     Ok(logits.f_reshape([-1, vocab])?.f_cross_entropy_loss::<Tensor>(
         &labels.f_reshape([-1])?,
@@ -285,6 +285,60 @@ pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: b
         IGNORE,
         0.0,
     )?)
+}
+
+/// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
+pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
+    let ids = batch.ids.f_to(model.device)?;
+    let logits = model.forward(&ids, lora, train)?;
+    loss_sum(&logits, &batch.labels.f_to(model.device)?)
+}
+
+/// Forward and backward of one micro-batch, its loss scaled by `1 / n_targets` (the step's
+/// response tokens); gradients accumulate into the LoRA weights. Returns the scaled loss.
+///
+/// With `checkpoint`, only the blocks' inputs are kept from a gradient-free forward pass; the
+/// backward pass then recomputes one block at a time with gradients, from the last to the
+/// first, feeding each the gradient of its output (activation memory of one block instead of
+/// all). Both ways draw the same dropout masks (seeded per block) and give the same gradients.
+fn micro_batch(
+    model: &BaseModel,
+    lora: &LoraSet,
+    b: &Batch,
+    n_targets: i64,
+    dropout_seed: i64,
+    checkpoint: bool,
+) -> Result<f64> {
+    let ids = b.ids.f_to(model.device)?;
+    let labels = b.labels.f_to(model.device)?;
+    let seed = Some(dropout_seed);
+    if !checkpoint {
+        let loss = loss_sum(&model.forward_seeded(&ids, lora, true, seed)?, &labels)?.f_div_scalar(n_targets as f64)?;
+        loss.f_backward()?;
+        return Ok(loss.f_double_value(&[])?);
+    }
+    let rope = model.rope_tables(ids.size()[1])?;
+    let mut inputs = Vec::with_capacity(model.n_blocks());
+    let last = tch::no_grad(|| -> Result<Tensor> {
+        let mut h = model.embed(&ids)?;
+        for i in 0..model.n_blocks() {
+            let next = model.block_at(i, &h, &rope, lora, true, seed)?;
+            inputs.push(h);
+            h = next;
+        }
+        Ok(h)
+    })?;
+    let last = last.f_detach()?.set_requires_grad(true);
+    let loss = loss_sum(&model.head(&last, lora, true)?, &labels)?.f_div_scalar(n_targets as f64)?;
+    loss.f_backward()?;
+    let mut grad = last.grad();
+    for (i, input) in inputs.iter().enumerate().rev() {
+        let x = input.f_detach()?.set_requires_grad(true);
+        let y = model.block_at(i, &x, &rope, lora, true, seed)?;
+        y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
+        grad = x.grad();
+    }
+    Ok(loss.f_double_value(&[])?)
 }
 
 /// The LoRA layers a run starts from: `--init-adapter`'s, or fresh ones drawn from `seed`.
@@ -398,7 +452,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     for step in state.step..total_steps {
         let started = std::time::Instant::now();
         let tokens_before = state.n_tokens;
-        tch::manual_seed(opts.seed.wrapping_add(step.wrapping_mul(0x9e37_79b9)) as i64);
         let mut batches = Vec::with_capacity(opts.grad_accum);
         for k in 0..opts.grad_accum as u64 {
             let m = step * opts.grad_accum as u64 + k;
@@ -416,10 +469,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let n_targets: i64 = batches.iter().map(|b| b.n_targets).sum();
         zero_grad(&params)?;
         let mut loss = 0.0;
-        for b in &batches {
-            let l = batch_loss_sum(&base.model, &lora, b, true)?.f_div_scalar(n_targets as f64)?;
-            l.f_backward()?;
-            loss += l.f_double_value(&[])?;
+        for (k, b) in batches.iter().enumerate() {
+            // Dropout masks: a function of (seed, step, micro-batch, block).
+            let dropout_seed =
+                (opts.seed as i64).wrapping_add((step as i64).wrapping_mul(0x9e37_79b9)).wrapping_add((k as i64) << 16);
+            loss += micro_batch(&base.model, &lora, b, n_targets, dropout_seed, opts.grad_checkpoint)?;
             state.n_tokens += b.n_tokens;
         }
         let grad_norm = clip_grad_norm(&params, opts.max_grad_norm)?;

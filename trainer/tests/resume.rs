@@ -84,3 +84,28 @@ fn resume_with_other_settings_is_refused() {
     let e = train(&missing).err().unwrap().to_string();
     assert!(e.contains("nowhere"), "{e}");
 }
+
+/// `--grad-checkpoint` (blocks recomputed in the backward pass) trains the same adapter as
+/// keeping the activations, dropout included.
+#[test]
+fn gradient_checkpointing_gives_the_same_training() {
+    tch::set_num_threads(1);
+    let d = tempfile::tempdir().unwrap();
+    let run = |checkpoint: bool, name: &str| {
+        let mut o = options(&d.path().join(name));
+        o.lora.target = "all-linear".into();
+        o.grad_accum = 2;
+        o.max_steps = Some(3);
+        o.grad_checkpoint = checkpoint;
+        let r = train(&o).unwrap();
+        (r, tensors(&d.path().join(name)))
+    };
+    let ((plain, a), (ckpt, b)) = (run(false, "plain"), run(true, "ckpt"));
+    for (x, y) in plain.losses.iter().zip(&ckpt.losses) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "losses {:?} vs {:?}", plain.losses, ckpt.losses);
+    }
+    for ((name, va), (_, vb)) in a.iter().zip(&b) {
+        let (dmax, m) = peftrt_conformance::max_abs_diff(vb, va);
+        assert!(dmax <= 1e-5 * m, "{name}: max |Δ| {dmax} of {m}");
+    }
+}
