@@ -33,6 +33,7 @@ pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod save;
 pub mod schema;
 pub mod train;

@@ -105,7 +105,8 @@ pub struct TrainOptions {
     /// Evaluate every this many steps (default: ten times per run) and after the last.
     pub eval_every: Option<u64>,
     /// The metrics JSONL (default: the output path with `-metrics.jsonl` appended); a copy
-    /// ends up in the adapter directory as `training_metrics.jsonl`.
+    /// ends up in the adapter directory as `training_metrics.jsonl`, and the loss curve, drawn
+    /// beside it (`.png`), as `loss_curve.png`.
     pub metrics: Option<PathBuf>,
     /// Show the progress bar on stderr.
     pub progress: bool,
@@ -537,13 +538,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
 
     bar.finish_and_clear();
+    let curve = opts.metrics_path().with_extension("png");
+    let train_points: Vec<(u64, f64)> = state.losses.iter().enumerate().map(|(i, &l)| (i as u64 + 1, l)).collect();
+    crate::plot::loss_curve_png(&curve, &train_points, &state.eval_losses)?;
     save_adapter(
         &opts.output,
         &lora,
         &base_name,
         &prov,
         opts.overwrite,
-        &[("training_metrics.jsonl", metrics.path())],
+        &[("training_metrics.jsonl", metrics.path()), ("loss_curve.png", &curve)],
     )?;
     Ok(TrainReport {
         losses: state.losses,

@@ -28,7 +28,13 @@ fn train_command_writes_adapter_and_metrics() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("eval loss") && stderr.contains("4 steps"), "{stderr}");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "peftrt_provenance.json", "training_metrics.jsonl"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "peftrt_provenance.json",
+        "training_metrics.jsonl",
+        "loss_curve.png",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let text = std::fs::read_to_string(out.join("training_metrics.jsonl")).unwrap();
