@@ -184,6 +184,10 @@ struct TrainArgs {
     /// more compute).
     #[arg(long)]
     grad_checkpoint: bool,
+    /// Pack several examples into each row of --max-seq-len tokens (no attention across
+    /// examples); --batch-size then counts rows.
+    #[arg(long)]
+    pack: bool,
 }
 
 fn train_options(a: TrainArgs) -> Result<TrainOptions> {
@@ -230,6 +234,7 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.mix_data = a.mix_data;
     o.mix_ratio = a.mix_ratio;
     o.grad_checkpoint = a.grad_checkpoint;
+    o.pack = a.pack;
     Ok(o)
 }
 

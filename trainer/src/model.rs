@@ -154,6 +154,16 @@ pub struct BaseModel {
     inv_freq: Tensor,
 }
 
+/// Where the tokens of a batch sit: their rotary tables and, for packed rows, which keys each
+/// may attend to.
+pub struct Layout {
+    /// `[seq, head_dim]`, or `[batch, 1, seq, head_dim]` for per-token positions.
+    cos: Tensor,
+    sin: Tensor,
+    /// `[batch, 1, seq, seq]` bool (true = may attend); `None`: plain causal attention.
+    mask: Option<Tensor>,
+}
+
 /// A runtime tensor (F32, F16, BF16) as a libtorch tensor of `kind` on `device`.
 fn float_tensor(t: &peftrt::weights::Tensor, kind: Kind, device: Device) -> Result<Tensor> {
     let stored = match t.dtype {
@@ -280,12 +290,30 @@ impl BaseModel {
         Ok(weight.f_mul(&h.f_to_kind(kind)?)?)
     }
 
-    /// `cos`, `sin` of the rotary angles, `[seq, head_dim]` (the half-angles repeated).
-    fn rope(&self, seq: i64) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::f_arange(seq, (Kind::Float, self.device))?;
-        let freqs = pos.f_outer(&self.inv_freq)?;
+    /// `cos`, `sin` of the rotary angles at `positions` (f32, any shape), with a last axis of
+    /// `head_dim` (the half-angles repeated).
+    fn rope_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.f_unsqueeze(-1)?.f_mul(&self.inv_freq)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         Ok((emb.f_cos()?.f_to_kind(self.kind)?, emb.f_sin()?.f_to_kind(self.kind)?))
+    }
+
+    /// Every sequence of the batch at positions `0..seq`, causal attention.
+    pub fn causal_layout(&self, seq: i64) -> Result<Layout> {
+        let (cos, sin) = self.rope_at(&Tensor::f_arange(seq, (Kind::Float, self.device))?)?;
+        Ok(Layout { cos, sin, mask: None })
+    }
+
+    /// Packed rows: `segments` `[batch, seq]` numbers the examples of each row (−1 for
+    /// padding), `positions` `[batch, seq]` restart at 0 with each example. A token attends to
+    /// the earlier tokens of its own example only (padding to earlier padding), so a packed
+    /// example computes what it would alone.
+    pub fn packed_layout(&self, positions: &Tensor, segments: &Tensor) -> Result<Layout> {
+        let positions = positions.f_to(self.device)?.f_to_kind(Kind::Float)?;
+        let segments = segments.f_to(self.device)?;
+        let (cos, sin) = self.rope_at(&positions)?;
+        let same = segments.f_unsqueeze(2)?.f_eq_tensor(&segments.f_unsqueeze(1)?)?;
+        Ok(Layout { cos: cos.f_unsqueeze(1)?, sin: sin.f_unsqueeze(1)?, mask: Some(same.f_unsqueeze(1)?) })
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x` `[batch, heads, seq, head_dim]`.
@@ -298,7 +326,7 @@ impl BaseModel {
     }
 
     /// Causal self-attention of one block on `x` `[batch, seq, hidden]`.
-    fn attention(&self, b: &Block, x: &Tensor, rope: &(Tensor, Tensor), lora: &LoraSet, train: bool) -> Result<Tensor> {
+    fn attention(&self, b: &Block, x: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
         let c = &self.config;
         let (batch, seq) = (x.size()[0], x.size()[1]);
         let (n_heads, n_kv, head_dim) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
@@ -307,8 +335,8 @@ impl BaseModel {
         let q = heads(self.project(&b.q_proj, x, lora, train)?, n_heads)?;
         let k = heads(self.project(&b.k_proj, x, lora, train)?, n_kv)?;
         let v = heads(self.project(&b.v_proj, x, lora, train)?, n_kv)?;
-        let q = Self::apply_rope(&q, &rope.0, &rope.1)?;
-        let k = Self::apply_rope(&k, &rope.0, &rope.1)?;
+        let q = Self::apply_rope(&q, &layout.cos, &layout.sin)?;
+        let k = Self::apply_rope(&k, &layout.cos, &layout.sin)?;
         // Grouped-query attention: each kv head serves n_heads / n_kv query heads (repeat_kv).
         let group = n_heads / n_kv;
         let (k, v) = if group > 1 {
@@ -317,15 +345,25 @@ impl BaseModel {
             (k, v)
         };
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let out = match c.sliding_window.map(|w| w as i64).filter(|&w| w < seq) {
-            None => Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false)?,
-            Some(window) => {
-                // Key j is visible from query i when j <= i and i - j < window (mistral).
+        let window = c.sliding_window.map(|w| w as i64).filter(|&w| w < seq);
+        let out = match (window, &layout.mask) {
+            (None, None) => {
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false)?
+            }
+            (window, mask) => {
+                // Key j is visible from query i when j <= i (and i - j < window, mistral), and
+                // in packed rows when both belong to the same example.
                 let i = Tensor::f_arange(seq, (Kind::Int64, self.device))?.f_unsqueeze(1)?;
                 let j = Tensor::f_arange(seq, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
                 let d = i.f_sub(&j)?;
-                let mask = d.f_ge(0)?.f_logical_and(&d.f_lt(window)?)?;
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, scale, false)?
+                let mut allowed = d.f_ge(0)?;
+                if let Some(w) = window {
+                    allowed = allowed.f_logical_and(&d.f_lt(w)?)?;
+                }
+                if let Some(m) = mask {
+                    allowed = allowed.f_logical_and(m)?;
+                }
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, false)?
             }
         };
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([batch, seq, n_heads * head_dim])?;
@@ -340,8 +378,8 @@ impl BaseModel {
     }
 
     /// One decoder block: norm → attention → residual → norm → MLP → residual.
-    fn block(&self, b: &Block, h: &Tensor, rope: &(Tensor, Tensor), lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, rope, lora, train)?;
+    fn block(&self, b: &Block, h: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, layout, lora, train)?;
         let h = h.f_add(&a)?;
         let m = self.mlp(b, &self.rms_norm(&h, &b.post_attention_norm)?, lora, train)?;
         Ok(h.f_add(&m)?)
@@ -350,11 +388,6 @@ impl BaseModel {
     /// The token embeddings `[batch, seq, hidden]` of ids `[batch, seq]` (Int64).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?)
-    }
-
-    /// Rotary tables for positions `0..seq` (shared by every block of a pass).
-    pub fn rope_tables(&self, seq: i64) -> Result<(Tensor, Tensor)> {
-        self.rope(seq)
     }
 
     pub fn n_blocks(&self) -> usize {
@@ -368,7 +401,7 @@ impl BaseModel {
         &self,
         i: usize,
         h: &Tensor,
-        rope: &(Tensor, Tensor),
+        layout: &Layout,
         lora: &LoraSet,
         train: bool,
         dropout_seed: Option<i64>,
@@ -377,7 +410,7 @@ impl BaseModel {
             tch::manual_seed(seed.wrapping_add(i as i64));
         }
         let b = self.blocks.get(i).ok_or_else(|| Error::Input(format!("block {i} of {}", self.blocks.len())))?;
-        self.block(b, h, rope, lora, train)
+        self.block(b, h, layout, lora, train)
     }
 
     /// The last norm and the output head: f32 logits `[batch, seq, vocab]` of the last block's
@@ -387,25 +420,26 @@ impl BaseModel {
         Ok(self.project(&self.lm_head, &h, lora, train)?.f_to_kind(Kind::Float)?)
     }
 
-    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]`, every sequence starting at
-    /// position 0; `dropout_seed` as in [`BaseModel::block_at`].
+    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` laid out as `layout`
+    /// says; `dropout_seed` as in [`BaseModel::block_at`].
     pub fn forward_seeded(
         &self,
         ids: &Tensor,
+        layout: &Layout,
         lora: &LoraSet,
         train: bool,
         dropout_seed: Option<i64>,
     ) -> Result<Tensor> {
-        let rope = self.rope(ids.size()[1])?;
         let mut h = self.embed(ids)?;
         for i in 0..self.blocks.len() {
-            h = self.block_at(i, &h, &rope, lora, train, dropout_seed)?;
+            h = self.block_at(i, &h, layout, lora, train, dropout_seed)?;
         }
         self.head(&h, lora, train)
     }
 
-    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` (Int64).
+    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` (Int64), every sequence
+    /// starting at position 0.
     pub fn forward(&self, ids: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        self.forward_seeded(ids, lora, train, None)
+        self.forward_seeded(ids, &self.causal_layout(ids.size()[1])?, lora, train, None)
     }
 }

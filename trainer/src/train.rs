@@ -11,11 +11,11 @@
 //! continues exactly as the uninterrupted one.
 
 use crate::checkpoint::{self, RunState};
-use crate::data::{split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE};
+use crate::data::{pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE};
 use crate::error::{Error, Result};
 use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
 use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics};
-use crate::model::{BaseModel, BaseStorage};
+use crate::model::{BaseModel, BaseStorage, Layout};
 use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule};
 use crate::save::{check_output, save_adapter, Provenance};
 use peftrt::adapter::BaseFingerprint;
@@ -116,6 +116,47 @@ pub struct TrainOptions {
     pub mix_ratio: f64,
     /// Recompute each block in the backward pass instead of keeping its activations.
     pub grad_checkpoint: bool,
+    /// Pack several examples into each row of up to `max_seq_len` tokens (each still attends
+    /// only to itself, positions restarting at 0); `batch_size` counts rows.
+    pub pack: bool,
+}
+
+/// The micro-batches of a run, epoch after epoch: each a list of rows, each row the indices of
+/// its examples (one per row unless packing). Epochs are laid out when first needed.
+struct Stream<'a> {
+    plan: &'a EpochPlan,
+    lens: Vec<usize>,
+    opts: &'a TrainOptions,
+    epochs: Vec<Vec<Vec<Vec<usize>>>>,
+}
+
+impl Stream<'_> {
+    fn epoch(&mut self, e: usize) -> &Vec<Vec<Vec<usize>>> {
+        let o = self.opts;
+        while self.epochs.len() <= e {
+            let order = self.plan.order(o.seed, self.epochs.len() as u64, o.shuffle);
+            let rows = if o.pack {
+                pack_rows(&order, &self.lens, o.max_seq_len)
+            } else {
+                order.iter().map(|&i| vec![i]).collect()
+            };
+            self.epochs.push(rows.chunks(o.batch_size).map(<[_]>::to_vec).collect());
+        }
+        &self.epochs[e]
+    }
+
+    /// Micro-batch `m` of the run (counting through the epochs).
+    fn micro_batch(&mut self, mut m: u64) -> Vec<Vec<usize>> {
+        let mut e = 0;
+        loop {
+            let n = self.epoch(e).len() as u64;
+            if m < n {
+                return self.epochs[e][m as usize].clone();
+            }
+            m -= n;
+            e += 1;
+        }
+    }
 }
 
 impl TrainOptions {
@@ -156,6 +197,7 @@ impl TrainOptions {
             mix_data: None,
             mix_ratio: 0.1,
             grad_checkpoint: false,
+            pack: false,
         }
     }
 
@@ -217,6 +259,7 @@ impl TrainOptions {
             "eval_split": self.eval_split,
             "mix_data": self.mix_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
             "mix_ratio": self.mix_data.as_ref().map(|_| self.mix_ratio),
+            "pack": self.pack,
             "eval_data": self.eval_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
         })
     }
@@ -288,10 +331,18 @@ fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     )?)
 }
 
+/// The layout of a batch: packed rows, or plain sequences from position 0.
+fn layout_of(model: &BaseModel, b: &Batch) -> Result<Layout> {
+    match &b.packing {
+        Some((positions, segments)) => model.packed_layout(positions, segments),
+        None => model.causal_layout(b.ids.size()[1]),
+    }
+}
+
 /// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
 pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
     let ids = batch.ids.f_to(model.device)?;
-    let logits = model.forward(&ids, lora, train)?;
+    let logits = model.forward_seeded(&ids, &layout_of(model, batch)?, lora, train, None)?;
     loss_sum(&logits, &batch.labels.f_to(model.device)?)
 }
 
@@ -313,17 +364,18 @@ fn micro_batch(
     let ids = b.ids.f_to(model.device)?;
     let labels = b.labels.f_to(model.device)?;
     let seed = Some(dropout_seed);
+    let layout = layout_of(model, b)?;
     if !checkpoint {
-        let loss = loss_sum(&model.forward_seeded(&ids, lora, true, seed)?, &labels)?.f_div_scalar(n_targets as f64)?;
+        let logits = model.forward_seeded(&ids, &layout, lora, true, seed)?;
+        let loss = loss_sum(&logits, &labels)?.f_div_scalar(n_targets as f64)?;
         loss.f_backward()?;
         return Ok(loss.f_double_value(&[])?);
     }
-    let rope = model.rope_tables(ids.size()[1])?;
     let mut inputs = Vec::with_capacity(model.n_blocks());
     let last = tch::no_grad(|| -> Result<Tensor> {
         let mut h = model.embed(&ids)?;
         for i in 0..model.n_blocks() {
-            let next = model.block_at(i, &h, &rope, lora, true, seed)?;
+            let next = model.block_at(i, &h, &layout, lora, true, seed)?;
             inputs.push(h);
             h = next;
         }
@@ -335,7 +387,7 @@ fn micro_batch(
     let mut grad = last.grad();
     for (i, input) in inputs.iter().enumerate().rev() {
         let x = input.f_detach()?.set_requires_grad(true);
-        let y = model.block_at(i, &x, &rope, lora, true, seed)?;
+        let y = model.block_at(i, &x, &layout, lora, true, seed)?;
         y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
         grad = x.grad();
     }
@@ -397,10 +449,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut opt = AdamW::new(opts.adamw.clone(), &params)?;
 
     let n = plan.len();
-    let per_epoch = n.div_ceil(opts.batch_size) as u64;
-    let total_steps = opts
-        .max_steps
-        .unwrap_or_else(|| ((opts.epochs * per_epoch as f64) / opts.grad_accum as f64).ceil().max(1.0) as u64);
+    let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let mut stream = Stream { plan: &plan, lens, opts, epochs: Vec::new() };
+    let per_epoch = stream.epoch(0).len() as u64;
+    let total_steps = match opts.max_steps {
+        Some(s) => s,
+        None => {
+            let full = opts.epochs.floor() as usize;
+            let mut micro: f64 = (0..full).map(|e| stream.epoch(e).len() as f64).sum();
+            micro += opts.epochs.fract() * stream.epoch(full).len() as f64;
+            (micro / opts.grad_accum as f64).ceil().max(1.0) as u64
+        }
+    };
     let pad = base.eos().unwrap_or(0);
     let prov = Provenance {
         base: base.fingerprint.clone(),
@@ -449,23 +509,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut warnings = Vec::new();
     let bar = progress_bar(total_steps, state.step, opts.progress);
 
-    let mut order: Option<(u64, Vec<usize>)> = None;
     for step in state.step..total_steps {
         let started = std::time::Instant::now();
         let tokens_before = state.n_tokens;
         let mut batches = Vec::with_capacity(opts.grad_accum);
         for k in 0..opts.grad_accum as u64 {
-            let m = step * opts.grad_accum as u64 + k;
-            let (epoch, within) = (m / per_epoch, (m % per_epoch) as usize);
-            let ord = match &order {
-                Some((e, o)) if *e == epoch => o,
-                _ => &order.insert((epoch, plan.order(opts.seed, epoch, opts.shuffle))).1,
-            };
-            let chosen: Vec<_> = ord[within * opts.batch_size..((within + 1) * opts.batch_size).min(n)]
-                .iter()
-                .map(|&i| &examples[i])
-                .collect();
-            batches.push(Batch::new(&chosen, pad)?);
+            let rows = stream.micro_batch(step * opts.grad_accum as u64 + k);
+            let rows: Vec<Vec<&Example>> = rows.iter().map(|r| r.iter().map(|&i| &examples[i]).collect()).collect();
+            batches.push(if opts.pack {
+                Batch::packed(&rows, pad)?
+            } else {
+                Batch::new(&rows.iter().map(|r| r[0]).collect::<Vec<_>>(), pad)?
+            });
         }
         let n_targets: i64 = batches.iter().map(|b| b.n_targets).sum();
         zero_grad(&params)?;
