@@ -121,3 +121,47 @@ fn mix_data_joins_the_training_stream() {
     assert_eq!(prov["hyperparameters"]["mix_data"], "alpaca.jsonl");
     assert_eq!(prov["hyperparameters"]["mix_ratio"], 0.25);
 }
+
+/// Ctrl-C (SIGINT) stops the binary after the current step with a checkpoint, and `--resume`
+/// finishes the run.
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resume_finishes() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("adapter");
+    let args = |extra: &[&str]| {
+        let mut c = trainer();
+        c.arg("train")
+            .args(["--base".as_ref(), fixture("tiny-llama").as_os_str()])
+            .args(["--data".as_ref(), fixture("trainer/chat.jsonl").as_os_str()])
+            .args(["--output".as_ref(), out.as_os_str()])
+            .args(["--max-steps", "150", "--batch-size", "1", "--device", "cpu", "--quiet"])
+            .args(extra)
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let child = args(&[]).spawn().unwrap();
+    let metrics = d.path().join("adapter-metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(started.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let run = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("interrupted after step"), "{stderr}");
+    assert!(!out.exists(), "adapter written by an interrupted run");
+    let ckpt = d.path().join("adapter-checkpoint");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    let stopped = state["step"].as_u64().unwrap();
+    assert!((2..150).contains(&stopped), "stopped at {stopped}");
+
+    let run = args(&["--resume", ckpt.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let text = std::fs::read_to_string(out.join("training_metrics.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 150, "the metrics cover the whole run");
+}
