@@ -4,6 +4,7 @@
 #   make run      chat with it (greedy), printing load time and tokens/s
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
+#   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -30,7 +31,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build venv models run test test-rust test-aarch64 bench fixtures clean
+.PHONY: all build venv models run test test-rust test-aarch64 test-trainer build-trainer trainer bench fixtures clean
 
 all: build
 
@@ -75,12 +76,31 @@ fixtures: venv
 	$(PY) scripts/make_fixtures.py
 
 test-rust: models $(SMOLLM2_REF)/.done $(SMOLLM2_REF)/adapters.done
-	PEFTRT_REQUIRE_MODELS=1 $(CARGO) test --release --workspace
+	PEFTRT_REQUIRE_MODELS=1 $(CARGO) test --release --workspace --exclude peftrt-trainer
+
+# The trainer links libtorch from the venv's PyPI torch (torch-sys: LIBTORCH_USE_PYTORCH runs
+# `python` from VIRTUAL_ENV); the binary and its tests find libtorch*.so through LD_LIBRARY_PATH.
+# Deferred (=) so that the venv exists when the path is asked for.
+TORCH_LIB = $(shell $(PY) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+TRAINER_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH="$(abspath $(VENV))/bin:$$PATH" LIBTORCH_USE_PYTORCH=1 \
+	LD_LIBRARY_PATH="$(TORCH_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
+TRAINER := target/release/trainer
+
+build-trainer: venv
+	$(TRAINER_ENV) $(CARGO) build --release -p peftrt-trainer
+
+# The test profile (opt-level 3, no LTO): the work is in libtorch, and linking stays quick.
+test-trainer: venv
+	$(TRAINER_ENV) $(CARGO) test -p peftrt-trainer
+
+# Run the trainer with the environment it needs: make trainer ARGS="train --base ... --data ... --output ..."
+trainer: build-trainer
+	$(TRAINER_ENV) $(TRAINER) $(ARGS)
 
 test-aarch64:
 	bash scripts/test-aarch64.sh
 
-test: test-rust test-aarch64
+test: test-rust test-aarch64 test-trainer
 
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py

@@ -97,6 +97,17 @@ pub struct TensorSpec {
 pub fn write_safetensors_bytes(
     path: &Path,
     tensors: &[TensorSpec],
+    bytes: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<u64> {
+    write_safetensors_bytes_with_metadata(path, tensors, &BTreeMap::new(), bytes)
+}
+
+/// [`write_safetensors_bytes`] with extra header `__metadata__` strings besides
+/// `"format": "pt"` (an adapter's provenance, e.g. [`crate::adapter::BASE_FINGERPRINT_KEY`]).
+pub fn write_safetensors_bytes_with_metadata(
+    path: &Path,
+    tensors: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
     mut bytes: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
 ) -> Result<u64> {
     let mut header = BTreeMap::new();
@@ -110,7 +121,12 @@ pub fn write_safetensors_bytes(
         offset += n_bytes;
     }
     let mut header = serde_json::to_value(header).map_err(|e| Error::format(path, e.to_string()))?;
-    header["__metadata__"] = json!({"format": "pt"});
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), json!("pt"));
+    for (k, v) in metadata {
+        meta.insert(k.clone(), json!(v));
+    }
+    header["__metadata__"] = Value::Object(meta);
     let mut text = serde_json::to_string(&header).map_err(|e| Error::format(path, e.to_string()))?;
     while text.len() % 8 != 0 {
         text.push(' ');

@@ -1,0 +1,41 @@
+//! # peftrt-trainer — LoRA and QLoRA fine-tuning on libtorch, writing PEFT adapters
+//!
+//! The main types and how they fit:
+//! - [`model::BaseModel`]: the frozen Llama/Mistral/Qwen2 base in libtorch, copied from the
+//!   runtime's loader ([`peftrt::Model`]); f32, or NF4 codes for QLoRA.
+//! - [`lora::LoraSet`]: the trainable LoRA layers (PEFT's configuration, initialisation and key
+//!   names), in their own variable store; every projection adds them in
+//!   [`model::BaseModel::project`].
+//! - [`data::Dataset`]: JSONL examples (alpaca, chat, completion) tokenised with the runtime's
+//!   tokenizer and chat template, with response-only labels; [`data::Batch`] pads them.
+//! - [`optim`]: AdamW, warm-up schedules and gradient clipping as PyTorch computes them.
+//! - [`train::train`]: the loop; [`checkpoint`]: resumable state; [`metrics`]: the metrics
+//!   JSONL, progress bar and overfitting warning; [`save`]: the PEFT adapter directory with
+//!   provenance.
+//! - [`eval::evaluate`]: loss, perplexity and JSON/schema validity of generated responses.
+//!
+//! ```no_run
+//! use peftrt_trainer::train::{train, TrainOptions};
+//!
+//! let mut opts = TrainOptions::new("models/smollm2-135m-instruct".into(), "data.jsonl".into(), "out/adapter".into());
+//! opts.max_steps = Some(10);
+//! let report = train(&opts)?;
+//! println!("final loss {:.4}", report.losses.last().unwrap());
+//! # Ok::<(), peftrt_trainer::Error>(())
+//! ```
+
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod lora;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod save;
+pub mod schema;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,445 @@
+//! The frozen base model in libtorch: Llama, Mistral and Qwen2 decoders, as transformers'
+//! `modeling_llama.py` / `modeling_qwen2.py` compute them (RMSNorm in f32, rotary embeddings
+//! with `rotate_half`, grouped-query attention, SiLU-gated MLP, q/k/v biases for qwen2, tied or
+//! untied head).
+//!
+//! The weights come from the runtime's loader ([`peftrt::Model`]: `config.json` parsing,
+//! safetensors memory maps, tensor names and shapes checked there), are copied once into
+//! libtorch tensors that never require gradients, and never reach the optimiser: the only
+//! trainable tensors are the LoRA weights in [`crate::lora::LoraSet`], applied at one place,
+//! [`BaseModel::project`]. With `--qlora` the projections are kept as NF4 codes (the runtime's
+//! quantiser, the bytes bitsandbytes would write) and dequantised one layer at a time.
+
+use crate::error::{Error, Result};
+use crate::lora::LoraSet;
+use peftrt::config::ModelConfig;
+use peftrt::weights::DType;
+use tch::{Device, Kind, Tensor};
+
+/// How the frozen projections are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseStorage {
+    /// f32 (upcast from the checkpoint's F32/F16/BF16).
+    Float,
+    /// NF4 codes and block scales, dequantised in the forward pass (QLoRA).
+    Nf4,
+}
+
+/// A frozen linear layer's weight `[out, in]`.
+enum Frozen {
+    Float(Tensor),
+    Nf4(Nf4Tensor),
+}
+
+/// An NF4 weight kept 4-bit: two codes per byte (high nibble = even element), one f32 scale per
+/// block (double quantisation already decoded, as the runtime's loader decodes it).
+pub struct Nf4Tensor {
+    /// `[rows * cols / 2]` u8
+    packed: Tensor,
+    /// `[rows * cols / blocksize]` f32
+    absmax: Tensor,
+    /// `[16]` f32, the NF4 code values
+    table: Tensor,
+    rows: i64,
+    cols: i64,
+    blocksize: i64,
+}
+
+impl Nf4Tensor {
+    /// Quantises `w` (`[rows, cols]`, row-major f32) with the runtime's NF4 quantiser
+    /// (bit-exact with bitsandbytes' `quantize_4bit`, blocksize 64, double-quantised scales).
+    fn quantize(w: &[f32], rows: usize, cols: usize, device: Device) -> Result<Self> {
+        const BLOCKSIZE: usize = 64;
+        if !(rows * cols).is_multiple_of(BLOCKSIZE) {
+            return Err(Error::Input(format!(
+                "--qlora: a {rows}×{cols} weight is not a whole number of {BLOCKSIZE}-value NF4 blocks"
+            )));
+        }
+        let q = peftrt::nf4::quantize(w, BLOCKSIZE, true);
+        Ok(Nf4Tensor {
+            packed: Tensor::f_from_slice(&q.packed)?.f_to(device)?,
+            absmax: Tensor::f_from_slice(&q.absmax())?.f_to(device)?,
+            table: Tensor::f_from_slice(&peftrt::nf4::NF4_TABLE)?.f_to(device)?,
+            rows: rows as i64,
+            cols: cols as i64,
+            blocksize: BLOCKSIZE as i64,
+        })
+    }
+
+    /// An NF4 weight as the runtime loaded it from an NF4 checkpoint: the same codes and
+    /// decoded scales (re-quantising the dequantised values could round the scales again).
+    fn from_runtime(q: &peftrt::nf4::Nf4Weight, rows: usize, cols: usize, device: Device) -> Result<Self> {
+        let n = rows * cols;
+        let packed = q.packed.bytes();
+        if q.len != n || packed.len() != n.div_ceil(2) || !n.is_multiple_of(q.blocksize) {
+            return Err(Error::Input(format!(
+                "tensor {}: {} NF4 codes in blocks of {} do not make a {rows}×{cols} weight",
+                q.packed.name, q.len, q.blocksize
+            )));
+        }
+        Ok(Nf4Tensor {
+            packed: Tensor::f_from_slice(packed)?.f_to(device)?,
+            absmax: Tensor::f_from_slice(&q.absmax)?.f_to(device)?,
+            table: Tensor::f_from_slice(&q.table)?.f_to(device)?,
+            rows: rows as i64,
+            cols: cols as i64,
+            blocksize: q.blocksize as i64,
+        })
+    }
+
+    /// The weight `[rows, cols]`: `table[code] · absmax[block]` in f32, as bitsandbytes
+    /// dequantises, then cast to `kind`.
+    fn dequantize(&self, kind: Kind) -> Result<Tensor> {
+        let hi = self.packed.f_bitwise_right_shift_tensor_scalar(4)?;
+        let lo = self.packed.f_bitwise_and(15)?;
+        let codes = Tensor::f_stack(&[hi, lo], 1)?.f_reshape([-1])?.f_to_kind(Kind::Int64)?;
+        let values = self.table.f_index_select(0, &codes)?.f_reshape([-1, self.blocksize])?;
+        Ok(values.f_mul(&self.absmax.f_unsqueeze(1)?)?.f_reshape([self.rows, self.cols])?.f_to_kind(kind)?)
+    }
+}
+
+/// A frozen linear layer of the base.
+pub struct BaseLinear {
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj` (LoRA layers attach by it).
+    pub name: String,
+    /// Index in the runtime's [`peftrt::Model::linears`] order.
+    pub id: usize,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    weight: Frozen,
+    /// `[out]`
+    bias: Option<Tensor>,
+}
+
+/// One decoder block.
+struct Block {
+    /// `[hidden]`
+    input_norm: Tensor,
+    /// `[n_heads * head_dim, hidden]`
+    q_proj: BaseLinear,
+    /// `[n_kv_heads * head_dim, hidden]`
+    k_proj: BaseLinear,
+    /// `[n_kv_heads * head_dim, hidden]`
+    v_proj: BaseLinear,
+    /// `[hidden, n_heads * head_dim]`
+    o_proj: BaseLinear,
+    /// `[hidden]`
+    post_attention_norm: Tensor,
+    /// `[intermediate, hidden]`
+    gate_proj: BaseLinear,
+    /// `[intermediate, hidden]`
+    up_proj: BaseLinear,
+    /// `[hidden, intermediate]`
+    down_proj: BaseLinear,
+}
+
+/// The frozen base model on one device.
+pub struct BaseModel {
+    pub config: ModelConfig,
+    pub device: Device,
+    /// The compute dtype of the frozen weights and activations: f32 on a CPU, bf16 on CUDA
+    /// (norms, softmax, the LoRA path and the logits stay in f32, as under autocast).
+    pub kind: Kind,
+    pub storage: BaseStorage,
+    /// `[vocab, hidden]`
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    /// `[hidden]`
+    norm: Tensor,
+    /// `[vocab, hidden]` (the embedding matrix itself when tied; never quantised)
+    lm_head: BaseLinear,
+    /// `[head_dim / 2]` rotary inverse frequencies, scaling applied (the runtime's values).
+    inv_freq: Tensor,
+}
+
+/// Where the tokens of a batch sit: their rotary tables and, for packed rows, which keys each
+/// may attend to.
+pub struct Layout {
+    /// `[seq, head_dim]`, or `[batch, 1, seq, head_dim]` for per-token positions.
+    cos: Tensor,
+    sin: Tensor,
+    /// `[batch, 1, seq, seq]` bool (true = may attend); `None`: plain causal attention.
+    mask: Option<Tensor>,
+}
+
+/// A runtime tensor (F32, F16, BF16) as a libtorch tensor of `kind` on `device`.
+fn float_tensor(t: &peftrt::weights::Tensor, kind: Kind, device: Device) -> Result<Tensor> {
+    let stored = match t.dtype {
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        // expect_float's error names the tensor and file.
+        DType::U8 => return Err(t.expect_float().map_or_else(Error::from, |()| Error::Input(t.name.clone()))),
+    };
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::f_from_data_size(t.bytes(), &shape, stored)?.f_to_kind(kind)?.f_to(device)?)
+}
+
+fn vec_tensor(v: &[f32], kind: Kind, device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(v)?.f_to_kind(kind)?.f_to(device)?)
+}
+
+impl BaseLinear {
+    fn load(lin: &peftrt::model::Linear, storage: BaseStorage, kind: Kind, device: Device) -> Result<Self> {
+        let (rows, cols) = (lin.rows, lin.cols);
+        let weight = match (storage, &lin.nf4) {
+            (BaseStorage::Float, None) => Frozen::Float(float_tensor(&lin.weight, kind, device)?),
+            // An NF4 checkpoint, trained on as stored.
+            (BaseStorage::Nf4, Some(q)) => Frozen::Nf4(Nf4Tensor::from_runtime(q, rows, cols, device)?),
+            // Quantised here, with the runtime's quantiser (the bytes `peftrt quantize` writes).
+            (BaseStorage::Nf4, None) => Frozen::Nf4(Nf4Tensor::quantize(&lin.to_f32_vec(), rows, cols, device)?),
+            // An NF4 checkpoint in float: bitsandbytes' dequantised values (the runtime's decoding).
+            (BaseStorage::Float, Some(_)) => {
+                Frozen::Float(vec_tensor(&lin.to_f32_vec(), kind, device)?.f_reshape([rows as i64, cols as i64])?)
+            }
+        };
+        let bias = lin.bias.as_deref().map(|b| vec_tensor(b, kind, device)).transpose()?;
+        Ok(BaseLinear { name: lin.name.clone(), id: lin.id, rows, cols, weight, bias })
+    }
+
+    /// The weight `[out, in]` in the compute dtype (dequantised for NF4).
+    pub fn weight(&self, kind: Kind) -> Result<Tensor> {
+        match &self.weight {
+            Frozen::Float(w) => Ok(w.shallow_clone()),
+            Frozen::Nf4(q) => q.dequantize(kind),
+        }
+    }
+}
+
+impl BaseModel {
+    /// Copies the runtime's loaded model into libtorch tensors on `device` (f32 on a CPU,
+    /// bf16 on CUDA).
+    pub fn from_runtime(model: &peftrt::Model, storage: BaseStorage, device: Device) -> Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
+        let lin = |l: &peftrt::model::Linear| BaseLinear::load(l, storage, kind, device);
+        let mut blocks = Vec::with_capacity(model.layers.len());
+        for layer in &model.layers {
+            blocks.push(Block {
+                input_norm: vec_tensor(&layer.input_norm, kind, device)?,
+                q_proj: lin(&layer.q_proj)?,
+                k_proj: lin(&layer.k_proj)?,
+                v_proj: lin(&layer.v_proj)?,
+                o_proj: lin(&layer.o_proj)?,
+                post_attention_norm: vec_tensor(&layer.post_attention_norm, kind, device)?,
+                gate_proj: lin(&layer.gate_proj)?,
+                up_proj: lin(&layer.up_proj)?,
+                down_proj: lin(&layer.down_proj)?,
+            });
+        }
+        let embed_tokens = float_tensor(&model.embed_tokens, kind, device)?;
+        // The head stays in float even for QLoRA (as bitsandbytes leaves lm_head unquantised).
+        let lm_head = if model.config.tie_word_embeddings {
+            BaseLinear {
+                name: "lm_head".into(),
+                id: model.lm_head.id,
+                rows: model.lm_head.rows,
+                cols: model.lm_head.cols,
+                weight: Frozen::Float(embed_tokens.shallow_clone()),
+                bias: None,
+            }
+        } else {
+            BaseLinear::load(&model.lm_head, BaseStorage::Float, kind, device)?
+        };
+        Ok(BaseModel {
+            config: model.config.clone(),
+            device,
+            kind,
+            storage,
+            norm: vec_tensor(&model.norm, kind, device)?,
+            inv_freq: vec_tensor(&model.rope_inv_freq, Kind::Float, device)?,
+            embed_tokens,
+            blocks,
+            lm_head,
+        })
+    }
+
+    /// Every linear layer, in the runtime's order: each block's q, k, v, o, gate, up, down,
+    /// then `lm_head`.
+    pub fn linears(&self) -> impl Iterator<Item = &BaseLinear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj])
+            .chain([&self.lm_head])
+    }
+
+    /// `W·x + b`, plus `scale · B(A(dropout(x)))` when `lora` adapts this layer (PEFT's
+    /// `lora.Linear.forward`). Every projection goes through here.
+    pub fn project(&self, lin: &BaseLinear, x: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let y = x.f_linear(&lin.weight(self.kind)?, lin.bias.as_ref())?;
+        match lora.for_layer(lin.id) {
+            None => Ok(y),
+            Some(l) => {
+                // In f32 (the LoRA weights' dtype), the sum cast back, as PEFT does.
+                let x = x.f_to_kind(Kind::Float)?;
+                let xd = if train && l.dropout > 0.0 { x.f_dropout(l.dropout, true)? } else { x };
+                let delta = xd.f_linear::<Tensor>(&l.a, None)?.f_linear::<Tensor>(&l.b, None)?;
+                Ok(y.f_add(&delta.f_mul_scalar(l.scale)?)?.f_to_kind(self.kind)?)
+            }
+        }
+    }
+
+    /// transformers' `LlamaRMSNorm`: normalise in f32, then scale by the weight.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let h = x.f_to_kind(Kind::Float)?;
+        let variance = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
+        let h = h.f_mul(&variance.f_add_scalar(f64::from(self.config.rms_norm_eps))?.f_rsqrt()?)?;
+        Ok(weight.f_mul(&h.f_to_kind(kind)?)?)
+    }
+
+    /// `cos`, `sin` of the rotary angles at `positions` (f32, any shape), with a last axis of
+    /// `head_dim` (the half-angles repeated).
+    fn rope_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.f_unsqueeze(-1)?.f_mul(&self.inv_freq)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        Ok((emb.f_cos()?.f_to_kind(self.kind)?, emb.f_sin()?.f_to_kind(self.kind)?))
+    }
+
+    /// Every sequence of the batch at positions `0..seq`, causal attention.
+    pub fn causal_layout(&self, seq: i64) -> Result<Layout> {
+        let (cos, sin) = self.rope_at(&Tensor::f_arange(seq, (Kind::Float, self.device))?)?;
+        Ok(Layout { cos, sin, mask: None })
+    }
+
+    /// Packed rows: `segments` `[batch, seq]` numbers the examples of each row (−1 for
+    /// padding), `positions` `[batch, seq]` restart at 0 with each example. A token attends to
+    /// the earlier tokens of its own example only (padding to earlier padding), so a packed
+    /// example computes what it would alone.
+    pub fn packed_layout(&self, positions: &Tensor, segments: &Tensor) -> Result<Layout> {
+        let positions = positions.f_to(self.device)?.f_to_kind(Kind::Float)?;
+        let segments = segments.f_to(self.device)?;
+        let (cos, sin) = self.rope_at(&positions)?;
+        let same = segments.f_unsqueeze(2)?.f_eq_tensor(&segments.f_unsqueeze(1)?)?;
+        Ok(Layout { cos: cos.f_unsqueeze(1)?, sin: sin.f_unsqueeze(1)?, mask: Some(same.f_unsqueeze(1)?) })
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x` `[batch, heads, seq, head_dim]`.
+    fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.size()[3] / 2;
+        let x1 = x.f_narrow(3, 0, half)?;
+        let x2 = x.f_narrow(3, half, half)?;
+        let rotated = Tensor::f_cat(&[x2.f_neg()?, x1], 3)?;
+        Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
+    }
+
+    /// Causal self-attention of one block on `x` `[batch, seq, hidden]`.
+    fn attention(&self, b: &Block, x: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq) = (x.size()[0], x.size()[1]);
+        let (n_heads, n_kv, head_dim) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        let heads =
+            |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([batch, seq, n, head_dim])?.f_transpose(1, 2)?) };
+        let q = heads(self.project(&b.q_proj, x, lora, train)?, n_heads)?;
+        let k = heads(self.project(&b.k_proj, x, lora, train)?, n_kv)?;
+        let v = heads(self.project(&b.v_proj, x, lora, train)?, n_kv)?;
+        let q = Self::apply_rope(&q, &layout.cos, &layout.sin)?;
+        let k = Self::apply_rope(&k, &layout.cos, &layout.sin)?;
+        // Grouped-query attention: each kv head serves n_heads / n_kv query heads (repeat_kv).
+        let group = n_heads / n_kv;
+        let (k, v) = if group > 1 {
+            (k.f_repeat_interleave_self_int(group, 1, None)?, v.f_repeat_interleave_self_int(group, 1, None)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let window = c.sliding_window.map(|w| w as i64).filter(|&w| w < seq);
+        let out = match (window, &layout.mask) {
+            (None, None) => {
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false)?
+            }
+            (window, mask) => {
+                // Key j is visible from query i when j <= i (and i - j < window, mistral), and
+                // in packed rows when both belong to the same example.
+                let i = Tensor::f_arange(seq, (Kind::Int64, self.device))?.f_unsqueeze(1)?;
+                let j = Tensor::f_arange(seq, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
+                let d = i.f_sub(&j)?;
+                let mut allowed = d.f_ge(0)?;
+                if let Some(w) = window {
+                    allowed = allowed.f_logical_and(&d.f_lt(w)?)?;
+                }
+                if let Some(m) = mask {
+                    allowed = allowed.f_logical_and(m)?;
+                }
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, false)?
+            }
+        };
+        let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([batch, seq, n_heads * head_dim])?;
+        self.project(&b.o_proj, &out, lora, train)
+    }
+
+    /// The SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
+    fn mlp(&self, b: &Block, x: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let gate = self.project(&b.gate_proj, x, lora, train)?.f_silu()?;
+        let up = self.project(&b.up_proj, x, lora, train)?;
+        self.project(&b.down_proj, &gate.f_mul(&up)?, lora, train)
+    }
+
+    /// One decoder block: norm → attention → residual → norm → MLP → residual.
+    fn block(&self, b: &Block, h: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, layout, lora, train)?;
+        let h = h.f_add(&a)?;
+        let m = self.mlp(b, &self.rms_norm(&h, &b.post_attention_norm)?, lora, train)?;
+        Ok(h.f_add(&m)?)
+    }
+
+    /// The token embeddings `[batch, seq, hidden]` of ids `[batch, seq]` (Int64).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?)
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Decoder block `i` on `h` `[batch, seq, hidden]`. With `dropout_seed`, libtorch's generator
+    /// is reseeded with `dropout_seed + i` first, so that a recomputation of the block (gradient
+    /// checkpointing) draws the same dropout masks.
+    pub fn block_at(
+        &self,
+        i: usize,
+        h: &Tensor,
+        layout: &Layout,
+        lora: &LoraSet,
+        train: bool,
+        dropout_seed: Option<i64>,
+    ) -> Result<Tensor> {
+        if let (true, Some(seed)) = (train, dropout_seed) {
+            tch::manual_seed(seed.wrapping_add(i as i64));
+        }
+        let b = self.blocks.get(i).ok_or_else(|| Error::Input(format!("block {i} of {}", self.blocks.len())))?;
+        self.block(b, h, layout, lora, train)
+    }
+
+    /// The last norm and the output head: f32 logits `[batch, seq, vocab]` of the last block's
+    /// output.
+    pub fn head(&self, h: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        let h = self.rms_norm(h, &self.norm)?;
+        Ok(self.project(&self.lm_head, &h, lora, train)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` laid out as `layout`
+    /// says; `dropout_seed` as in [`BaseModel::block_at`].
+    pub fn forward_seeded(
+        &self,
+        ids: &Tensor,
+        layout: &Layout,
+        lora: &LoraSet,
+        train: bool,
+        dropout_seed: Option<i64>,
+    ) -> Result<Tensor> {
+        let mut h = self.embed(ids)?;
+        for i in 0..self.blocks.len() {
+            h = self.block_at(i, &h, layout, lora, train, dropout_seed)?;
+        }
+        self.head(&h, lora, train)
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` (Int64), every sequence
+    /// starting at position 0.
+    pub fn forward(&self, ids: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+        self.forward_seeded(ids, &self.causal_layout(ids.size()[1])?, lora, train, None)
+    }
+}

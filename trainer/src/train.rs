@@ -1,0 +1,631 @@
+//! The training loop: batches in a seeded order, the loss on response tokens only, gradient
+//! accumulation, clipping, AdamW with a warm-up schedule, and the adapter written at the end.
+//!
+//! One optimiser step consumes `grad_accum` micro-batches of `batch_size` examples; the loss of
+//! a step is the mean over all response tokens of its micro-batches (the sum of token losses
+//! divided by their count, as transformers' Trainer does with `num_items_in_batch`). The
+//! micro-batch stream runs through the epochs: micro-batch `m` is batch `m % per_epoch` of
+//! epoch `m / per_epoch`, whose order is a permutation seeded by (`seed`, epoch). Dropout draws
+//! from libtorch's generator reseeded with (`seed`, step, micro-batch, block) before each block. A run is therefore a
+//! function of its options alone: CPU runs are bit-reproducible, and a run resumed at step `k`
+//! continues exactly as the uninterrupted one.
+
+use crate::checkpoint::{self, RunState};
+use crate::data::{pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE};
+use crate::error::{Error, Result};
+use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
+use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics};
+use crate::model::{BaseModel, BaseStorage, Layout};
+use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule};
+use crate::save::{check_output, save_adapter, Provenance};
+use peftrt::adapter::BaseFingerprint;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// The LoRA options of a run.
+#[derive(Clone, Debug)]
+pub struct LoraOptions {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f64,
+    /// `q_proj,v_proj`, `all-linear` or a regex.
+    pub target: String,
+    pub rslora: bool,
+    pub init: Init,
+    /// Only these decoder layers (`layers_to_transform`).
+    pub layers: Option<Vec<usize>>,
+    /// Start from this PEFT adapter's weights and configuration.
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        LoraOptions {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target: "q_proj,v_proj".into(),
+            rslora: false,
+            init: Init::Kaiming,
+            layers: None,
+            init_adapter: None,
+        }
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub base: PathBuf,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub overwrite: bool,
+    /// `None`: detect from the first record.
+    pub format: Option<Format>,
+    pub max_seq_len: usize,
+    pub lora: LoraOptions,
+    /// Quantise the frozen base to NF4 (QLoRA).
+    pub qlora: bool,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: f64,
+    /// Overrides `epochs`.
+    pub max_steps: Option<u64>,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// Clip the gradient norm to this (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    /// Shuffle the examples each epoch (seeded); off: file order.
+    pub shuffle: bool,
+    pub device: Device,
+    /// A user-given version of the dataset, recorded in the provenance.
+    pub dataset_version: Option<String>,
+    /// Write a checkpoint every this many steps.
+    pub checkpoint_every: Option<u64>,
+    /// Where checkpoints go (default: the output path with `-checkpoint` appended). One
+    /// directory, replaced by each newer checkpoint.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run whose checkpoint this is (the other options must be the same).
+    pub resume: Option<PathBuf>,
+    /// Stop cleanly after this step, with a checkpoint, as an interruption does (a time-boxed
+    /// job); `--resume` continues.
+    pub stop_after: Option<u64>,
+    /// Set (by Ctrl-C) to stop after the current step with a checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// Evaluation data (same format rules as the training data).
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training data for evaluation instead.
+    pub eval_split: Option<f64>,
+    /// Evaluate every this many steps (default: ten times per run) and after the last.
+    pub eval_every: Option<u64>,
+    /// The metrics JSONL (default: the output path with `-metrics.jsonl` appended); a copy
+    /// ends up in the adapter directory as `training_metrics.jsonl`, and the loss curve, drawn
+    /// beside it (`.png`), as `loss_curve.png`.
+    pub metrics: Option<PathBuf>,
+    /// Show the progress bar on stderr.
+    pub progress: bool,
+    /// General instruction data mixed into the training stream (any of the formats).
+    pub mix_data: Option<PathBuf>,
+    /// The share of each epoch's examples drawn from `mix_data`.
+    pub mix_ratio: f64,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    pub grad_checkpoint: bool,
+    /// Pack several examples into each row of up to `max_seq_len` tokens (each still attends
+    /// only to itself, positions restarting at 0); `batch_size` counts rows.
+    pub pack: bool,
+}
+
+/// The micro-batches of a run, epoch after epoch: each a list of rows, each row the indices of
+/// its examples (one per row unless packing). Epochs are laid out when first needed.
+struct Stream<'a> {
+    plan: &'a EpochPlan,
+    lens: Vec<usize>,
+    opts: &'a TrainOptions,
+    epochs: Vec<Vec<Vec<Vec<usize>>>>,
+}
+
+impl Stream<'_> {
+    fn epoch(&mut self, e: usize) -> &Vec<Vec<Vec<usize>>> {
+        let o = self.opts;
+        while self.epochs.len() <= e {
+            let order = self.plan.order(o.seed, self.epochs.len() as u64, o.shuffle);
+            let rows = if o.pack {
+                pack_rows(&order, &self.lens, o.max_seq_len)
+            } else {
+                order.iter().map(|&i| vec![i]).collect()
+            };
+            self.epochs.push(rows.chunks(o.batch_size).map(<[_]>::to_vec).collect());
+        }
+        &self.epochs[e]
+    }
+
+    /// Micro-batch `m` of the run (counting through the epochs).
+    fn micro_batch(&mut self, mut m: u64) -> Vec<Vec<usize>> {
+        let mut e = 0;
+        loop {
+            let n = self.epoch(e).len() as u64;
+            if m < n {
+                return self.epochs[e][m as usize].clone();
+            }
+            m -= n;
+            e += 1;
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Defaults for everything but the paths.
+    pub fn new(base: PathBuf, data: PathBuf, output: PathBuf) -> Self {
+        TrainOptions {
+            base,
+            data,
+            output,
+            overwrite: false,
+            format: None,
+            max_seq_len: 1024,
+            lora: LoraOptions::default(),
+            qlora: false,
+            batch_size: 4,
+            grad_accum: 1,
+            epochs: 1.0,
+            max_steps: None,
+            lr: 2e-4,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            shuffle: true,
+            device: Device::Cpu,
+            dataset_version: None,
+            checkpoint_every: None,
+            checkpoint_dir: None,
+            resume: None,
+            stop_after: None,
+            interrupt: None,
+            eval_data: None,
+            eval_split: None,
+            eval_every: None,
+            metrics: None,
+            progress: false,
+            mix_data: None,
+            mix_ratio: 0.1,
+            grad_checkpoint: false,
+            pack: false,
+        }
+    }
+
+    /// The metrics file.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.metrics.clone().unwrap_or_else(|| {
+            let mut p = self.output.clone().into_os_string();
+            p.push("-metrics.jsonl");
+            PathBuf::from(p)
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.checkpoint_dir.clone().unwrap_or_else(|| {
+            let mut p = self.output.clone().into_os_string();
+            p.push("-checkpoint");
+            PathBuf::from(p)
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return Err(Error::Input("--batch-size and --grad-accum must be at least 1".into()));
+        }
+        if self.max_seq_len < 2 {
+            return Err(Error::Input("--max-seq-len must be at least 2".into()));
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.epochs > 0.0 && self.epochs.is_finite())) {
+            return Err(Error::Input("train for at least one step: --epochs > 0 or --max-steps ≥ 1".into()));
+        }
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(Error::Input(format!("--lr {}: must be a non-negative number", self.lr)));
+        }
+        if let Some(m) = self.max_grad_norm {
+            if m.is_nan() || m <= 0.0 {
+                return Err(Error::Input(format!(
+                    "--max-grad-norm {m}: must be positive (omit it to disable clipping)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hyper-parameters recorded in the provenance.
+    fn hyperparameters(&self, lora: &LoraSet, steps: u64) -> serde_json::Value {
+        let c = &lora.spec.config;
+        json!({
+            "r": c.r, "lora_alpha": c.alpha, "lora_dropout": self.lora.dropout, "use_rslora": c.rslora,
+            "target_modules": c.target_modules.to_string(), "layers_to_transform": c.layers,
+            "init": format!("{:?}", self.lora.init).to_lowercase(),
+            "init_adapter": self.lora.init_adapter.as_ref().map(|p| p.display().to_string()),
+            "qlora": self.qlora, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+            "epochs": self.epochs, "max_steps": self.max_steps, "steps": steps, "lr": self.lr,
+            "warmup_steps": self.warmup_steps, "schedule": self.schedule.name(),
+            "betas": [self.adamw.beta1, self.adamw.beta2], "eps": self.adamw.eps,
+            "weight_decay": self.adamw.weight_decay, "max_grad_norm": self.max_grad_norm,
+            "max_seq_len": self.max_seq_len, "seed": self.seed, "shuffle": self.shuffle,
+            "eval_split": self.eval_split,
+            "mix_data": self.mix_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
+            "mix_ratio": self.mix_data.as_ref().map(|_| self.mix_ratio),
+            "pack": self.pack,
+            "eval_data": self.eval_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
+        })
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    /// Loss of every step (mean over its response tokens).
+    pub losses: Vec<f64>,
+    /// Learning rate of every step.
+    pub lrs: Vec<f64>,
+    /// Gradient norm of every step, before clipping.
+    pub grad_norms: Vec<f64>,
+    /// (step, eval loss) of every evaluation.
+    pub eval_losses: Vec<(u64, f64)>,
+    /// Warnings raised while training (overfitting).
+    pub warnings: Vec<String>,
+    pub n_examples: usize,
+    pub n_truncated: usize,
+    pub n_dropped: usize,
+    /// Tokens processed (unpadded).
+    pub n_tokens: i64,
+}
+
+/// A loaded base model with its tokenizer and fingerprint.
+pub struct Base {
+    /// The runtime's model (tokenizer, chat template; serves generation in `trainer eval`).
+    pub runtime: Arc<peftrt::Model>,
+    pub model: BaseModel,
+    pub fingerprint: BaseFingerprint,
+}
+
+impl Base {
+    /// Loads a Hugging Face model directory with the runtime's loader, then into libtorch.
+    pub fn load(dir: &std::path::Path, storage: BaseStorage, device: Device) -> Result<Base> {
+        if dir.is_dir() && !dir.join("config.json").is_file() {
+            let hint = if dir.join("adapter_config.json").is_file() {
+                "; it is a PEFT adapter: pass it with --init-adapter, and the model it was trained on with --base"
+            } else {
+                "; pass the base model's directory (config.json, *.safetensors, tokenizer.json)"
+            };
+            return Err(Error::Input(format!(
+                "{}: not a Hugging Face model directory (no config.json){hint}",
+                dir.display()
+            )));
+        }
+        let runtime = Arc::new(peftrt::Model::load(dir, &peftrt::LoadOptions::default())?);
+        let model = BaseModel::from_runtime(&runtime, storage, device)?;
+        let fingerprint = BaseFingerprint::of(&runtime);
+        Ok(Base { runtime, model, fingerprint })
+    }
+
+    /// The end-of-sequence id appended to plain-text examples, and the padding id.
+    pub fn eos(&self) -> Option<i64> {
+        self.runtime.config.eos_token_ids.first().map(|&t| i64::from(t))
+    }
+}
+
+/// The summed cross-entropy of the labelled positions (`labels` −100 elsewhere).
+fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let vocab = logits.size()[2];
+    Ok(logits.f_reshape([-1, vocab])?.f_cross_entropy_loss::<Tensor>(
+        &labels.f_reshape([-1])?,
+        None,
+        Reduction::Sum,
+        IGNORE,
+        0.0,
+    )?)
+}
+
+/// The layout of a batch: packed rows, or plain sequences from position 0.
+fn layout_of(model: &BaseModel, b: &Batch) -> Result<Layout> {
+    match &b.packing {
+        Some((positions, segments)) => model.packed_layout(positions, segments),
+        None => model.causal_layout(b.ids.size()[1]),
+    }
+}
+
+/// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
+pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
+    let ids = batch.ids.f_to(model.device)?;
+    let logits = model.forward_seeded(&ids, &layout_of(model, batch)?, lora, train, None)?;
+    loss_sum(&logits, &batch.labels.f_to(model.device)?)
+}
+
+/// Forward and backward of one micro-batch, its loss scaled by `1 / n_targets` (the step's
+/// response tokens); gradients accumulate into the LoRA weights. Returns the scaled loss.
+///
+/// With `checkpoint`, only the blocks' inputs are kept from a gradient-free forward pass; the
+/// backward pass then recomputes one block at a time with gradients, from the last to the
+/// first, feeding each the gradient of its output (activation memory of one block instead of
+/// all). Both ways draw the same dropout masks (seeded per block) and give the same gradients.
+fn micro_batch(
+    model: &BaseModel,
+    lora: &LoraSet,
+    b: &Batch,
+    n_targets: i64,
+    dropout_seed: i64,
+    checkpoint: bool,
+) -> Result<f64> {
+    let ids = b.ids.f_to(model.device)?;
+    let labels = b.labels.f_to(model.device)?;
+    let seed = Some(dropout_seed);
+    let layout = layout_of(model, b)?;
+    if !checkpoint {
+        let logits = model.forward_seeded(&ids, &layout, lora, true, seed)?;
+        let loss = loss_sum(&logits, &labels)?.f_div_scalar(n_targets as f64)?;
+        loss.f_backward()?;
+        return Ok(loss.f_double_value(&[])?);
+    }
+    let mut inputs = Vec::with_capacity(model.n_blocks());
+    let last = tch::no_grad(|| -> Result<Tensor> {
+        let mut h = model.embed(&ids)?;
+        for i in 0..model.n_blocks() {
+            let next = model.block_at(i, &h, &layout, lora, true, seed)?;
+            inputs.push(h);
+            h = next;
+        }
+        Ok(h)
+    })?;
+    let last = last.f_detach()?.set_requires_grad(true);
+    let loss = loss_sum(&model.head(&last, lora, true)?, &labels)?.f_div_scalar(n_targets as f64)?;
+    loss.f_backward()?;
+    let mut grad = last.grad();
+    for (i, input) in inputs.iter().enumerate().rev() {
+        let x = input.f_detach()?.set_requires_grad(true);
+        let y = model.block_at(i, &x, &layout, lora, true, seed)?;
+        y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
+        grad = x.grad();
+    }
+    Ok(loss.f_double_value(&[])?)
+}
+
+/// The LoRA layers a run starts from: `--init-adapter`'s, or fresh ones drawn from `seed`.
+pub fn initial_lora(model: &BaseModel, o: &LoraOptions, seed: u64) -> Result<LoraSet> {
+    match &o.init_adapter {
+        Some(dir) => LoraSet::from_adapter(model, dir, o.dropout, o.init),
+        None => {
+            let targets = parse_targets(&o.target)?;
+            let spec = LoraSpec::new(o.r, o.alpha, targets, o.rslora, o.layers.clone(), o.dropout, o.init)?;
+            tch::manual_seed(seed as i64);
+            LoraSet::init(model, spec)
+        }
+    }
+}
+
+/// Runs in one process share libtorch's global random generator (initialisation, dropout):
+/// they take turns, so that each stays a function of its own seed.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Trains an adapter and writes it to `opts.output`.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let _turn = GENERATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    opts.check()?;
+    check_output(&opts.output, opts.overwrite)?;
+    let storage = if opts.qlora { BaseStorage::Nf4 } else { BaseStorage::Float };
+    let base = Base::load(&opts.base, storage, opts.device)?;
+    let tokenizer = base.runtime.tokenizer()?;
+    let enc = Encoder { tokenizer, eos: base.eos(), max_seq_len: opts.max_seq_len };
+    let data = Dataset::load(&opts.data, opts.format, &enc)?;
+    let (examples, eval_examples): (Vec<Example>, Vec<Example>) = match (&opts.eval_data, opts.eval_split) {
+        (Some(_), Some(_)) => return Err(Error::Input("give --eval-data or --eval-split, not both".into())),
+        (Some(path), None) => (data.examples.clone(), Dataset::load(path, Some(data.format), &enc)?.examples),
+        (None, Some(f)) => split_eval(data.examples.clone(), f, opts.seed)?,
+        (None, None) => (data.examples.clone(), Vec::new()),
+    };
+    // Mixed-in examples follow the training ones: indices n.. of `examples`.
+    let (examples, plan, mix_sha256) = match &opts.mix_data {
+        None => {
+            let n = examples.len();
+            (examples, EpochPlan::plain(n), None)
+        }
+        Some(path) => {
+            let mix = Dataset::load(path, None, &enc)?;
+            let plan = EpochPlan::mixed(examples.len(), mix.examples.len(), opts.mix_ratio)?;
+            let mut all = examples;
+            all.extend(mix.examples);
+            (all, plan, Some(mix.sha256))
+        }
+    };
+    let lora = match &opts.resume {
+        Some(dir) => LoraSet::from_adapter(&base.model, dir, opts.lora.dropout, opts.lora.init)?,
+        None => initial_lora(&base.model, &opts.lora, opts.seed)?,
+    };
+    let params: Vec<Tensor> = lora.named_parameters().into_iter().map(|(_, t)| t).collect();
+    let mut opt = AdamW::new(opts.adamw.clone(), &params)?;
+
+    let n = plan.len();
+    let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let mut stream = Stream { plan: &plan, lens, opts, epochs: Vec::new() };
+    let per_epoch = stream.epoch(0).len() as u64;
+    let total_steps = match opts.max_steps {
+        Some(s) => s,
+        None => {
+            let full = opts.epochs.floor() as usize;
+            let mut micro: f64 = (0..full).map(|e| stream.epoch(e).len() as f64).sum();
+            micro += opts.epochs.fract() * stream.epoch(full).len() as f64;
+            (micro / opts.grad_accum as f64).ceil().max(1.0) as u64
+        }
+    };
+    let pad = base.eos().unwrap_or(0);
+    let prov = Provenance {
+        base: base.fingerprint.clone(),
+        dataset: json!({
+            "sha256": data.sha256,
+            "file": opts.data.file_name().map(|f| f.to_string_lossy().into_owned()),
+            "version": opts.dataset_version,
+            "format": data.format.name(),
+            "examples": n,
+            "truncated": data.n_truncated,
+        }),
+        hyperparameters: opts.hyperparameters(&lora, total_steps),
+    };
+    // What a resumed run must share with the run that wrote the checkpoint.
+    let agreement = json!({
+        "hyperparameters": prov.hyperparameters,
+        "dataset_sha256": data.sha256,
+        "mix_sha256": mix_sha256,
+        "base_model": base.fingerprint.to_json(),
+    });
+    let base_name = opts.base.display().to_string();
+    let mut state = match &opts.resume {
+        Some(dir) => checkpoint::restore(dir, &lora, &mut opt, &agreement)?,
+        None => RunState::default(),
+    };
+    let ckpt_dir = opts.checkpoint_path();
+    let save_checkpoint = |state: &RunState, opt: &AdamW| -> Result<()> {
+        checkpoint::save(&ckpt_dir, &lora, opt, state, &agreement, &base_name, &prov)
+    };
+
+    let eval_every = opts.eval_every.unwrap_or((total_steps / 10).max(1));
+    let epoch_of = |step: u64| (step * opts.grad_accum as u64) as f64 / per_epoch as f64;
+    let history: Vec<StepMetrics> = (0..state.step as usize)
+        .map(|i| StepMetrics {
+            step: i as u64 + 1,
+            epoch: epoch_of(i as u64 + 1),
+            loss: state.losses[i],
+            lr: state.lrs[i],
+            grad_norm: state.grad_norms[i],
+            tokens_per_s: None,
+            eval_loss: state.eval_losses.iter().find(|(s, _)| *s == i as u64 + 1).map(|&(_, l)| l),
+        })
+        .collect();
+    let mut metrics = MetricsFile::create(&opts.metrics_path(), &history)?;
+    let mut watch = OverfitWatch::default();
+    let mut warnings = Vec::new();
+    let bar = progress_bar(total_steps, state.step, opts.progress);
+
+    for step in state.step..total_steps {
+        let started = std::time::Instant::now();
+        let tokens_before = state.n_tokens;
+        let mut batches = Vec::with_capacity(opts.grad_accum);
+        for k in 0..opts.grad_accum as u64 {
+            let rows = stream.micro_batch(step * opts.grad_accum as u64 + k);
+            let rows: Vec<Vec<&Example>> = rows.iter().map(|r| r.iter().map(|&i| &examples[i]).collect()).collect();
+            batches.push(if opts.pack {
+                Batch::packed(&rows, pad)?
+            } else {
+                Batch::new(&rows.iter().map(|r| r[0]).collect::<Vec<_>>(), pad)?
+            });
+        }
+        let n_targets: i64 = batches.iter().map(|b| b.n_targets).sum();
+        zero_grad(&params)?;
+        let mut loss = 0.0;
+        for (k, b) in batches.iter().enumerate() {
+            // Dropout masks: a function of (seed, step, micro-batch, block).
+            let dropout_seed =
+                (opts.seed as i64).wrapping_add((step as i64).wrapping_mul(0x9e37_79b9)).wrapping_add((k as i64) << 16);
+            loss += micro_batch(&base.model, &lora, b, n_targets, dropout_seed, opts.grad_checkpoint)?;
+            state.n_tokens += b.n_tokens;
+        }
+        let grad_norm = clip_grad_norm(&params, opts.max_grad_norm)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            let kept = if ckpt_dir.join(checkpoint::STATE_FILE).is_file() {
+                format!("the last good checkpoint is in {}", ckpt_dir.display())
+            } else {
+                "no checkpoint was written (--checkpoint-every)".into()
+            };
+            return Err(Error::NonFinite(format!(
+                "step {}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; stopped without writing \
+                 the adapter ({kept}). Lower --lr, or check the data",
+                step + 1
+            )));
+        }
+        let lr = opts.lr * opts.schedule.factor(step, opts.warmup_steps, total_steps);
+        opt.step(&params, lr)?;
+        state.step = step + 1;
+        state.losses.push(loss);
+        state.lrs.push(lr);
+        state.grad_norms.push(grad_norm);
+        let tokens_per_s = (state.n_tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let eval_loss = if !eval_examples.is_empty() && (state.step % eval_every == 0 || state.step == total_steps) {
+            let e = eval_loss(&base.model, &lora, &eval_examples, opts.batch_size, pad)?;
+            state.eval_losses.push((state.step, e));
+            if let Some(w) = watch.observe(loss, e) {
+                bar.suspend(|| log::warn!("{w}"));
+                warnings.push(w);
+            }
+            Some(e)
+        } else {
+            None
+        };
+        metrics.write(&StepMetrics {
+            step: state.step,
+            epoch: epoch_of(state.step),
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: Some(tokens_per_s),
+            eval_loss,
+        })?;
+        bar.set_position(state.step);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+
+        let interrupted = opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let stop = interrupted || opts.stop_after == Some(state.step);
+        let last = state.step == total_steps;
+        if !last && (stop || opts.checkpoint_every.is_some_and(|k| state.step % k == 0)) {
+            save_checkpoint(&state, &opt)?;
+        }
+        if stop && !last {
+            let why = if interrupted { "interrupted" } else { "stopped as asked (--stop-after)" };
+            return Err(Error::Interrupted(format!(
+                "{why} after step {} of {total_steps}; checkpoint written to {}; continue with --resume {}",
+                state.step,
+                ckpt_dir.display(),
+                ckpt_dir.display()
+            )));
+        }
+    }
+
+    bar.finish_and_clear();
+    let curve = opts.metrics_path().with_extension("png");
+    let train_points: Vec<(u64, f64)> = state.losses.iter().enumerate().map(|(i, &l)| (i as u64 + 1, l)).collect();
+    crate::plot::loss_curve_png(&curve, &train_points, &state.eval_losses)?;
+    save_adapter(
+        &opts.output,
+        &lora,
+        &base_name,
+        &prov,
+        opts.overwrite,
+        &[("training_metrics.jsonl", metrics.path()), ("loss_curve.png", &curve)],
+    )?;
+    Ok(TrainReport {
+        losses: state.losses,
+        lrs: state.lrs,
+        grad_norms: state.grad_norms,
+        eval_losses: state.eval_losses,
+        warnings,
+        n_examples: n,
+        n_truncated: data.n_truncated,
+        n_dropped: data.n_dropped,
+        n_tokens: state.n_tokens,
+    })
+}
+
+/// Mean loss per response token of `examples` (no dropout, no gradients).
+pub fn eval_loss(model: &BaseModel, lora: &LoraSet, examples: &[Example], batch_size: usize, pad: i64) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let (mut sum, mut count) = (0.0, 0i64);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<_> = chunk.iter().collect();
+        let b = Batch::new(&refs, pad)?;
+        sum += batch_loss_sum(model, lora, &b, false)?.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        count += b.n_targets;
+    }
+    Ok(sum / count.max(1) as f64)
+}
