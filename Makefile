@@ -90,8 +90,8 @@ build-trainer: venv
 	$(TRAINER_ENV) $(CARGO) build --release -p peftrt-trainer
 
 # The test profile (opt-level 3, no LTO): the work is in libtorch, and linking stays quick.
-test-trainer: venv
-	$(TRAINER_ENV) $(CARGO) test -p peftrt-trainer
+test-trainer: venv models $(SMOLLM2_REF)/.done $(SMOLLM2_REF)/adapters.done
+	PEFTRT_REQUIRE_MODELS=1 $(TRAINER_ENV) $(CARGO) test -p peftrt-trainer
 
 # Run the trainer with the environment it needs: make trainer ARGS="train --base ... --data ... --output ..."
 trainer: build-trainer
