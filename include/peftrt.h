@@ -91,7 +91,8 @@ typedef enum peftrt_status {
     /* peftrt_session_cancel() stopped the call; the session keeps the tokens evaluated before
        the call (generate: before the token being evaluated) and stays usable. */
     PEFTRT_ERR_CANCELLED = -9,
-    /* The session is in use by another thread. */
+    /* The session is in use by another call: another thread, or a text callback calling back
+       into the session it is called from. */
     PEFTRT_ERR_BUSY = -10,
     /* A bug in peftrt (a caught panic); the message says where. A session that was in use is
        unusable afterwards: free it. */

@@ -89,8 +89,8 @@ fn lock<'a>(p: *mut peftrt_session) -> Result<(&'a peftrt_session, MutexGuard<'a
         Ok(g) => Ok((s, g)),
         Err(TryLockError::WouldBlock) => Err(Fail::new(
             Status::Busy,
-            "the session is in use by another thread; a session is used by one thread at a time \
-             (create one session per thread)",
+            "the session is in use by another call (another thread, or the text callback of this \
+             thread's generation); a session is used by one thread at a time (create one per thread)",
         )),
         Err(TryLockError::Poisoned(_)) => Err(Fail::new(
             Status::Internal,

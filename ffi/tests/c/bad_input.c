@@ -291,6 +291,21 @@ static int count_pieces(const char *text, size_t len, void *user_data) {
     return c->stop_after && c->pieces >= c->stop_after;
 }
 
+/* A callback that calls back into the session generating: refused, not a deadlock. */
+typedef struct {
+    peftrt_session *s;
+    peftrt_status reentered;
+} reenter_ctx;
+
+static int reenter(const char *text, size_t len, void *user_data) {
+    (void)text;
+    (void)len;
+    reenter_ctx *c = user_data;
+    peftrt_token t = 1;
+    c->reentered = peftrt_session_eval(c->s, &t, 1);
+    return 1;
+}
+
 static void test_callback_stops(peftrt_model *m, const peftrt_token *prompt, int32_t n) {
     peftrt_session *s = small_session(m, 128);
     peftrt_sampling_params sp = peftrt_sampling_default_params();
@@ -306,6 +321,9 @@ static void test_callback_stops(peftrt_model *m, const peftrt_token *prompt, int
     counter all = {0, 0};
     EXPECT_STATUS(peftrt_session_generate(s, prompt, 1, &sp, count_pieces, &all, &g), PEFTRT_OK);
     CHECK(all.pieces >= 1 && g.stop == PEFTRT_STOP_MAX_TOKENS && g.n_tokens == 40);
+    reenter_ctx r = {.s = s, .reentered = PEFTRT_OK};
+    EXPECT_STATUS(peftrt_session_generate(s, prompt, 1, &sp, reenter, &r, &g), PEFTRT_OK);
+    CHECK(r.reentered == PEFTRT_ERR_BUSY);
     EXPECT_STATUS(peftrt_session_free(s), PEFTRT_OK);
 }
 
