@@ -3,6 +3,8 @@
 #   PREFIX/lib/libpeftrt.so, PREFIX/lib/libpeftrt.a
 #   PREFIX/include/peftrt.h (C), PREFIX/include/peftrt.hpp (header-only C++17 wrapper)
 #   PREFIX/lib/pkgconfig/peftrt.pc (shared), PREFIX/lib/pkgconfig/peftrt-static.pc (static)
+#   PREFIX/lib/cmake/peftrt/peftrtConfig.cmake and peftrtConfigVersion.cmake
+#     (find_package(peftrt); targets peftrt::peftrt and peftrt::peftrt_static)
 # DESTDIR is honoured (staged installs for packaging).
 #
 # Usage: scripts/install.sh PREFIX [BUILD_DIR]   (BUILD_DIR default target/release; for a
@@ -20,11 +22,15 @@ grep -q "#define PEFTRT_VERSION_STRING \"$version\"" include/peftrt.h ||
     { echo "install: include/peftrt.h does not say version $version (Cargo.toml)" >&2; exit 1; }
 
 dest="${DESTDIR:-}$prefix"
-install -d "$dest/lib/pkgconfig" "$dest/include"
+install -d "$dest/lib/pkgconfig" "$dest/lib/cmake/peftrt" "$dest/include"
 install -m 755 "$build/libpeftrt.so" "$dest/lib/"
 install -m 644 "$build/libpeftrt.a" "$dest/lib/"
 install -m 644 include/peftrt.h examples/cpp/peftrt.hpp "$dest/include/"
 for pc in peftrt peftrt-static; do
     sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" "ffi/$pc.pc.in" >"$dest/lib/pkgconfig/$pc.pc"
+done
+for f in peftrtConfig peftrtConfigVersion; do
+    sed -e "s|@VERSION@|$version|" -e "s|@VERSION_MAJOR_MINOR@|${version%.*}|" "ffi/$f.cmake.in" \
+        >"$dest/lib/cmake/peftrt/$f.cmake"
 done
 echo "installed libpeftrt $version under $dest"

@@ -11,7 +11,9 @@
 #     PEFTRT_REQUIRE_MODELS=1, as `make test` sets);
 #  6. `make install` into a temporary prefix, then an example built with nothing but
 #     `pkg-config --cflags --libs peftrt` (and peftrt-static).
-# Installs valgrind, pkg-config and g++ when missing (Debian/Ubuntu; root or sudo).
+#  7. the installed CMake package config: find_package(peftrt) builds an example, shared and
+#     static.
+# Installs valgrind, pkg-config, g++ and cmake when missing (Debian/Ubuntu; root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ missing=()
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v g++ >/dev/null || missing+=(g++)
+command -v cmake >/dev/null || missing+=(cmake)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     $SUDO apt-get update
@@ -99,6 +102,16 @@ run "$OUT/generate_pc_static" $F/tiny-llama "Hi" 4
 # shellcheck disable=SC2046
 $CXX -std=c++17 -o "$OUT/chat_pc" examples/cpp/chat.cpp $(pkg-config --cflags --libs peftrt)
 echo "hi" | LD_LIBRARY_PATH="$prefix/lib" run "$OUT/chat_pc" $F/tiny-llama >/dev/null
+
+step "find_package(peftrt) with CMake"
+cmake -S ffi/tests/cmake -B "$OUT/cmake" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$OUT/cmake" >/dev/null
+LD_LIBRARY_PATH="$prefix/lib" run "$OUT/cmake/generate_shared" $F/tiny-llama "Hi" 4
+run "$OUT/cmake/generate_static" $F/tiny-llama "Hi" 4
+if ldd "$OUT/cmake/generate_static" | grep -q libpeftrt; then
+    echo "generate_static (CMake) links libpeftrt.so instead of the archive" >&2
+    exit 1
+fi
 
 echo
 echo "test-ffi: all passed"
