@@ -389,6 +389,49 @@ static void test_cancel(peftrt_model *m, const peftrt_token *prompt, int32_t n) 
     EXPECT_STATUS(peftrt_session_free(c.s), PEFTRT_OK);
 }
 
+/* Cancel during a long prompt: the other thread keeps cancelling until the eval returns; one
+   token per forward pass makes the prompt take a few hundred passes, so a cancel lands. */
+typedef struct {
+    peftrt_session *s;
+    atomic_int done;
+    int cancels, failed; /* read after the join */
+} prefill_ctx;
+
+static void *keep_cancelling(void *arg) {
+    prefill_ctx *c = arg;
+    while (!atomic_load(&c->done)) {
+        c->failed |= peftrt_session_cancel(c->s) != PEFTRT_OK;
+        c->cancels++;
+    }
+    return NULL;
+}
+
+static void test_cancel_prefill(peftrt_model *m) {
+    peftrt_model_info info = {.struct_size = sizeof info};
+    peftrt_model_get_info(m, &info);
+    peftrt_session_params p = peftrt_session_default_params();
+    p.n_ctx = info.n_ctx_train < 512 ? info.n_ctx_train : 512;
+    p.n_batch = 1;
+    p.n_threads = 1;
+    prefill_ctx c = {.s = peftrt_session_create(m, &p)};
+    atomic_init(&c.done, 0);
+    peftrt_token *long_prompt = malloc((size_t)p.n_ctx * sizeof *long_prompt);
+    for (int i = 0; i < p.n_ctx; i++) long_prompt[i] = 1 + i % 50;
+    pthread_t th;
+    pthread_create(&th, NULL, keep_cancelling, &c);
+    EXPECT_STATUS(peftrt_session_eval(c.s, long_prompt, p.n_ctx), PEFTRT_ERR_CANCELLED);
+    atomic_store(&c.done, 1);
+    pthread_join(th, NULL);
+    CHECK(c.cancels > 0 && !c.failed);
+    /* As before the call: nothing cached, no logits; then it works. */
+    CHECK(peftrt_session_tokens(c.s, NULL, 0) == 0);
+    CHECK(peftrt_session_logits(c.s, NULL) == NULL);
+    EXPECT_STATUS(peftrt_session_eval(c.s, long_prompt, 8), PEFTRT_OK);
+    CHECK(peftrt_session_tokens(c.s, NULL, 0) == -8);
+    EXPECT_STATUS(peftrt_session_free(c.s), PEFTRT_OK);
+    free(long_prompt);
+}
+
 /* A greedy reply from a fresh session, for the final health check. */
 static int32_t reply(peftrt_model *m, const peftrt_token *prompt, int32_t n, peftrt_token *out) {
     peftrt_session *s = small_session(m, 128);
@@ -429,6 +472,7 @@ int main(int argc, char **argv) {
     test_handles(m);
     test_callback_stops(m, prompt, n);
     test_cancel(m, prompt, n);
+    test_cancel_prefill(m);
     EXPECT_STATUS(peftrt_session_free(s), PEFTRT_OK);
 
     /* Healthy: the same request gives the same reply as before all this. */
