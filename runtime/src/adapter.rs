@@ -261,7 +261,14 @@ impl Adapter {
 
     /// [`Adapter::load`] with options.
     pub fn load_with(dir: &Path, model: &Model, opts: &AdapterOptions) -> Result<Adapter> {
-        let file = AdapterFile::open(dir)?;
+        Self::bind(AdapterFile::open(dir)?, model, opts)
+    }
+
+    /// Binds an adapter file, already read and checked on its own, to `model`. Every error
+    /// from here on means the adapter does not fit this model (another base, architecture or
+    /// shape), which the C API reports apart from unreadable or malformed files.
+    pub fn bind(file: AdapterFile, model: &Model, opts: &AdapterOptions) -> Result<Adapter> {
+        let dir = file.dir.clone();
         let cfg_path = dir.join("adapter_config.json");
         if let Some(fp) = &file.base_fingerprint {
             if let Err(why) = fp.check(&BaseFingerprint::of(model)) {

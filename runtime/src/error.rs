@@ -37,6 +37,12 @@ pub enum Error {
     /// Invalid request: empty prompt, context overflow, invalid UTF-8, bad sampling parameters.
     #[error("{0}")]
     Input(String),
+
+    /// A session's cancel flag was set ([`crate::Session::set_cancel_flag`]) while it evaluated.
+    #[error(
+        "cancelled: a cancel request stopped the evaluation; the session keeps the tokens evaluated before the call"
+    )]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

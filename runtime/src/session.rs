@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{self, MatRef, Weights};
 use crate::model::{Linear, Model};
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Options for [`Session::new`].
@@ -95,6 +96,8 @@ pub struct Session {
     s: Scratch,
     /// Adapters applied unmerged on every projection they target.
     adapters: ActiveAdapters,
+    /// Set by another thread to stop an evaluation between layers.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Session {
@@ -145,6 +148,7 @@ impl Session {
             v_cache: vec![0.0; cache],
             s,
             adapters: Vec::new(),
+            cancel: None,
             model,
         })
     }
@@ -209,26 +213,47 @@ impl Session {
         self.tokens.truncate(n);
     }
 
+    /// Shares a flag that stops evaluation: while it is set, [`Session::eval`] and
+    /// [`Session::eval_all`] (and so [`crate::generate()`]) stop before the next layer and fail
+    /// with [`Error::Cancelled`], leaving the session as it was before that call. Another thread
+    /// sets it; the owner clears it before the next call. `None` removes the flag.
+    pub fn set_cancel_flag(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.cancel = flag;
+    }
+
     /// Logits of the last evaluated token, `[vocab]`.
     pub fn logits(&self) -> &[f32] {
         &self.s.logits
     }
 
     /// Evaluates `tokens` after the cached ones; returns the last token's logits.
+    ///
+    /// On [`Error::Cancelled`] the cached tokens are those before the call, and the logits
+    /// are not meaningful until the next successful evaluation.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         self.check(tokens)?;
+        let start = self.tokens.len();
         for chunk in tokens.chunks(self.n_batch) {
-            self.forward(chunk, Want::Last);
+            if !self.forward(chunk, Want::Last) {
+                self.tokens.truncate(start);
+                return Err(Error::Cancelled);
+            }
         }
         Ok(&self.s.logits)
     }
 
     /// Evaluates `tokens` and appends every position's logits to `out` (`[n, vocab]`, row-major).
+    /// On [`Error::Cancelled`], `out` and the cache are as they were before the call.
     pub fn eval_all(&mut self, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
         self.check(tokens)?;
+        let (start, out_len) = (self.tokens.len(), out.len());
         out.reserve(tokens.len() * self.model.config.vocab_size);
         for chunk in tokens.chunks(self.n_batch) {
-            self.forward(chunk, Want::All(out));
+            if !self.forward(chunk, Want::All(out)) {
+                self.tokens.truncate(start);
+                out.truncate(out_len);
+                return Err(Error::Cancelled);
+            }
         }
         Ok(())
     }
@@ -254,8 +279,11 @@ impl Session {
     }
 
     /// One batch of at most `n_batch` tokens through the network (inputs already checked).
-    fn forward(&mut self, tokens: &[u32], want: Want) {
-        let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, adapters, .. } = self;
+    /// Returns `false` if the cancel flag stopped it (the batch's tokens are then in the history
+    /// but the cache is incomplete: the caller truncates).
+    fn forward(&mut self, tokens: &[u32], want: Want) -> bool {
+        let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, adapters, cancel, .. } = self;
+        let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
         let mut lora = Lora { active: adapters, u: &mut s.lora_u, y: &mut s.lora_y, g: &mut s.lora_g };
         let c = &model.config;
         let n = tokens.len();
@@ -274,6 +302,9 @@ impl Session {
         rope_tables(&model.rope_inv_freq, pos0, n, &mut s.cos, &mut s.sin);
 
         for (li, layer) in model.layers.iter().enumerate() {
+            if cancelled() {
+                return false;
+            }
             // Attention block.
             rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.input_norm, eps);
             let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
@@ -328,6 +359,7 @@ impl Session {
                 s.logits.copy_from_slice(&out[start + (n - 1) * vocab..]);
             }
         }
+        true
     }
 }
 

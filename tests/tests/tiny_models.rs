@@ -139,3 +139,31 @@ fn perplexity_matches_transformers_logits() {
     }
     assert!((w.nll - nll).abs() <= 1e-9 * nll, "{} vs {nll}", w.nll);
 }
+
+/// A set cancel flag stops `eval` and `eval_all` before the next layer with
+/// `Error::Cancelled` and leaves the session as before the call; once cleared, the session
+/// continues as if the cancelled call never happened (issue #5: cancel from another thread).
+#[test]
+fn cancel_flag_stops_eval_and_keeps_the_session() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (m, r) = load("tiny-llama");
+    let tokens = r.tokens("tokens_b");
+    let (head, tail) = tokens.split_at(tokens.len() / 2);
+    let mut plain = session(&m, 4, 1);
+    let mut want = all_logits(&mut plain, head);
+    plain.eval_all(tail, &mut want).unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut s = session(&m, 4, 1);
+    s.set_cancel_flag(Some(flag.clone()));
+    let mut got = Vec::new();
+    s.eval_all(head, &mut got).unwrap();
+    flag.store(true, Ordering::Relaxed);
+    assert!(matches!(s.eval(tail), Err(peftrt::Error::Cancelled)));
+    let mut out = got.clone();
+    assert!(matches!(s.eval_all(tail, &mut out), Err(peftrt::Error::Cancelled)));
+    assert_eq!(out, got, "a cancelled eval_all leaves its output as it was");
+    assert_eq!(s.tokens(), head, "a cancelled eval leaves the cached tokens as they were");
+    flag.store(false, Ordering::Relaxed);
+    s.eval_all(tail, &mut got).unwrap();
+    assert_eq!(got, want, "after a cancel the session continues exactly");
+}

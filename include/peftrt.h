@@ -1,0 +1,342 @@
+/*
+ * peftrt.h — the C API of peftrt: CPU inference of Llama-family models (llama, mistral, qwen2)
+ * with LoRA/DoRA adapters in the Hugging Face PEFT format, applied unmerged and switched per
+ * session.
+ *
+ * Link with libpeftrt (shared or static): `pkg-config --cflags --libs peftrt`.
+ *
+ * Objects
+ *   peftrt_model    an immutable model (memory-mapped weights, tokenizer, chat template).
+ *   peftrt_adapter  a LoRA/DoRA adapter loaded for one model.
+ *   peftrt_session  one conversation: KV cache, activation buffers, thread pool, sampler,
+ *                   active adapters with their scales.
+ *
+ * Threads
+ *   A model and its adapters are read-only once loaded: any number of threads may use them at
+ *   once (tokenize, chat template, create sessions, load more adapters). A session is used by
+ *   one thread at a time; a second thread calling into a session while it is busy gets
+ *   PEFTRT_ERR_BUSY instead of a data race. peftrt_session_cancel() is the exception: any
+ *   thread may call it at any time. Each function below says which rule it follows.
+ *
+ * Lifetimes
+ *   Adapters and sessions keep their model alive, and sessions keep their active adapters
+ *   alive: the free functions may be called in any order. Pointers returned by the library
+ *   (logits, strings) stay valid as long as each function documents.
+ *
+ * Errors
+ *   Functions return a peftrt_status (0 = PEFTRT_OK, negative = error), a handle (NULL on
+ *   error), or for buffer-filling functions a size (see below). After a failure,
+ *   peftrt_last_status() and peftrt_last_error() describe it for the calling thread. Passing
+ *   NULL where a pointer is required, a handle that was already freed (detected while its
+ *   address is not reused), invalid UTF-8 or an out-of-range token id is an error, never a
+ *   crash. Internal errors (Rust panics) are caught at the boundary: PEFTRT_ERR_INTERNAL.
+ *
+ * Buffer-filling functions
+ *   return the number of elements written (>= 0). If the buffer is too small they write
+ *   nothing and return minus the size it needs (so `-n` is the size to allocate). On any other
+ *   error they return PEFTRT_BUFFER_ERROR (INT32_MIN) and set the last status and error.
+ *
+ * Params structs
+ *   start with `struct_size`. Get them from peftrt_*_default_params() (which sets it), then
+ *   change fields: a later library version accepts structs from callers built against this
+ *   header, and fields added later take their defaults. Passing NULL means the defaults.
+ */
+#ifndef PEFTRT_H
+#define PEFTRT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PEFTRT_VERSION_MAJOR 0
+#define PEFTRT_VERSION_MINOR 1
+#define PEFTRT_VERSION_PATCH 0
+#define PEFTRT_VERSION_STRING "0.1.0"
+
+/* Returned by buffer-filling functions on an error other than a short buffer. */
+#define PEFTRT_BUFFER_ERROR INT32_MIN
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct peftrt_model peftrt_model;
+typedef struct peftrt_adapter peftrt_adapter;
+typedef struct peftrt_session peftrt_session;
+
+/* A token id: 0 <= id < the model's vocab_size. */
+typedef int32_t peftrt_token;
+
+typedef enum peftrt_status {
+    PEFTRT_OK = 0,
+    /* A NULL pointer where one is required, invalid UTF-8, a token id or value out of range,
+       a params struct with an unknown struct_size. */
+    PEFTRT_ERR_INVALID_ARGUMENT = -1,
+    /* A handle that is not a live handle of the expected kind (freed already, or not one). */
+    PEFTRT_ERR_INVALID_HANDLE = -2,
+    /* A file or directory is missing or cannot be read. */
+    PEFTRT_ERR_IO = -3,
+    /* A model or adapter file is malformed (config, tensors, JSON). */
+    PEFTRT_ERR_FORMAT = -4,
+    /* The model or adapter uses a feature peftrt does not implement. */
+    PEFTRT_ERR_UNSUPPORTED = -5,
+    /* The adapter does not fit this model: another base model (fingerprint), architecture,
+       shape, or it was loaded for another model handle. */
+    PEFTRT_ERR_ADAPTER_MISMATCH = -6,
+    /* Tokenizer or chat-template failure, or the model was loaded without its tokenizer or
+       has no chat template. */
+    PEFTRT_ERR_TOKENIZER = -7,
+    /* The tokens do not fit in the session's context (n_ctx); reset it or make a larger one. */
+    PEFTRT_ERR_CONTEXT_FULL = -8,
+    /* peftrt_session_cancel() stopped the call; the session keeps the tokens evaluated before
+       the call (generate: before the token being evaluated) and stays usable. */
+    PEFTRT_ERR_CANCELLED = -9,
+    /* The session is in use by another call: another thread, or a text callback calling back
+       into the session it is called from. */
+    PEFTRT_ERR_BUSY = -10,
+    /* A bug in peftrt (a caught panic); the message says where. A session that was in use is
+       unusable afterwards: free it. */
+    PEFTRT_ERR_INTERNAL = -11
+} peftrt_status;
+
+/* Why a generation ended. */
+typedef enum peftrt_stop_reason {
+    PEFTRT_STOP_EOS = 0,          /* the model produced an end-of-sequence token */
+    PEFTRT_STOP_MAX_TOKENS = 1,   /* max_tokens were generated */
+    PEFTRT_STOP_STRING = 2,       /* the text reached one of the stop strings */
+    PEFTRT_STOP_CONTEXT_FULL = 3, /* the session's context is full */
+    PEFTRT_STOP_CALLBACK = 4      /* the text callback returned non-zero */
+} peftrt_stop_reason;
+
+/* ---------------------------------------------------------------- version and errors */
+
+/* The library's version, "MAJOR.MINOR.PATCH" (compare with PEFTRT_VERSION_STRING to check
+   that header and library agree). Static string. Thread-safe. */
+const char *peftrt_version(void);
+
+/* The status of the last failed call on this thread (PEFTRT_OK if none failed yet).
+   Successful calls leave it unchanged. Thread-safe (thread-local). */
+peftrt_status peftrt_last_status(void);
+
+/* A message describing the last failed call on this thread: what was wrong and what to do;
+   "" if none failed yet. Valid until the next failing call on this thread. Thread-safe
+   (thread-local). */
+const char *peftrt_last_error(void);
+
+/* The name of a status code ("PEFTRT_ERR_IO"), or "unknown status". Static string. */
+const char *peftrt_status_str(peftrt_status status);
+
+/* ---------------------------------------------------------------- models */
+
+typedef struct peftrt_model_params {
+    size_t struct_size;  /* sizeof(peftrt_model_params); set by peftrt_model_default_params() */
+    int32_t n_threads;   /* threads of each session of this model whose own n_threads is 0;
+                            0 = every core of the machine */
+    bool populate;       /* read every page of the memory-mapped weights while loading, so the
+                            first request does not wait for the disk; false = pages are read
+                            on first use */
+    bool no_tokenizer;   /* skip tokenizer.json: token ids only (tokenize, detokenize, chat
+                            template and generate then fail); false = load it */
+} peftrt_model_params;
+
+/* Defaults: n_threads 0, populate false, no_tokenizer false. Thread-safe. */
+peftrt_model_params peftrt_model_default_params(void);
+
+/* Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer.json,
+   tokenizer_config.json); F32/F16/BF16 or bitsandbytes NF4 weights. The weights are
+   memory-mapped: the files must not be modified while the model is alive. `params` may be
+   NULL (defaults). Returns NULL on error (PEFTRT_ERR_IO for a missing path). Thread-safe. */
+peftrt_model *peftrt_model_load(const char *path, const peftrt_model_params *params);
+
+/* Releases the caller's handle. Sessions and adapters of the model keep it alive until they
+   are freed. NULL is a no-op (PEFTRT_OK); a freed handle is PEFTRT_ERR_INVALID_HANDLE.
+   Not concurrently with other calls on the same handle. */
+peftrt_status peftrt_model_free(peftrt_model *model);
+
+typedef struct peftrt_model_info {
+    size_t struct_size;        /* in: sizeof(peftrt_model_info) */
+    const char *architecture;  /* "llama", "mistral" or "qwen2"; static string */
+    int32_t vocab_size;        /* token ids are 0 .. vocab_size - 1 */
+    int32_t n_ctx_train;       /* longest context the model was trained for, in tokens */
+    int32_t n_layers;          /* decoder blocks */
+    int32_t hidden_size;       /* model width */
+    peftrt_token bos_token;    /* beginning-of-sequence token, -1 if none */
+    peftrt_token eos_token;    /* first end-of-sequence token, -1 if none */
+    bool has_tokenizer;        /* loaded with its tokenizer */
+    bool has_chat_template;    /* a chat template is present (peftrt_chat_apply_template) */
+} peftrt_model_info;
+
+/* Fills `info` (whose struct_size the caller sets). Thread-safe. */
+peftrt_status peftrt_model_get_info(const peftrt_model *model, peftrt_model_info *info);
+
+/* 1 if `token` ends generation (one of the model's EOS ids), 0 if not, or a negative
+   peftrt_status. Thread-safe. */
+int32_t peftrt_model_is_eos(const peftrt_model *model, peftrt_token token);
+
+/* ---------------------------------------------------------------- text */
+
+/* Tokens of the NUL-terminated UTF-8 `text`; `add_special` adds what the tokenizer adds
+   around a sequence (e.g. BOS). Buffer-filling: returns the number of tokens written to
+   `tokens` (capacity `n_tokens_max`), or -(number needed) when it is too small. Thread-safe. */
+int32_t peftrt_tokenize(const peftrt_model *model, const char *text, bool add_special, peftrt_token *tokens,
+                        int32_t n_tokens_max);
+
+/* Text of `tokens` (special tokens kept unless `skip_special`), written NUL-terminated to
+   `buf` (capacity `buf_size` bytes). Buffer-filling: returns the text's length in bytes
+   without the NUL, or -(length + 1) when `buf_size` is too small. Thread-safe. */
+int32_t peftrt_detokenize(const peftrt_model *model, const peftrt_token *tokens, int32_t n_tokens,
+                          bool skip_special, char *buf, int32_t buf_size);
+
+typedef struct peftrt_chat_message {
+    const char *role;     /* NUL-terminated UTF-8: "system", "user", "assistant", ... */
+    const char *content;  /* NUL-terminated UTF-8 */
+} peftrt_chat_message;
+
+/* Renders `messages` with the model's own chat template, as transformers'
+   apply_chat_template does; `add_generation_prompt` appends the start of the assistant's
+   turn. Written NUL-terminated to `buf`. Buffer-filling like peftrt_detokenize.
+   PEFTRT_ERR_TOKENIZER if the model has no chat template. Thread-safe. */
+int32_t peftrt_chat_apply_template(const peftrt_model *model, const peftrt_chat_message *messages,
+                                   size_t n_messages, bool add_generation_prompt, char *buf, int32_t buf_size);
+
+/* ---------------------------------------------------------------- adapters */
+
+typedef struct peftrt_adapter_params {
+    size_t struct_size;        /* sizeof(peftrt_adapter_params) */
+    bool allow_base_mismatch;  /* load even if the adapter records another base model (its
+                                  output will be wrong; experiments only); false = refuse with
+                                  PEFTRT_ERR_ADAPTER_MISMATCH */
+} peftrt_adapter_params;
+
+/* Defaults: allow_base_mismatch false. Thread-safe. */
+peftrt_adapter_params peftrt_adapter_default_params(void);
+
+/* Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for
+   `model`, checking every tensor against it. `params` may be NULL. Returns NULL on error:
+   PEFTRT_ERR_IO / PEFTRT_ERR_FORMAT / PEFTRT_ERR_UNSUPPORTED for the files themselves,
+   PEFTRT_ERR_ADAPTER_MISMATCH when they do not fit this model. The adapter keeps the model
+   alive. Thread-safe (any number of threads may load adapters for one model). */
+peftrt_adapter *peftrt_adapter_load(const peftrt_model *model, const char *path, const peftrt_adapter_params *params);
+
+/* Releases the caller's handle; sessions using the adapter keep it alive until they stop
+   using it. NULL is a no-op. Not concurrently with other calls on the same handle. */
+peftrt_status peftrt_adapter_free(peftrt_adapter *adapter);
+
+/* ---------------------------------------------------------------- sessions */
+
+typedef struct peftrt_session_params {
+    size_t struct_size;  /* sizeof(peftrt_session_params) */
+    int32_t n_ctx;       /* context (KV cache) in tokens; 0 = the model's n_ctx_train, at most 4096 */
+    int32_t n_batch;     /* most prompt tokens evaluated per forward pass; 0 = 128 */
+    int32_t n_threads;   /* worker threads; 0 = the model params' n_threads */
+} peftrt_session_params;
+
+/* Defaults: all 0. Thread-safe. */
+peftrt_session_params peftrt_session_default_params(void);
+
+/* A new, empty session over `model`: allocates its KV cache and buffers (nothing is
+   allocated per token afterwards) and starts its threads. `params` may be NULL. NULL on
+   error. Thread-safe. */
+peftrt_session *peftrt_session_create(const peftrt_model *model, const peftrt_session_params *params);
+
+/* Frees the session, its cache and threads. NULL is a no-op; PEFTRT_ERR_BUSY while another
+   thread is using it (nothing freed then). */
+peftrt_status peftrt_session_free(peftrt_session *session);
+
+/* Forgets the conversation (cached tokens); adapters and sampler are kept. One thread. */
+peftrt_status peftrt_session_reset(peftrt_session *session);
+
+/* Makes `adapters[0..n)` the active set, `scales[i]` the scale of adapters[i] (1 = as
+   trained, 0 = off; finite). `scales` NULL = all 1. n = 0 deactivates all (adapters may be
+   NULL then). Each adapter must be loaded for this session's model handle, else
+   PEFTRT_ERR_ADAPTER_MISMATCH. The cache is kept: reset to re-read a prompt with the new set.
+   Switching costs microseconds (no weights are copied). One thread. */
+peftrt_status peftrt_session_set_adapters(peftrt_session *session, peftrt_adapter *const *adapters,
+                                          const float *scales, size_t n);
+
+/* Evaluates `tokens` after the cached ones (a prompt, or one sampled token). Afterwards
+   peftrt_session_logits() gives the last token's logits. PEFTRT_ERR_CONTEXT_FULL when they
+   do not fit, PEFTRT_ERR_CANCELLED if cancelled (the cache is then as before the call).
+   One thread; peftrt_session_cancel() from any thread. */
+peftrt_status peftrt_session_eval(peftrt_session *session, const peftrt_token *tokens, int32_t n_tokens);
+
+/* The logits of the last evaluated token, `*n_vocab` (if not NULL) floats. Valid until the
+   next call that evaluates, resets or frees the session. NULL on error (nothing evaluated
+   yet, or the last evaluation was cancelled). One thread. */
+const float *peftrt_session_logits(peftrt_session *session, int32_t *n_vocab);
+
+/* The tokens in the session's cache. Buffer-filling. One thread. */
+int32_t peftrt_session_tokens(peftrt_session *session, peftrt_token *tokens, int32_t n_tokens_max);
+
+typedef struct peftrt_sampling_params {
+    size_t struct_size;        /* sizeof(peftrt_sampling_params) */
+    float temperature;         /* softmax temperature; 0 = greedy (the most likely token) */
+    int32_t top_k;             /* keep the k most likely tokens; 0 = off */
+    float top_p;               /* keep the fewest tokens whose probabilities add up to top_p;
+                                  1 = off; must be in (0, 1] */
+    float min_p;               /* drop tokens less likely than min_p x the most likely; 0 = off */
+    float repetition_penalty;  /* divide positive (multiply negative) logits of tokens seen
+                                  in the last repeat_last_n tokens; 1 = off */
+    int32_t repeat_last_n;     /* tokens the repetition penalty looks back; 0 = all */
+    uint64_t seed;             /* random seed: the same seed gives the same tokens */
+    int32_t max_tokens;        /* most tokens to generate; 0 = until EOS or a full context */
+    const char *const *stop;   /* n_stop NUL-terminated UTF-8 stop strings: generation ends
+                                  when the text contains one (not passed to the callback);
+                                  copied, need not outlive the call; NULL if n_stop is 0 */
+    size_t n_stop;
+    bool ignore_eos;           /* keep generating past end-of-sequence tokens; false = stop */
+} peftrt_sampling_params;
+
+/* Defaults: greedy (temperature 0, top_k 0, top_p 1, min_p 0, repetition_penalty 1,
+   repeat_last_n 64, seed 0), max_tokens 256, no stop strings, ignore_eos false. Thread-safe. */
+peftrt_sampling_params peftrt_sampling_default_params(void);
+
+/* Sets the session's sampler used by peftrt_session_sample() (seeding its random generator
+   anew). A new session samples greedily. One thread. */
+peftrt_status peftrt_session_set_sampling(peftrt_session *session, const peftrt_sampling_params *params);
+
+/* Picks the next token from the last logits with the session's sampler (the repetition
+   penalty looks at the cached tokens). Does not evaluate it: pass it to
+   peftrt_session_eval(). One thread. */
+peftrt_status peftrt_session_sample(peftrt_session *session, peftrt_token *token);
+
+/* Receives generated text: `len` bytes of UTF-8 at `text` (also NUL-terminated; never a
+   partial character, never text that may start a stop string). Return 0 to continue,
+   non-zero to stop generation (PEFTRT_STOP_CALLBACK). Must not throw or longjmp. */
+typedef int (*peftrt_text_callback)(const char *text, size_t len, void *user_data);
+
+typedef struct peftrt_generation {
+    size_t struct_size;      /* in: sizeof(peftrt_generation) */
+    peftrt_token *tokens;    /* in: where to write the generated tokens, or NULL */
+    int32_t n_tokens_max;    /* in: capacity of `tokens` */
+    int32_t n_tokens;        /* out: tokens generated, including a final EOS; if more than
+                                n_tokens_max, only the first n_tokens_max were written */
+    int32_t n_prompt_tokens; /* out: tokens of the prompt evaluated first */
+    peftrt_stop_reason stop; /* out: why it ended */
+    double prefill_ms;       /* out: time evaluating the prompt, milliseconds */
+    double decode_ms;        /* out: time generating, milliseconds */
+} peftrt_generation;
+
+/* Evaluates `prompt` (n_prompt >= 1 tokens) after the cached ones, then samples and
+   evaluates tokens with `params` (NULL = defaults; a sampler of its own, seeded from
+   params->seed), passing text to `on_text` (may be NULL) as it completes. Fills `result`
+   (may be NULL). A callback that stops generation is not an error (PEFTRT_OK, stop =
+   PEFTRT_STOP_CALLBACK). PEFTRT_ERR_CANCELLED if peftrt_session_cancel() stopped it
+   (`result` is then not filled; the text so far was passed to the callback).
+   One thread; peftrt_session_cancel() from any thread. */
+peftrt_status peftrt_session_generate(peftrt_session *session, const peftrt_token *prompt, int32_t n_prompt,
+                                      const peftrt_sampling_params *params, peftrt_text_callback on_text,
+                                      void *user_data, peftrt_generation *result);
+
+/* Asks the peftrt_session_eval() or peftrt_session_generate() running on `session` to stop:
+   it returns PEFTRT_ERR_CANCELLED at the next layer boundary (within one layer's time, also
+   during a long prompt). Each eval/generate call clears the request when it starts, so a
+   cancel with nothing running has no effect. Thread-safe: any thread, at any time while the
+   session is alive. */
+peftrt_status peftrt_session_cancel(peftrt_session *session);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PEFTRT_H */
