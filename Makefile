@@ -5,6 +5,7 @@
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu),
 #                 the C ABI (examples, valgrind, install)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
+#   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
 #   make install  libpeftrt (.so, .a), include/peftrt.h, peftrt.hpp, pkg-config files under PREFIX
 
@@ -34,7 +35,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench fixtures clean
+.PHONY: all build ffi install venv models run test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-trainer fixtures clean
 
 all: build
 
@@ -119,6 +120,11 @@ test: test-rust test-aarch64 test-ffi test-trainer
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench.py --adapters $(SMOLLM2_ADAPTERS)/qkvo-r16 $(SMOLLM2_ADAPTERS)/all-linear-r16 --rounds 5
+
+# The trainer beside transformers + peft, LoRA on SmolLM2-135M, alternating fresh processes
+# (reports/bench-trainer.json); e.g. make bench-trainer BENCH_ARGS="--rounds 5 --steps 8".
+bench-trainer: build-trainer
+	$(TRAINER_ENV) $(PY) scripts/bench_trainer.py $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -17,6 +17,10 @@ use std::sync::Arc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for libtorch's intra-op parallelism (default: libtorch's choice, one per
+    /// physical core, or OMP_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -254,7 +258,12 @@ fn eval_options(a: EvalArgs) -> Result<EvalOptions> {
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        tch::set_num_threads(i32::try_from(n)?);
+    }
+    match cli.command {
         Command::Eval(args) => {
             let r = evaluate(&eval_options(args)?)?;
             println!("{}", serde_json::to_string_pretty(&r.to_json())?);
@@ -272,7 +281,7 @@ fn main() -> Result<()> {
                 eprintln!("\ninterrupt: stopping after this step with a checkpoint (Ctrl-C again to quit now)");
             })?;
             opts.interrupt = Some(flag);
-            eprintln!("training on {}", device_name(opts.device));
+            eprintln!("training on {}, {} CPU threads", device_name(opts.device), tch::get_num_threads());
             let r = train(&opts)?;
             if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
                 eprintln!("{} steps: loss {first:.4} → {last:.4}", r.losses.len());

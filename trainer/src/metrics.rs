@@ -1,6 +1,7 @@
 //! What a run reports while it trains: a JSON Lines file with one record per step (`step`,
-//! `epoch`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, and `eval_loss` on evaluation steps), a
-//! progress bar (step, loss, learning rate, tokens/s, ETA), and the overfitting warning.
+//! `epoch`, `loss`, `lr`, `grad_norm`, the step's speed — `tokens`, `response_tokens`, `step_s`,
+//! `tokens_per_s` —, and `eval_loss` on evaluation steps), a progress bar (step, loss, learning
+//! rate, tokens/s, ETA), and the overfitting warning.
 
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
@@ -15,17 +16,40 @@ pub struct StepMetrics {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
-    /// `None` for steps restored from a checkpoint whose speed is unknown.
-    pub tokens_per_s: Option<f64>,
+    /// `None` for steps restored from a checkpoint, whose speed is unknown.
+    pub speed: Option<StepSpeed>,
     pub eval_loss: Option<f64>,
+}
+
+/// How much one step processed, and in how long.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepSpeed {
+    /// Input tokens of the step's micro-batches, padding excluded.
+    pub tokens: i64,
+    /// Tokens whose prediction is in the loss.
+    pub response_tokens: i64,
+    /// Wall time of the step: batching, forward, backward, clipping, optimiser update (not
+    /// evaluation, checkpoints or the metrics write).
+    pub seconds: f64,
+}
+
+impl StepSpeed {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
 }
 
 impl StepMetrics {
     pub fn to_json(&self) -> Value {
         let mut v = json!({
             "step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr,
-            "grad_norm": self.grad_norm, "tokens_per_s": self.tokens_per_s,
+            "grad_norm": self.grad_norm, "tokens_per_s": self.speed.map(|s| s.tokens_per_s()),
         });
+        if let Some(s) = self.speed {
+            v["tokens"] = json!(s.tokens);
+            v["response_tokens"] = json!(s.response_tokens);
+            v["step_s"] = json!(s.seconds);
+        }
         if let Some(e) = self.eval_loss {
             v["eval_loss"] = json!(e);
         }
@@ -127,15 +151,8 @@ mod tests {
     fn records_are_one_json_object_per_line() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m.jsonl");
-        let s = StepMetrics {
-            step: 1,
-            epoch: 0.5,
-            loss: 2.0,
-            lr: 1e-3,
-            grad_norm: 0.7,
-            tokens_per_s: None,
-            eval_loss: Some(2.5),
-        };
+        let s =
+            StepMetrics { step: 1, epoch: 0.5, loss: 2.0, lr: 1e-3, grad_norm: 0.7, speed: None, eval_loss: Some(2.5) };
         let mut m = MetricsFile::create(&p, std::slice::from_ref(&s)).unwrap();
         m.write(&StepMetrics { step: 2, eval_loss: None, ..s }).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();

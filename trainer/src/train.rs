@@ -14,7 +14,7 @@ use crate::checkpoint::{self, RunState};
 use crate::data::{pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE};
 use crate::error::{Error, Result};
 use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
-use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics};
+use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics, StepSpeed};
 use crate::model::{BaseModel, BaseStorage, Layout};
 use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule};
 use crate::save::{check_output, save_adapter, Provenance};
@@ -500,7 +500,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             loss: state.losses[i],
             lr: state.lrs[i],
             grad_norm: state.grad_norms[i],
-            tokens_per_s: None,
+            speed: None,
             eval_loss: state.eval_losses.iter().find(|(s, _)| *s == i as u64 + 1).map(|&(_, l)| l),
         })
         .collect();
@@ -551,7 +551,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         state.losses.push(loss);
         state.lrs.push(lr);
         state.grad_norms.push(grad_norm);
-        let tokens_per_s = (state.n_tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let speed = StepSpeed {
+            tokens: state.n_tokens - tokens_before,
+            response_tokens: n_targets,
+            seconds: started.elapsed().as_secs_f64(),
+        };
         let eval_loss = if !eval_examples.is_empty() && (state.step % eval_every == 0 || state.step == total_steps) {
             let e = eval_loss(&base.model, &lora, &eval_examples, opts.batch_size, pad)?;
             state.eval_losses.push((state.step, e));
@@ -569,11 +573,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             loss,
             lr,
             grad_norm,
-            tokens_per_s: Some(tokens_per_s),
+            speed: Some(speed),
             eval_loss,
         })?;
         bar.set_position(state.step);
-        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", speed.tokens_per_s()));
 
         let interrupted = opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         let stop = interrupted || opts.stop_after == Some(state.step);

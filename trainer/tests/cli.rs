@@ -44,7 +44,7 @@ fn train_command_writes_adapter_and_metrics() {
         lines.iter().filter(|l| l.get("eval_loss").is_some()).map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(evals, [2, 4]);
     for l in &lines {
-        for k in ["loss", "lr", "grad_norm", "tokens_per_s", "epoch"] {
+        for k in ["loss", "lr", "grad_norm", "tokens_per_s", "tokens", "response_tokens", "step_s", "epoch"] {
             assert!(l[k].is_number(), "{k} in {l}");
         }
     }
