@@ -159,7 +159,8 @@ pub struct BaseModel {
 pub struct Layout {
     /// `[seq, head_dim]`, or `[batch, 1, seq, head_dim]` for per-token positions.
     cos: Tensor,
-    sin: Tensor,
+    /// The same shape: `[-sin, sin]` of the half-angles, the sign of `rotate_half` folded in.
+    signed_sin: Tensor,
     /// `[batch, 1, seq, seq]` bool (true = may attend); `None`: plain causal attention.
     mask: Option<Tensor>,
 }
@@ -275,8 +276,10 @@ impl BaseModel {
                 // In f32 (the LoRA weights' dtype), the sum cast back, as PEFT does.
                 let x = x.f_to_kind(Kind::Float)?;
                 let xd = if train && l.dropout > 0.0 { x.f_dropout(l.dropout, true)? } else { x };
-                let delta = xd.f_linear::<Tensor>(&l.a, None)?.f_linear::<Tensor>(&l.b, None)?;
-                Ok(y.f_add(&delta.f_mul_scalar(l.scale)?)?.f_to_kind(self.kind)?)
+                // The scale applied to the rank-r intermediate, not to the `[.., out]` product:
+                // the same value up to rounding, at r/out of the cost.
+                let delta = xd.f_linear::<Tensor>(&l.a, None)?.f_mul_scalar(l.scale)?.f_linear::<Tensor>(&l.b, None)?;
+                Ok(y.f_add(&delta)?.f_to_kind(self.kind)?)
             }
         }
     }
@@ -290,18 +293,20 @@ impl BaseModel {
         Ok(weight.f_mul(&h.f_to_kind(kind)?)?)
     }
 
-    /// `cos`, `sin` of the rotary angles at `positions` (f32, any shape), with a last axis of
-    /// `head_dim` (the half-angles repeated).
+    /// `cos` and signed `sin` of the rotary angles at `positions` (f32, any shape), with a
+    /// last axis of `head_dim`: `[cos, cos]` and `[-sin, sin]` of the half-angles.
     fn rope_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let freqs = positions.f_unsqueeze(-1)?.f_mul(&self.inv_freq)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
-        Ok((emb.f_cos()?.f_to_kind(self.kind)?, emb.f_sin()?.f_to_kind(self.kind)?))
+        let sin = freqs.f_sin()?;
+        let signed_sin = Tensor::f_cat(&[sin.f_neg()?, sin], -1)?;
+        Ok((emb.f_cos()?.f_to_kind(self.kind)?, signed_sin.f_to_kind(self.kind)?))
     }
 
     /// Every sequence of the batch at positions `0..seq`, causal attention.
     pub fn causal_layout(&self, seq: i64) -> Result<Layout> {
-        let (cos, sin) = self.rope_at(&Tensor::f_arange(seq, (Kind::Float, self.device))?)?;
-        Ok(Layout { cos, sin, mask: None })
+        let (cos, signed_sin) = self.rope_at(&Tensor::f_arange(seq, (Kind::Float, self.device))?)?;
+        Ok(Layout { cos, signed_sin, mask: None })
     }
 
     /// Packed rows: `segments` `[batch, seq]` numbers the examples of each row (−1 for
@@ -311,18 +316,23 @@ impl BaseModel {
     pub fn packed_layout(&self, positions: &Tensor, segments: &Tensor) -> Result<Layout> {
         let positions = positions.f_to(self.device)?.f_to_kind(Kind::Float)?;
         let segments = segments.f_to(self.device)?;
-        let (cos, sin) = self.rope_at(&positions)?;
+        let (cos, signed_sin) = self.rope_at(&positions)?;
         let same = segments.f_unsqueeze(2)?.f_eq_tensor(&segments.f_unsqueeze(1)?)?;
-        Ok(Layout { cos: cos.f_unsqueeze(1)?, sin: sin.f_unsqueeze(1)?, mask: Some(same.f_unsqueeze(1)?) })
+        Ok(Layout {
+            cos: cos.f_unsqueeze(1)?,
+            signed_sin: signed_sin.f_unsqueeze(1)?,
+            mask: Some(same.f_unsqueeze(1)?),
+        })
     }
 
-    /// `x·cos + rotate_half(x)·sin` for `x` `[batch, heads, seq, head_dim]`.
-    fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// `x·cos + rotate_half(x)·sin` for `x` `[batch, heads, seq, head_dim]`, computed as
+    /// `x·cos + [x2, x1]·[-sin, sin]` (the same products: negation is exact).
+    fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
         let half = x.size()[3] / 2;
         let x1 = x.f_narrow(3, 0, half)?;
         let x2 = x.f_narrow(3, half, half)?;
-        let rotated = Tensor::f_cat(&[x2.f_neg()?, x1], 3)?;
-        Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
+        let swapped = Tensor::f_cat(&[x2, x1], 3)?;
+        Ok(x.f_mul(cos)?.f_add(&swapped.f_mul(signed_sin)?)?)
     }
 
     /// Causal self-attention of one block on `x` `[batch, seq, hidden]`.
@@ -335,21 +345,15 @@ impl BaseModel {
         let q = heads(self.project(&b.q_proj, x, lora, train)?, n_heads)?;
         let k = heads(self.project(&b.k_proj, x, lora, train)?, n_kv)?;
         let v = heads(self.project(&b.v_proj, x, lora, train)?, n_kv)?;
-        let q = Self::apply_rope(&q, &layout.cos, &layout.sin)?;
-        let k = Self::apply_rope(&k, &layout.cos, &layout.sin)?;
-        // Grouped-query attention: each kv head serves n_heads / n_kv query heads (repeat_kv).
-        let group = n_heads / n_kv;
-        let (k, v) = if group > 1 {
-            (k.f_repeat_interleave_self_int(group, 1, None)?, v.f_repeat_interleave_self_int(group, 1, None)?)
-        } else {
-            (k, v)
-        };
+        let q = Self::apply_rope(&q, &layout.cos, &layout.signed_sin)?;
+        let k = Self::apply_rope(&k, &layout.cos, &layout.signed_sin)?;
+        // Grouped-query attention: each kv head serves n_heads / n_kv query heads (transformers'
+        // repeat_kv), done inside the attention kernel (`enable_gqa`) instead of copying k and v.
+        let gqa = n_heads != n_kv;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let window = c.sliding_window.map(|w| w as i64).filter(|&w| w < seq);
         let out = match (window, &layout.mask) {
-            (None, None) => {
-                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false)?
-            }
+            (None, None) => Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa)?,
             (window, mask) => {
                 // Key j is visible from query i when j <= i (and i - j < window, mistral), and
                 // in packed rows when both belong to the same example.
@@ -363,7 +367,7 @@ impl BaseModel {
                 if let Some(m) = mask {
                     allowed = allowed.f_logical_and(m)?;
                 }
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, false)?
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, gqa)?
             }
         };
         let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([batch, seq, n_heads * head_dim])?;
@@ -413,11 +417,28 @@ impl BaseModel {
         self.block(b, h, layout, lora, train)
     }
 
-    /// The last norm and the output head: f32 logits `[batch, seq, vocab]` of the last block's
-    /// output.
+    /// The last norm and the output head: f32 logits `[.., vocab]` of the last block's output
+    /// `[.., hidden]` (every position, or only those a loss needs).
     pub fn head(&self, h: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
         let h = self.rms_norm(h, &self.norm)?;
         Ok(self.project(&self.lm_head, &h, lora, train)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// The last block's output `[batch, seq, hidden]` for token ids `[batch, seq]` laid out as
+    /// `layout` says; `dropout_seed` as in [`BaseModel::block_at`].
+    pub fn hidden_seeded(
+        &self,
+        ids: &Tensor,
+        layout: &Layout,
+        lora: &LoraSet,
+        train: bool,
+        dropout_seed: Option<i64>,
+    ) -> Result<Tensor> {
+        let mut h = self.embed(ids)?;
+        for i in 0..self.blocks.len() {
+            h = self.block_at(i, &h, layout, lora, train, dropout_seed)?;
+        }
+        Ok(h)
     }
 
     /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` laid out as `layout`
@@ -430,11 +451,7 @@ impl BaseModel {
         train: bool,
         dropout_seed: Option<i64>,
     ) -> Result<Tensor> {
-        let mut h = self.embed(ids)?;
-        for i in 0..self.blocks.len() {
-            h = self.block_at(i, &h, layout, lora, train, dropout_seed)?;
-        }
-        self.head(&h, lora, train)
+        self.head(&self.hidden_seeded(ids, layout, lora, train, dropout_seed)?, lora, train)
     }
 
     /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` (Int64), every sequence

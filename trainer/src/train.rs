@@ -319,16 +319,31 @@ impl Base {
     }
 }
 
-/// The summed cross-entropy of the labelled positions (`labels` −100 elsewhere).
-fn loss_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let vocab = logits.size()[2];
-    Ok(logits.f_reshape([-1, vocab])?.f_cross_entropy_loss::<Tensor>(
-        &labels.f_reshape([-1])?,
-        None,
-        Reduction::Sum,
-        IGNORE,
-        0.0,
-    )?)
+/// The positions of a batch that carry a loss: `rows` indexes the flattened `[batch * seq]`
+/// positions whose label is not −100, `labels` holds their labels (both on the model's device).
+struct Targets {
+    rows: Tensor,
+    labels: Tensor,
+}
+
+impl Targets {
+    fn of(model: &BaseModel, labels: &Tensor) -> Result<Targets> {
+        // On the CPU, where the batch is built: no device synchronisation for `nonzero`.
+        let labels = labels.f_reshape([-1])?;
+        let rows = labels.f_ne(IGNORE)?.f_nonzero()?.f_reshape([-1])?;
+        Ok(Targets { labels: labels.f_index_select(0, &rows)?.f_to(model.device)?, rows: rows.f_to(model.device)? })
+    }
+}
+
+/// The summed cross-entropy of the labelled positions of the last block's output `h`
+/// `[batch, seq, hidden]`. The final norm and the head run at those positions only: with a
+/// vocabulary of 49152 the head is a fifth of a small model's multiply-adds, and the f32
+/// logits of prompt and padding positions would only be thrown away.
+fn loss_sum(model: &BaseModel, lora: &LoraSet, h: &Tensor, targets: &Targets, train: bool) -> Result<Tensor> {
+    let hidden = h.size()[2];
+    let h = h.f_reshape([-1, hidden])?.f_index_select(0, &targets.rows)?;
+    let logits = model.head(&h, lora, train)?;
+    Ok(logits.f_cross_entropy_loss::<Tensor>(&targets.labels, None, Reduction::Sum, IGNORE, 0.0)?)
 }
 
 /// The layout of a batch: packed rows, or plain sequences from position 0.
@@ -342,8 +357,8 @@ fn layout_of(model: &BaseModel, b: &Batch) -> Result<Layout> {
 /// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
 pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
     let ids = batch.ids.f_to(model.device)?;
-    let logits = model.forward_seeded(&ids, &layout_of(model, batch)?, lora, train, None)?;
-    loss_sum(&logits, &batch.labels.f_to(model.device)?)
+    let h = model.hidden_seeded(&ids, &layout_of(model, batch)?, lora, train, None)?;
+    loss_sum(model, lora, &h, &Targets::of(model, &batch.labels)?, train)
 }
 
 /// Forward and backward of one micro-batch, its loss scaled by `1 / n_targets` (the step's
@@ -362,12 +377,12 @@ fn micro_batch(
     checkpoint: bool,
 ) -> Result<f64> {
     let ids = b.ids.f_to(model.device)?;
-    let labels = b.labels.f_to(model.device)?;
+    let targets = Targets::of(model, &b.labels)?;
     let seed = Some(dropout_seed);
     let layout = layout_of(model, b)?;
     if !checkpoint {
-        let logits = model.forward_seeded(&ids, &layout, lora, true, seed)?;
-        let loss = loss_sum(&logits, &labels)?.f_div_scalar(n_targets as f64)?;
+        let h = model.hidden_seeded(&ids, &layout, lora, true, seed)?;
+        let loss = loss_sum(model, lora, &h, &targets, true)?.f_div_scalar(n_targets as f64)?;
         loss.f_backward()?;
         return Ok(loss.f_double_value(&[])?);
     }
@@ -382,7 +397,7 @@ fn micro_batch(
         Ok(h)
     })?;
     let last = last.f_detach()?.set_requires_grad(true);
-    let loss = loss_sum(&model.head(&last, lora, true)?, &labels)?.f_div_scalar(n_targets as f64)?;
+    let loss = loss_sum(model, lora, &last, &targets, true)?.f_div_scalar(n_targets as f64)?;
     loss.f_backward()?;
     let mut grad = last.grad();
     for (i, input) in inputs.iter().enumerate().rev() {
