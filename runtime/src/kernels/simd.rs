@@ -368,9 +368,19 @@ pub(crate) unsafe fn pack_x(x: &[f32], n: usize, k: usize, nr: usize, cols: Rang
     }
 }
 
+/// Per-thread scratch of [`matmul_rows`] (each buffer grows once, then is reused).
+#[derive(Default)]
+struct TileScratch {
+    /// f16/bf16/NF4 weight rows widened to f32
+    wide: Vec<f32>,
+    /// partial sums between k chunks, `NV` vectors per row
+    acc: Vec<f32>,
+    /// one token tile's results, transposed (`[token][row]`)
+    out: Vec<f32>,
+}
+
 thread_local! {
-    /// Per-thread scratch for f16/bf16 weight rows widened to f32 (grows once, then reused).
-    static WIDE_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static TILE_SCRATCH: std::cell::RefCell<TileScratch> = std::cell::RefCell::new(TileScratch::default());
 }
 
 /// `Y[t, r] = W[r, :] · X[t, :]` for `r` in `rows`, all `n` tokens, reading X packed by
@@ -400,9 +410,7 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
     debug_assert!(xp.len() >= n.div_ceil(nr) * k * nr && rows.end <= m.rows);
     // Take the scratch out of the thread-locals (no allocation): the kernel must not run inside
     // a `with` closure, which would be compiled without this entry point's target features.
-    let mut wide = WIDE_ROWS.with(|w| std::mem::take(&mut *w.borrow_mut()));
-    let mut acc = TILE_ACC.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    let mut out = TILE_OUT.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    let TileScratch { mut wide, mut acc, mut out } = TILE_SCRATCH.with(|t| std::mem::take(&mut *t.borrow_mut()));
     // The rows go in groups of at most ROW_GROUP, so the widened copy stays small (L2-sized)
     // whatever range the caller hands over.
     let mut g0 = rows.start;
@@ -479,9 +487,7 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
             }
         }
     }
-    WIDE_ROWS.with(|w| *w.borrow_mut() = wide);
-    TILE_ACC.with(|a| *a.borrow_mut() = acc);
-    TILE_OUT.with(|o| *o.borrow_mut() = out);
+    TILE_SCRATCH.with(|t| *t.borrow_mut() = TileScratch { wide, acc, out });
 }
 
 /// The most values of k per chunk: a chunk of a packed X tile (`KC_MAX × tile_tokens` f32,
@@ -490,13 +496,6 @@ const KC_MAX: usize = 128;
 
 /// The most weight rows [`matmul_rows`] widens at once (a multiple of every `MR`).
 const ROW_GROUP: usize = 192;
-
-thread_local! {
-    /// Per-thread transposed results of one token tile of [`matmul_rows`] (grows once).
-    static TILE_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Per-thread partial sums of [`matmul_rows`] between k chunks (grows once, then reused).
-    static TILE_ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Which k chunk a micro-kernel call covers: the first starts from zero, the last writes Y.
 #[derive(Clone, Copy)]
