@@ -62,8 +62,10 @@ step "C API results equal the Rust API's"
 PEFTRT_FFI_LIB_DIR="$LIB" $CARGO test --release -p peftrt-ffi --test c_api -- --include-ignored --nocapture
 
 step "valgrind on the tiny fixtures"
+# --fair-sched: valgrind runs one thread at a time, and its default lock can let one thread
+# run a whole eval before another is scheduled; the cancel tests need both to progress.
 VG=(valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite
-    --show-leak-kinds=definite --track-origins=no)
+    --show-leak-kinds=definite --track-origins=no --fair-sched=try)
 run() { echo "+ $*"; "$@"; }
 run "${VG[@]}" "$OUT/bad_input" $F/tiny-llama $F/adapters/llama-qv $F/tiny-llama3-tied
 run "${VG[@]}" "$OUT/generate" $F/tiny-llama "Hello there" 16 >/dev/null
