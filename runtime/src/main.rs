@@ -6,7 +6,7 @@ use peftrt::adapter::{AdapterFile, AdapterOptions};
 use peftrt::gguf::{import, DType, GgufFile, ImportOptions};
 use peftrt::merge::MergeOptions;
 use peftrt::{generate, Adapter, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,6 +37,9 @@ enum Cmd {
     Quantize(QuantizeArgs),
     /// Perplexity of a model (with adapters) over a text file, in sliding windows.
     Perplexity(PerplexityArgs),
+    /// Generate a reply to every request of a JSON Lines file, one after another in one session,
+    /// recording tokens, latency and speed per request.
+    Batch(BatchArgs),
 }
 
 #[derive(Args)]
@@ -201,6 +204,13 @@ struct GenerateArgs {
     /// System message for --chat.
     #[arg(long)]
     system: Option<String>,
+    #[command(flatten)]
+    s: SamplingArgs,
+}
+
+/// Decoding options shared by `generate` and `batch`.
+#[derive(Args)]
+struct SamplingArgs {
     #[arg(long = "max-tokens", default_value_t = 256)]
     max_tokens: usize,
     /// 0 = greedy.
@@ -226,6 +236,38 @@ struct GenerateArgs {
     /// Do not stop at end-of-sequence tokens.
     #[arg(long = "ignore-eos")]
     ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Requests, JSON Lines: {"messages": [{"role": ..., "content": ...}, ...]} (rendered with the
+    /// chat template) or {"prompt": "..."} (plain text); an optional "id" is copied to the output.
+    #[arg(long)]
+    input: PathBuf,
+    /// Results, JSON Lines, one per request in input order (written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    s: SamplingArgs,
 }
 
 #[derive(Args)]
@@ -270,6 +312,7 @@ fn main() {
         Cmd::Merge(a) => cmd_merge(a),
         Cmd::Quantize(a) => cmd_quantize(a),
         Cmd::Perplexity(a) => cmd_perplexity(a),
+        Cmd::Batch(a) => cmd_batch(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -299,18 +342,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&prompt, true)?
     };
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repetition_penalty: a.repeat_penalty,
-        seed: a.seed,
-        max_tokens: a.max_tokens,
-        stop: a.stop,
-        ignore_eos: a.ignore_eos,
-        ..Default::default()
-    };
+    let params = a.s.params();
     let mut sampler = Sampler::new(params, model.config.vocab_size)?;
     let mut out = std::io::stdout().lock();
     let g = generate(&mut session, &tokens, &mut sampler, |text| {
@@ -327,6 +359,114 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         g.stop,
         session.n_threads()
     );
+    Ok(())
+}
+
+/// One request of a `batch` input line: its id and prompt tokens.
+fn batch_request(line: &str, tok: &peftrt::Tokenizer) -> std::result::Result<(serde_json::Value, Vec<u32>), String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
+    let tokens = if let Some(msgs) = v.get("messages") {
+        let msgs = msgs.as_array().ok_or("\"messages\" is not an array")?;
+        let mut parsed = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let field = |k: &str| m.get(k).and_then(|x| x.as_str()).ok_or(format!("a message has no string \"{k}\""));
+            parsed.push(Message::new(field("role")?, field("content")?));
+        }
+        let text = tok.apply_chat_template(&parsed, true).map_err(|e| e.to_string())?;
+        tok.encode(&text, false).map_err(|e| e.to_string())?
+    } else if let Some(p) = v.get("prompt") {
+        tok.encode(p.as_str().ok_or("\"prompt\" is not a string")?, true).map_err(|e| e.to_string())?
+    } else {
+        return Err("no \"messages\" or \"prompt\" field".into());
+    };
+    if tokens.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    Ok((id, tokens))
+}
+
+fn cmd_batch(a: BatchArgs) -> Result<()> {
+    let Loaded { model, mut session, .. } = a.m.load(true)?;
+    let tok = model.tokenizer()?;
+    let input = std::fs::read_to_string(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?;
+    // Parse every request first: a bad line fails the run before any time is spent generating.
+    let mut requests = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r = batch_request(line, tok).map_err(|e| {
+            anyhow::anyhow!(
+                "{} line {}: {e}; each line must be {{\"messages\": [...]}} or {{\"prompt\": \"...\"}}",
+                a.input.display(),
+                i + 1
+            )
+        })?;
+        requests.push(r);
+    }
+    if requests.is_empty() {
+        bail!("{} has no requests", a.input.display());
+    }
+    let params = a.s.params();
+    Sampler::new(params.clone(), model.config.vocab_size)?; // checks the parameters up front
+    let mut lines = String::new();
+    let started = Instant::now();
+    let mut too_long = 0;
+    let progress = std::io::stderr().is_terminal();
+    for (n, (id, tokens)) in requests.iter().enumerate() {
+        if tokens.len() >= session.n_ctx() {
+            // One request that cannot fit must not sink a long batch: it is recorded as failed.
+            too_long += 1;
+            let error = format!(
+                "the prompt has {} tokens; the context holds {} (raise --ctx-size)",
+                tokens.len(),
+                session.n_ctx()
+            );
+            lines.push_str(&serde_json::json!({"id": id, "prompt_tokens": tokens.len(), "error": error}).to_string());
+            lines.push('\n');
+            continue;
+        }
+        session.reset();
+        // A fresh sampler per request: each reply is the same whatever the order of the requests.
+        let mut sampler = Sampler::new(params.clone(), model.config.vocab_size)?;
+        let t = Instant::now();
+        let g = generate(&mut session, tokens, &mut sampler, |_| true)?;
+        let latency = t.elapsed().as_secs_f64();
+        let v = serde_json::json!({
+            "id": id,
+            "text": g.text,
+            "prompt_tokens": g.prompt_tokens,
+            "generated_tokens": g.tokens.len(),
+            "stop": format!("{:?}", g.stop),
+            "latency_ms": latency * 1e3,
+            "prefill_ms": g.prefill_time.as_secs_f64() * 1e3,
+            "decode_ms": g.decode_time.as_secs_f64() * 1e3,
+            "decode_tok_s": g.decode_tok_s(),
+        });
+        lines.push_str(&v.to_string());
+        lines.push('\n');
+        if progress {
+            eprint!("\rbatch: {}/{} requests, {:.0} s", n + 1, requests.len(), started.elapsed().as_secs_f64());
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    eprintln!(
+        "batch: {} requests in {:.1} s; results in {}",
+        requests.len(),
+        started.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    if too_long > 0 {
+        eprintln!(
+            "warning: {too_long} of {} requests did not fit the context of {} tokens; their lines carry an \"error\"",
+            requests.len(),
+            session.n_ctx()
+        );
+    }
+    write_atomic(&a.out, lines.as_bytes())?;
     Ok(())
 }
 
