@@ -186,3 +186,80 @@ fn adapters_on_the_command_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("/nonexistent/adapter"), "{}", text(&out.stderr));
 }
+
+/// `batch` on a temporary JSONL file; returns the process output and the result lines.
+fn batch(lines: &str, extra: &[&str]) -> (Output, Option<Vec<serde_json::Value>>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("requests.jsonl");
+    let out_path = dir.path().join("replies.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    let (i, o, m) = (input.display().to_string(), out_path.display().to_string(), model());
+    let mut args = vec!["batch", "--model", &m, "--input", &i, "--out", &o];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    let results = std::fs::read_to_string(&out_path)
+        .ok()
+        .map(|s| s.lines().map(|l| serde_json::from_str(l).unwrap()).collect());
+    (out, results, dir)
+}
+
+#[test]
+fn batch_replies_equal_generate_per_request() {
+    let requests = concat!(
+        r#"{"id": "chat", "messages": [{"role": "user", "content": "Hello"}]}"#,
+        "\n\n",
+        r#"{"id": 7, "prompt": "The quick brown"}"#,
+        "\n"
+    );
+    let (out, results, _dir) = batch(requests, &["--max-tokens", "8", "--ignore-eos"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let results = results.expect("an output file");
+    assert_eq!(results.len(), 2, "one line per request, blank lines skipped");
+    assert_eq!(results[0]["id"], "chat");
+    assert_eq!(results[1]["id"], 7);
+    for (r, args) in results.iter().zip([
+        &["--chat", "--prompt", "Hello"][..],
+        &["--prompt", "The quick brown"][..],
+    ]) {
+        let m = model();
+        let mut a = vec!["generate", "--model", &m, "--max-tokens", "8", "--ignore-eos"];
+        a.extend_from_slice(args);
+        let g = run(&a);
+        assert!(g.status.success(), "{}", text(&g.stderr));
+        assert_eq!(r["text"].as_str().unwrap(), text(&g.stdout).strip_suffix('\n').unwrap(), "{args:?}");
+        assert_eq!(r["generated_tokens"], 8);
+        assert_eq!(r["stop"], "MaxTokens");
+        for key in ["prompt_tokens", "latency_ms", "prefill_ms", "decode_ms", "decode_tok_s"] {
+            assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {r}");
+        }
+    }
+}
+
+#[test]
+fn batch_refuses_a_bad_line_by_number_and_writes_nothing() {
+    for (line, what) in [
+        ("not json", "not JSON"),
+        (r#"{"id": 1}"#, "no \"messages\" or \"prompt\""),
+        (r#"{"messages": [{"role": "user"}]}"#, "no string \"content\""),
+        (r#"{"prompt": 5}"#, "\"prompt\" is not a string"),
+    ] {
+        let requests = format!("{}\n{line}\n", r#"{"prompt": "fine"}"#);
+        let (out, results, _dir) = batch(&requests, &[]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("requests.jsonl line 2") && err.contains(what), "{line}: {err}");
+        assert!(results.is_none(), "{line}: an output file was left");
+    }
+}
+
+#[test]
+fn batch_records_a_prompt_too_long_for_the_context_and_goes_on() {
+    let long = "word ".repeat(400);
+    let requests = format!("{{\"id\": 1, \"prompt\": \"{long}\"}}\n{{\"id\": 2, \"prompt\": \"Hello\"}}\n");
+    let (out, results, _dir) = batch(&requests, &["--ctx-size", "64", "--max-tokens", "4"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("1 of 2 requests did not fit"), "{}", text(&out.stderr));
+    let results = results.unwrap();
+    assert!(results[0]["error"].as_str().unwrap().contains("context holds 64"), "{}", results[0]);
+    assert!(results[1]["text"].is_string() && results[1].get("error").is_none());
+}
