@@ -5,7 +5,8 @@
 fixture model (a few steps, a few examples), so CI proves that every stage works.
 
 Stages (each one is skipped when a fingerprint of its inputs matches the one stored beside its
-output: the data, the binaries, the settings; so the command is idempotent and cheap to rerun):
+output: the data, the sources of the binaries, the settings; so the command is idempotent and
+cheap to rerun):
 
  1. data      scripts/demo_data.py writes the order-to-JSON task (train/test) and a small
               general instruction set; they are rendered as chat JSONL for the trainer.
@@ -58,6 +59,11 @@ The JSON Schema of the object:
 """
 
 N_SHOTS = 3
+
+# What the binaries do is fixed by their sources: stages fingerprint these rather than the
+# binaries' bytes, which change with every relink (e.g. `cargo test` builds with other features).
+PEFTRT_SRC = [ROOT / "runtime/src", ROOT / "runtime/Cargo.toml", ROOT / "Cargo.lock"]
+TRAINER_SRC = PEFTRT_SRC + [ROOT / "trainer/src", ROOT / "trainer/Cargo.toml"]
 
 
 def log(msg):
@@ -300,7 +306,7 @@ def main():
             f.rename(tmp / f.name)
         (tmp / "adapter").rmdir()
 
-    timed("train", lambda: stage("train", json_adapter, [trainer, base, data], {"args": json_train}, train_json))
+    timed("train", lambda: stage("train", json_adapter, [*TRAINER_SRC, base, data], {"args": json_train}, train_json))
 
     # 3. The second adapter: capital letters.
     caps_adapter = work / "adapter-caps"
@@ -312,14 +318,14 @@ def main():
             f.rename(tmp / f.name)
         (tmp / "adapter").rmdir()
 
-    timed("train_caps", lambda: stage("caps", caps_adapter, [trainer, base, data], {"args": caps_train}, train_caps))
+    timed("train_caps", lambda: stage("caps", caps_adapter, [*TRAINER_SRC, base, data], {"args": caps_train}, train_caps))
 
     # 4. The NF4 base and the merged model.
     nf4 = work / "base-nf4"
-    timed("quantize", lambda: stage("quantize", nf4, [peftrt, base], {},
+    timed("quantize", lambda: stage("quantize", nf4, [*PEFTRT_SRC, base], {},
                                     lambda tmp: sh([peftrt, "quantize", "--model", base, "--out", tmp / "m"])))
     merged = work / "merged"
-    timed("merge", lambda: stage("merge", merged, [peftrt, base, json_adapter], {},
+    timed("merge", lambda: stage("merge", merged, [*PEFTRT_SRC, base, json_adapter], {},
                                  lambda tmp: sh([peftrt, "merge", "--model", base, "--adapter", json_adapter,
                                                  "--out", tmp / "m"])))
 
@@ -345,7 +351,7 @@ def main():
             cmd[cmd.index(None)] = tmp / "results.jsonl"
             sh(cmd)
 
-        timed(f"eval-{i}", lambda: stage(f"eval row {i} ({label})", out, [peftrt, model, req, *adapters],
+        timed(f"eval-{i}", lambda: stage(f"eval row {i} ({label})", out, [*PEFTRT_SRC, model, req, *adapters],
                                          {"max_tokens": max_tokens, "threads": a.threads}, run))
         results[label] = score_rows(read_jsonl(out / "results.jsonl"), tests, schema)
         results[label]["seconds"] = float((out / "seconds").read_text())
@@ -368,7 +374,7 @@ def main():
             with open(tmp / "ppl.json", "w") as f:
                 sh(cmd, stdout=f)
 
-        timed(f"ppl-{name}", lambda: stage(f"perplexity ({name})", out, [peftrt, base, text, *adapters],
+        timed(f"ppl-{name}", lambda: stage(f"perplexity ({name})", out, [*PEFTRT_SRC, base, text, *adapters],
                                            {"ctx": ppl_ctx}, run_ppl))
         ppl[name] = json.loads((out / "ppl.json").read_text())["perplexity"]
 
@@ -386,7 +392,7 @@ def main():
             cmd[cmd.index(None)] = tmp / "results.jsonl"
             sh(cmd)
 
-        timed(f"caps-{name}", lambda: stage(f"caps eval ({name})", out, [peftrt, base, req, *adapters],
+        timed(f"caps-{name}", lambda: stage(f"caps eval ({name})", out, [*PEFTRT_SRC, base, req, *adapters],
                                             {"max_tokens": caps_tokens}, run_caps))
         rs = read_jsonl(out / "results.jsonl")
         caps_rates[name] = sum(is_caps(r.get("text", "")) for r in rs) / len(rs)
