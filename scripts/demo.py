@@ -218,6 +218,8 @@ def main():
     ap.add_argument("--trainer", type=Path, default=ROOT / "target/release/trainer")
     ap.add_argument("--multi-adapter", type=Path, default=ROOT / "target/examples/multi_adapter")
     ap.add_argument("--threads", type=int, default=0, help="threads for peftrt (0: all cores)")
+    ap.add_argument("--qlora", action="store_true",
+                    help="train the JSON adapter on the NF4-quantised base (QLoRA) instead of the float base")
     a = ap.parse_args()
 
     if a.tiny:
@@ -244,6 +246,8 @@ def main():
         caps_train = ["--max-steps", "40", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "4",
                       "--r", "8", "--alpha", "16", "--target", "q_proj,v_proj,o_proj", "--max-seq-len", "256"]
         max_tokens, caps_tokens, ppl_ctx = 192, 64, 512
+    if a.qlora:
+        json_train.append("--qlora")
     base, work, report_dir = base.resolve(), work.resolve(), report_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     schema_path = ROOT / "data/demo/order.schema.json"
