@@ -133,6 +133,7 @@ test-demo: build build-trainer $(MULTI_ADAPTER)
 	$(TRAINER_ENV) $(PY) scripts/demo.py --tiny --multi-adapter $(MULTI_ADAPTER)
 	test -s target/demo-tiny/report/demo.md
 	grep -q "adapter on NF4 base" target/demo-tiny/report/demo.md
+	grep -q "^round 0  A " target/demo-tiny/report/demo.md
 
 test: test-rust test-aarch64 test-ffi test-trainer test-demo
 

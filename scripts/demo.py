@@ -254,12 +254,23 @@ def main():
     schema = json.loads(schema_path.read_text())
     peftrt, trainer = a.peftrt.resolve(), a.trainer.resolve()
     threads = ["--threads", str(a.threads)] if a.threads else []
-    timings = {}
 
-    def timed(name, fn):
-        t = time.time()
-        fn()
-        timings[name] = time.time() - t
+    def train_adapter(tmp, data_file, args):
+        """`trainer train`, its adapter files moved up into the stage's directory."""
+        sh([trainer, "train", "--base", base, "--data", data_file, "--output", tmp / "adapter", "--seed", "7",
+            "--metrics", tmp / "metrics.jsonl", *args])
+        for f in (tmp / "adapter").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "adapter").rmdir()
+
+    def batch_stage(name, out, model, req, adapters, max_tokens, settings):
+        """`peftrt batch` on `req` as a stage; returns its result lines."""
+        def run(tmp):
+            sh([peftrt, "batch", "--model", model, "--input", req, "--out", tmp / "results.jsonl",
+                "--max-tokens", max_tokens, *threads, *(x for ad in adapters for x in ("--adapter", ad))])
+
+        stage(name, out, [*PEFTRT_SRC, model, req, *adapters], settings, run)
+        return read_jsonl(out / "results.jsonl")
 
     # 1. Data.
     data = work / "data"
@@ -294,44 +305,30 @@ def main():
         write_jsonl(tmp / "requests_general.jsonl",
                     [{"id": g["id"], "messages": [{"role": "user", "content": g["instruction"]}]} for g in gtest])
 
-    timed("data", lambda: stage("data", data, [ROOT / "scripts/demo_data.py", schema_path],
-                                {"sizes": sizes, "v": 1, "rules": ENGINEERED_RULES, "short": SHORT_INSTRUCTION},
-                                make_data))
+    stage("data", data, [ROOT / "scripts/demo_data.py", schema_path],
+          {"sizes": sizes, "v": 1, "rules": ENGINEERED_RULES, "short": SHORT_INSTRUCTION}, make_data)
 
     # 2. The JSON adapter.
     json_adapter = work / "adapter-json"
 
-    def train_json(tmp):
-        sh([trainer, "train", "--base", base, "--data", data / "json_train.jsonl", "--output", tmp / "adapter",
-            "--eval-split", "0.04", "--mix-data", data / "general_train.jsonl",
-            "--mix-ratio", "0.1", "--dataset-version", "demo-orders-v1", "--seed", "7",
-            "--metrics", tmp / "metrics.jsonl", *json_train])
-        for f in (tmp / "adapter").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "adapter").rmdir()
-
-    timed("train", lambda: stage("train", json_adapter, [*TRAINER_SRC, base, data], {"args": json_train}, train_json))
+    stage("train", json_adapter, [*TRAINER_SRC, base, data], {"args": json_train},
+          lambda tmp: train_adapter(tmp, data / "json_train.jsonl",
+                                    ["--eval-split", "0.04", "--mix-data", data / "general_train.jsonl",
+                                     "--mix-ratio", "0.1", "--dataset-version", "demo-orders-v1", *json_train]))
 
     # 3. The second adapter: capital letters.
     caps_adapter = work / "adapter-caps"
 
-    def train_caps(tmp):
-        sh([trainer, "train", "--base", base, "--data", data / "caps_train.jsonl", "--output", tmp / "adapter",
-            "--seed", "7", "--quiet", "--metrics", tmp / "metrics.jsonl", *caps_train])
-        for f in (tmp / "adapter").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "adapter").rmdir()
-
-    timed("train_caps", lambda: stage("caps", caps_adapter, [*TRAINER_SRC, base, data], {"args": caps_train}, train_caps))
+    stage("caps", caps_adapter, [*TRAINER_SRC, base, data], {"args": caps_train},
+          lambda tmp: train_adapter(tmp, data / "caps_train.jsonl", ["--quiet", *caps_train]))
 
     # 4. The NF4 base and the merged model.
     nf4 = work / "base-nf4"
-    timed("quantize", lambda: stage("quantize", nf4, [*PEFTRT_SRC, base], {},
-                                    lambda tmp: sh([peftrt, "quantize", "--model", base, "--out", tmp / "m"])))
+    stage("quantize", nf4, [*PEFTRT_SRC, base], {},
+          lambda tmp: sh([peftrt, "quantize", "--model", base, "--out", tmp / "m"]))
     merged = work / "merged"
-    timed("merge", lambda: stage("merge", merged, [*PEFTRT_SRC, base, json_adapter], {},
-                                 lambda tmp: sh([peftrt, "merge", "--model", base, "--adapter", json_adapter,
-                                                 "--out", tmp / "m"])))
+    stage("merge", merged, [*PEFTRT_SRC, base, json_adapter], {},
+          lambda tmp: sh([peftrt, "merge", "--model", base, "--adapter", json_adapter, "--out", tmp / "m"]))
 
     # 5. Evaluation rows.
     rows = [
@@ -345,19 +342,9 @@ def main():
     results = {}
     for i, (label, model, adapters, prompt) in enumerate(rows):
         out = work / f"eval-{i}"
-        req = data / f"requests_{prompt}.jsonl"
-        cmd = [peftrt, "batch", "--model", model, "--input", req, "--out", None, "--max-tokens", max_tokens, *threads]
-        for ad in adapters:
-            cmd += ["--adapter", ad]
-
-        def run(tmp, cmd=cmd):
-            cmd = list(cmd)
-            cmd[cmd.index(None)] = tmp / "results.jsonl"
-            sh(cmd)
-
-        timed(f"eval-{i}", lambda: stage(f"eval row {i} ({label})", out, [*PEFTRT_SRC, model, req, *adapters],
-                                         {"max_tokens": max_tokens, "threads": a.threads}, run))
-        results[label] = score_rows(read_jsonl(out / "results.jsonl"), tests, schema)
+        replies = batch_stage(f"eval row {i} ({label})", out, model, data / f"requests_{prompt}.jsonl", adapters,
+                              max_tokens, {"max_tokens": max_tokens, "threads": a.threads})
+        results[label] = score_rows(replies, tests, schema)
         results[label]["seconds"] = float((out / "seconds").read_text())
 
     # Agreement of the merged and unmerged adapter rows, reply by reply.
@@ -372,33 +359,18 @@ def main():
         out = work / f"ppl-{name}"
 
         def run_ppl(tmp, adapters=adapters):
-            cmd = [peftrt, "perplexity", "--model", base, "--text", text, "--ctx-size", ppl_ctx, "--json", *threads]
-            for ad in adapters:
-                cmd += ["--adapter", ad]
             with open(tmp / "ppl.json", "w") as f:
-                sh(cmd, stdout=f)
+                sh([peftrt, "perplexity", "--model", base, "--text", text, "--ctx-size", ppl_ctx, "--json", *threads,
+                    *(x for ad in adapters for x in ("--adapter", ad))], stdout=f)
 
-        timed(f"ppl-{name}", lambda: stage(f"perplexity ({name})", out, [*PEFTRT_SRC, base, text, *adapters],
-                                           {"ctx": ppl_ctx}, run_ppl))
+        stage(f"perplexity ({name})", out, [*PEFTRT_SRC, base, text, *adapters], {"ctx": ppl_ctx}, run_ppl)
         ppl[name] = json.loads((out / "ppl.json").read_text())["perplexity"]
 
     # The second adapter's metric: the share of general replies in capitals, with and without it.
     caps_rates = {}
     for name, adapters in [("base", []), ("caps adapter", [caps_adapter])]:
-        out = work / f"caps-{name.split()[0]}"
-        req = data / "requests_general.jsonl"
-        cmd = [peftrt, "batch", "--model", base, "--input", req, "--out", None, "--max-tokens", caps_tokens, *threads]
-        for ad in adapters:
-            cmd += ["--adapter", ad]
-
-        def run_caps(tmp, cmd=cmd):
-            cmd = list(cmd)
-            cmd[cmd.index(None)] = tmp / "results.jsonl"
-            sh(cmd)
-
-        timed(f"caps-{name}", lambda: stage(f"caps eval ({name})", out, [*PEFTRT_SRC, base, req, *adapters],
-                                            {"max_tokens": caps_tokens}, run_caps))
-        rs = read_jsonl(out / "results.jsonl")
+        rs = batch_stage(f"caps eval ({name})", work / f"caps-{name.split()[0]}", base,
+                         data / "requests_general.jsonl", adapters, caps_tokens, {"max_tokens": caps_tokens})
         caps_rates[name] = sum(is_caps(r.get("text", "")) for r in rs) / len(rs)
 
     # 7. The C example, switching adapters per request.
@@ -409,7 +381,7 @@ def main():
                             str(max_tokens)], check=True, capture_output=True, text=True)
         c_example = p.stdout
     else:
-        log(f"{a.multi_adapter} is missing: build it with `make demo-example`; skipping the C example")
+        log(f"{a.multi_adapter} is missing: build it with `make target/examples/multi_adapter`; skipping the C example")
 
     # 6. Report.
     report_dir.mkdir(parents=True, exist_ok=True)
