@@ -27,6 +27,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod dropout;
 pub mod error;
 pub mod eval;
 pub mod lora;

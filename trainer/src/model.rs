@@ -10,6 +10,7 @@
 //! [`BaseModel::project`]. With `--qlora` the projections are kept as NF4 codes (the runtime's
 //! quantiser, the bytes bitsandbytes would write) and dequantised one layer at a time.
 
+use crate::dropout::DropoutStream;
 use crate::error::{Error, Result};
 use crate::lora::LoraSet;
 use peftrt::config::ModelConfig;
@@ -152,6 +153,8 @@ pub struct BaseModel {
     lm_head: BaseLinear,
     /// `[head_dim / 2]` rotary inverse frequencies, scaling applied (the runtime's values).
     inv_freq: Tensor,
+    /// The keys of the LoRA dropout masks on a CPU (see [`crate::dropout`]).
+    dropout: DropoutStream,
 }
 
 /// Where the tokens of a batch sit: their rotary tables and, for packed rows, which keys each
@@ -254,6 +257,7 @@ impl BaseModel {
             embed_tokens,
             blocks,
             lm_head,
+            dropout: DropoutStream::default(),
         })
     }
 
@@ -275,7 +279,11 @@ impl BaseModel {
             Some(l) => {
                 // In f32 (the LoRA weights' dtype), the sum cast back, as PEFT does.
                 let x = x.f_to_kind(Kind::Float)?;
-                let xd = if train && l.dropout > 0.0 { x.f_dropout(l.dropout, true)? } else { x };
+                let xd = match (train && l.dropout > 0.0, self.device) {
+                    (false, _) => x,
+                    (true, Device::Cpu) => self.dropout.apply(&x, l.dropout)?,
+                    (true, _) => x.f_dropout(l.dropout, true)?,
+                };
                 // The scale applied to the rank-r intermediate, not to the `[.., out]` product:
                 // the same value up to rounding, at r/out of the cost.
                 let delta = xd.f_linear::<Tensor>(&l.a, None)?.f_mul_scalar(l.scale)?.f_linear::<Tensor>(&l.b, None)?;
@@ -398,9 +406,9 @@ impl BaseModel {
         self.blocks.len()
     }
 
-    /// Decoder block `i` on `h` `[batch, seq, hidden]`. With `dropout_seed`, libtorch's generator
-    /// is reseeded with `dropout_seed + i` first, so that a recomputation of the block (gradient
-    /// checkpointing) draws the same dropout masks.
+    /// Decoder block `i` on `h` `[batch, seq, hidden]`. With `dropout_seed`, the dropout masks
+    /// are reseeded with `dropout_seed + i` first (the CPU's mask keys, libtorch's generator on
+    /// CUDA), so that a recomputation of the block (gradient checkpointing) draws the same masks.
     pub fn block_at(
         &self,
         i: usize,
@@ -411,7 +419,12 @@ impl BaseModel {
         dropout_seed: Option<i64>,
     ) -> Result<Tensor> {
         if let (true, Some(seed)) = (train, dropout_seed) {
-            tch::manual_seed(seed.wrapping_add(i as i64));
+            let seed = seed.wrapping_add(i as i64);
+            if self.device == Device::Cpu {
+                self.dropout.reseed(seed as u64);
+            } else {
+                tch::manual_seed(seed);
+            }
         }
         let b = self.blocks.get(i).ok_or_else(|| Error::Input(format!("block {i} of {}", self.blocks.len())))?;
         self.block(b, h, layout, lora, train)

@@ -5,9 +5,10 @@
 //! a step is the mean over all response tokens of its micro-batches (the sum of token losses
 //! divided by their count, as transformers' Trainer does with `num_items_in_batch`). The
 //! micro-batch stream runs through the epochs: micro-batch `m` is batch `m % per_epoch` of
-//! epoch `m / per_epoch`, whose order is a permutation seeded by (`seed`, epoch). Dropout draws
-//! from libtorch's generator reseeded with (`seed`, step, micro-batch, block) before each block. A run is therefore a
-//! function of its options alone: CPU runs are bit-reproducible, and a run resumed at step `k`
+//! epoch `m / per_epoch`, whose order is a permutation seeded by (`seed`, epoch). Dropout masks
+//! are reseeded with (`seed`, step, micro-batch, block) before each block ([`crate::dropout`]'s
+//! keys on a CPU, libtorch's generator on CUDA). A run is therefore a function of its options
+//! alone: CPU runs are bit-reproducible, and a run resumed at step `k`
 //! continues exactly as the uninterrupted one.
 
 use crate::checkpoint::{self, RunState};
