@@ -59,6 +59,17 @@ The JSON Schema of the object:
 """
 
 N_SHOTS = 3
+# The share of each training epoch drawn from the self-rehearsal data.
+MIX_RATIO = 0.2
+# Prose requests for self-rehearsal (answered by the base model itself).
+REHEARSAL_TOPICS = ("the history of bread", "how rivers shape valleys", "why the sky is blue", "a day at a harbour",
+                    "how bees make honey", "the invention of the printing press", "a walk through a forest in autumn",
+                    "how a bicycle works", "the life of a lighthouse keeper", "why leaves change colour",
+                    "the water cycle", "an old library", "how tides work", "a small mountain village",
+                    "the first trains", "how plants grow from seeds", "a storm at sea", "the moon's phases",
+                    "a market on a summer morning", "how clocks keep time", "a letter to a friend about winter",
+                    "the importance of sleep", "how volcanoes form", "a garden after rain")
+REHEARSAL_FORMS = ("Write a short paragraph about {}.", "Tell me about {} in a few sentences.")
 
 # What the binaries do is fixed by their sources: stages fingerprint these rather than the
 # binaries' bytes, which change with every relink (e.g. `cargo test` builds with other features).
@@ -218,8 +229,9 @@ def main():
     ap.add_argument("--trainer", type=Path, default=ROOT / "target/release/trainer")
     ap.add_argument("--multi-adapter", type=Path, default=ROOT / "target/examples/multi_adapter")
     ap.add_argument("--threads", type=int, default=0, help="threads for peftrt (0: all cores)")
-    ap.add_argument("--qlora", action="store_true",
-                    help="train the JSON adapter on the NF4-quantised base (QLoRA) instead of the float base")
+    ap.add_argument("--train-on", choices=["nf4", "float"], default="nf4",
+                    help="the base the JSON adapter trains on: NF4 (QLoRA, the base the headline row serves; "
+                         "default) or float (plain LoRA)")
     a = ap.parse_args()
 
     if a.tiny:
@@ -230,6 +242,7 @@ def main():
         json_train = ["--max-steps", "3", "--batch-size", "2", "--eval-every", "3", "--max-seq-len", "256"]
         caps_train = ["--max-steps", "2", "--batch-size", "2", "--max-seq-len", "128"]
         max_tokens, caps_tokens, ppl_ctx = 24, 16, 128
+        rehearsal = dict(prose=4, general=8, max_tokens=16)
     else:
         base = a.base or ROOT / "models/smollm2-135m-instruct"
         work = a.work or ROOT / "runs/demo"
@@ -238,15 +251,16 @@ def main():
         # One epoch over the task plus the mixed-in general data must fit the 10-minute budget
         # of a 2-core machine (~160k tokens). LoRA on the top 10 of 30 layers (all their linear
         # layers, r=16): the backward pass stops at layer 20, which makes a step ~1.9x cheaper
-        # than adapting every layer.
+        # than adapting every layer. Batches of similar lengths (--group-by-length) pad less.
         json_train = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "10",
                       "--r", "16", "--alpha", "32", "--dropout", "0.05", "--target", "all-linear",
                       "--layers", ",".join(str(i) for i in range(20, 30)),
-                      "--max-seq-len", "512", "--eval-every", "50"]
+                      "--max-seq-len", "512", "--eval-every", "50", "--group-by-length"]
         caps_train = ["--max-steps", "40", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "4",
                       "--r", "8", "--alpha", "16", "--target", "q_proj,v_proj,o_proj", "--max-seq-len", "256"]
         max_tokens, caps_tokens, ppl_ctx = 192, 64, 512
-    if a.qlora:
+        rehearsal = dict(prose=len(REHEARSAL_TOPICS) * len(REHEARSAL_FORMS), general=160, max_tokens=128)
+    if a.train_on == "nf4":
         json_train.append("--qlora")
     base, work, report_dir = base.resolve(), work.resolve(), report_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -295,7 +309,6 @@ def main():
             {"messages": [{"role": "user", "content": g["instruction"]}, {"role": "assistant", "content": caps(g["response"])}]}
             for g in general])
         test = read_jsonl(raw / "test.jsonl")
-        test = read_jsonl(raw / "test.jsonl")
         shots = train[:N_SHOTS]
         for name, make in [("short", lambda d: short_messages(d)),
                            ("engineered", lambda d: engineered_messages(d, schema, shots))]:
@@ -308,29 +321,56 @@ def main():
     stage("data", data, [ROOT / "scripts/demo_data.py", schema_path],
           {"sizes": sizes, "v": 1, "rules": ENGINEERED_RULES, "short": SHORT_INSTRUCTION}, make_data)
 
-    # 2. The JSON adapter.
+    # 2. The NF4 base.
+    nf4 = work / "base-nf4"
+    stage("quantize", nf4, [*PEFTRT_SRC, base], {},
+          lambda tmp: sh([peftrt, "quantize", "--model", base, "--out", tmp / "m"]))
+    train_base = nf4 / "m" if a.train_on == "nf4" else base
+
+    # 3. Self-rehearsal data against forgetting: the base the adapter trains on answers general
+    # instructions and writes short prose, sampled at temperature 1 (its own distribution). Mixed
+    # into training, these replies pull the adapter back towards what the base already does
+    # wherever the task does not need a change.
+    mix = work / "rehearsal"
+
+    def make_rehearsal(tmp):
+        general = read_jsonl(data / "raw/general_train.jsonl")[:rehearsal["general"]]
+        prompts = [f.format(t) for t in REHEARSAL_TOPICS for f in REHEARSAL_FORMS][:rehearsal["prose"]]
+        prompts += [g["instruction"] for g in general]
+        write_jsonl(tmp / "requests.jsonl", [{"id": i, "messages": [{"role": "user", "content": p}]}
+                                             for i, p in enumerate(prompts)])
+        sh([peftrt, "batch", "--model", train_base, "--input", tmp / "requests.jsonl", "--out",
+            tmp / "results.jsonl", "--max-tokens", rehearsal["max_tokens"], "--temperature", "1", "--seed", "7",
+            *threads])
+        replies = read_jsonl(tmp / "results.jsonl")
+        write_jsonl(tmp / "mix.jsonl", [
+            {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r["text"].strip()}]}
+            for p, r in zip(prompts, replies) if r.get("text", "").strip()])
+
+    stage("rehearsal", mix, [*PEFTRT_SRC, train_base, data / "raw/general_train.jsonl"],
+          {"rehearsal": rehearsal, "topics": REHEARSAL_TOPICS, "forms": REHEARSAL_FORMS}, make_rehearsal)
+
+    # 4. The JSON adapter.
     json_adapter = work / "adapter-json"
 
-    stage("train", json_adapter, [*TRAINER_SRC, base, data], {"args": json_train},
+    stage("train", json_adapter, [*TRAINER_SRC, base, data, mix / "mix.jsonl"], {"args": json_train},
           lambda tmp: train_adapter(tmp, data / "json_train.jsonl",
-                                    ["--eval-split", "0.04", "--mix-data", data / "general_train.jsonl",
-                                     "--mix-ratio", "0.1", "--dataset-version", "demo-orders-v1", *json_train]))
+                                    ["--eval-split", "0.04", "--mix-data", mix / "mix.jsonl",
+                                     "--mix-ratio", str(MIX_RATIO), "--dataset-version", "demo-orders-v1",
+                                     *json_train]))
 
-    # 3. The second adapter: capital letters.
+    # 5. The second adapter: capital letters.
     caps_adapter = work / "adapter-caps"
 
     stage("caps", caps_adapter, [*TRAINER_SRC, base, data], {"args": caps_train},
           lambda tmp: train_adapter(tmp, data / "caps_train.jsonl", ["--quiet", *caps_train]))
 
-    # 4. The NF4 base and the merged model.
-    nf4 = work / "base-nf4"
-    stage("quantize", nf4, [*PEFTRT_SRC, base], {},
-          lambda tmp: sh([peftrt, "quantize", "--model", base, "--out", tmp / "m"]))
+    # 6. The merged model.
     merged = work / "merged"
     stage("merge", merged, [*PEFTRT_SRC, base, json_adapter], {},
           lambda tmp: sh([peftrt, "merge", "--model", base, "--adapter", json_adapter, "--out", tmp / "m"]))
 
-    # 5. Evaluation rows.
+    # 7. Evaluation rows.
     rows = [
         ("base, short instruction", base, [], "short"),
         ("base, engineered prompt (rules + schema + 3 examples)", base, [], "engineered"),
@@ -352,19 +392,21 @@ def main():
     r_merged = read_jsonl(work / "eval-4/results.jsonl")
     same_replies = sum(x.get("text") == y.get("text") for x, y in zip(r_float, r_merged)) / len(r_float)
 
-    # Forgetting: perplexity on a general text, with and without the adapter.
+    # Forgetting: perplexity on a general text, with and without the adapter, on both bases.
     ppl = {}
     text = ROOT / "data/public-domain.txt"
-    for name, adapters in [("base", []), ("adapter", [json_adapter])]:
-        out = work / f"ppl-{name}"
+    for base_name, model in [("float", base), ("nf4", nf4 / "m")]:
+        for name, adapters in [("base", []), ("adapter", [json_adapter])]:
+            out = work / (f"ppl-{name}" if base_name == "float" else f"ppl-nf4-{name}")
 
-        def run_ppl(tmp, adapters=adapters):
-            with open(tmp / "ppl.json", "w") as f:
-                sh([peftrt, "perplexity", "--model", base, "--text", text, "--ctx-size", ppl_ctx, "--json", *threads,
-                    *(x for ad in adapters for x in ("--adapter", ad))], stdout=f)
+            def run_ppl(tmp, model=model, adapters=adapters):
+                with open(tmp / "ppl.json", "w") as f:
+                    sh([peftrt, "perplexity", "--model", model, "--text", text, "--ctx-size", ppl_ctx, "--json",
+                        *threads, *(x for ad in adapters for x in ("--adapter", ad))], stdout=f)
 
-        stage(f"perplexity ({name})", out, [*PEFTRT_SRC, base, text, *adapters], {"ctx": ppl_ctx}, run_ppl)
-        ppl[name] = json.loads((out / "ppl.json").read_text())["perplexity"]
+            stage(f"perplexity ({base_name} {name})", out, [*PEFTRT_SRC, model, text, *adapters], {"ctx": ppl_ctx},
+                  run_ppl)
+            ppl.setdefault(base_name, {})[name] = json.loads((out / "ppl.json").read_text())["perplexity"]
 
     # The second adapter's metric: the share of general replies in capitals, with and without it.
     caps_rates = {}
@@ -373,7 +415,7 @@ def main():
                          data / "requests_general.jsonl", adapters, caps_tokens, {"max_tokens": caps_tokens})
         caps_rates[name] = sum(is_caps(r.get("text", "")) for r in rs) / len(rs)
 
-    # 7. The C example, switching adapters per request.
+    # 8. The C example, switching adapters per request.
     c_example = None
     if a.multi_adapter.exists():
         prompt = f"{SHORT_INSTRUCTION}\n\n{tests[0]['description']}"
@@ -383,24 +425,27 @@ def main():
     else:
         log(f"{a.multi_adapter} is missing: build it with `make target/examples/multi_adapter`; skipping the C example")
 
-    # 6. Report.
+    # 9. Report.
     report_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "base": str(base.relative_to(ROOT) if base.is_relative_to(ROOT) else base),
         "tiny": a.tiny,
         "sizes": sizes,
         "json_train_args": json_train,
+        "train_on": a.train_on,
+        "mix_ratio": MIX_RATIO,
+        "rehearsal": rehearsal,
         "caps_train_args": caps_train,
         "max_tokens": max_tokens,
         "rows": results,
         "merged_vs_unmerged_same_reply_rate": same_replies,
         "perplexity": ppl,
-        "perplexity_rise": ppl["adapter"] / ppl["base"] - 1,
+        "perplexity_rise": {k: v["adapter"] / v["base"] - 1 for k, v in ppl.items()},
         "caps_rate": caps_rates,
         "train_metrics": read_jsonl(json_adapter / "metrics.jsonl"),
         "stage_seconds": {k: float((work / d / "seconds").read_text())
                           for k, d in [("train", "adapter-json"), ("train_caps", "adapter-caps"),
-                                       ("quantize", "base-nf4"), ("merge", "merged")]},
+                                       ("quantize", "base-nf4"), ("merge", "merged"), ("rehearsal", "rehearsal")]},
     }
     shutil.copy(json_adapter / "loss_curve.png", report_dir / "demo-loss.png")
     write_report(report_dir, summary, c_example)
@@ -434,8 +479,10 @@ def write_report(report_dir, s, c_example):
         ("≥ 5× fewer prompt tokens than the engineered prompt", ratio >= 5, f"{ratio:.1f}×"),
         ("merged and unmerged rows agree", s["merged_vs_unmerged_same_reply_rate"] == 1.0,
          f"{pct(s['merged_vs_unmerged_same_reply_rate'])} of replies identical"),
-        ("general perplexity rises ≤ 5%", s["perplexity_rise"] <= 0.05,
-         f"{s['perplexity']['base']:.3f} → {s['perplexity']['adapter']:.3f} ({100 * s['perplexity_rise']:+.1f}%)"),
+        *[(f"general perplexity rises ≤ 5% ({'NF4' if k == 'nf4' else 'float'} base"
+           f"{', the base it trained on' if k == s['train_on'] else ''})", s["perplexity_rise"][k] <= 0.05,
+           f"{v['base']:.3f} → {v['adapter']:.3f} ({100 * s['perplexity_rise'][k]:+.1f}%)")
+          for k, v in s["perplexity"].items()],
     ]
     md = [
         "# The demo: SmolLM2-135M-Instruct specialised for nested JSON" if not s["tiny"]
@@ -445,7 +492,7 @@ def write_report(report_dir, s, c_example):
         "",
         f"Base: `{s['base']}`. Data: scripts/demo_data.py, seed 1234: {s['sizes']['train']} training and "
         f"{s['sizes']['test']} held-out order requests (names, streets, cities and some phrasings only in the "
-        f"test split), {s['sizes']['general_train']} general instructions mixed in. "
+        f"test split). "
         f"Greedy decoding, at most {s['max_tokens']} new tokens for every row; 2 CPU threads.",
         "",
         table,
@@ -462,8 +509,13 @@ def write_report(report_dir, s, c_example):
         "",
         "## Training",
         "",
-        f"`trainer train {' '.join(s['json_train_args'])}` with `--mix-data` (ratio 0.1): "
+        f"`trainer train {' '.join(s['json_train_args'])}` on the {'NF4 (QLoRA)' if s['train_on'] == 'nf4' else 'float'} "
+        f"base, with `--mix-data` (ratio {s['mix_ratio']}): "
         f"{s['stage_seconds']['train']:.0f} s on this machine.",
+        "",
+        f"Mixed in against forgetting (self-rehearsal): {s['rehearsal']['prose']} prose requests and "
+        f"{s['rehearsal']['general']} general instructions answered by that base itself, sampled at temperature 1 "
+        f"(at most {s['rehearsal']['max_tokens']} tokens; {s['stage_seconds']['rehearsal']:.0f} s).",
         "",
     ]
     if evals:

@@ -197,9 +197,8 @@ fn batch(lines: &str, extra: &[&str]) -> (Output, Option<Vec<serde_json::Value>>
     let mut args = vec!["batch", "--model", &m, "--input", &i, "--out", &o];
     args.extend_from_slice(extra);
     let out = run(&args);
-    let results = std::fs::read_to_string(&out_path)
-        .ok()
-        .map(|s| s.lines().map(|l| serde_json::from_str(l).unwrap()).collect());
+    let results =
+        std::fs::read_to_string(&out_path).ok().map(|s| s.lines().map(|l| serde_json::from_str(l).unwrap()).collect());
     (out, results, dir)
 }
 
@@ -217,10 +216,7 @@ fn batch_replies_equal_generate_per_request() {
     assert_eq!(results.len(), 2, "one line per request, blank lines skipped");
     assert_eq!(results[0]["id"], "chat");
     assert_eq!(results[1]["id"], 7);
-    for (r, args) in results.iter().zip([
-        &["--chat", "--prompt", "Hello"][..],
-        &["--prompt", "The quick brown"][..],
-    ]) {
+    for (r, args) in results.iter().zip([&["--chat", "--prompt", "Hello"][..], &["--prompt", "The quick brown"][..]]) {
         let m = model();
         let mut a = vec!["generate", "--model", &m, "--max-tokens", "8", "--ignore-eos"];
         a.extend_from_slice(args);

@@ -437,6 +437,27 @@ pub fn pack_rows(order: &[usize], lens: &[usize], max_len: usize) -> Vec<Vec<usi
     rows
 }
 
+/// Rows of similar length batched together (transformers' `group_by_length`): the rows, in
+/// their (shuffled) order, are cut into windows of `GROUP_WINDOW` batches; each window is
+/// sorted by length, longest first, and cut into batches of `batch_size`; then the batches of
+/// the epoch are shuffled with `seed`. Every row is kept exactly once, and a batch pads to a
+/// length close to each of its rows' instead of to the longest of a random draw.
+pub fn group_by_length(rows: Vec<Vec<usize>>, lens: &[usize], batch_size: usize, seed: u64) -> Vec<Vec<Vec<usize>>> {
+    let row_len = |r: &Vec<usize>| r.iter().map(|&i| lens[i]).sum::<usize>();
+    let mut batches: Vec<Vec<Vec<usize>>> = Vec::new();
+    for window in rows.chunks(batch_size * GROUP_WINDOW) {
+        let mut window = window.to_vec();
+        // Stable: rows of equal length keep their shuffled order.
+        window.sort_by_key(|r| std::cmp::Reverse(row_len(r)));
+        batches.extend(window.chunks(batch_size).map(<[_]>::to_vec));
+    }
+    SplitMix64::new(seed ^ 0x6c65_6e67_7468).shuffle(&mut batches);
+    batches
+}
+
+/// Batches per sorting window of [`group_by_length`].
+pub const GROUP_WINDOW: usize = 32;
+
 /// A small, fixed pseudo-random generator (SplitMix64) for shuffling: the order depends only
 /// on the seed, on every platform and in every version.
 pub struct SplitMix64(u64);
@@ -563,6 +584,27 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
         assert_eq!(EpochPlan::plain(5).order(7, 0, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn length_groups_keep_every_row_once_and_pad_less() {
+        let mut rng = SplitMix64::new(5);
+        let lens: Vec<usize> = (0..1000).map(|_| 20 + rng.below(400) as usize).collect();
+        let rows: Vec<Vec<usize>> = (0..1000).map(|i| vec![i]).collect();
+        let padded = |batches: &[Vec<Vec<usize>>]| -> usize {
+            batches.iter().map(|b| b.len() * b.iter().map(|r| lens[r[0]]).max().unwrap()).sum()
+        };
+        let plain: Vec<Vec<Vec<usize>>> = rows.chunks(4).map(<[_]>::to_vec).collect();
+        let grouped = group_by_length(rows.clone(), &lens, 4, 9);
+        let mut seen: Vec<usize> = grouped.iter().flatten().map(|r| r[0]).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        assert!(grouped.iter().all(|b| b.len() == 4));
+        let real: usize = lens.iter().sum();
+        assert!(padded(&grouped) - real < (padded(&plain) - real) / 5, "grouping must cut padding");
+        // A function of the seed; the batch order changes with it.
+        assert_eq!(grouped, group_by_length(rows.clone(), &lens, 4, 9));
+        assert_ne!(grouped, group_by_length(rows, &lens, 4, 10));
     }
 
     #[test]

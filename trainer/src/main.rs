@@ -192,6 +192,10 @@ struct TrainArgs {
     /// examples); --batch-size then counts rows.
     #[arg(long)]
     pack: bool,
+    /// Batch examples of similar length together (shuffled windows sorted by length, then the
+    /// batches shuffled): less padding per step.
+    #[arg(long)]
+    group_by_length: bool,
 }
 
 fn train_options(a: TrainArgs) -> Result<TrainOptions> {
@@ -239,6 +243,7 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.mix_ratio = a.mix_ratio;
     o.grad_checkpoint = a.grad_checkpoint;
     o.pack = a.pack;
+    o.group_by_length = a.group_by_length;
     Ok(o)
 }
 

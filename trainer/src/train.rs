@@ -12,7 +12,9 @@
 //! continues exactly as the uninterrupted one.
 
 use crate::checkpoint::{self, RunState};
-use crate::data::{pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE};
+use crate::data::{
+    group_by_length, pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE,
+};
 use crate::error::{Error, Result};
 use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
 use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics, StepSpeed};
@@ -120,6 +122,8 @@ pub struct TrainOptions {
     /// Pack several examples into each row of up to `max_seq_len` tokens (each still attends
     /// only to itself, positions restarting at 0); `batch_size` counts rows.
     pub pack: bool,
+    /// Batch rows of similar length together (less padding; see [`group_by_length`]).
+    pub group_by_length: bool,
 }
 
 /// The micro-batches of a run, epoch after epoch: each a list of rows, each row the indices of
@@ -141,7 +145,12 @@ impl Stream<'_> {
             } else {
                 order.iter().map(|&i| vec![i]).collect()
             };
-            self.epochs.push(rows.chunks(o.batch_size).map(<[_]>::to_vec).collect());
+            let epoch = self.epochs.len() as u64;
+            self.epochs.push(if o.group_by_length {
+                group_by_length(rows, &self.lens, o.batch_size, o.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            } else {
+                rows.chunks(o.batch_size).map(<[_]>::to_vec).collect()
+            });
         }
         &self.epochs[e]
     }
@@ -199,6 +208,7 @@ impl TrainOptions {
             mix_ratio: 0.1,
             grad_checkpoint: false,
             pack: false,
+            group_by_length: false,
         }
     }
 
@@ -261,6 +271,7 @@ impl TrainOptions {
             "mix_data": self.mix_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
             "mix_ratio": self.mix_data.as_ref().map(|_| self.mix_ratio),
             "pack": self.pack,
+            "group_by_length": self.group_by_length,
             "eval_data": self.eval_data.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned()),
         })
     }

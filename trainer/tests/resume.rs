@@ -1,6 +1,7 @@
 //! Checkpoints and resumption: a run stopped after step k and resumed from its checkpoint ends
 //! with the same adapter, bit for bit, as the uninterrupted run (CPU), with dropout and
-//! shuffling on and the stop falling inside an epoch. Issue #6, "Checkpoints".
+//! shuffling and length grouping on and the stop falling inside an epoch. Issue #6,
+//! "Checkpoints".
 
 use peftrt::weights::WeightStore;
 use peftrt_conformance::fixture;
@@ -17,6 +18,7 @@ fn options(out: &Path) -> TrainOptions {
     o.lr = 5e-3;
     o.warmup_steps = 1;
     o.seed = 7;
+    o.group_by_length = true;
     o
 }
 
