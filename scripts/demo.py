@@ -27,6 +27,7 @@ from the training split only.
 """
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -192,15 +193,23 @@ def score_rows(results, tests, schema):
     validator = jsonschema.Draft202012Validator(schema)
     n = len(tests)
     parsed = valid = exact = 0
+    failures = collections.Counter()
     for r, t in zip(results, tests):
         if "error" in r:  # the prompt did not fit the context: a failed request
+            failures["request failed"] += 1
             continue
         v = parse_reply(r["text"])
         if v is None:
+            failures["not JSON (" + ("cut at the token limit" if r["stop"] == "MaxTokens" else "ended early")
+                     + ")" if r["text"].lstrip().startswith(("{", "`")) else "not JSON (prose)"] += 1
             continue
         parsed += 1
-        if validator.is_valid(v):
+        error = jsonschema.exceptions.best_match(validator.iter_errors(v))
+        if error is None:
             valid += 1
+        else:  # where and why, array indices folded: "items[].product: enum"
+            where = ".".join("[]" if isinstance(p, int) else str(p) for p in error.absolute_path).replace(".[]", "[]")
+            failures[f"{where or '(top level)'}: {error.validator}"] += 1
         if v == t["target"]:
             exact += 1
     done = [r for r in results if "error" not in r]
@@ -211,6 +220,7 @@ def score_rows(results, tests, schema):
         "parse_rate": parsed / n,
         "schema_valid_rate": valid / n,
         "exact_match_rate": exact / n,
+        "failures": dict(failures.most_common()),
         "mean_prompt_tokens": sum(r["prompt_tokens"] for r in results) / n,
         "mean_generated_tokens": gen / n,
         "mean_latency_ms": sum(r["latency_ms"] for r in done) / max(len(done), 1),
@@ -471,9 +481,13 @@ def write_report(report_dir, s, c_example):
     nf4, eng = rows[labels[3]], rows[labels[1]]
     ratio = eng["mean_prompt_tokens"] / nf4["mean_prompt_tokens"]
     evals = [m for m in s["train_metrics"] if m.get("eval_loss") is not None]
+    def rate(x, goal):
+        return pct(x) + ("" if x >= goal else f" ({100 * (goal - x):.1f} points short)")
+
     targets = [
-        ("adapter on NF4: JSON parse ≥ 98%", nf4["parse_rate"] >= 0.98, pct(nf4["parse_rate"])),
-        ("adapter on NF4: schema-valid ≥ 95%", nf4["schema_valid_rate"] >= 0.95, pct(nf4["schema_valid_rate"])),
+        ("adapter on NF4: JSON parse ≥ 98%", nf4["parse_rate"] >= 0.98, rate(nf4["parse_rate"], 0.98)),
+        ("adapter on NF4: schema-valid ≥ 95%", nf4["schema_valid_rate"] >= 0.95,
+         rate(nf4["schema_valid_rate"], 0.95)),
         ("above the engineered-prompt row (schema-valid)", nf4["schema_valid_rate"] > eng["schema_valid_rate"],
          f"{pct(nf4['schema_valid_rate'])} vs {pct(eng['schema_valid_rate'])}"),
         ("≥ 5× fewer prompt tokens than the engineered prompt", ratio >= 5, f"{ratio:.1f}×"),
@@ -481,7 +495,9 @@ def write_report(report_dir, s, c_example):
          f"{pct(s['merged_vs_unmerged_same_reply_rate'])} of replies identical"),
         *[(f"general perplexity rises ≤ 5% ({'NF4' if k == 'nf4' else 'float'} base"
            f"{', the base it trained on' if k == s['train_on'] else ''})", s["perplexity_rise"][k] <= 0.05,
-           f"{v['base']:.3f} → {v['adapter']:.3f} ({100 * s['perplexity_rise'][k]:+.1f}%)")
+           f"{v['base']:.3f} → {v['adapter']:.3f} ({100 * s['perplexity_rise'][k]:+.1f}%"
+           + ("" if s["perplexity_rise"][k] <= 0.05 else f", {100 * (s['perplexity_rise'][k] - 0.05):.1f} points over")
+           + ")")
           for k, v in s["perplexity"].items()],
     ]
     md = [
@@ -506,6 +522,13 @@ def write_report(report_dir, s, c_example):
         "| target | met | measured |",
         "|---|---|---|",
         *[f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets],
+        "",
+        "Why the NF4 row's other replies fail (for a reply that parses, jsonschema's most relevant error; "
+        "array indices folded):",
+        "",
+        "| failure | replies |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in nf4["failures"].items()],
         "",
         "## Training",
         "",
