@@ -10,17 +10,22 @@ cheap to rerun):
 
  1. data      scripts/demo_data.py writes the order-to-JSON task (train/test) and a small
               general instruction set; they are rendered as chat JSONL for the trainer.
- 2. train     `trainer train` fits the JSON adapter on the float base, the general set mixed in
-              (--mix-data) against forgetting, with a held-out eval loss and a loss plot.
- 3. caps      a second small adapter with a visibly different behaviour: it answers general
+ 2. quantize  `peftrt quantize` writes the NF4 base.
+ 3. rehearsal the base the adapter trains on (NF4 unless --train-on float) answers general
+              instructions and prose requests at temperature 1: its own replies, mixed into
+              training (--mix-data) against forgetting.
+ 4. train     `trainer train` fits the JSON adapter (QLoRA on the NF4 base by default), with a
+              held-out eval loss and a loss plot.
+ 5. caps      a second small adapter with a visibly different behaviour: it answers general
               questions in capital letters (its metric: the share of replies that are).
- 4. quantize  `peftrt quantize` writes the NF4 base; `peftrt merge` the merged float model.
- 5. eval      `peftrt batch`, greedy, the same limits for every row, on the held-out test set:
+ 6. merge     `peftrt merge` writes the JSON adapter into the float base.
+ 7. eval      `peftrt batch`, greedy, the same limits for every row, on the held-out test set:
               the base with a short instruction, the base with the best prompt we could write
               (rules + schema + examples), the adapter on the float base, on the NF4 base, and
-              merged. Then perplexity on a general text with and without the adapter.
- 6. report    reports/demo.md (the table, the settings, the loss plot), printed too.
- 7. C example examples/c/multi_adapter.c switches between the two adapters per request.
+              merged. Then perplexity on a general text with and without the adapter, on both
+              bases.
+ 8. C example examples/c/multi_adapter.c switches between the two adapters per request.
+ 9. report    reports/demo.md (the table, the settings, the loss plot), printed too.
 
 Nothing is tuned on the test split: the prompts, the settings and the few-shot examples come
 from the training split only.
@@ -287,13 +292,15 @@ def main():
             f.rename(tmp / f.name)
         (tmp / "adapter").rmdir()
 
+    def batch(model, req, out, max_tokens, adapters=(), sampling=()):
+        """`peftrt batch`: the replies to `req` in `out` (greedy unless `sampling` says otherwise)."""
+        sh([peftrt, "batch", "--model", model, "--input", req, "--out", out, "--max-tokens", max_tokens,
+            *sampling, *threads, *(x for ad in adapters for x in ("--adapter", ad))])
+
     def batch_stage(name, out, model, req, adapters, max_tokens, settings):
         """`peftrt batch` on `req` as a stage; returns its result lines."""
-        def run(tmp):
-            sh([peftrt, "batch", "--model", model, "--input", req, "--out", tmp / "results.jsonl",
-                "--max-tokens", max_tokens, *threads, *(x for ad in adapters for x in ("--adapter", ad))])
-
-        stage(name, out, [*PEFTRT_SRC, model, req, *adapters], settings, run)
+        stage(name, out, [*PEFTRT_SRC, model, req, *adapters], settings,
+              lambda tmp: batch(model, req, tmp / "results.jsonl", max_tokens, adapters))
         return read_jsonl(out / "results.jsonl")
 
     # 1. Data.
@@ -312,9 +319,6 @@ def main():
             {"messages": short_messages(r["description"]) + [{"role": "assistant", "content": compact(r["target"])}]}
             for r in train])
         general = read_jsonl(raw / "general_train.jsonl")
-        write_jsonl(tmp / "general_train.jsonl", [
-            {"messages": [{"role": "user", "content": g["instruction"]}, {"role": "assistant", "content": g["response"]}]}
-            for g in general])
         write_jsonl(tmp / "caps_train.jsonl", [
             {"messages": [{"role": "user", "content": g["instruction"]}, {"role": "assistant", "content": caps(g["response"])}]}
             for g in general])
@@ -329,7 +333,7 @@ def main():
                     [{"id": g["id"], "messages": [{"role": "user", "content": g["instruction"]}]} for g in gtest])
 
     stage("data", data, [ROOT / "scripts/demo_data.py", schema_path],
-          {"sizes": sizes, "v": 1, "rules": ENGINEERED_RULES, "short": SHORT_INSTRUCTION}, make_data)
+          {"sizes": sizes, "v": 2, "rules": ENGINEERED_RULES, "short": SHORT_INSTRUCTION}, make_data)
 
     # 2. The NF4 base.
     nf4 = work / "base-nf4"
@@ -349,9 +353,8 @@ def main():
         prompts += [g["instruction"] for g in general]
         write_jsonl(tmp / "requests.jsonl", [{"id": i, "messages": [{"role": "user", "content": p}]}
                                              for i, p in enumerate(prompts)])
-        sh([peftrt, "batch", "--model", train_base, "--input", tmp / "requests.jsonl", "--out",
-            tmp / "results.jsonl", "--max-tokens", rehearsal["max_tokens"], "--temperature", "1", "--seed", "7",
-            *threads])
+        batch(train_base, tmp / "requests.jsonl", tmp / "results.jsonl", rehearsal["max_tokens"],
+              sampling=["--temperature", "1", "--seed", "7"])
         replies = read_jsonl(tmp / "results.jsonl")
         write_jsonl(tmp / "mix.jsonl", [
             {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r["text"].strip()}]}
@@ -481,6 +484,7 @@ def write_report(report_dir, s, c_example):
     nf4, eng = rows[labels[3]], rows[labels[1]]
     ratio = eng["mean_prompt_tokens"] / nf4["mean_prompt_tokens"]
     evals = [m for m in s["train_metrics"] if m.get("eval_loss") is not None]
+
     def rate(x, goal):
         return pct(x) + ("" if x >= goal else f" ({100 * (goal - x):.1f} points short)")
 

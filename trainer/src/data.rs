@@ -463,16 +463,23 @@ pub const GROUP_WINDOW: usize = 32;
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// The state's increment (2⁶⁴ / φ).
+    pub const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
     pub fn new(seed: u64) -> Self {
         SplitMix64(seed)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
+    /// The output function: a bijective 64-bit mix of the state.
+    pub fn mix(mut z: u64) -> u64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(Self::GAMMA);
+        Self::mix(self.0)
     }
 
     /// Uniform in `0..n` (n > 0), by rejection (no modulo bias).

@@ -12,19 +12,10 @@
 //! A [`DropoutStream`] hands out one key per dropout call: the trainer reseeds it before each
 //! decoder block, and every projection of the block takes the next key in call order.
 
+use crate::data::SplitMix64;
 use crate::error::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tch::{Device, Kind, Tensor};
-
-/// SplitMix64's increment (2⁶⁴ / φ).
-const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// SplitMix64's output function: a bijective 64-bit mix.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+use tch::{Kind, Tensor};
 
 /// The keys of one training pass's dropout calls: `(seed, call)` mixed into a mask key.
 #[derive(Debug, Default)]
@@ -43,7 +34,7 @@ impl DropoutStream {
     /// The key of the next dropout call.
     pub fn next_key(&self) -> u64 {
         let call = self.call.fetch_add(1, Ordering::Relaxed);
-        mix(mix(self.seed.load(Ordering::Relaxed)) ^ call.wrapping_mul(GAMMA))
+        SplitMix64::mix(SplitMix64::mix(self.seed.load(Ordering::Relaxed)) ^ call.wrapping_mul(SplitMix64::GAMMA))
     }
 
     /// `x` with dropout `p` applied (elements zeroed with probability `p`, the rest scaled by
@@ -65,19 +56,20 @@ pub fn mask(key: u64, shape: &[i64], p: f64, kind: Kind) -> Result<Tensor> {
     let keep = (1.0 / (1.0 - p)) as f32;
     let draw = |u: u64| if u < threshold { 0.0 } else { keep };
     for (j, pair) in values.chunks_mut(2).enumerate() {
-        let z = mix(key.wrapping_add((j as u64).wrapping_mul(GAMMA)));
+        let z = SplitMix64::mix(key.wrapping_add((j as u64).wrapping_mul(SplitMix64::GAMMA)));
         pair[0] = draw(z & 0xffff_ffff);
         if let Some(second) = pair.get_mut(1) {
             *second = draw(z >> 32);
         }
     }
     let mask = Tensor::f_from_slice(&values)?.f_reshape(shape)?;
-    Ok(if kind == Kind::Float { mask } else { mask.f_to_kind(kind)? }.f_to(Device::Cpu)?)
+    Ok(if kind == Kind::Float { mask } else { mask.f_to_kind(kind)? })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     #[test]
     fn masks_drop_at_the_rate_and_scale_the_rest() {

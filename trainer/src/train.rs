@@ -13,7 +13,7 @@
 
 use crate::checkpoint::{self, RunState};
 use crate::data::{
-    group_by_length, pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, IGNORE,
+    group_by_length, pack_rows, split_eval, Batch, Dataset, Encoder, EpochPlan, Example, Format, SplitMix64, IGNORE,
 };
 use crate::error::{Error, Result};
 use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
@@ -147,7 +147,7 @@ impl Stream<'_> {
             };
             let epoch = self.epochs.len() as u64;
             self.epochs.push(if o.group_by_length {
-                group_by_length(rows, &self.lens, o.batch_size, o.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                group_by_length(rows, &self.lens, o.batch_size, o.seed ^ epoch.wrapping_mul(SplitMix64::GAMMA))
             } else {
                 rows.chunks(o.batch_size).map(<[_]>::to_vec).collect()
             });
