@@ -96,7 +96,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalReport> {
         }
     };
     let pad = base.eos().unwrap_or(0);
-    let loss = eval_loss(&base.model, &lora, &data.examples, o.batch_size, pad)?;
+    let loss = eval_loss(&base.model, &lora, &data.examples, o.batch_size, pad, None)?;
     let mut report = EvalReport {
         examples: data.examples.len(),
         targets: data.n_targets(),

@@ -9,9 +9,10 @@
 //! - [`data::Dataset`]: JSONL examples (alpaca, chat, completion) tokenised with the runtime's
 //!   tokenizer and chat template, with response-only labels; [`data::Batch`] pads them.
 //! - [`optim`]: AdamW, warm-up schedules and gradient clipping as PyTorch computes them.
-//! - [`train::train`]: the loop; [`checkpoint`]: resumable state; [`metrics`]: the metrics
-//!   JSONL, progress bar and overfitting warning; [`save`]: the PEFT adapter directory with
-//!   provenance.
+//! - [`train::train`]: the loop; [`prefix::PrefixCache`]: the output of the frozen blocks
+//!   below the lowest adapted one, computed once per example; [`checkpoint`]: resumable state;
+//!   [`metrics`]: the metrics JSONL, progress bar and overfitting warning; [`save`]: the PEFT
+//!   adapter directory with provenance.
 //! - [`eval::evaluate`]: loss, perplexity and JSON/schema validity of generated responses.
 //!
 //! ```no_run
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod prefix;
 pub mod save;
 pub mod schema;
 pub mod train;

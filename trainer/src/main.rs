@@ -196,6 +196,11 @@ struct TrainArgs {
     /// batches shuffled): less padding per step.
     #[arg(long)]
     group_by_length: bool,
+    /// Run the frozen blocks below the lowest adapted one (see --layers) in every step,
+    /// instead of computing their output once per example before training (CPU memory:
+    /// hidden size × 4 bytes per token of the data, at most 4 GiB).
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 fn train_options(a: TrainArgs) -> Result<TrainOptions> {
@@ -244,6 +249,7 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.grad_checkpoint = a.grad_checkpoint;
     o.pack = a.pack;
     o.group_by_length = a.group_by_length;
+    o.prefix_cache = !a.no_prefix_cache;
     Ok(o)
 }
 

@@ -20,6 +20,7 @@ use crate::lora::{parse_targets, Init, LoraSet, LoraSpec};
 use crate::metrics::{progress_bar, MetricsFile, OverfitWatch, StepMetrics, StepSpeed};
 use crate::model::{BaseModel, BaseStorage, Layout};
 use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule};
+use crate::prefix::PrefixCache;
 use crate::save::{check_output, save_adapter, Provenance};
 use peftrt::adapter::BaseFingerprint;
 use serde_json::json;
@@ -124,7 +125,14 @@ pub struct TrainOptions {
     pub pack: bool,
     /// Batch rows of similar length together (less padding; see [`group_by_length`]).
     pub group_by_length: bool,
+    /// When LoRA adapts only upper blocks, compute the frozen blocks below once per example
+    /// ([`PrefixCache`]; not with packing, and only up to [`PREFIX_CACHE_MAX_BYTES`]).
+    pub prefix_cache: bool,
 }
+
+/// The largest [`PrefixCache`] a run keeps (CPU memory); above it the frozen blocks run in
+/// every step, as without the cache.
+pub const PREFIX_CACHE_MAX_BYTES: u64 = 4 << 30;
 
 /// The micro-batches of a run, epoch after epoch: each a list of rows, each row the indices of
 /// its examples (one per row unless packing). Epochs are laid out when first needed.
@@ -209,6 +217,7 @@ impl TrainOptions {
             grad_checkpoint: false,
             pack: false,
             group_by_length: false,
+            prefix_cache: true,
         }
     }
 
@@ -375,6 +384,8 @@ pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: b
 
 /// Forward and backward of one micro-batch, its loss scaled by `1 / n_targets` (the step's
 /// response tokens); gradients accumulate into the LoRA weights. Returns the scaled loss.
+/// With `cached`, the frozen blocks below the cache's start are not run: their output for the
+/// batch is the given tensor.
 ///
 /// With `checkpoint`, only the blocks' inputs are kept from a gradient-free forward pass; the
 /// backward pass then recomputes one block at a time with gradients, from the last to the
@@ -387,21 +398,25 @@ fn micro_batch(
     n_targets: i64,
     dropout_seed: i64,
     checkpoint: bool,
+    cached: Option<(usize, Tensor)>,
 ) -> Result<f64> {
-    let ids = b.ids.f_to(model.device)?;
     let targets = Targets::of(model, &b.labels)?;
     let seed = Some(dropout_seed);
     let layout = layout_of(model, b)?;
+    let (start, h0) = match cached {
+        Some(c) => c,
+        None => (0, model.embed(&b.ids.f_to(model.device)?)?),
+    };
     if !checkpoint {
-        let h = model.hidden_seeded(&ids, &layout, lora, true, seed)?;
+        let h = model.hidden_from(start, h0, &layout, lora, true, seed)?;
         let loss = loss_sum(model, lora, &h, &targets, true)?.f_div_scalar(n_targets as f64)?;
         loss.f_backward()?;
         return Ok(loss.f_double_value(&[])?);
     }
-    let mut inputs = Vec::with_capacity(model.n_blocks());
+    let mut inputs = Vec::with_capacity(model.n_blocks() - start);
     let last = tch::no_grad(|| -> Result<Tensor> {
-        let mut h = model.embed(&ids)?;
-        for i in 0..model.n_blocks() {
+        let mut h = h0;
+        for i in start..model.n_blocks() {
             let next = model.block_at(i, &h, &layout, lora, true, seed)?;
             inputs.push(h);
             h = next;
@@ -412,7 +427,7 @@ fn micro_batch(
     let loss = loss_sum(model, lora, &last, &targets, true)?.f_div_scalar(n_targets as f64)?;
     loss.f_backward()?;
     let mut grad = last.grad();
-    for (i, input) in inputs.iter().enumerate().rev() {
+    for (i, input) in inputs.iter().enumerate().map(|(k, x)| (start + k, x)).rev() {
         let x = input.f_detach()?.set_requires_grad(true);
         let y = model.block_at(i, &x, &layout, lora, true, seed)?;
         y.f_mul(&grad)?.f_sum(y.kind())?.f_backward()?;
@@ -474,6 +489,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     };
     let params: Vec<Tensor> = lora.named_parameters().into_iter().map(|(_, t)| t).collect();
     let mut opt = AdamW::new(opts.adamw.clone(), &params)?;
+    let pad = base.eos().unwrap_or(0);
 
     let n = plan.len();
     let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
@@ -488,7 +504,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             (micro / opts.grad_accum as f64).ceil().max(1.0) as u64
         }
     };
-    let pad = base.eos().unwrap_or(0);
+    // The frozen blocks' output for the examples the run will use (with --mix-data, an epoch
+    // draws only some of the mixed-in ones).
+    let used: std::collections::BTreeSet<usize> =
+        (0..total_steps * opts.grad_accum as u64).flat_map(|m| stream.micro_batch(m).concat()).collect();
+    let used: Vec<usize> = used.into_iter().collect();
+    let prefix = frozen_prefix(opts, &base.model, &lora, &examples, &used, pad, "training")?;
+    let all_eval: Vec<usize> = (0..eval_examples.len()).collect();
+    let eval_prefix = frozen_prefix(opts, &base.model, &lora, &eval_examples, &all_eval, pad, "evaluation")?;
     let prov = Provenance {
         base: base.fingerprint.clone(),
         dataset: json!({
@@ -542,21 +565,27 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let mut batches = Vec::with_capacity(opts.grad_accum);
         for k in 0..opts.grad_accum as u64 {
             let rows = stream.micro_batch(step * opts.grad_accum as u64 + k);
-            let rows: Vec<Vec<&Example>> = rows.iter().map(|r| r.iter().map(|&i| &examples[i]).collect()).collect();
+            let refs: Vec<Vec<&Example>> = rows.iter().map(|r| r.iter().map(|&i| &examples[i]).collect()).collect();
             batches.push(if opts.pack {
-                Batch::packed(&rows, pad)?
+                (Batch::packed(&refs, pad)?, None)
             } else {
-                Batch::new(&rows.iter().map(|r| r[0]).collect::<Vec<_>>(), pad)?
+                // One example per row: its frozen blocks' output, when cached.
+                let firsts: Vec<usize> = rows.iter().map(|r| r[0]).collect();
+                let cached = match &prefix {
+                    Some(c) => Some((c.start(), c.batch(&firsts, base.model.device)?)),
+                    None => None,
+                };
+                (Batch::new(&firsts.iter().map(|&i| &examples[i]).collect::<Vec<_>>(), pad)?, cached)
             });
         }
-        let n_targets: i64 = batches.iter().map(|b| b.n_targets).sum();
+        let n_targets: i64 = batches.iter().map(|(b, _)| b.n_targets).sum();
         zero_grad(&params)?;
         let mut loss = 0.0;
-        for (k, b) in batches.iter().enumerate() {
+        for (k, (b, cached)) in batches.into_iter().enumerate() {
             // Dropout masks: a function of (seed, step, micro-batch, block).
             let dropout_seed =
                 (opts.seed as i64).wrapping_add((step as i64).wrapping_mul(0x9e37_79b9)).wrapping_add((k as i64) << 16);
-            loss += micro_batch(&base.model, &lora, b, n_targets, dropout_seed, opts.grad_checkpoint)?;
+            loss += micro_batch(&base.model, &lora, &b, n_targets, dropout_seed, opts.grad_checkpoint, cached)?;
             state.n_tokens += b.n_tokens;
         }
         let grad_norm = clip_grad_norm(&params, opts.max_grad_norm)?;
@@ -584,7 +613,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             seconds: started.elapsed().as_secs_f64(),
         };
         let eval_loss = if !eval_examples.is_empty() && (state.step % eval_every == 0 || state.step == total_steps) {
-            let e = eval_loss(&base.model, &lora, &eval_examples, opts.batch_size, pad)?;
+            let e = eval_loss(&base.model, &lora, &eval_examples, opts.batch_size, pad, eval_prefix.as_ref())?;
             state.eval_losses.push((state.step, e));
             if let Some(w) = watch.observe(loss, e) {
                 bar.suspend(|| log::warn!("{w}"));
@@ -648,15 +677,75 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     })
 }
 
-/// Mean loss per response token of `examples` (no dropout, no gradients).
-pub fn eval_loss(model: &BaseModel, lora: &LoraSet, examples: &[Example], batch_size: usize, pad: i64) -> Result<f64> {
+/// Mean loss per response token of `examples` (no dropout, no gradients); `prefix`, when
+/// given, is the [`PrefixCache`] of these examples.
+pub fn eval_loss(
+    model: &BaseModel,
+    lora: &LoraSet,
+    examples: &[Example],
+    batch_size: usize,
+    pad: i64,
+    prefix: Option<&PrefixCache>,
+) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let (mut sum, mut count) = (0.0, 0i64);
-    for chunk in examples.chunks(batch_size.max(1)) {
+    let batch_size = batch_size.max(1);
+    for (c, chunk) in examples.chunks(batch_size).enumerate() {
         let refs: Vec<_> = chunk.iter().collect();
         let b = Batch::new(&refs, pad)?;
-        sum += batch_loss_sum(model, lora, &b, false)?.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        let loss = match prefix {
+            None => batch_loss_sum(model, lora, &b, false)?,
+            Some(p) => {
+                let rows: Vec<usize> = (c * batch_size..c * batch_size + chunk.len()).collect();
+                let h = model.hidden_from(
+                    p.start(),
+                    p.batch(&rows, model.device)?,
+                    &layout_of(model, &b)?,
+                    lora,
+                    false,
+                    None,
+                )?;
+                loss_sum(model, lora, &h, &Targets::of(model, &b.labels)?, false)?
+            }
+        };
+        sum += loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
         count += b.n_targets;
     }
     Ok(sum / count.max(1) as f64)
+}
+
+/// The [`PrefixCache`] of the `used` `examples` (the `what` examples, for the log) when the
+/// options allow one, LoRA leaves blocks frozen at the bottom and the cache fits
+/// [`PREFIX_CACHE_MAX_BYTES`].
+fn frozen_prefix(
+    opts: &TrainOptions,
+    model: &BaseModel,
+    lora: &LoraSet,
+    examples: &[Example],
+    used: &[usize],
+    pad: i64,
+    what: &str,
+) -> Result<Option<PrefixCache>> {
+    let start = model.first_adapted_block(lora);
+    if !opts.prefix_cache || opts.pack || start == 0 || used.is_empty() {
+        return Ok(None);
+    }
+    let mib = PrefixCache::bytes(model, examples, used) as f64 / (1u64 << 20) as f64;
+    if mib > (PREFIX_CACHE_MAX_BYTES >> 20) as f64 {
+        log::warn!(
+            "blocks 0..{start} are frozen, but their output for the {} {what} examples would take {mib:.0} MiB \
+             (more than {} MiB): every step runs them",
+            used.len(),
+            PREFIX_CACHE_MAX_BYTES >> 20
+        );
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let cache = PrefixCache::build(model, lora, examples, used, pad)?;
+    log::info!(
+        "blocks 0..{start} are frozen: their output for the {} {what} examples computed once ({mib:.0} MiB, {:.1} s)",
+        used.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(cache)
 }
