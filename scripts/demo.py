@@ -264,9 +264,10 @@ def main():
         report_dir = a.report_dir or ROOT / "reports"
         sizes = dict(train=640, test=150, general_train=240, general_test=40)
         # One epoch over the task plus the mixed-in general data must fit the 10-minute budget
-        # of a 2-core machine (~160k tokens). LoRA on the top 10 of 30 layers (all their linear
-        # layers, r=16): the backward pass stops at layer 20, which makes a step ~1.9x cheaper
-        # than adapting every layer. Batches of similar lengths (--group-by-length) pad less.
+        # of a 2-core machine (~170k tokens). LoRA on the top 10 of 30 layers (all their linear
+        # layers, r=16): the frozen layers 0-19 run once per example before training (the
+        # trainer's prefix cache) and each step runs layers 20-29 only, forward and backward.
+        # Batches of similar lengths (--group-by-length) pad less.
         json_train = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "10",
                       "--r", "16", "--alpha", "32", "--dropout", "0.05", "--target", "all-linear",
                       "--layers", ",".join(str(i) for i in range(20, 30)),
@@ -399,6 +400,8 @@ def main():
                               max_tokens, {"max_tokens": max_tokens, "threads": a.threads})
         results[label] = score_rows(replies, tests, schema)
         results[label]["seconds"] = float((out / "seconds").read_text())
+        # A cached row keeps the timings of the run that made it, on that day's machine.
+        results[label]["measured"] = time.strftime("%Y-%m-%d", time.gmtime((out / "seconds").stat().st_mtime))
 
     # Agreement of the merged and unmerged adapter rows, reply by reply.
     r_float = read_jsonl(work / "eval-2/results.jsonl")
@@ -472,12 +475,13 @@ def pct(x):
 
 def write_report(report_dir, s, c_example):
     rows = s["rows"]
-    lines = ["| row | JSON parse | schema-valid | exact match | prompt tokens | latency / request | decode tok/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | JSON parse | schema-valid | exact match | prompt tokens | latency / request | decode tok/s "
+             "| measured |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {pct(r['parse_rate'])} | {pct(r['schema_valid_rate'])} | "
                      f"{pct(r['exact_match_rate'])} | {r['mean_prompt_tokens']:.0f} | "
-                     f"{r['mean_latency_ms']:.0f} ms | {r['decode_tok_s']:.1f} |")
+                     f"{r['mean_latency_ms']:.0f} ms | {r['decode_tok_s']:.1f} | {r.get('measured', '')} |")
     table = "\n".join(lines)
     print("\n" + table + "\n")
     labels = list(rows)
@@ -512,14 +516,17 @@ def write_report(report_dir, s, c_example):
         "",
         f"Base: `{s['base']}`. Data: scripts/demo_data.py, seed 1234: {s['sizes']['train']} training and "
         f"{s['sizes']['test']} held-out order requests (names, streets, cities and some phrasings only in the "
-        f"test split). "
+        f"test split; training has phrasings of its own). The engineered prompt's {N_SHOTS} examples are the first "
+        f"{N_SHOTS} of the training split. "
         f"Greedy decoding, at most {s['max_tokens']} new tokens for every row; 2 CPU threads.",
         "",
         table,
         "",
         "- *JSON parse*: the reply (whitespace and a Markdown code fence stripped) is one JSON value;",
         "  *schema-valid*: it satisfies data/demo/order.schema.json; *exact match*: it equals the expected object.",
-        "- Latency is the whole request (prefill + decode) with `peftrt batch`, one request at a time.",
+        "- Latency is the whole request (prefill + decode) with `peftrt batch`, one request at a time. A row",
+        "  reused from an earlier run (its inputs unchanged) keeps that run's timings: *measured* is the day it ran,",
+        "  and machines differ between days (see BENCHMARKS.md).",
         "",
         "## Targets",
         "",
@@ -538,7 +545,7 @@ def write_report(report_dir, s, c_example):
         "",
         f"`trainer train {' '.join(s['json_train_args'])}` on the {'NF4 (QLoRA)' if s['train_on'] == 'nf4' else 'float'} "
         f"base, with `--mix-data` (ratio {s['mix_ratio']}): "
-        f"{s['stage_seconds']['train']:.0f} s on this machine.",
+        f"{s['stage_seconds']['train']:.0f} s on the run's machine (2 cores; BENCHMARKS.md has how fast it was).",
         "",
         f"Mixed in against forgetting (self-rehearsal): {s['rehearsal']['prose']} prose requests and "
         f"{s['rehearsal']['general']} general instructions answered by that base itself, sampled at temperature 1 "

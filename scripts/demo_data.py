@@ -26,7 +26,8 @@ Design
     number words only exact ("two", "a dozen" = 12). Phone numbers, emails, postal codes and
     coupon codes are copied verbatim into the target.
   * Held-out test: first names, last names, streets and cities come from disjoint train/test pools,
-    and every template group has test-only phrasings (TEMPLATES[part] = (shared, test_only)).
+    and every template group has test-only phrasings; training draws from further train-only
+    phrasings instead (TEMPLATES[part] = (shared, test_only, train_only)).
     Product and colour catalogues are shared. General tasks: every question has an instance key
     (e.g. ("capital", "France"), whatever the phrasing); test keys never occur in train, and the
     last HOLDOUT capitals/antonyms/topics are test-only.
@@ -34,7 +35,8 @@ Design
   * Self-check before writing (fails loudly): schema validation (jsonschema, draft 2020-12) and
     schema enum == CATALOG, sizes only on apparel, every verbatim target string (name, email, phone,
     address, colour, coupon) occurs in its description, unique ids, no test description/target in
-    train, no test-only name/street/city/template text in train, general train/test disjoint, and
+    train, no test-only name/street/city/template text in train (nor train-only template text in
+    test), general train/test disjoint, and
     a second in-memory generation is byte-identical. Files are written to a temp name, then renamed.
 
 Usage (repository root):
@@ -109,56 +111,82 @@ CITIES = ([("Boston", "us"), ("Denver", "us"), ("Portland", "us"), ("Austin", "u
 DOMAINS = ["example.com", "mail.com", "inbox.org", "post.net", "webmail.co.uk", "fastmail.fm"]
 COUPON_WORDS = ["SPRING", "SUMMER", "WELCOME", "FALL", "WINTER", "SAVE", "VIP", "HELLO", "BDAY"]
 
-# Phrasing templates per part: (shared, test_only). Train uses shared; test uses both.
+# Phrasing templates per part: (shared, test_only, train_only). Train draws from shared and
+# train_only, test from shared and test_only: test-only phrasings measure generalisation to
+# wordings never trained on, and train-only ones widen the variety the model learns from (a
+# model that saw two or three wordings of a part learns those strings, not the part).
 TEMPLATES = {
     "greeting": (["hi", "hello", "hey there", "good morning", "hi team", "hello there"],
-                 ["greetings", "good afternoon folks"]),
+                 ["greetings", "good afternoon folks"],
+                 ["good evening", "hiya folks", "dear shop team", "morning all"]),
     "name": (["I'm {n}", "this is {n}", "my name is {n}", "{n} here"],
-             ["you're talking to {n}", "writing on behalf of myself, {n}"]),
-    "signoff": (["thanks, {n}", "cheers, {n}", "thank you! {n}"], ["best regards, {n}"]),
-    "bullet_name": (["name: {n}", "customer: {n}"], ["ordered by: {n}"]),
+             ["you're talking to {n}", "writing on behalf of myself, {n}"],
+             ["the name is {n}", "the order is from {n}", "{n} speaking"]),
+    "signoff": (["thanks, {n}", "cheers, {n}", "thank you! {n}"], ["best regards, {n}"],
+                ["many thanks, {n}", "talk soon, {n}", "ta very much, {n}"]),
+    "bullet_name": (["name: {n}", "customer: {n}"], ["ordered by: {n}"], ["buyer: {n}", "full name: {n}"]),
     "email": (["my email is {e}", "email: {e}", "you can reach me at {e}",
-               "send the confirmation to {e}"], ["drop me a line at {e}"]),
+               "send the confirmation to {e}"], ["drop me a line at {e}"],
+              ["reply to {e}", "my e-mail address is {e}", "contact email {e}"]),
     "phone": (["my phone number is {p}", "phone: {p}", "call me on {p} if needed",
-               "my number is {p}"], ["mobile {p} for the courier"]),
+               "my number is {p}"], ["mobile {p} for the courier"],
+              ["you can phone me at {p}", "tel. no. {p}", "ring me on {p}"]),
     "items": (["I'd like to order {items}", "could I get {items}", "I want {items}",
                "please send me {items}", "I'm after {items}"],
-              ["my shopping list is {items}", "put me down for {items}"]),
+              ["my shopping list is {items}", "put me down for {items}"],
+              ["can you send {items}", "I am ordering {items}", "I'd love to get {items}", "I'll take {items}",
+               "my order is {items}"]),
     "bullet_items": (["here's my order:", "I'd like the following:", "order:"],
-                     ["items wanted:"]),
+                     ["items wanted:"],
+                     ["what I need:", "the list:", "shopping cart:"]),
     "address": (["ship it to {street}, {city} {postal}", "my address is {street}, {postal} {city}",
                  "deliver to {street} in {city}, postal code {postal}",
                  "the address is {street}, {city}, {postal}"],
-                ["it goes to {street} / {city} / {postal}"]),
+                ["it goes to {street} / {city} / {postal}"],
+                ["send it to {street}, {postal} {city}", "address: {street}, {city}, {postal}",
+                 "please post it to {street}, {city} ({postal})"]),
     "standard": (["standard shipping is fine", "regular delivery please",
-                  "no rush, normal shipping works"], ["standard post will do"]),
+                  "no rush, normal shipping works"], ["standard post will do"],
+                 ["the cheapest shipping option is fine", "ordinary delivery is ok"]),
     "express": (["express shipping please", "I need it quickly, so express delivery",
-                 "please send it express"], ["go with express, it's urgent"]),
+                 "please send it express"], ["go with express, it's urgent"],
+                ["I'd like express delivery", "rush it with express shipping please"]),
     "pickup": (["I'll pick it up in store", "store pickup please, no delivery needed",
-                "I'll collect it myself from your shop"], ["I'll swing by and pick it up"]),
+                "I'll collect it myself from your shop"], ["I'll swing by and pick it up"],
+               ["I'll come to the store to get it", "no shipping, I'll fetch it in person"]),
     "gift": (["please gift wrap it", "it's a present, so gift wrapping would be great",
-              "could you wrap it as a gift"], ["wrap everything in gift paper please"]),
-    "no_gift": (["no gift wrap needed", "no need to wrap it"], ["skip the gift wrapping"]),
+              "could you wrap it as a gift"], ["wrap everything in gift paper please"],
+             ["gift wrap please", "please wrap it up nicely, it's a gift"]),
+    "no_gift": (["no gift wrap needed", "no need to wrap it"], ["skip the gift wrapping"],
+                ["don't bother with gift wrap", "no wrapping please"]),
     "coupon": (["use code {c}", "I have a coupon: {c}", "please apply the discount code {c}"],
-               ["promo {c} should still be valid"]),
+               ["promo {c} should still be valid"],
+               ["discount code: {c}", "here's my voucher {c}"]),
     "no_coupon": (["I don't have a coupon this time", "my old code {c} has expired, so no coupon"],
-                  ["no discount code, sadly ({c} ran out)"]),
+                  ["no discount code, sadly ({c} ran out)"],
+                  ["no voucher this time", "I tried {c} but it's expired"]),
     "noise": (["the weather has been awful this week", "I'm a long-time customer, {k} years now",
                "my last order (#{big}) arrived fine", "a friend recommended your shop",
                "we moved here {k} years ago", "love the new website by the way",
                "I'm buying these for my team of {k} people", "my birthday is on the {day}th"],
-              ["it's been {k} days since I first saw your ad", "my cat knocked over {k} plants today"]),
+              ["it's been {k} days since I first saw your ad", "my cat knocked over {k} plants today"],
+              ["my dog chewed through {k} shoes this month", "our office has {k} desks",
+               "I walked {k} miles to the post office yesterday", "the bus was {k} minutes late again",
+               "we baked {k} cakes for the party", "ticket #{big} is still open, by the way"]),
     "no_product": (["no {x_pl} this time", "I don't need {a_x} anymore",
                     "I was going to add {a_x} but changed my mind"],
-                   ["forget the {x_sg} I mentioned last time"]),
+                   ["forget the {x_sg} I mentioned last time"],
+                   ["skip the {x_sg}, I have one already", "leave out the {x_pl}",
+                    "I don't want the {x_sg} after all"]),
     "correction": (["actually, make that {q2} {pl} instead of {q1}", "wait, {q2} {pl}, not {q1}"],
-                   ["scratch that, I need {q2} {pl} rather than {q1}"]),
+                   ["scratch that, I need {q2} {pl} rather than {q1}"],
+                   ["sorry, {q2} {pl}, not {q1}", "change the {pl} to {q2} (not {q1})"]),
 }
 
 
 def pick(rng: random.Random, part: str, test: bool) -> str:
-    shared, test_only = TEMPLATES[part]
-    return rng.choice(shared + test_only if test else shared)
+    shared, test_only, train_only = TEMPLATES[part]
+    return rng.choice(shared + (test_only if test else train_only))
 
 
 def cap(s: str) -> str:
@@ -241,8 +269,8 @@ def qty_text(rng: random.Random, q: int, next_word: str) -> str:
 def render_item(rng: random.Random, it: dict, test: bool, q_shown: int, bullet: bool) -> str:
     _, sg, pl, _ = PRODUCT[it["product"]]
     color, size = it["color"], it["size"]
-    # Style 2 ("hoodie: 2, black") reads well only as a bullet; style 3 is test-only.
-    style = rng.choice(([0, 1, 2] if bullet else [0, 0, 1]) + ([3] if test else []))
+    # Style 2 ("hoodie: 2, black") reads well only as a bullet; style 3 is test-only, 4 train-only.
+    style = rng.choice(([0, 1, 2] if bullet else [0, 0, 1]) + ([3] if test else [4]))
     if style == 0:  # "2 black hoodies in size L"
         noun = (f"{color} " if color else "") + (sg if q_shown == 1 else pl)
         s = f"{qty_text(rng, q_shown, noun)} {noun}"
@@ -254,8 +282,10 @@ def render_item(rng: random.Random, it: dict, test: bool, q_shown: int, bullet: 
             s = f"{q_shown}x {it['product']}" + (f" ({', '.join(attrs)})" if attrs else "")
         elif style == 2:  # "hoodie: 2, black, size L"
             s = f"{it['product']}: {', '.join([str(q_shown)] + attrs)}"
-        else:  # test only: "the hoodie (black, size L), quantity 2"
+        elif style == 3:  # test only: "the hoodie (black, size L), quantity 2"
             s = f"the {it['product']}" + (f" ({', '.join(attrs)})" if attrs else "") + f", quantity {q_shown}"
+        else:  # train only: "hoodie x2 (black, size L)"
+            s = f"{it['product']} x{q_shown}" + (f" ({', '.join(attrs)})" if attrs else "")
     if color and rng.random() < 0.15:
         other = rng.choice([c for c in COLORS if c != color])
         not_one = f"not the {other} {'one' if q_shown == 1 else 'ones'}"
@@ -551,10 +581,13 @@ def self_check(data: dict[str, list[dict]], again: dict[str, list[dict]]) -> Non
         for s in pool[1]:
             assert s not in train_text, f"test-only surface form {s!r} found in train"
     lower = train_text.lower()
-    for part, (_, test_only) in TEMPLATES.items():
-        for t in test_only:  # the longest literal chunk of each test-only template
-            chunk = max(re.split(r"\{[a-z_0-9]+\}", t), key=len).strip().lower()
-            assert len(chunk) >= 5 and chunk not in lower, f"test-only {part} template in train: {t!r}"
+    test_lower = "\n".join(r["description"] for r in data["test"]).lower()
+    for part, (shared, test_only, train_only) in TEMPLATES.items():
+        assert not set(shared) & set(test_only + train_only) and not set(test_only) & set(train_only), part
+        for only, other, name in [(test_only, lower, "test"), (train_only, test_lower, "train")]:
+            for t in only:  # the longest literal chunk of each split-only template
+                chunk = max(re.split(r"\{[a-z_0-9]+\}", t), key=len).strip().lower()
+                assert len(chunk) >= 5 and chunk not in other, f"{name}-only {part} template in the other split: {t!r}"
     for city, _ in CITIES[1]:
         assert city not in train_text and city not in [c for c, _ in CITIES[0]], city
     gi = {r["instruction"] for r in data["general_train"]}
