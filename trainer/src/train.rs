@@ -741,11 +741,8 @@ fn frozen_prefix(
         return Ok(None);
     }
     let started = std::time::Instant::now();
+    log::info!("blocks 0..{start} are frozen: computing their output for the {} {what} examples once", used.len());
     let cache = PrefixCache::build(model, lora, examples, used, pad)?;
-    log::info!(
-        "blocks 0..{start} are frozen: their output for the {} {what} examples computed once ({mib:.0} MiB, {:.1} s)",
-        used.len(),
-        started.elapsed().as_secs_f64()
-    );
+    log::info!("frozen blocks' output for the {what} examples: {mib:.0} MiB, {:.1} s", started.elapsed().as_secs_f64());
     Ok(cache)
 }
