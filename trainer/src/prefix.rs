@@ -52,8 +52,9 @@ impl PrefixCache {
         }
         let _guard = tch::no_grad_guard();
         let mut order = used.to_vec();
-        order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+        order.sort_unstable();
         order.dedup();
+        order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
         let mut states: Vec<Option<Tensor>> = (0..examples.len()).map(|_| None).collect();
         let mut rest = &order[..];
         while !rest.is_empty() {

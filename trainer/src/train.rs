@@ -375,11 +375,27 @@ fn layout_of(model: &BaseModel, b: &Batch) -> Result<Layout> {
     }
 }
 
+/// The output of the frozen blocks for a batch, cached: the first block to run and its input.
+type Cached = Option<(usize, Tensor)>;
+
+/// The first block to run for `b` and its input: `cached`, or block 0 and the embeddings.
+fn block_input(model: &BaseModel, b: &Batch, cached: Cached) -> Result<(usize, Tensor)> {
+    match cached {
+        Some(c) => Ok(c),
+        None => Ok((0, model.embed(&b.ids.f_to(model.device)?)?)),
+    }
+}
+
+/// The summed cross-entropy of `batch`'s labelled positions (f32 logits), from `cached` on.
+fn loss_from(model: &BaseModel, lora: &LoraSet, batch: &Batch, cached: Cached, train: bool) -> Result<Tensor> {
+    let (start, h0) = block_input(model, batch, cached)?;
+    let h = model.hidden_from(start, h0, &layout_of(model, batch)?, lora, train, None)?;
+    loss_sum(model, lora, &h, &Targets::of(model, &batch.labels)?, train)
+}
+
 /// The summed cross-entropy of `batch`'s labelled positions (f32 logits).
 pub fn batch_loss_sum(model: &BaseModel, lora: &LoraSet, batch: &Batch, train: bool) -> Result<Tensor> {
-    let ids = batch.ids.f_to(model.device)?;
-    let h = model.hidden_seeded(&ids, &layout_of(model, batch)?, lora, train, None)?;
-    loss_sum(model, lora, &h, &Targets::of(model, &batch.labels)?, train)
+    loss_from(model, lora, batch, None, train)
 }
 
 /// Forward and backward of one micro-batch, its loss scaled by `1 / n_targets` (the step's
@@ -398,15 +414,12 @@ fn micro_batch(
     n_targets: i64,
     dropout_seed: i64,
     checkpoint: bool,
-    cached: Option<(usize, Tensor)>,
+    cached: Cached,
 ) -> Result<f64> {
     let targets = Targets::of(model, &b.labels)?;
     let seed = Some(dropout_seed);
     let layout = layout_of(model, b)?;
-    let (start, h0) = match cached {
-        Some(c) => c,
-        None => (0, model.embed(&b.ids.f_to(model.device)?)?),
-    };
+    let (start, h0) = block_input(model, b, cached)?;
     if !checkpoint {
         let h = model.hidden_from(start, h0, &layout, lora, true, seed)?;
         let loss = loss_sum(model, lora, &h, &targets, true)?.f_div_scalar(n_targets as f64)?;
@@ -506,10 +519,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     };
     // The frozen blocks' output for the examples the run will use (with --mix-data, an epoch
     // draws only some of the mixed-in ones).
-    let used: std::collections::BTreeSet<usize> =
-        (0..total_steps * opts.grad_accum as u64).flat_map(|m| stream.micro_batch(m).concat()).collect();
-    let used: Vec<usize> = used.into_iter().collect();
-    let prefix = frozen_prefix(opts, &base.model, &lora, &examples, &used, pad, "training")?;
+    let prefix = if opts.prefix_cache && !opts.pack {
+        let used: std::collections::BTreeSet<usize> =
+            (0..total_steps * opts.grad_accum as u64).flat_map(|m| stream.micro_batch(m).concat()).collect();
+        frozen_prefix(opts, &base.model, &lora, &examples, &used.into_iter().collect::<Vec<_>>(), pad, "training")?
+    } else {
+        None
+    };
     let all_eval: Vec<usize> = (0..eval_examples.len()).collect();
     let eval_prefix = frozen_prefix(opts, &base.model, &lora, &eval_examples, &all_eval, pad, "evaluation")?;
     let prov = Provenance {
@@ -693,22 +709,14 @@ pub fn eval_loss(
     for (c, chunk) in examples.chunks(batch_size).enumerate() {
         let refs: Vec<_> = chunk.iter().collect();
         let b = Batch::new(&refs, pad)?;
-        let loss = match prefix {
-            None => batch_loss_sum(model, lora, &b, false)?,
-            Some(p) => {
-                let rows: Vec<usize> = (c * batch_size..c * batch_size + chunk.len()).collect();
-                let h = model.hidden_from(
-                    p.start(),
-                    p.batch(&rows, model.device)?,
-                    &layout_of(model, &b)?,
-                    lora,
-                    false,
-                    None,
-                )?;
-                loss_sum(model, lora, &h, &Targets::of(model, &b.labels)?, false)?
-            }
+        let cached = match prefix {
+            Some(p) => Some((
+                p.start(),
+                p.batch(&(c * batch_size..c * batch_size + chunk.len()).collect::<Vec<_>>(), model.device)?,
+            )),
+            None => None,
         };
-        sum += loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        sum += loss_from(model, lora, &b, cached, false)?.f_to_kind(Kind::Double)?.f_double_value(&[])?;
         count += b.n_targets;
     }
     Ok(sum / count.max(1) as f64)
