@@ -370,7 +370,8 @@ def main():
     # 4. The JSON adapter.
     json_adapter = work / "adapter-json"
 
-    stage("train", json_adapter, [*TRAINER_SRC, base, data, mix / "mix.jsonl"], {"args": json_train, "mix_ratio": MIX_RATIO},
+    stage("train", json_adapter, [*TRAINER_SRC, base, data, mix / "mix.jsonl"],
+          {"args": json_train, "mix_ratio": MIX_RATIO},
           lambda tmp: train_adapter(tmp, data / "json_train.jsonl",
                                     ["--eval-split", "0.04", "--mix-data", mix / "mix.jsonl",
                                      "--mix-ratio", str(MIX_RATIO), "--dataset-version", "demo-orders-v1",

@@ -62,17 +62,16 @@ def main():
     a = ap.parse_args()
 
     a.out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts/demo_data.py"), "--out", str(a.out / "draw"),
-                    "--seed", str(a.seed), "--train", str(a.n), "--test", "1",
-                    "--general-train", "1", "--general-test", "1"], check=True, stdout=subprocess.DEVNULL)
+    demo.sh([sys.executable, ROOT / "scripts/demo_data.py", "--out", a.out / "draw", "--seed", a.seed,
+             "--train", a.n, "--test", 1, "--general-train", 1, "--general-test", 1], stdout=subprocess.DEVNULL)
     tests = demo.read_jsonl(a.out / "draw/train.jsonl")
     if a.truncate:
         tests = [dict(t, description=t["description"][:a.truncate]) for t in tests]
     demo.write_jsonl(a.out / "requests.jsonl",
                      [{"id": t["id"], "messages": demo.short_messages(t["description"])} for t in tests])
-    subprocess.run([str(a.peftrt), "batch", "--model", str(a.model), "--input", str(a.out / "requests.jsonl"),
-                    "--out", str(a.out / "results.jsonl"), "--max-tokens", str(a.max_tokens),
-                    *(x for ad in a.adapter for x in ("--adapter", str(ad)))], check=True)
+    demo.sh([a.peftrt, "batch", "--model", a.model, "--input", a.out / "requests.jsonl",
+             "--out", a.out / "results.jsonl", "--max-tokens", a.max_tokens,
+             *(x for ad in a.adapter for x in ("--adapter", ad))])
     results = demo.read_jsonl(a.out / "results.jsonl")
     schema = json.loads((ROOT / "data/demo/order.schema.json").read_text())
     s = demo.score_rows(results, tests, schema)
