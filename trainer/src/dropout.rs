@@ -40,7 +40,12 @@ impl DropoutStream {
     /// `x` with dropout `p` applied (elements zeroed with probability `p`, the rest scaled by
     /// `1 / (1 − p)`), drawn with the next key. `x` must be on the CPU.
     pub fn apply(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let mask = mask(self.next_key(), &x.size(), p, x.kind())?;
+        let key = self.next_key();
+        if crate::fused::applies(x) {
+            // The same mask, drawn inside one fused pass (and again for the backward).
+            return crate::fused::dropout(x, key, p);
+        }
+        let mask = mask(key, &x.size(), p, x.kind())?;
         Ok(x.f_mul(&mask)?)
     }
 }

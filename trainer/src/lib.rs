@@ -31,6 +31,7 @@ pub mod device;
 pub mod dropout;
 pub mod error;
 pub mod eval;
+pub mod fused;
 pub mod lora;
 pub mod metrics;
 pub mod model;

@@ -12,6 +12,7 @@
 
 use crate::dropout::DropoutStream;
 use crate::error::{Error, Result};
+use crate::fused;
 use crate::lora::LoraSet;
 use peftrt::config::ModelConfig;
 use peftrt::weights::DType;
@@ -347,12 +348,17 @@ impl BaseModel {
         }
     }
 
-    /// transformers' `LlamaRMSNorm`: normalise in f32, then scale by the weight.
+    /// transformers' `LlamaRMSNorm`: normalise in f32, then scale by the weight (one fused
+    /// kernel for f32 on a CPU).
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = f64::from(self.config.rms_norm_eps);
+        if fused::applies(x) {
+            return fused::rms_norm(x, weight, eps);
+        }
         let kind = x.kind();
         let h = x.f_to_kind(Kind::Float)?;
         let variance = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
-        let h = h.f_mul(&variance.f_add_scalar(f64::from(self.config.rms_norm_eps))?.f_rsqrt()?)?;
+        let h = h.f_mul(&variance.f_add_scalar(eps)?.f_rsqrt()?)?;
         Ok(weight.f_mul(&h.f_to_kind(kind)?)?)
     }
 
@@ -391,6 +397,13 @@ impl BaseModel {
     /// `x·cos + rotate_half(x)·sin` for `x` `[batch, heads, seq, head_dim]`, computed as
     /// `x·cos + [x2, x1]·[-sin, sin]` (the same products: negation is exact).
     fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
+        if fused::applies(x) {
+            // The fused kernel takes [batch, seq, heads, head_dim] (x is its transposed view)
+            // and tables [1 or batch, seq, head_dim].
+            let table = |t: &Tensor| if t.dim() == 2 { t.f_unsqueeze(0) } else { t.f_squeeze_dim(1) };
+            let y = fused::rope(&x.f_transpose(1, 2)?, &table(cos)?, &table(signed_sin)?)?;
+            return Ok(y.f_transpose(1, 2)?);
+        }
         let half = x.size()[3] / 2;
         let x1 = x.f_narrow(3, 0, half)?;
         let x2 = x.f_narrow(3, half, half)?;
@@ -439,16 +452,23 @@ impl BaseModel {
 
     /// The SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
     fn mlp(&self, b: &Block, x: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let gate = self.project(&b.gate_proj, x, lora, train)?.f_silu()?;
+        let gate = self.project(&b.gate_proj, x, lora, train)?;
         let up = self.project(&b.up_proj, x, lora, train)?;
-        self.project(&b.down_proj, &gate.f_mul(&up)?, lora, train)
+        let gated = if fused::applies(&gate) { fused::swiglu(&gate, &up)? } else { gate.f_silu()?.f_mul(&up)? };
+        self.project(&b.down_proj, &gated, lora, train)
     }
 
     /// One decoder block: norm → attention → residual → norm → MLP → residual.
     fn block(&self, b: &Block, h: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
         let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, layout, lora, train)?;
-        let h = h.f_add(&a)?;
-        let m = self.mlp(b, &self.rms_norm(&h, &b.post_attention_norm)?, lora, train)?;
+        let (h, normed) = if fused::applies(h) {
+            fused::add_rms_norm(h, &a, &b.post_attention_norm, f64::from(self.config.rms_norm_eps))?
+        } else {
+            let h = h.f_add(&a)?;
+            let normed = self.rms_norm(&h, &b.post_attention_norm)?;
+            (h, normed)
+        };
+        let m = self.mlp(b, &normed, lora, train)?;
         Ok(h.f_add(&m)?)
     }
 

@@ -72,7 +72,10 @@ fn cached_prefix_trains_as_running_it_every_step() {
         assert_eq!(a.len(), b.len());
         for ((n, va), (_, vb)) in a.iter().zip(&b) {
             let (dmax, m) = max_abs_diff(vb, va);
-            assert!(dmax <= 1e-5 * m, "{name} {n}: max |Δ| {dmax} of {m}");
+            // Rounding only: the lower block's products run on a batch in one run and on
+            // single examples in the other (different blockings), and five steps at lr 5e-3
+            // carry the difference into the adapter (~1e-5 of its largest value).
+            assert!(dmax <= 3e-5 * m, "{name} {n}: max |Δ| {dmax} of {m}");
         }
     }
     // And the run with the cache is reproducible to the bit.

@@ -1,0 +1,32 @@
+//! Builds the fused CPU kernels (`csrc/fused.cpp`) against the libtorch that torch-sys found
+//! (its `links = "tch"` metadata gives the library directory; the headers sit beside it).
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/fused.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let lib = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not report the libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
+    );
+    let root = lib.parent().expect("the libtorch lib directory has a parent");
+    let include = root.join("include");
+    // The ABI torch-sys builds its own wrapper with (PyPI's torch uses the C++11 ABI).
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .std("c++20")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        // ATen's parallel_for runs on OpenMP (libtorch's own libgomp) only when compiled with it.
+        .flag("-fopenmp")
+        // Lets the compiler vectorise the kernels' selects and float-to-int conversions (no
+        // code here reads the floating-point exception flags).
+        .flag("-fno-trapping-math")
+        .file("csrc/fused.cpp")
+        .compile("peftrt_fused");
+}
