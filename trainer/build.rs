@@ -18,8 +18,11 @@ fn main() {
         .cpp(true)
         .pic(true)
         .std("c++20")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
+        // As system headers: libtorch's own warnings are not ours to show on every build.
+        .flag("-isystem")
+        .flag(include.to_str().expect("a UTF-8 libtorch path"))
+        .flag("-isystem")
+        .flag(include.join("torch/csrc/api/include").to_str().expect("a UTF-8 libtorch path"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
         // ATen's parallel_for runs on OpenMP (libtorch's own libgomp) only when compiled with it.
