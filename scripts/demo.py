@@ -80,7 +80,8 @@ REHEARSAL_FORMS = ("Write a short paragraph about {}.", "Tell me about {} in a f
 # What the binaries do is fixed by their sources: stages fingerprint these rather than the
 # binaries' bytes, which change with every relink (e.g. `cargo test` builds with other features).
 PEFTRT_SRC = [ROOT / "runtime/src", ROOT / "runtime/Cargo.toml", ROOT / "Cargo.lock"]
-TRAINER_SRC = PEFTRT_SRC + [ROOT / "trainer/src", ROOT / "trainer/Cargo.toml"]
+TRAINER_SRC = PEFTRT_SRC + [ROOT / "trainer/src", ROOT / "trainer/csrc", ROOT / "trainer/build.rs",
+                            ROOT / "trainer/Cargo.toml"]
 
 
 def log(msg):
