@@ -10,11 +10,21 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not report the libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
     );
-    let root = lib.parent().expect("the libtorch lib directory has a parent");
-    let include = root.join("include");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
+    // Where torch-sys looks for the headers: LIBTORCH_INCLUDE, else beside the library.
+    let include = match std::env::var_os("LIBTORCH_INCLUDE") {
+        Some(dir) => PathBuf::from(dir).join("include"),
+        None => lib.parent().expect("the libtorch lib directory has a parent").join("include"),
+    };
     // The ABI torch-sys builds its own wrapper with (PyPI's torch uses the C++11 ABI).
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    // ATen's parallel_for runs on OpenMP only when compiled with it; on Linux torch-sys links
+    // libtorch's own libgomp, so these kernels share libtorch's threads and thread count.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        build.flag("-fopenmp");
+    }
+    build
         .cpp(true)
         .pic(true)
         .std("c++20")
@@ -25,8 +35,6 @@ fn main() {
         .flag(include.join("torch/csrc/api/include").to_str().expect("a UTF-8 libtorch path"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("GLOG_USE_GLOG_EXPORT", None)
-        // ATen's parallel_for runs on OpenMP (libtorch's own libgomp) only when compiled with it.
-        .flag("-fopenmp")
         // Lets the compiler vectorise the kernels' selects and float-to-int conversions (no
         // code here reads the floating-point exception flags).
         .flag("-fno-trapping-math")

@@ -10,10 +10,12 @@
 // draws it again for the backward instead of keeping it.
 //
 // Only f32 CPU tensors are accepted (the trainer keeps its libtorch path on other devices and
-// dtypes). The kernels are plain loops the compiler vectorises; on x86-64 each is also compiled
-// for AVX2 and AVX-512 and picked at load time. Rows are shared out with `at::parallel_for`
-// (libtorch's own threads); every row is computed by one thread in a fixed order, so results do
-// not depend on the thread count.
+// dtypes). The kernels are plain loops the compiler vectorises; on x86-64 with GCC each is also
+// compiled for x86-64-v3 (AVX2, FMA) and v4 (AVX-512) and picked at load time. Rows are shared
+// out with `at::parallel_for` (libtorch's own threads); every row is computed by one thread in a
+// fixed order, so results do not depend on the thread count (they may differ in the last bits
+// between CPU generations, where FMA contracts products and sums). The backward functions are
+// not themselves differentiable: double backward is refused.
 //
 // The C entry points return a new tensor (owned by the caller, as tch's `Tensor::from_ptr`
 // takes it) or null with the reason in `peftrt_fused_error()`: no exception crosses into Rust.
@@ -27,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 
 using torch::autograd::AutogradContext;
@@ -115,6 +118,11 @@ void check_f32_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be f32, not ", t.scalar_type());
 }
 
+// The backward passes are plain kernels, not differentiable themselves.
+void check_no_double_backward(const char* what) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "fused ", what, ": double backward (create_graph) is not supported");
+}
+
 // The gradient of the norm's weight, when it is trained (the trainer's are frozen):
 // sum over rows of dy * s * rstd.
 at::Tensor norm_weight_grad(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& rstd) {
@@ -173,6 +181,7 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("rms_norm");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &s = saved[0], &w = saved[1], &rstd = saved[2];
     at::Tensor dx = norm_backward(s, w, rstd, grads[0], at::Tensor());
@@ -191,6 +200,7 @@ struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("add_rms_norm");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &s = saved[0], &w = saved[1], &rstd = saved[2];
     at::Tensor dx = norm_backward(s, w, rstd, grads[0], grads[1]);
@@ -250,7 +260,7 @@ struct Rope : public torch::autograd::Function<Rope> {
     TORCH_CHECK(cos.dim() == 3 && cos.sizes() == ssin.sizes() && cos.size(1) == x.size(1) &&
                     cos.size(2) == x.size(3) && (cos.size(0) == 1 || cos.size(0) == x.size(0)),
                 "rotary tables ", cos.sizes(), " / ", ssin.sizes(), " do not fit an input ", x.sizes());
-    TORCH_CHECK(!cos.requires_grad() && !ssin.requires_grad(), "the rotary tables are constants");
+    TORCH_CHECK(!cos.requires_grad() && !ssin.requires_grad(), "the rotary tables must not require gradients");
     const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = ssin.contiguous();
     at::Tensor y = at::empty_like(xc);
     rope_apply(xc, cc, sc, y, false);
@@ -259,6 +269,7 @@ struct Rope : public torch::autograd::Function<Rope> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("rope");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor dy = grads[0].contiguous();
     at::Tensor dx = at::empty_like(dy);
@@ -274,9 +285,11 @@ struct Rope : public torch::autograd::Function<Rope> {
 // degree-7 Taylor polynomial (truncation below 1e-8 relative), times 2^n built in the exponent
 // bits. A few ulp from the correctly rounded value; branch-free so that loops vectorise.
 inline float exp_f32(float x) {
-  // Written as selects (minps/maxps), which vectorise; std::min/max would branch. NaN stays NaN.
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+  // Written as selects (maxps/minps), which vectorise; std::min/max would branch. A NaN lands
+  // on -87 (converting a NaN to int would be undefined); the callers multiply the result by
+  // the NaN input, so NaN still comes out.
+  x = x > -87.0f ? x : -87.0f;
+  x = x < 88.0f ? x : 88.0f;
   const float shifter = 12582912.0f;
   const float n = (x * 1.44269504088896341f + shifter) - shifter;
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-6f;
@@ -327,6 +340,7 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("swiglu");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &g = saved[0], &u = saved[1];
     const at::Tensor dz = grads[0].contiguous();
@@ -390,6 +404,7 @@ struct Dropout : public torch::autograd::Function<Dropout> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("dropout");
     const auto key = static_cast<uint64_t>(ctx->saved_data["key"].toInt());
     const double p = ctx->saved_data["p"].toDouble();
     return {dropout_apply(grads[0], key, p), at::Tensor(), at::Tensor()};
@@ -398,17 +413,26 @@ struct Dropout : public torch::autograd::Function<Dropout> {
 
 thread_local std::string last_error;
 
+// Keeps `msg` for `peftrt_fused_error`; never throws (out of memory leaves a fixed message).
+void set_error(const char* msg) noexcept {
+  try {
+    last_error = msg;
+  } catch (...) {
+    last_error.clear();  // the Rust side reports an empty message as such
+  }
+}
+
 template <class F>
-int guarded(F&& f) {
+int guarded(F&& f) noexcept {
   try {
     f();
     return 0;
   } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
+    set_error(e.what_without_backtrace());
   } catch (const std::exception& e) {
-    last_error = e.what();
+    set_error(e.what());
   } catch (...) {
-    last_error = "unknown C++ exception";
+    set_error("unknown C++ exception");
   }
   return -1;
 }
@@ -430,8 +454,10 @@ int peftrt_fused_add_rms_norm(const at::Tensor* x, const at::Tensor* r, const at
                               at::Tensor** sum, at::Tensor** out) {
   return guarded([&] {
     auto res = AddRmsNorm::apply(*x, *r, *w, eps);
-    *out = new at::Tensor(res[0]);
-    *sum = new at::Tensor(res[1]);
+    auto normed = std::make_unique<at::Tensor>(res[0]);
+    auto total = std::make_unique<at::Tensor>(res[1]);
+    *out = normed.release();
+    *sum = total.release();
   });
 }
 

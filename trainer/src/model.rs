@@ -424,7 +424,9 @@ impl BaseModel {
     /// the `[.., seq, seq]` probabilities for the backward, which the flash kernel recomputes:
     /// on a CPU that is faster at short sequences (see [`MATH_ATTENTION_MAX_SEQ`]).
     fn causal_attention_products(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-        let [batch, n_heads, seq, head_dim] = q.size()[..] else { unreachable!("q is 4-d") };
+        let [batch, n_heads, seq, head_dim] = q.size()[..] else {
+            return Err(Error::Input(format!("attention: queries of shape {:?}, not 4-d", q.size())));
+        };
         let n_kv = k.size()[1];
         let group = n_heads / n_kv;
         let q = q.f_mul_scalar(scale)?.f_reshape([batch, n_kv, group * seq, head_dim])?;
@@ -605,6 +607,42 @@ impl BaseModel {
 mod tests {
     use super::*;
     use crate::data::SplitMix64;
+
+    /// The short-sequence attention path computes libtorch's causal attention with grouped
+    /// kv heads (`scaled_dot_product_attention`, `enable_gqa`): outputs and the gradients of
+    /// q, k and v, for one token, a few, and the longest sequence it takes.
+    #[test]
+    fn attention_products_match_scaled_dot_product_attention() {
+        let (batch, n_heads, n_kv, head_dim) = (2, 9, 3, 16);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        for seq in [1, 7, MATH_ATTENTION_MAX_SEQ] {
+            tch::manual_seed(seq);
+            let opts = (Kind::Float, Device::Cpu);
+            let q = Tensor::randn([batch, n_heads, seq, head_dim], opts);
+            let k = Tensor::randn([batch, n_kv, seq, head_dim], opts);
+            let v = Tensor::randn([batch, n_kv, seq, head_dim], opts);
+            let dout = Tensor::randn([batch, n_heads, seq, head_dim], opts);
+            let run = |math: bool| {
+                let leaves: Vec<Tensor> = [&q, &k, &v].iter().map(|t| t.copy().set_requires_grad(true)).collect();
+                let (q, k, v) = (&leaves[0], &leaves[1], &leaves[2]);
+                let out = if math {
+                    BaseModel::causal_attention_products(q, k, v, scale).unwrap()
+                } else {
+                    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, true)
+                };
+                (&out * &dout).sum(Kind::Float).backward();
+                (out.detach(), leaves.iter().map(Tensor::grad).collect::<Vec<_>>())
+            };
+            let ((want, want_g), (got, got_g)) = (run(false), run(true));
+            let close = |a: &Tensor, b: &Tensor| {
+                (a - b).abs().max().double_value(&[]) <= 2e-6 * b.abs().max().double_value(&[]).max(1.0)
+            };
+            assert!(close(&got, &want), "seq {seq}: outputs");
+            for (name, (g, w)) in ["q", "k", "v"].iter().zip(got_g.iter().zip(&want_g)) {
+                assert!(close(g, w), "seq {seq}: gradient of {name}");
+            }
+        }
+    }
 
     /// The one-pass CPU decoding gives exactly libtorch's gather-and-scale, for one thread and
     /// several, blocksizes from 32 to 4096, and blocks that do not share out evenly among threads.
