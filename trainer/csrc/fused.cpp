@@ -46,19 +46,8 @@ namespace {
 // Rows per `parallel_for` chunk: about 32k elements, libtorch's own grain for element-wise work.
 int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_len)); }
 
-// The sum of squares of `n` values, in 16 interleaved partial sums (a form the compiler
-// vectorises without reassociating anything itself).
-inline float sum_squares(const float* x, int64_t n) {
-  float acc[16] = {0};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += x[j + l] * x[j + l];
-  for (; j < n; ++j) acc[j & 15] += x[j] * x[j];
-  float s = 0;
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  return s;
-}
-
+// The dot product of `n` values, in 16 interleaved partial sums (a form the compiler vectorises
+// without reassociating anything itself).
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc[16] = {0};
   int64_t j = 0;
@@ -84,7 +73,7 @@ PEFTRT_CLONES void rms_norm_rows(const float* x, const float* r, const float* w,
       for (int64_t j = 0; j < h; ++j) si[j] = src[j] + ri[j];
       src = si;
     }
-    const float variance = sum_squares(src, h) / static_cast<float>(h);
+    const float variance = dot(src, src, h) / static_cast<float>(h);
     const float rs = 1.0f / std::sqrt(variance + eps);
     rstd[i] = rs;
     float* yi = y + i * h;
