@@ -144,9 +144,9 @@ mod tests {
         (y.detach(), leaves.iter().map(Tensor::grad).collect())
     }
 
+    /// The trainer's libtorch path, which the kernel replaces.
     fn composite_rms(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
-        let v = x.pow_tensor_scalar(2).mean_dim(-1, true, None::<Kind>);
-        w * (x * (v + eps).rsqrt())
+        crate::model::rms_norm_ops(x, w, eps).unwrap()
     }
 
     #[test]
@@ -199,12 +199,10 @@ mod tests {
         for (cos, signed_sin) in [(cos.narrow(0, 0, 1), signed_sin.narrow(0, 0, 1)), (cos, signed_sin)] {
             let x = randn(&[b, t, heads, d], 10);
             let dy = randn(&[b, t, heads, d], 11);
-            // The trainer's libtorch formula, on [batch, heads, seq, head_dim].
+            // The trainer's libtorch path, on [batch, heads, seq, head_dim].
             let composite = |x: &Tensor| {
-                let x = x.transpose(1, 2);
                 let (c, s) = (cos.unsqueeze(1), signed_sin.unsqueeze(1));
-                let swapped = Tensor::cat(&[x.narrow(3, d / 2, d / 2), x.narrow(3, 0, d / 2)], 3);
-                (&x * c + swapped * s).transpose(1, 2)
+                crate::model::rope_ops(&x.transpose(1, 2), &c, &s).unwrap().transpose(1, 2)
             };
             let (want, want_g) = forward_backward(&[&x], &dy, |t| composite(&t[0]));
             let (got, got_g) = forward_backward(&[&x], &dy, |t| rope(&t[0], &cos, &signed_sin).unwrap());

@@ -24,6 +24,26 @@ use tch::{Device, Kind, Tensor};
 /// 12.3 ms at 128 tokens, even at 256, 188 vs 105 ms at 512.
 const MATH_ATTENTION_MAX_SEQ: i64 = 128;
 
+/// transformers' `LlamaRMSNorm` in libtorch's operators: normalise in f32, then scale by the
+/// weight. The fused kernel's fallback and its reference in tests.
+pub(crate) fn rms_norm_ops(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let kind = x.kind();
+    let h = x.f_to_kind(Kind::Float)?;
+    let variance = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
+    let h = h.f_mul(&variance.f_add_scalar(eps)?.f_rsqrt()?)?;
+    Ok(weight.f_mul(&h.f_to_kind(kind)?)?)
+}
+
+/// The rotary embedding in libtorch's operators, for `x` `[batch, heads, seq, head_dim]`:
+/// `x·cos + [x2, x1]·[-sin, sin]`. The fused kernel's fallback and its reference in tests.
+pub(crate) fn rope_ops(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
+    let half = x.size()[3] / 2;
+    let x1 = x.f_narrow(3, 0, half)?;
+    let x2 = x.f_narrow(3, half, half)?;
+    let swapped = Tensor::f_cat(&[x2, x1], 3)?;
+    Ok(x.f_mul(cos)?.f_add(&swapped.f_mul(signed_sin)?)?)
+}
+
 /// How the frozen projections are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BaseStorage {
@@ -354,18 +374,24 @@ impl BaseModel {
         }
     }
 
-    /// transformers' `LlamaRMSNorm`: normalise in f32, then scale by the weight (one fused
-    /// kernel for f32 on a CPU).
+    /// transformers' `LlamaRMSNorm` (one fused kernel for f32 on a CPU, else [`rms_norm_ops`]).
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let eps = f64::from(self.config.rms_norm_eps);
         if fused::applies(x) {
             return fused::rms_norm(x, weight, eps);
         }
-        let kind = x.kind();
-        let h = x.f_to_kind(Kind::Float)?;
-        let variance = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
-        let h = h.f_mul(&variance.f_add_scalar(eps)?.f_rsqrt()?)?;
-        Ok(weight.f_mul(&h.f_to_kind(kind)?)?)
+        rms_norm_ops(x, weight, eps)
+    }
+
+    /// `(x + r, rms_norm(x + r))`: the residual add and the norm after it (one fused kernel for
+    /// f32 on a CPU).
+    fn add_rms_norm(&self, x: &Tensor, r: &Tensor, weight: &Tensor) -> Result<(Tensor, Tensor)> {
+        if fused::applies(x) {
+            return fused::add_rms_norm(x, r, weight, f64::from(self.config.rms_norm_eps));
+        }
+        let sum = x.f_add(r)?;
+        let normed = self.rms_norm(&sum, weight)?;
+        Ok((sum, normed))
     }
 
     /// `cos` and signed `sin` of the rotary angles at `positions` (f32, any shape), with a
@@ -410,11 +436,7 @@ impl BaseModel {
             let y = fused::rope(&x.f_transpose(1, 2)?, &table(cos)?, &table(signed_sin)?)?;
             return Ok(y.f_transpose(1, 2)?);
         }
-        let half = x.size()[3] / 2;
-        let x1 = x.f_narrow(3, 0, half)?;
-        let x2 = x.f_narrow(3, half, half)?;
-        let swapped = Tensor::f_cat(&[x2, x1], 3)?;
-        Ok(x.f_mul(cos)?.f_add(&swapped.f_mul(signed_sin)?)?)
+        rope_ops(x, cos, signed_sin)
     }
 
     /// Causal attention as three batched products and a softmax, for `q` `[batch, heads, seq,
@@ -489,13 +511,7 @@ impl BaseModel {
     /// One decoder block: norm → attention → residual → norm → MLP → residual.
     fn block(&self, b: &Block, h: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
         let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, layout, lora, train)?;
-        let (h, normed) = if fused::applies(h) {
-            fused::add_rms_norm(h, &a, &b.post_attention_norm, f64::from(self.config.rms_norm_eps))?
-        } else {
-            let h = h.f_add(&a)?;
-            let normed = self.rms_norm(&h, &b.post_attention_norm)?;
-            (h, normed)
-        };
+        let (h, normed) = self.add_rms_norm(h, &a, &b.post_attention_norm)?;
         let m = self.mlp(b, &normed, lora, train)?;
         Ok(h.f_add(&m)?)
     }
