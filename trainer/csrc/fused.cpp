@@ -7,7 +7,8 @@
 // pass forward and one pass backward, with the same formulas (transformers' `LlamaRMSNorm`,
 // `apply_rotary_pos_emb`, `silu(gate) * up`) up to rounding. LoRA's dropout is one pass that
 // draws the trainer's counter-based mask as it goes (bit-identical to `dropout::mask`) and
-// draws it again for the backward instead of keeping it.
+// draws it again for the backward instead of keeping it. And the products with a frozen weight
+// go to oneDNN, whose AVX-512 kernels run where libtorch's MKL does not pick its own.
 //
 // Only f32 CPU tensors are accepted (the trainer keeps its libtorch path on other devices and
 // dtypes). The kernels are plain loops the compiler vectorises; on x86-64 with GCC each is also
@@ -31,9 +32,20 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+namespace at::native {
+// oneDNN's matrix product, `result = beta * result + alpha * mat1 * mat2`: exported by
+// libtorch_cpu (TORCH_API) though its header (ATen/native/mkldnn/Matmul.h) is not installed.
+// In f32 it computes in f32 (libtorch's default "ieee" matmul precision sets no reduced-precision
+// mode) and needs AVX-512 (or AVX-NE-CONVERT): elsewhere it throws, and the trainer keeps
+// libtorch's own product.
+void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                   float alpha);
+}  // namespace at::native
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PEFTRT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
@@ -400,6 +412,46 @@ struct Dropout : public torch::autograd::Function<Dropout> {
   }
 };
 
+// ---- Products with a frozen weight, on oneDNN ----
+
+// y [rows, out] = x [rows, in] * w [out, in]^T, by oneDNN (w^T is read in place: a transposed
+// view is one of the layouts oneDNN takes without a copy).
+at::Tensor onednn_mm(const at::Tensor& x, const at::Tensor& w_or_wt, int64_t cols) {
+  at::Tensor y = at::empty({x.size(0), cols}, x.options());
+  if (x.size(0) > 0) at::native::mkldnn_matmul(x, w_or_wt, y, 0.0f, 1.0f);
+  return y;
+}
+
+// x * w^T for a weight that gets no gradient (a frozen base layer): libtorch's `linear` on its
+// CPU BLAS, MKL, runs MKL's AVX2 kernels on AMD processors even where they have AVX-512, and
+// oneDNN's AVX-512 kernels do the same product in f32 at twice the rate there (BENCHMARKS.md).
+// Nothing but the weight is kept for the backward, which is dx = dy * w.
+struct FrozenLinear : public torch::autograd::Function<FrozenLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    check_f32_cpu(x, "the input");
+    check_f32_cpu(w, "the weight");
+    TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "an input of shape ", x.sizes(),
+                " does not fit a weight of shape ", w.sizes());
+    TORCH_CHECK(!w.requires_grad(), "the weight of a frozen linear layer requires a gradient");
+    const at::Tensor wc = w.contiguous();
+    const at::Tensor y = onednn_mm(x.reshape({-1, w.size(1)}).contiguous(), wc.t(), w.size(0));
+    ctx->save_for_backward({wc});
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = w.size(0);
+    return y.view(sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("frozen linear");
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    const at::Tensor& dy = grads[0];
+    const at::Tensor dx = onednn_mm(dy.reshape({-1, w.size(0)}).contiguous(), w, w.size(1));
+    std::vector<int64_t> sizes = dy.sizes().vec();
+    sizes.back() = w.size(1);
+    return {dx.view(sizes), at::Tensor()};
+  }
+};
+
 thread_local std::string last_error;
 
 // Keeps `msg` for `peftrt_fused_error`; never throws (out of memory leaves a fixed message).
@@ -463,6 +515,26 @@ int peftrt_fused_swiglu(const at::Tensor* g, const at::Tensor* u, at::Tensor** o
 // *out = x * the dropout mask of `key` (probability p), the mask regenerated for the backward.
 int peftrt_fused_dropout(const at::Tensor* x, uint64_t key, double p, at::Tensor** out) {
   return guarded([&] { *out = new at::Tensor(Dropout::apply(*x, static_cast<int64_t>(key), p)); });
+}
+
+// *out = x * w^T by oneDNN for a weight without gradient (the backward gives x's only).
+int peftrt_fused_frozen_linear(const at::Tensor* x, const at::Tensor* w, at::Tensor** out) {
+  return guarded([&] { *out = new at::Tensor(FrozenLinear::apply(*x, *w)); });
+}
+
+// 1 when oneDNN's f32 product runs on this CPU (tried once on a small product), else 0.
+int peftrt_fused_onednn_available() {
+  static const int available = [] {
+    return guarded([] {
+             const at::Tensor a = at::ones({4, 8}), b = at::ones({8, 3});
+             at::Tensor c = at::empty({4, 3});
+             at::native::mkldnn_matmul(a, b, c, 0.0f, 1.0f);
+             TORCH_CHECK(c.eq(8.0f).all().item<bool>(), "oneDNN's product of ones is wrong");
+           }) == 0
+               ? 1
+               : 0;
+  }();
+  return available;
 }
 
 // e^x by the kernels' exp, for its test.

@@ -1,7 +1,7 @@
 //! Fused CPU kernels for RMSNorm (with or without the residual add before it), the rotary
 //! embedding, the SiLU-gated product and LoRA dropout: one pass forward and one backward each, as libtorch
 //! autograd functions written in C++ (`csrc/fused.cpp`, built by `build.rs` against the same
-//! libtorch). [`crate::model::BaseModel`] uses them for f32 tensors on a CPU and libtorch's
+//! libtorch); and the frozen base's matrix products on oneDNN where that beats libtorch's MKL. [`crate::model::BaseModel`] uses them for f32 tensors on a CPU and libtorch's
 //! operators everywhere else; the tests below hold them to those operators.
 //!
 //! On the CPU these element-wise operators were about a sixth of a LoRA step on SmolLM2 (each a
@@ -32,6 +32,8 @@ extern "C" {
     ) -> c_int;
     fn peftrt_fused_swiglu(g: *const C_tensor, u: *const C_tensor, out: *mut *mut C_tensor) -> c_int;
     fn peftrt_fused_dropout(x: *const C_tensor, key: u64, p: f64, out: *mut *mut C_tensor) -> c_int;
+    fn peftrt_fused_frozen_linear(x: *const C_tensor, w: *const C_tensor, out: *mut *mut C_tensor) -> c_int;
+    fn peftrt_fused_onednn_available() -> c_int;
     #[cfg(test)]
     fn peftrt_fused_exp(x: f32) -> f32;
 }
@@ -43,6 +45,19 @@ pub fn applies(t: &Tensor) -> bool {
     *ENABLED.get_or_init(|| std::env::var("PEFTRT_FUSED").map_or(true, |v| v != "0"))
         && t.device() == Device::Cpu
         && t.kind() == Kind::Float
+}
+
+/// Whether [`frozen_linear`] takes `x` (and an f32 weight): f32 on a CPU where oneDNN's f32
+/// product runs (x86-64 with AVX-512), unless the environment sets `PEFTRT_ONEDNN=0` (libtorch's
+/// own `linear`, on MKL).
+pub fn onednn_applies(x: &Tensor) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    x.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && *ENABLED.get_or_init(|| {
+            // SAFETY: no arguments; the C++ side catches its own exceptions.
+            std::env::var("PEFTRT_ONEDNN").map_or(true, |v| v != "0") && unsafe { peftrt_fused_onednn_available() } == 1
+        })
 }
 
 /// The error of a failed call (the C++ side's message, kept per thread).
@@ -114,6 +129,17 @@ pub fn dropout(x: &Tensor, key: u64, p: f64) -> Result<Tensor> {
     match unsafe { peftrt_fused_dropout(x.as_ptr(), key, p, &mut out) } {
         0 => Ok(owned(out)),
         _ => Err(last_error("dropout")),
+    }
+}
+
+/// `x · wᵀ` for `x` `[.., in]` and a frozen f32 weight `w` `[out, in]` (one that requires no
+/// gradient), by oneDNN; the backward gives `x` its gradient only. See [`onednn_applies`].
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: as in `rms_norm`.
+    match unsafe { peftrt_fused_frozen_linear(x.as_ptr(), w.as_ptr(), &mut out) } {
+        0 => Ok(owned(out)),
+        _ => Err(last_error("frozen_linear")),
     }
 }
 
@@ -247,6 +273,42 @@ mod tests {
         tch::set_num_threads(threads);
         assert!(got.equal(&(&x * crate::dropout::mask(5, &[n], 0.5, Kind::Float).unwrap())));
         assert!(dropout(&randn(&[3], 20), 1, 1.0).is_err());
+    }
+
+    #[test]
+    fn frozen_linear_matches_libtorch_linear_forward_and_backward() {
+        if !onednn_applies(&randn(&[1], 0)) {
+            eprintln!("skipped: oneDNN's f32 product does not run on this CPU (or PEFTRT_ONEDNN=0)");
+            return;
+        }
+        let w = randn(&[96, 72], 22) * 0.1;
+        // 3-d, 2-d and a single row, widths that are not multiples of 16; and a transposed
+        // (non-contiguous) input.
+        let inputs = [randn(&[3, 17, 72], 23), randn(&[40, 72], 24), randn(&[1, 72], 25), randn(&[72, 9], 26).tr()];
+        for x in &inputs {
+            let mut out = x.size();
+            *out.last_mut().unwrap() = 96;
+            let dy = randn(&out, 27);
+            let (want, want_g) = forward_backward(&[x], &dy, |t| t[0].linear::<Tensor>(&w, None));
+            let (got, got_g) = forward_backward(&[x], &dy, |t| frozen_linear(&t[0], &w).unwrap());
+            assert_eq!(got.size(), want.size());
+            assert!(rel_err(&got, &want) < 1e-6, "{:?} forward {}", x.size(), rel_err(&got, &want));
+            assert!(
+                rel_err(&got_g[0], &want_g[0]) < 1e-6,
+                "{:?} backward {}",
+                x.size(),
+                rel_err(&got_g[0], &want_g[0])
+            );
+        }
+        // No rows: an empty product, not an error.
+        assert_eq!(frozen_linear(&randn(&[0, 72], 28), &w).unwrap().size(), [0, 96]);
+        // Without grad mode (the frozen prefix, evaluation): the same values.
+        let y = tch::no_grad(|| frozen_linear(&inputs[1], &w).unwrap());
+        assert!(rel_err(&y, &inputs[1].linear::<Tensor>(&w, None)) < 1e-6);
+        let err = frozen_linear(&randn(&[4, 71], 29), &w).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
+        let err = frozen_linear(&inputs[1], &w.copy().set_requires_grad(true)).unwrap_err().to_string();
+        assert!(err.contains("requires a gradient"), "{err}");
     }
 
     #[test]

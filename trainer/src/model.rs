@@ -355,7 +355,16 @@ impl BaseModel {
     /// `W·x + b`, plus `scale · B(A(dropout(x)))` when `lora` adapts this layer (PEFT's
     /// `lora.Linear.forward`). Every projection goes through here.
     pub fn project(&self, lin: &BaseLinear, x: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let y = x.f_linear(&lin.weight(self.kind)?, lin.bias.as_ref())?;
+        let w = lin.weight(self.kind)?;
+        let y = if fused::onednn_applies(x) {
+            let y = fused::frozen_linear(x, &w)?;
+            match &lin.bias {
+                Some(b) => y.f_add(b)?,
+                None => y,
+            }
+        } else {
+            x.f_linear(&w, lin.bias.as_ref())?
+        };
         match lora.for_layer(lin.id) {
             None => Ok(y),
             Some(l) => {
