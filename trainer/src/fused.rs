@@ -55,8 +55,15 @@ pub fn onednn_applies(x: &Tensor) -> bool {
     x.device() == Device::Cpu
         && x.kind() == Kind::Float
         && *ENABLED.get_or_init(|| {
+            if std::env::var("PEFTRT_ONEDNN").is_ok_and(|v| v == "0") {
+                return false;
+            }
             // SAFETY: no arguments; the C++ side catches its own exceptions.
-            std::env::var("PEFTRT_ONEDNN").map_or(true, |v| v != "0") && unsafe { peftrt_fused_onednn_available() } == 1
+            let available = unsafe { peftrt_fused_onednn_available() } == 1;
+            if !available {
+                log::info!("{}; the frozen products use libtorch's linear", last_error("oneDNN probe"));
+            }
+            available
         })
 }
 
