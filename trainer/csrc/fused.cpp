@@ -522,19 +522,15 @@ int peftrt_fused_frozen_linear(const at::Tensor* x, const at::Tensor* w, at::Ten
   return guarded([&] { *out = new at::Tensor(FrozenLinear::apply(*x, *w)); });
 }
 
-// 1 when oneDNN's f32 product runs on this CPU (tried once on a small product), else 0.
-int peftrt_fused_onednn_available() {
-  static const int available = [] {
-    return guarded([] {
-             const at::Tensor a = at::ones({4, 8}), b = at::ones({8, 3});
-             at::Tensor c = at::empty({4, 3});
-             at::native::mkldnn_matmul(a, b, c, 0.0f, 1.0f);
-             TORCH_CHECK(c.eq(8.0f).all().item<bool>(), "oneDNN's product of ones is wrong");
-           }) == 0
-               ? 1
-               : 0;
-  }();
-  return available;
+// 0 when oneDNN's f32 product runs on this CPU (tried on a small product), else -1 with the
+// reason in `peftrt_fused_error()`. The caller keeps the answer.
+int peftrt_fused_onednn_probe() {
+  return guarded([] {
+    const at::Tensor a = at::ones({4, 8}), b = at::ones({8, 3});
+    at::Tensor c = at::empty({4, 3});
+    at::native::mkldnn_matmul(a, b, c, 0.0f, 1.0f);
+    TORCH_CHECK(c.eq(8.0f).all().item<bool>(), "oneDNN's product of ones is wrong");
+  });
 }
 
 // e^x by the kernels' exp, for its test.

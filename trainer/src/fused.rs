@@ -33,7 +33,7 @@ extern "C" {
     fn peftrt_fused_swiglu(g: *const C_tensor, u: *const C_tensor, out: *mut *mut C_tensor) -> c_int;
     fn peftrt_fused_dropout(x: *const C_tensor, key: u64, p: f64, out: *mut *mut C_tensor) -> c_int;
     fn peftrt_fused_frozen_linear(x: *const C_tensor, w: *const C_tensor, out: *mut *mut C_tensor) -> c_int;
-    fn peftrt_fused_onednn_available() -> c_int;
+    fn peftrt_fused_onednn_probe() -> c_int;
     #[cfg(test)]
     fn peftrt_fused_exp(x: f32) -> f32;
 }
@@ -58,8 +58,8 @@ pub fn onednn_applies(x: &Tensor) -> bool {
             if std::env::var("PEFTRT_ONEDNN").is_ok_and(|v| v == "0") {
                 return false;
             }
-            // SAFETY: no arguments; the C++ side catches its own exceptions.
-            let available = unsafe { peftrt_fused_onednn_available() } == 1;
+            // SAFETY: no arguments; the C++ side catches its own exceptions. Probed once, here.
+            let available = unsafe { peftrt_fused_onednn_probe() } == 0;
             if !available {
                 log::info!("{}; the frozen products use libtorch's linear", last_error("oneDNN probe"));
             }
