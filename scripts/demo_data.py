@@ -4,7 +4,7 @@
 The demo fine-tunes SmolLM2-135M-Instruct with LoRA to turn a customer's free-text order request
 into the nested JSON of data/demo/order.schema.json. This script writes, into --out DIR:
 
-  train.jsonl, test.jsonl                    {"id", "description", "target"}  (orders)
+  train.jsonl, test.jsonl, dev.jsonl         {"id", "description", "target"}  (orders)
   general_train.jsonl, general_test.jsonl    {"id", "instruction", "response"} (general tasks)
 
 The general set (arithmetic, unit conversion, sorting, capitals, reversing, letter counting,
@@ -27,21 +27,25 @@ Design
     coupon codes are copied verbatim into the target.
   * Held-out test: first names, last names, streets and cities come from disjoint train/test pools,
     and every template group has test-only phrasings; training draws from further train-only
-    phrasings instead (TEMPLATES[part] = (shared, test_only, train_only)).
+    phrasings instead (TEMPLATES[part] = (shared, test_only, train_only, dev_only)).
+  * Development split (dev.jsonl, for scripts/demo_dev.py): held out like the test split, with its
+    own pools and phrasings (dev_only), so the demo's settings are chosen on unseen wordings
+    without looking at the test split. Its random stream is separate: adding it changed no byte
+    of the other files.
     Product and colour catalogues are shared. General tasks: every question has an instance key
     (e.g. ("capital", "France"), whatever the phrasing); test keys never occur in train, and the
     last HOLDOUT capitals/antonyms/topics are test-only.
   * Descriptions are 150-500 characters and the compact target JSON under 450 (rejection sampling).
   * Self-check before writing (fails loudly): schema validation (jsonschema, draft 2020-12) and
     schema enum == CATALOG, sizes only on apparel, every verbatim target string (name, email, phone,
-    address, colour, coupon) occurs in its description, unique ids, no test description/target in
-    train, no test-only name/street/city/template text in train (nor train-only template text in
-    test), general train/test disjoint, and
+    address, colour, coupon) occurs in its description, unique ids, no test or dev description or
+    target in train, no split-only name/street/city/template text in another order split, general
+    train/test disjoint, and
     a second in-memory generation is byte-identical. Files are written to a temp name, then renamed.
 
 Usage (repository root):
   .venv/bin/python scripts/demo_data.py --out runs/demo/data [--seed 1234] [--train 640]
-      [--test 160] [--general-train 240] [--general-test 40]
+      [--test 160] [--dev 60] [--general-train 240] [--general-test 40]
 """
 
 from __future__ import annotations
@@ -84,87 +88,111 @@ SIZE_WORDS = {"S": "small", "M": "medium", "L": "large", "XL": "extra large"}
 NUM_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
              "eleven", "twelve"]
 
-# Disjoint surface pools: (train, test).
+# Disjoint surface pools: (train, test, dev). The dev pool is only drawn by the development split
+# (scripts/demo_dev.py), which picks the demo's settings without looking at the test split.
 FIRST = (["Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Irene", "Jonas",
           "Kate", "Liam", "Maria", "Noah", "Olivia", "Paul", "Rosa", "Sam", "Tara", "Victor",
           "Wendy", "Yusuf", "Zoe", "Marco", "Lena", "Omar", "Julia", "Tom", "Sofia", "Erik"],
          ["Agnes", "Bruno", "Cecile", "Dmitri", "Elif", "Fiona", "Gustav", "Hana", "Ivo",
-          "Jolene", "Kwame", "Ludmila"])
+          "Jolene", "Kwame", "Ludmila"],
+         ["Aurelio", "Beatrix", "Cosmin", "Dagny", "Eero", "Farida", "Gideon", "Henrike"])
 LAST = (["Smith", "Miller", "Garcia", "Johnson", "Brown", "Schulz", "Rossi", "Dubois", "Jansen",
          "Kowalski", "Nguyen", "Patel", "Andersen", "Lopez", "Weber", "Murphy", "Costa", "Fischer",
          "Novak", "Larsen", "Bianchi", "Moreau", "Hughes", "Walsh"],
         ["Okafor", "Lindqvist", "Haddad", "Petrovic", "Yamada", "Castellano", "Brennan",
-         "Vermeulen", "Szabo", "Achterberg"])
+         "Vermeulen", "Szabo", "Achterberg"],
+        ["Abernathy", "Kuznetsova", "Oyelaran", "Dalgaard", "Fontaine", "Matsuda"])
 STREETS = (["Baker Street", "Elm Avenue", "Maple Road", "Oak Lane", "Station Road", "High Street",
             "Park Avenue", "Mill Lane", "Church Street", "Kastanienallee", "Keizersgracht",
             "Rue de la Paix", "Queen Street", "King Road", "Harbour View", "Cedar Court",
             "Lindenstrasse", "Willow Way", "Bridge Street", "Victoria Road"],
            ["Juniper Crescent", "Alder Close", "Bergstrasse", "Prinsengracht", "Rue Lafayette",
-            "Hawthorn Drive", "Falcon Terrace", "Quarry Hill"])
+            "Hawthorn Drive", "Falcon Terrace", "Quarry Hill"],
+           ["Sycamore Row", "Heron Quay", "Am Markt", "Rue Oberkampf", "Bramble Path"])
 # (city, postal style)
 CITIES = ([("Boston", "us"), ("Denver", "us"), ("Portland", "us"), ("Austin", "us"),
            ("London", "uk"), ("Leeds", "uk"), ("Bristol", "uk"), ("Berlin", "de"),
            ("Hamburg", "de"), ("Munich", "de"), ("Amsterdam", "nl"), ("Utrecht", "nl"),
            ("Toronto", "ca"), ("Vancouver", "ca"), ("Lyon", "fr"), ("Paris", "fr")],
           [("Tucson", "us"), ("Omaha", "us"), ("Norwich", "uk"), ("Dresden", "de"),
-           ("Groningen", "nl"), ("Halifax", "ca"), ("Nantes", "fr")])
+           ("Groningen", "nl"), ("Halifax", "ca"), ("Nantes", "fr")],
+          [("Spokane", "us"), ("Exeter", "uk"), ("Leipzig", "de"), ("Eindhoven", "nl"),
+           ("Calgary", "ca"), ("Lille", "fr")])
 DOMAINS = ["example.com", "mail.com", "inbox.org", "post.net", "webmail.co.uk", "fastmail.fm"]
 COUPON_WORDS = ["SPRING", "SUMMER", "WELCOME", "FALL", "WINTER", "SAVE", "VIP", "HELLO", "BDAY"]
 
-# Phrasing templates per part: (shared, test_only, train_only). Train draws from shared and
-# train_only, test from shared and test_only: test-only phrasings measure generalisation to
-# wordings never trained on, and train-only ones widen the variety the model learns from (a
-# model that saw two or three wordings of a part learns those strings, not the part).
+# Phrasing templates per part: (shared, test_only, train_only, dev_only). Train draws from shared
+# and train_only, test from shared and test_only, dev from shared and dev_only: test-only
+# phrasings measure generalisation to wordings never trained on, train-only ones widen the variety
+# the model learns from (a model that saw two or three wordings of a part learns those strings,
+# not the part), and dev-only ones let the settings be chosen on unseen wordings too, without the
+# test split.
 TEMPLATES = {
     "greeting": (["hi", "hello", "hey there", "good morning", "hi team", "hello there"],
                  ["greetings", "good afternoon folks"],
-                 ["good evening", "hiya folks", "dear shop team", "morning all"]),
+                 ["good evening", "hiya folks", "dear shop team", "morning all", "hi folks", "hello shop", "good day", "hi all", "hey team", "hello again"],
+                 ["howdy", "hello friends"]),
     "name": (["I'm {n}", "this is {n}", "my name is {n}", "{n} here"],
              ["you're talking to {n}", "writing on behalf of myself, {n}"],
-             ["the name is {n}", "the order is from {n}", "{n} speaking"]),
+             ["the name is {n}", "the order is from {n}", "{n} speaking", "my name's {n}", "you've got {n} here", "this order is for {n}", "name on the order: {n}"],
+             ["{n} on the line", "ordering as {n}"]),
     "signoff": (["thanks, {n}", "cheers, {n}", "thank you! {n}"], ["best regards, {n}"],
-                ["many thanks, {n}", "talk soon, {n}", "ta very much, {n}"]),
-    "bullet_name": (["name: {n}", "customer: {n}"], ["ordered by: {n}"], ["buyer: {n}", "full name: {n}"]),
+                ["many thanks, {n}", "talk soon, {n}", "ta very much, {n}", "best, {n}", "kind regards, {n}", "all the best, {n}", "thanks so much, {n}", "speak soon, {n}"],
+                ["warm wishes, {n}", "with gratitude, {n}"]),
+    "bullet_name": (["name: {n}", "customer: {n}"], ["ordered by: {n}"], ["buyer: {n}", "full name: {n}", "name on the order: {n}", "orderer: {n}", "person: {n}"],
+                    ["client: {n}", "purchaser: {n}"]),
     "email": (["my email is {e}", "email: {e}", "you can reach me at {e}",
                "send the confirmation to {e}"], ["drop me a line at {e}"],
-              ["reply to {e}", "my e-mail address is {e}", "contact email {e}"]),
+              ["reply to {e}", "my e-mail address is {e}", "contact email {e}", "email me at {e}", "my mail is {e}", "e-mail: {e}", "my address for emails is {e}"],
+              ["write to {e}", "inbox: {e}"]),
     "phone": (["my phone number is {p}", "phone: {p}", "call me on {p} if needed",
                "my number is {p}"], ["mobile {p} for the courier"],
-              ["you can phone me at {p}", "tel. no. {p}", "ring me on {p}"]),
+              ["you can phone me at {p}", "tel. no. {p}", "ring me on {p}", "text me at {p}", "my cell is {p}", "contact number: {p}", "reach me by phone at {p}"],
+              ["dial {p} if there's a problem", "telephone {p}"]),
     "items": (["I'd like to order {items}", "could I get {items}", "I want {items}",
                "please send me {items}", "I'm after {items}"],
               ["my shopping list is {items}", "put me down for {items}"],
               ["can you send {items}", "I am ordering {items}", "I'd love to get {items}", "I'll take {items}",
-               "my order is {items}"]),
+               "my order is {items}", "I would like {items}", "please add {items} to my order", "I'm looking to buy {items}", "could you ship {items}", "order for {items}", "I'd like to buy {items}", "we need {items}", "send over {items} please"],
+              ["kindly dispatch {items}", "I want to purchase {items}"]),
     "bullet_items": (["here's my order:", "I'd like the following:", "order:"],
                      ["items wanted:"],
-                     ["what I need:", "the list:", "shopping cart:"]),
+                     ["what I need:", "the list:", "shopping cart:", "items:", "please send:", "I'd like to buy:", "I need:", "cart:"],
+                     ["requested goods:", "to purchase:"]),
     "address": (["ship it to {street}, {city} {postal}", "my address is {street}, {postal} {city}",
                  "deliver to {street} in {city}, postal code {postal}",
                  "the address is {street}, {city}, {postal}"],
                 ["it goes to {street} / {city} / {postal}"],
                 ["send it to {street}, {postal} {city}", "address: {street}, {city}, {postal}",
-                 "please post it to {street}, {city} ({postal})"]),
+                 "please post it to {street}, {city} ({postal})", "my address: {street}, {postal} {city}", "deliver it to {street}, {city}, {postal}", "shipping address is {street}, {city} {postal}", "I live at {street}, {postal} {city}", "the parcel should go to {street}, {city}, {postal}", "ship to: {street}, {city} {postal}", "address for delivery: {street}, {postal} {city}"],
+                ["my place is {street}, {city} {postal}", "destination: {street}, {postal} {city}"]),
     "standard": (["standard shipping is fine", "regular delivery please",
                   "no rush, normal shipping works"], ["standard post will do"],
-                 ["the cheapest shipping option is fine", "ordinary delivery is ok"]),
+                 ["the cheapest shipping option is fine", "ordinary delivery is ok", "standard delivery", "normal shipping please", "regular shipping is ok", "the usual delivery is fine", "basic shipping will do", "ship it the normal way", "no hurry, standard is fine", "default shipping please", "I'm not in a rush, regular shipping", "standard is fine for shipping", "cheapest delivery please", "ordinary shipping please"],
+                 ["economy shipping works for me", "take your time, the slow option is fine"]),
     "express": (["express shipping please", "I need it quickly, so express delivery",
                  "please send it express"], ["go with express, it's urgent"],
-                ["I'd like express delivery", "rush it with express shipping please"]),
+                ["I'd like express delivery", "rush it with express shipping please", "express please", "the fastest shipping you have", "I need it by tomorrow, express", "next-day delivery please", "speedy delivery please", "send it the quickest way", "overnight shipping if possible", "I'm in a hurry, express shipping", "fast delivery please", "express delivery, I need it soon", "quick shipping please", "it's needed fast, so express"],
+                ["as fast as possible please", "priority courier please"]),
     "pickup": (["I'll pick it up in store", "store pickup please, no delivery needed",
                 "I'll collect it myself from your shop"], ["I'll swing by and pick it up"],
-               ["I'll come to the store to get it", "no shipping, I'll fetch it in person"]),
+               ["I'll come to the store to get it", "no shipping, I'll fetch it in person", "I'll come by the shop to collect it", "pickup in store please", "I'll grab it from the store myself", "collection from the shop please", "no need to ship, I'll come in", "click and collect please", "I'll pop into the shop to collect it", "I'll pick the order up myself", "in-store pickup", "don't ship it, I'll collect it", "I'll fetch it from the shop", "I can pick it up at your store"],
+               ["hold it at the counter and I'll collect it", "I'll get it at your shop myself"]),
     "gift": (["please gift wrap it", "it's a present, so gift wrapping would be great",
               "could you wrap it as a gift"], ["wrap everything in gift paper please"],
-             ["gift wrap please", "please wrap it up nicely, it's a gift"]),
+             ["gift wrap please", "please wrap it up nicely, it's a gift", "wrap it as a present please", "gift wrapping please", "it's for a birthday, please wrap it", "add gift wrap", "could it be gift wrapped", "it's a gift, wrap it please", "please gift-wrap everything", "I'd like it wrapped as a gift"],
+             ["present wrapping would be lovely", "make it look like a present please"]),
     "no_gift": (["no gift wrap needed", "no need to wrap it"], ["skip the gift wrapping"],
-                ["don't bother with gift wrap", "no wrapping please"]),
+                ["don't bother with gift wrap", "no wrapping please", "no gift wrapping", "it's for me, no wrapping", "don't wrap it", "no wrap needed", "it's not a gift, so no wrapping", "skip wrapping"],
+                ["wrapping isn't necessary", "plain box is fine, no wrap"]),
     "coupon": (["use code {c}", "I have a coupon: {c}", "please apply the discount code {c}"],
                ["promo {c} should still be valid"],
-               ["discount code: {c}", "here's my voucher {c}"]),
+               ["discount code: {c}", "here's my voucher {c}", "coupon code {c}", "my promo code is {c}", "I'd like to use the coupon {c}", "code {c} for the discount", "voucher: {c}", "I've got a code, {c}"],
+               ["redeem {c} please", "there's a discount code too: {c}"]),
     "no_coupon": (["I don't have a coupon this time", "my old code {c} has expired, so no coupon"],
                   ["no discount code, sadly ({c} ran out)"],
-                  ["no voucher this time", "I tried {c} but it's expired"]),
+                  ["no voucher this time", "I tried {c} but it's expired", "no coupon code", "I have no discount code", "my code {c} is no longer valid", "{c} expired last month so no discount", "no coupon for this one", "no code to apply"],
+                  ["no promo this time", "the code {c} didn't work, never mind"]),
     "noise": (["the weather has been awful this week", "I'm a long-time customer, {k} years now",
                "my last order (#{big}) arrived fine", "a friend recommended your shop",
                "we moved here {k} years ago", "love the new website by the way",
@@ -172,21 +200,27 @@ TEMPLATES = {
               ["it's been {k} days since I first saw your ad", "my cat knocked over {k} plants today"],
               ["my dog chewed through {k} shoes this month", "our office has {k} desks",
                "I walked {k} miles to the post office yesterday", "the bus was {k} minutes late again",
-               "we baked {k} cakes for the party", "ticket #{big} is still open, by the way"]),
+               "we baked {k} cakes for the party", "ticket #{big} is still open, by the way", "I saw your stall at the fair {k} weeks ago", "my neighbour ordered {k} things from you", "the last parcel took {k} days", "order #{big} was great", "I have {k} minutes before my meeting", "my sister works {k} doors down from you"],
+              ["we have {k} kids at home", "I read {k} reviews before ordering"]),
     "no_product": (["no {x_pl} this time", "I don't need {a_x} anymore",
                     "I was going to add {a_x} but changed my mind"],
                    ["forget the {x_sg} I mentioned last time"],
                    ["skip the {x_sg}, I have one already", "leave out the {x_pl}",
-                    "I don't want the {x_sg} after all"]),
+                    "I don't want the {x_sg} after all", "I already have {a_x}, so none of those", "please don't include {a_x}", "drop the {x_pl}", "not ordering {a_x} today"],
+                   ["ignore the {x_pl} from my last message", "I decided against {a_x}"]),
     "correction": (["actually, make that {q2} {pl} instead of {q1}", "wait, {q2} {pl}, not {q1}"],
                    ["scratch that, I need {q2} {pl} rather than {q1}"],
-                   ["sorry, {q2} {pl}, not {q1}", "change the {pl} to {q2} (not {q1})"]),
+                   ["sorry, {q2} {pl}, not {q1}", "change the {pl} to {q2} (not {q1})", "I meant {q2} {pl}, not {q1}", "on second thought, {q2} {pl} instead of {q1}", "update: {q2} {pl}, not {q1}"],
+                   ["correction: {q2} {pl} instead of {q1}", "no wait, {q2} {pl} (not {q1})"]),
 }
 
 
-def pick(rng: random.Random, part: str, test: bool) -> str:
-    shared, test_only, train_only = TEMPLATES[part]
-    return rng.choice(shared + (test_only if test else train_only))
+SPLITS = ("train", "test", "dev")  # the index of each split's own pool in FIRST, LAST, STREETS, CITIES
+
+
+def pick(rng: random.Random, part: str, split: str) -> str:
+    shared, test_only, train_only, dev_only = TEMPLATES[part]
+    return rng.choice(shared + {"train": train_only, "test": test_only, "dev": dev_only}[split])
 
 
 def cap(s: str) -> str:
@@ -231,8 +265,8 @@ def quantity(rng: random.Random) -> int:
     return 12 if r < 0.89 else rng.randint(6, 10)
 
 
-def draw_order(rng: random.Random, test: bool) -> dict:
-    k = 1 if test else 0
+def draw_order(rng: random.Random, split: str) -> dict:
+    k = SPLITS.index(split)
     first, last = rng.choice(FIRST[k]), rng.choice(LAST[k])
     names = [p[0] for p in CATALOG]
     items = []
@@ -266,11 +300,12 @@ def qty_text(rng: random.Random, q: int, next_word: str) -> str:
     return NUM_WORDS[q] if q <= 12 and rng.random() < 0.4 else str(q)
 
 
-def render_item(rng: random.Random, it: dict, test: bool, q_shown: int, bullet: bool) -> str:
+def render_item(rng: random.Random, it: dict, split: str, q_shown: int, bullet: bool) -> str:
     _, sg, pl, _ = PRODUCT[it["product"]]
     color, size = it["color"], it["size"]
-    # Style 2 ("hoodie: 2, black") reads well only as a bullet; style 3 is test-only, 4 train-only.
-    style = rng.choice(([0, 1, 2] if bullet else [0, 0, 1]) + ([3] if test else [4]))
+    # Style 2 ("hoodie: 2, black") reads well only as a bullet; style 3 is test-only, 4 train-only,
+    # 5 dev-only.
+    style = rng.choice(([0, 1, 2] if bullet else [0, 0, 1]) + [{"test": 3, "train": 4, "dev": 5}[split]])
     if style == 0:  # "2 black hoodies in size L"
         noun = (f"{color} " if color else "") + (sg if q_shown == 1 else pl)
         s = f"{qty_text(rng, q_shown, noun)} {noun}"
@@ -284,8 +319,10 @@ def render_item(rng: random.Random, it: dict, test: bool, q_shown: int, bullet: 
             s = f"{it['product']}: {', '.join([str(q_shown)] + attrs)}"
         elif style == 3:  # test only: "the hoodie (black, size L), quantity 2"
             s = f"the {it['product']}" + (f" ({', '.join(attrs)})" if attrs else "") + f", quantity {q_shown}"
-        else:  # train only: "hoodie x2 (black, size L)"
+        elif style == 4:  # train only: "hoodie x2 (black, size L)"
             s = f"{it['product']} x{q_shown}" + (f" ({', '.join(attrs)})" if attrs else "")
+        else:  # dev only: "hoodie - qty 2 (black, size L)"
+            s = f"{it['product']} - qty {q_shown}" + (f" ({', '.join(attrs)})" if attrs else "")
     if color and rng.random() < 0.15:
         other = rng.choice([c for c in COLORS if c != color])
         not_one = f"not the {other} {'one' if q_shown == 1 else 'ones'}"
@@ -308,7 +345,7 @@ def join_list(parts: list[str]) -> str:
     return sep.join(parts[:-1]) + (sep + "and " if sep == "; " else " and ") + parts[-1]
 
 
-def render_order(rng: random.Random, o: dict, test: bool) -> str:
+def render_order(rng: random.Random, o: dict, split: str) -> str:
     c, sh = o["customer"], o["shipping"]
     layout = rng.choice(["prose", "prose", "bullets", "runon"])
     bullet = layout == "bullets"
@@ -318,57 +355,57 @@ def render_order(rng: random.Random, o: dict, test: bool) -> str:
         q = it["quantity"]
         if q >= 2 and not corrections and rng.random() < 0.15:
             q1 = rng.choice([x for x in range(1, 7) if x != q])
-            shown.append(render_item(rng, it, test, q1, bullet))
-            corrections.append(pick(rng, "correction", test).format(
+            shown.append(render_item(rng, it, split, q1, bullet))
+            corrections.append(pick(rng, "correction", split).format(
                 q2=q, q1=q1, pl=PRODUCT[it["product"]][2]))
         else:
-            shown.append(render_item(rng, it, test, q, bullet))
+            shown.append(render_item(rng, it, split, q, bullet))
     parts = []  # middle clauses, shuffled later
     if c["email"]:
-        parts.append(pick(rng, "email", test).format(e=c["email"]))
+        parts.append(pick(rng, "email", split).format(e=c["email"]))
     if c["phone"]:
-        parts.append(pick(rng, "phone", test).format(p=c["phone"]))
-    ship = [pick(rng, sh["method"], test)]
+        parts.append(pick(rng, "phone", split).format(p=c["phone"]))
+    ship = [pick(rng, sh["method"], split)]
     if sh["address"]:
         a = sh["address"]
-        ship.append(pick(rng, "address", test).format(street=a["street"], city=a["city"],
+        ship.append(pick(rng, "address", split).format(street=a["street"], city=a["city"],
                                                        postal=a["postal_code"]))
         rng.shuffle(ship)
     parts += ship
     if o["gift_wrap"]:
-        parts.append(pick(rng, "gift", test))
+        parts.append(pick(rng, "gift", split))
     elif rng.random() < 0.2:
-        parts.append(pick(rng, "no_gift", test))
+        parts.append(pick(rng, "no_gift", split))
     code = lambda: rng.choice(COUPON_WORDS) + str(rng.choice([19, 21, 22]))
     if o["coupon"]:
-        parts.append(pick(rng, "coupon", test).format(c=o["coupon"]))
+        parts.append(pick(rng, "coupon", split).format(c=o["coupon"]))
     elif rng.random() < 0.15:
-        parts.append(pick(rng, "no_coupon", test).format(c=code()))
+        parts.append(pick(rng, "no_coupon", split).format(c=code()))
     for _ in range(rng.choice([0, 1, 1, 2])):
-        parts.append(pick(rng, "noise", test).format(k=rng.randint(2, 15), big=rng.randint(10000, 99999),
+        parts.append(pick(rng, "noise", split).format(k=rng.randint(2, 15), big=rng.randint(10000, 99999),
                                                      day=rng.randint(4, 20)))
     if rng.random() < 0.2:
         others = [p[0] for p in CATALOG if p[0] not in [it["product"] for it in o["items"]]]
         _, sg, pl, _ = PRODUCT[rng.choice(others)]
-        parts.append(pick(rng, "no_product", test).format(x_pl=pl, x_sg=sg, a_x=f"{article(sg)} {sg}"))
+        parts.append(pick(rng, "no_product", split).format(x_pl=pl, x_sg=sg, a_x=f"{article(sg)} {sg}"))
     rng.shuffle(parts)
 
     name_first = rng.random() < 0.7
-    greeting = pick(rng, "greeting", test) if rng.random() < 0.6 else None
+    greeting = pick(rng, "greeting", split) if rng.random() < 0.6 else None
     if layout == "bullets":
         head = [cap(greeting) + "!"] if greeting else []
-        lines = head + [cap(pick(rng, "bullet_items", test))] + ["- " + s for s in shown]
+        lines = head + [cap(pick(rng, "bullet_items", split))] + ["- " + s for s in shown]
         lines += ["- " + s for s in corrections]
-        lines.append("- " + pick(rng, "bullet_name", test).format(n=c["name"]))
+        lines.append("- " + pick(rng, "bullet_name", split).format(n=c["name"]))
         lines += ["- " + s for s in parts]
         return "\n".join(lines)
-    items_clause = pick(rng, "items", test).format(items=join_list(shown))
+    items_clause = pick(rng, "items", split).format(items=join_list(shown))
     body = [items_clause] + corrections
     pos = rng.randint(0, len(parts))
     clauses = parts[:pos] + body + parts[pos:]
     if name_first:
-        clauses.insert(0, pick(rng, "name", test).format(n=c["name"]))
-    tail = None if name_first else pick(rng, "signoff", test).format(n=c["name"])
+        clauses.insert(0, pick(rng, "name", split).format(n=c["name"]))
+    tail = None if name_first else pick(rng, "signoff", split).format(n=c["name"])
     if layout == "prose":
         text = " ".join(cap(s) + "." for s in clauses)
         head = cap(greeting) + rng.choice(["! ", ". "]) if greeting else ""
@@ -386,11 +423,11 @@ def compact(target: dict) -> str:
     return json.dumps(target, separators=(",", ":"), ensure_ascii=False)
 
 
-def gen_orders(rng: random.Random, n: int, test: bool, prefix: str) -> list[dict]:
+def gen_orders(rng: random.Random, n: int, split: str, prefix: str) -> list[dict]:
     out = []
     while len(out) < n:
-        o = draw_order(rng, test)
-        d = render_order(rng, o, test)
+        o = draw_order(rng, split)
+        d = render_order(rng, o, split)
         if 150 <= len(d) <= 500 and len(compact(o)) < 450:
             out.append({"id": f"{prefix}-{len(out) + 1:04d}", "description": d, "target": o})
     return out
@@ -528,13 +565,14 @@ def gen_general(rng: random.Random, n: int, prefix: str, test: bool,
 # ---------------------------------------------------------------------------------------------
 def generate(args) -> dict[str, list[dict]]:
     master = random.Random(args.seed)
-    seeds = [master.getrandbits(64) for _ in range(3)]
+    seeds = [master.getrandbits(64) for _ in range(4)]  # the first three predate the dev split
     general_rng = random.Random(seeds[2])
     keys: set = set()
     seen_q: set[str] = set()
     return {
-        "train": gen_orders(random.Random(seeds[0]), args.train, False, "train"),
-        "test": gen_orders(random.Random(seeds[1]), args.test, True, "test"),
+        "train": gen_orders(random.Random(seeds[0]), args.train, "train", "train"),
+        "test": gen_orders(random.Random(seeds[1]), args.test, "test", "test"),
+        "dev": gen_orders(random.Random(seeds[3]), args.dev, "dev", "dev"),
         "general_train": gen_general(general_rng, args.general_train, "general-train", False,
                                      keys, seen_q),
         "general_test": gen_general(general_rng, args.general_test, "general-test", True,
@@ -557,7 +595,7 @@ def self_check(data: dict[str, list[dict]], again: dict[str, list[dict]]) -> Non
     enum = schema["properties"]["items"]["items"]["properties"]["product"]["enum"]
     assert enum == [p[0] for p in CATALOG], "schema product enum != CATALOG"
     validator = jsonschema.Draft202012Validator(schema)
-    for split in ("train", "test"):
+    for split in SPLITS:
         for r in data[split]:
             t, desc = r["target"], r["description"]
             validator.validate(t)
@@ -572,24 +610,28 @@ def self_check(data: dict[str, list[dict]], again: dict[str, list[dict]]) -> Non
     assert len(ids) == len(set(ids)), "duplicate ids"
     train_d = {r["description"] for r in data["train"]}
     train_t = {compact(r["target"]) for r in data["train"]}
-    for r in data["test"]:
+    for r in data["test"] + data["dev"]:
         assert r["description"] not in train_d, f"{r['id']}: description also in train"
         assert compact(r["target"]) not in train_t, f"{r['id']}: target also in train"
-    train_text = "\n".join(r["description"] for r in data["train"])
-    for pool in (FIRST, LAST, STREETS):
-        assert not set(pool[0]) & set(pool[1])
-        for s in pool[1]:
-            assert s not in train_text, f"test-only surface form {s!r} found in train"
-    lower = train_text.lower()
-    test_lower = "\n".join(r["description"] for r in data["test"]).lower()
-    for part, (shared, test_only, train_only) in TEMPLATES.items():
-        assert not set(shared) & set(test_only + train_only) and not set(test_only) & set(train_only), part
-        for only, other, name in [(test_only, lower, "test"), (train_only, test_lower, "train")]:
-            for t in only:  # the longest literal chunk of each split-only template
-                chunk = max(re.split(r"\{[a-z_0-9]+\}", t), key=len).strip().lower()
-                assert len(chunk) >= 5 and chunk not in other, f"{name}-only {part} template in the other split: {t!r}"
-    for city, _ in CITIES[1]:
-        assert city not in train_text and city not in [c for c, _ in CITIES[0]], city
+    text = {k: "\n".join(r["description"] for r in data[k]) for k in SPLITS}
+    lower = {k: v.lower() for k, v in text.items()}
+    for pool in (FIRST, LAST, STREETS, CITIES):
+        for k, own in enumerate(pool):
+            for j, other in enumerate(pool):
+                assert k == j or not set(own) & set(other), f"{SPLITS[k]} and {SPLITS[j]} pools overlap"
+            for s in own:  # each split's own names, streets and cities occur in no other split
+                s = s if isinstance(s, str) else s[0]
+                for j, name in enumerate(SPLITS):
+                    assert k == j or s not in text[name], f"{SPLITS[k]}-only {s!r} found in {name}"
+    for part, (shared, test_only, train_only, dev_only) in TEMPLATES.items():
+        own = {"train": train_only, "test": test_only, "dev": dev_only}
+        for k in SPLITS:
+            assert not set(shared) & set(own[k]), f"{part}: a shared phrasing is also {k}-only"
+            for j in SPLITS:
+                assert k == j or not set(own[k]) & set(own[j]), f"{part}: {k}-only and {j}-only overlap"
+                for t in own[k] if k != j else []:  # the longest literal chunk of each split-only template
+                    chunk = max(re.split(r"\{[a-z_0-9]+\}", t), key=len).strip().lower()
+                    assert len(chunk) >= 5 and chunk not in lower[j], f"{k}-only {part} template in {j}: {t!r}"
     gi = {r["instruction"] for r in data["general_train"]}
     assert not any(r["instruction"] in gi for r in data["general_test"]), "general overlap"
     for k in data:
@@ -602,6 +644,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--train", type=int, default=640)
     ap.add_argument("--test", type=int, default=160)
+    ap.add_argument("--dev", type=int, default=60,
+                    help="development requests (own names, places and phrasings; scripts/demo_dev.py)")
     ap.add_argument("--general-train", type=int, default=240)
     ap.add_argument("--general-test", type=int, default=40)
     args = ap.parse_args()
@@ -615,7 +659,7 @@ def main() -> int:
         tmp.write_bytes(serialize(recs))
         os.replace(tmp, final)
     lens = [len(r["description"]) for r in data["train"] + data["test"]]
-    print(f"demo_data: seed={args.seed} train={len(data['train'])} test={len(data['test'])} "
+    print(f"demo_data: seed={args.seed} train={len(data['train'])} test={len(data['test'])} dev={len(data['dev'])} "
           f"general_train={len(data['general_train'])} general_test={len(data['general_test'])} "
           f"mean_description_chars={sum(lens) / len(lens):.1f} "
           f"(min {min(lens)}, max {max(lens)}) -> {args.out}")

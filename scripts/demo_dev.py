@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Score a JSON adapter of the demo on a development draw, never on the test split.
 
-The demo's settings are chosen on requests that `scripts/demo_data.py` draws like its training
-split with another seed (none of them is in the demo's data), so the held-out test split stays
-untouched until the report. This script writes that draw, asks `peftrt batch` for the replies
+The demo's settings are chosen on the development split of `scripts/demo_data.py`: held out from
+training like the test split, with names, places, phrasings and an item style of its own, so it
+measures what the test split measures (wordings never trained on) while the test split stays
+untouched until the report. This script writes that split, asks `peftrt batch` for the replies
 (greedy, the demo's short instruction and token limit) and prints schema-valid, exact-match and
 field accuracy (the share of the expected object's leaf values and list lengths the reply gets
 right: finer-grained than exact match on a small draw).
@@ -53,8 +54,8 @@ def main():
     ap.add_argument("--model", type=Path, required=True, help="the base the adapter is served on")
     ap.add_argument("--adapter", type=Path, action="append", default=[], help="adapter directory (repeatable)")
     ap.add_argument("--out", type=Path, required=True, help="where the draw, requests and replies go")
-    ap.add_argument("--seed", type=int, default=99, help="the draw's seed (the demo's data uses 1234)")
-    ap.add_argument("--n", type=int, default=60, help="requests in the draw")
+    ap.add_argument("--seed", type=int, default=1234, help="the data's seed (the demo's)")
+    ap.add_argument("--n", type=int, default=100, help="requests in the development split")
     ap.add_argument("--peftrt", type=Path, default=ROOT / "target/release/peftrt")
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--truncate", type=int, default=0,
@@ -63,8 +64,9 @@ def main():
 
     a.out.mkdir(parents=True, exist_ok=True)
     demo.sh([sys.executable, ROOT / "scripts/demo_data.py", "--out", a.out / "draw", "--seed", a.seed,
-             "--train", a.n, "--test", 1, "--general-train", 1, "--general-test", 1], stdout=subprocess.DEVNULL)
-    tests = demo.read_jsonl(a.out / "draw/train.jsonl")
+             "--train", 1, "--test", 1, "--dev", a.n, "--general-train", 1, "--general-test", 1],
+            stdout=subprocess.DEVNULL)
+    tests = demo.read_jsonl(a.out / "draw/dev.jsonl")
     if a.truncate:
         tests = [dict(t, description=t["description"][:a.truncate]) for t in tests]
     demo.write_jsonl(a.out / "requests.jsonl",
