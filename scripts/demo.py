@@ -378,7 +378,7 @@ def main():
           {"args": json_train, "mix_ratio": MIX_RATIO},
           lambda tmp: train_adapter(tmp, data / "json_train.jsonl",
                                     ["--eval-split", "0.04", "--mix-data", mix / "mix.jsonl",
-                                     "--mix-ratio", str(MIX_RATIO), "--dataset-version", "demo-orders-v1",
+                                     "--mix-ratio", str(MIX_RATIO), "--dataset-version", "demo-orders-v2",
                                      *json_train]))
 
     # 5. The second adapter: capital letters.
