@@ -101,13 +101,15 @@ def sha256_file(path, _cache={}):
 
 
 def fingerprint(inputs, settings):
-    """sha256 over the settings and every input file's contents (directories: all their files)."""
+    """sha256 over the settings and every input file's contents (directories: all their files but
+    a stage's own records, its fingerprint and its run time, so that a stage rerun with the same
+    output leaves the stages after it cached)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for p in inputs:
         p = Path(p)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         for f in files:
-            if f.suffix == ".tmp" or f.name == ".fingerprint":
+            if f.suffix == ".tmp" or f.name in (".fingerprint", "seconds"):
                 continue
             h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
             h.update(sha256_file(f).encode())

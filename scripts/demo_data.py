@@ -30,8 +30,8 @@ Design
     phrasings instead (TEMPLATES[part] = (shared, test_only, train_only, dev_only)).
   * Development split (dev.jsonl, for scripts/demo_dev.py): held out like the test split, with its
     own pools and phrasings (dev_only), so the demo's settings are chosen on unseen wordings
-    without looking at the test split. Its random stream is separate: adding it changed no byte
-    of the other files.
+    without looking at the test split. Its random stream is separate, so its size changes no
+    other file.
     Product and colour catalogues are shared. General tasks: every question has an instance key
     (e.g. ("capital", "France"), whatever the phrasing); test keys never occur in train, and the
     last HOLDOUT capitals/antonyms/topics are test-only.
