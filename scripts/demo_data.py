@@ -51,6 +51,7 @@ Usage (repository root):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -238,11 +239,11 @@ TEMPLATES = {
 
 
 SPLITS = ("train", "test", "dev")  # the index of each split's own pool in FIRST, LAST, STREETS, CITIES
+ONLY = {"test": 1, "train": 2, "dev": 3}  # the index of each split's own phrasings in TEMPLATES[part]
 
 
 def pick(rng: random.Random, part: str, split: str) -> str:
-    shared, test_only, train_only, dev_only = TEMPLATES[part]
-    return rng.choice(shared + {"train": train_only, "test": test_only, "dev": dev_only}[split])
+    return rng.choice(TEMPLATES[part][0] + TEMPLATES[part][ONLY[split]])
 
 
 def cap(s: str) -> str:
@@ -640,23 +641,23 @@ def self_check(data: dict[str, list[dict]], again: dict[str, list[dict]]) -> Non
         assert compact(r["target"]) not in train_t, f"{r['id']}: target also in train"
     text = {k: "\n".join(r["description"] for r in data[k]) for k in SPLITS}
     lower = {k: v.lower() for k, v in text.items()}
+    pairs = list(itertools.permutations(range(len(SPLITS)), 2))  # (own split, another split)
     for pool in (FIRST, LAST, STREETS, CITIES):
-        for k, own in enumerate(pool):
-            for j, other in enumerate(pool):
-                assert k == j or not set(own) & set(other), f"{SPLITS[k]} and {SPLITS[j]} pools overlap"
-            for s in own:  # each split's own names, streets and cities occur in no other split
+        for k, j in pairs:  # each split's own names, streets and cities occur in no other split
+            own, other = SPLITS[k], SPLITS[j]
+            assert not set(pool[k]) & set(pool[j]), f"{own} and {other} pools overlap"
+            for s in pool[k]:
                 s = s if isinstance(s, str) else s[0]
-                for j, name in enumerate(SPLITS):
-                    assert k == j or s not in text[name], f"{SPLITS[k]}-only {s!r} found in {name}"
-    for part, (shared, test_only, train_only, dev_only) in TEMPLATES.items():
-        own = {"train": train_only, "test": test_only, "dev": dev_only}
-        for k in SPLITS:
-            assert not set(shared) & set(own[k]), f"{part}: a shared phrasing is also {k}-only"
-            for j in SPLITS:
-                assert k == j or not set(own[k]) & set(own[j]), f"{part}: {k}-only and {j}-only overlap"
-                for t in own[k] if k != j else []:  # the longest literal chunk of each split-only template
-                    chunk = max(re.split(r"\{[a-z_0-9]+\}", t), key=len).strip().lower()
-                    assert len(chunk) >= 5 and chunk not in lower[j], f"{k}-only {part} template in {j}: {t!r}"
+                assert s not in text[other], f"{own}-only {s!r} found in {other}"
+    for part, templates in TEMPLATES.items():
+        for k, j in pairs:
+            own, other = SPLITS[k], SPLITS[j]
+            mine = templates[ONLY[own]]
+            assert not set(templates[0]) & set(mine), f"{part}: a shared phrasing is also {own}-only"
+            assert not set(mine) & set(templates[ONLY[other]]), f"{part}: {own}-only and {other}-only overlap"
+            for t in mine:  # the longest literal chunk of each split-only template
+                chunk = max(re.split(r"\{[a-z_0-9]+\}", t), key=len).strip().lower()
+                assert len(chunk) >= 5 and chunk not in lower[other], f"{own}-only {part} template in {other}: {t!r}"
     gi = {r["instruction"] for r in data["general_train"]}
     assert not any(r["instruction"] in gi for r in data["general_test"]), "general overlap"
     for k in data:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Score a JSON adapter of the demo on a development draw, never on the test split.
+"""Score a JSON adapter of the demo on the development split, never on the test split.
 
 The demo's settings are chosen on the development split of `scripts/demo_data.py`: held out from
 training like the test split, with names, places, phrasings and an item style of its own, so it

@@ -1,8 +1,9 @@
 //! Fused CPU kernels for RMSNorm (with or without the residual add before it), the rotary
-//! embedding, the SiLU-gated product and LoRA dropout: one pass forward and one backward each, as libtorch
-//! autograd functions written in C++ (`csrc/fused.cpp`, built by `build.rs` against the same
-//! libtorch); and the frozen base's matrix products on oneDNN where that beats libtorch's MKL. [`crate::model::BaseModel`] uses them for f32 tensors on a CPU and libtorch's
-//! operators everywhere else; the tests below hold them to those operators.
+//! embedding, the SiLU-gated product and LoRA dropout: one pass forward and one backward each,
+//! as libtorch autograd functions written in C++ (`csrc/fused.cpp`, built by `build.rs` against
+//! the same libtorch); and the frozen base's matrix products on oneDNN where that beats
+//! libtorch's MKL. [`crate::model::BaseModel`] uses them for f32 tensors on a CPU and
+//! libtorch's operators everywhere else; the tests below hold them to those operators.
 //!
 //! On the CPU these element-wise operators were about a sixth of a LoRA step on SmolLM2 (each a
 //! separate pass over memory with its own saved tensors: RMSNorm is six operators forward, the
