@@ -485,6 +485,19 @@ def make_all(out_root: Path) -> dict:
     summary["tiny-qwen2"] = write_reference(
         d, torch.float32, "Qwen2ForCausalLM, random q/k/v biases, tied embeddings, GQA 4q/2kv, "
         "rope_theta 1e6 (transformers-5 `rope_parameters` config key)")
+
+    # tiny-llama-gelu / tiny-llama-gelu-tanh: GeGLU MLPs (`hidden_act` gelu, gelu_pytorch_tanh),
+    # otherwise tiny-llama's shapes: the runtime must run the activation the config names.
+    for name, act, seed in [("tiny-llama-gelu", "gelu", 9), ("tiny-llama-gelu-tanh", "gelu_pytorch_tanh", 9)]:
+        cfg = LlamaConfig(**{**COMMON, "hidden_act": act}, vocab_size=vocab, head_dim=16,
+                          rope_theta=10000.0, tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        m = LlamaForCausalLM(cfg)
+        init_weights(m, seed=seed)
+        d = out_root / name
+        save_model_dir(m, tok, d, torch.float32, legacy_rope=True)
+        summary[name] = write_reference(
+            d, torch.float32, f"LlamaForCausalLM with hidden_act {act}, untied, GQA 4q/2kv, head_dim 16")
     return summary
 
 
@@ -525,7 +538,7 @@ def main() -> int:
             return 0
 
     names = ["tiny-llama", "tiny-llama-bf16", "tiny-llama-f16", "tiny-llama3-tied",
-             "tiny-mistral", "tiny-qwen2"]
+             "tiny-mistral", "tiny-qwen2", "tiny-llama-gelu", "tiny-llama-gelu-tanh"]
     for n in names:  # start clean so no stale files survive
         if (args.out / n).exists():
             shutil.rmtree(args.out / n)

@@ -105,6 +105,7 @@ impl From<rt::Error> for Fail {
             rt::Error::Tokenizer(_) => Status::Tokenizer,
             rt::Error::Input(_) => Status::InvalidArgument,
             rt::Error::Cancelled => Status::Cancelled,
+            rt::Error::NonFinite(_) => Status::Format,
         };
         Fail::new(status, e.to_string())
     }

@@ -91,6 +91,21 @@ impl LoraWeights {
     }
 }
 
+/// The largest adapter scale a session or merge accepts, in magnitude. Useful scales are
+/// around 0–2; far beyond this the adapted activations overflow f32 in the norms, and the
+/// model answers with constant logits (token 0 forever) rather than an error.
+pub const MAX_SCALE: f32 = 1000.0;
+
+/// An error unless `scale` is a finite number within ±[`MAX_SCALE`].
+pub fn check_scale(adapter: &str, scale: f32) -> Result<()> {
+    if !scale.is_finite() || scale.abs() > MAX_SCALE {
+        return Err(Error::Input(format!(
+            "adapter {adapter}: scale {scale} is out of range; use a finite number within ±{MAX_SCALE} (1 = as trained, 0 = off)"
+        )));
+    }
+    Ok(())
+}
+
 /// Options for [`Adapter::load_with`].
 #[derive(Clone, Debug, Default)]
 pub struct AdapterOptions {
@@ -177,6 +192,11 @@ impl AdapterFile {
             };
             let a = a.ok_or_else(|| missing("lora_A.weight"))?;
             let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+            // Adapters are small: every value is checked once here, so no command (generate,
+            // merge, the C API) ever computes with raw bytes or a NaN read as weights.
+            for t in [Some(&a), Some(&b), m.as_ref()].into_iter().flatten() {
+                check_adapter_tensor(t)?;
+            }
             let rank = config.rank_for(&module);
             if a.shape.len() != 2 || a.shape[0] != rank {
                 return Err(Error::tensor(
@@ -234,6 +254,13 @@ impl AdapterFile {
             alpha / rank
         }
     }
+}
+
+/// An adapter tensor must hold finite floats: U8/I8 (or any integer) values are not LoRA
+/// weights, and one NaN or infinity would make every output non-finite.
+fn check_adapter_tensor(t: &Tensor) -> Result<()> {
+    t.expect_float()?;
+    t.check_finite()
 }
 
 /// A loaded, validated adapter, bound to one model.
@@ -524,7 +551,16 @@ pub struct AdapterConfig {
 
 impl AdapterConfig {
     fn parse(v: &Value, path: &Path) -> Result<AdapterConfig> {
-        let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        if !v.is_object() {
+            return Err(Error::format(path, "expected a JSON object (PEFT's adapter_config.json)"));
+        }
+        let peft_type = match v.get("peft_type") {
+            None | Some(Value::Null) => "LORA",
+            Some(Value::String(t)) => t.as_str(),
+            Some(x) => {
+                return Err(Error::config(path, "peft_type", format!("expected a string such as \"LORA\", found {x}")))
+            }
+        };
         if peft_type != "LORA" {
             return Err(Error::config(
                 path,
@@ -574,16 +610,27 @@ impl AdapterConfig {
         let alpha = v
             .get("lora_alpha")
             .and_then(Value::as_f64)
-            .ok_or_else(|| Error::config(path, "lora_alpha", "missing or not a number"))? as f32;
+            .map(|a| a as f32)
+            .filter(|a| a.is_finite())
+            .ok_or_else(|| Error::config(path, "lora_alpha", "missing or not a finite number"))?;
         let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(vec![]),
                 Some(Value::Object(m)) => m
                     .iter()
                     .map(|(k, x)| {
+                        let entry = format!("{key}.{k}");
+                        pattern_regex(k).map_err(|e| {
+                            Error::config(
+                                path,
+                                &entry,
+                                format!("the key is not a regular expression peftrt can use: {e}"),
+                            )
+                        })?;
                         x.as_f64()
+                            .filter(|x| (*x as f32).is_finite())
                             .map(|x| (k.clone(), x))
-                            .ok_or_else(|| Error::config(path, format!("{key}.{k}"), "not a number"))
+                            .ok_or_else(|| Error::config(path, &entry, "not a finite number"))
                     })
                     .collect(),
                 Some(_) => Err(Error::config(path, key, "expected an object")),
@@ -654,12 +701,15 @@ fn layer_index(module: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// PEFT's `get_pattern_key`: the first key that matches `(.*\.)?(key)$` against the module name.
+/// PEFT's `get_pattern_key` pattern for a `rank_pattern`/`alpha_pattern` key: `(.*\.)?(key)$`.
+fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!(r"^(.*\.)?({key})$"))
+}
+
+/// PEFT's `get_pattern_key`: the first key that matches `(.*\.)?(key)$` against the module name
+/// (keys were checked to compile when the config was parsed).
 fn pattern_value<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
-    patterns.iter().find_map(|(k, v)| {
-        let re = Regex::new(&format!(r"^(.*\.)?({k})$")).ok()?;
-        re.is_match(module).then_some(*v)
-    })
+    patterns.iter().find_map(|(k, v)| pattern_regex(k).ok()?.is_match(module).then_some(*v))
 }
 
 /// What identifies a base model well enough to refuse an adapter on the wrong one: a hash of

@@ -37,6 +37,30 @@ pub enum RopeScaling {
     Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: f32 },
 }
 
+/// The MLP's gate activation (`hidden_act`), as transformers' `ACT2FN` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (also spelt `swish`): `x · σ(x)`.
+    Silu,
+    /// `gelu`: the exact `x · Φ(x)` (transformers' `GELUActivation`, erf-based).
+    Gelu,
+    /// `gelu_pytorch_tanh` and `gelu_new`: the tanh approximation
+    /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation a `hidden_act` string names, or `None` for one peftrt does not run.
+    pub fn from_name(name: &str) -> Option<Activation> {
+        match name {
+            "silu" | "swish" => Some(Activation::Silu),
+            "gelu" => Some(Activation::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" => Some(Activation::GeluTanh),
+            _ => None,
+        }
+    }
+}
+
 /// Hyper-parameters of a decoder-only transformer.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -53,6 +77,8 @@ pub struct ModelConfig {
     /// Width of one attention head (explicit in some configs, else hidden / heads).
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// The MLP's gate activation (`hidden_act`; SiLU for every Llama-family checkpoint we know).
+    pub hidden_act: Activation,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
@@ -76,13 +102,22 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
-/// A token id or a list of them (`eos_token_id` may be either).
-fn parse_token_ids(v: Option<&Value>) -> Vec<u32> {
-    let id = |x: &Value| x.as_u64().filter(|&n| n < u32::MAX as u64).map(|n| n as u32);
+/// A token id or a list of them (`eos_token_id` may be either); anything else is an error
+/// naming `key`.
+fn parse_token_ids(v: Option<&Value>, key: &str, path: &Path) -> Result<Vec<u32>> {
+    let id = |x: &Value| {
+        x.as_u64().filter(|&n| n < u64::from(u32::MAX)).map(|n| n as u32).ok_or_else(|| {
+            Error::config(
+                path,
+                key,
+                format!("expected a token id (a non-negative integer) or a list of them, found {x}"),
+            )
+        })
+    };
     match v {
-        None => vec![],
-        Some(Value::Array(a)) => a.iter().filter_map(id).collect(),
-        Some(x) => id(x).into_iter().collect(),
+        None => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
     }
 }
 
@@ -115,8 +150,10 @@ impl ModelConfig {
                 None => Ok(None),
                 Some(x) => x
                     .as_f64()
-                    .map(|n| Some(n as f32))
-                    .ok_or_else(|| Error::config(path, key, format!("expected a number, found {x}"))),
+                    .map(|n| n as f32)
+                    .filter(|n| n.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| Error::config(path, key, format!("expected a finite number, found {x}"))),
             }
         };
         let bool_key = |key: &str, default: bool| -> Result<bool> {
@@ -175,33 +212,70 @@ impl ModelConfig {
 
         // Rope: transformers >= 4.56 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
         let rope_params = get(v, "rope_parameters");
+        let positive = |key: &str, x: f32| -> Result<f32> {
+            if x > 0.0 {
+                Ok(x)
+            } else {
+                Err(Error::config(path, key, format!("{x} must be positive")))
+            }
+        };
         let rope_theta = rope_params
             .map(|p| f32_key(p, "rope_theta"))
             .transpose()?
             .flatten()
             .or(f32_key(v, "rope_theta")?)
-            .unwrap_or(10000.0);
+            .map_or(Ok(10000.0), |t| positive("rope_theta", t))?;
         let scaling = rope_params.or(get(v, "rope_scaling"));
         let rope_scaling = match scaling {
             None => RopeScaling::None,
             Some(s) => {
-                let kind = get(s, "rope_type").or(get(s, "type")).and_then(Value::as_str).unwrap_or("default");
+                let section = if rope_params.is_some() { "rope_parameters" } else { "rope_scaling" };
+                if !s.is_object() {
+                    return Err(Error::config(path, section, format!("expected an object, found {s}")));
+                }
+                let kind = match get(s, "rope_type").or(get(s, "type")) {
+                    None => "default",
+                    Some(Value::String(k)) => k.as_str(),
+                    Some(other) => {
+                        return Err(Error::config(
+                            path,
+                            format!("{section}.rope_type"),
+                            format!("expected a string such as \"linear\" or \"llama3\", found {other}"),
+                        ))
+                    }
+                };
+                // Every factor divides or is divided by: zero, negative or non-finite is refused.
                 let need = |key: &str| -> Result<f32> {
-                    f32_key(s, key)?.ok_or_else(|| Error::config(path, format!("rope_scaling.{key}"), "missing"))
+                    let x =
+                        f32_key(s, key)?.ok_or_else(|| Error::config(path, format!("{section}.{key}"), "missing"))?;
+                    if x <= 0.0 {
+                        return Err(Error::config(path, format!("{section}.{key}"), format!("{x} must be positive")));
+                    }
+                    Ok(x)
                 };
                 match kind {
                     "default" => RopeScaling::None,
                     "linear" => RopeScaling::Linear { factor: need("factor")? },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: need("factor")?,
-                        low_freq_factor: need("low_freq_factor")?,
-                        high_freq_factor: need("high_freq_factor")?,
-                        original_max_position_embeddings: need("original_max_position_embeddings")?,
-                    },
+                    "llama3" => {
+                        let (low, high) = (need("low_freq_factor")?, need("high_freq_factor")?);
+                        if high <= low {
+                            return Err(Error::config(
+                                path,
+                                format!("{section}.high_freq_factor"),
+                                format!("{high} must be larger than low_freq_factor ({low})"),
+                            ));
+                        }
+                        RopeScaling::Llama3 {
+                            factor: need("factor")?,
+                            low_freq_factor: low,
+                            high_freq_factor: high,
+                            original_max_position_embeddings: need("original_max_position_embeddings")?,
+                        }
+                    }
                     other => {
                         return Err(Error::config(
                             path,
-                            "rope_scaling.rope_type",
+                            format!("{section}.rope_type"),
                             format!("\"{other}\" is not supported (supported: default, linear, llama3)"),
                         ))
                     }
@@ -215,7 +289,23 @@ impl ModelConfig {
             Arch::Qwen2 if bool_key("use_sliding_window", false)? => usize_key("sliding_window")?,
             _ => None,
         };
-        let eos_token_ids = parse_token_ids(get(v, "eos_token_id"));
+        let hidden_act = match get(v, "hidden_act") {
+            None => Activation::Silu,
+            Some(Value::String(name)) => Activation::from_name(name).ok_or_else(|| {
+                Error::config(
+                    path,
+                    "hidden_act",
+                    format!("\"{name}\" is not supported (supported: silu, gelu, gelu_pytorch_tanh, gelu_new)"),
+                )
+            })?,
+            Some(x) => return Err(Error::config(path, "hidden_act", format!("expected a string, found {x}"))),
+        };
+        let vocab_size = required("vocab_size")?;
+        let token_ids = |key: &str| -> Result<Vec<u32>> {
+            let ids = parse_token_ids(get(v, key), key, path)?;
+            check_in_vocab(&ids, vocab_size, key, path)?;
+            Ok(ids)
+        };
 
         let cfg = ModelConfig {
             arch,
@@ -225,8 +315,9 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            vocab_size: required("vocab_size")?,
-            rms_norm_eps: f32_key(v, "rms_norm_eps")?.unwrap_or(1e-6),
+            vocab_size,
+            hidden_act,
+            rms_norm_eps: f32_key(v, "rms_norm_eps")?.map_or(Ok(1e-6), |e| positive("rms_norm_eps", e))?,
             rope_theta,
             rope_scaling,
             max_position_embeddings: usize_key("max_position_embeddings")?.unwrap_or(2048),
@@ -235,8 +326,8 @@ impl ModelConfig {
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: bool_key("mlp_bias", false)?,
             sliding_window,
-            bos_token_id: parse_token_ids(get(v, "bos_token_id")).first().copied(),
-            eos_token_ids,
+            bos_token_id: token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: token_ids("eos_token_id")?,
         };
         Ok(cfg)
     }
@@ -249,7 +340,9 @@ impl ModelConfig {
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        for id in parse_token_ids(get(&v, "eos_token_id")) {
+        let ids = parse_token_ids(get(&v, "eos_token_id"), "eos_token_id", path)?;
+        check_in_vocab(&ids, self.vocab_size, "eos_token_id", path)?;
+        for id in ids {
             if !self.eos_token_ids.contains(&id) {
                 self.eos_token_ids.push(id);
             }
@@ -299,6 +392,19 @@ impl ModelConfig {
                 }
             })
             .collect()
+    }
+}
+
+/// Token ids a config names must index the embedding matrix: an EOS id outside it could never
+/// be generated (generation would run to the token limit), a BOS id would fail every prompt.
+fn check_in_vocab(ids: &[u32], vocab_size: usize, key: &str, path: &Path) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(Error::config(
+            path,
+            key,
+            format!("token id {id} is outside the vocabulary of {vocab_size} tokens (vocab_size); the config is wrong"),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -38,6 +38,11 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// The forward pass produced NaN or infinite values (corrupt weights, an extreme adapter
+    /// scale): reported instead of sampling garbage.
+    #[error("non-finite output: {0}")]
+    NonFinite(String),
+
     /// A session's cancel flag was set ([`crate::Session::set_cancel_flag`]) while it evaluated.
     #[error(
         "cancelled: a cancel request stopped the evaluation; the session keeps the tokens evaluated before the call"

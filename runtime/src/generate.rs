@@ -72,7 +72,8 @@ pub fn generate(
     let mut text = String::new();
     let mut emitted = 0;
     let mut stop = StopReason::MaxTokens;
-    let mut tokens = Vec::with_capacity(params.max_tokens);
+    // At most what the context can still hold: `max_tokens` may be any number.
+    let mut tokens = Vec::with_capacity(params.max_tokens.min(session.n_ctx() - session.tokens().len() + 1));
     for i in 0..params.max_tokens {
         let next = sampler.sample(session.logits(), session.tokens());
         tokens.push(next);

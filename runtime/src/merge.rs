@@ -45,6 +45,9 @@ pub fn merge(
     if out_dir.exists() {
         return Err(Error::Input(format!("{} already exists; choose a new output directory", out_dir.display())));
     }
+    for (dir, scale) in adapters {
+        crate::adapter::check_scale(&dir.display().to_string(), *scale)?;
+    }
     let model = Arc::new(Model::load(model_dir, &LoadOptions { no_tokenizer: true })?);
     let aopts = AdapterOptions { allow_base_mismatch: opts.allow_base_mismatch };
     let loaded: Vec<(Adapter, f32)> =
@@ -106,6 +109,9 @@ pub fn merge(
                 }
                 merged_layers += usize::from(changed);
             }
+            // A NaN in the base, or an adapter scaled past the dtype's range, is refused by name
+            // rather than written into a model that can only produce NaN.
+            dtype.check_encodable(&t.name, &w)?;
             Ok(w)
         })?;
         let from_nf4 = model.linears().any(|l| l.nf4.is_some());

@@ -10,6 +10,7 @@ use crate::kernels::MatRef;
 use crate::nf4::Nf4Weight;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{DType, Tensor, WeightStore};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// Options for [`Model::load`].
@@ -53,7 +54,9 @@ impl Linear {
             let b = ws.get(&format!("{name}.bias"))?;
             b.expect_shape(&[rows])?;
             b.expect_float()?;
-            Some(b.to_f32_vec())
+            let values = b.to_f32_vec();
+            b.check_values(&values)?;
+            Some(values)
         } else {
             None
         };
@@ -151,18 +154,21 @@ impl Model {
         // SAFETY: documented above: the caller keeps the files unmodified while the model lives.
         let store = unsafe { WeightStore::open(dir)? };
         let c = &config;
+        check_layer_count(c, &store, dir)?;
         let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let norm = |name: &str| -> Result<Vec<f32>> {
             let t = store.get(name)?;
             t.expect_shape(&[h])?;
             t.expect_float()?;
-            Ok(t.to_f32_vec())
+            let values = t.to_f32_vec();
+            t.check_values(&values)?;
+            Ok(values)
         };
 
         let embed_tokens = store.get("model.embed_tokens.weight")?.clone();
         embed_tokens.expect_shape(&[c.vocab_size, h])?;
         embed_tokens.expect_float()?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let lin = |name: &str, rows, cols, bias| Linear::load(&store, &format!("{p}.{name}"), rows, cols, bias);
@@ -201,8 +207,10 @@ impl Model {
             lin.id = i;
         }
         let tokenizer = if opts.no_tokenizer { None } else { Some(Tokenizer::from_dir(dir)?) };
+        let final_norm = norm("model.norm.weight")?;
+        warn_unused(&store, &layers, &lm_head, c, dir);
         Ok(Model {
-            norm: norm("model.norm.weight")?,
+            norm: final_norm,
             rope_inv_freq: config.rope_inv_freq(),
             config,
             embed_tokens,
@@ -233,4 +241,69 @@ impl Model {
     pub fn is_eos(&self, token: u32) -> bool {
         self.config.eos_token_ids.contains(&token)
     }
+}
+
+/// The decoder layers the weights hold (`model.layers.N.…`), checked against `num_hidden_layers`
+/// before anything is allocated per layer: a config claiming 2^31 layers is an error, not a
+/// multi-terabyte allocation.
+fn check_layer_count(c: &ModelConfig, store: &WeightStore, dir: &Path) -> Result<()> {
+    let present = store.tensors().iter().filter_map(|t| layer_of(&t.name)).max().map_or(0, |i| i + 1);
+    if c.num_hidden_layers > present {
+        return Err(Error::config(
+            dir.join("config.json"),
+            "num_hidden_layers",
+            format!(
+                "{} layers, but the weights hold {present} (model.layers.0 to model.layers.{}): \
+                 the layer count must match the weights",
+                c.num_hidden_layers,
+                present.saturating_sub(1)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The layer index of a `model.layers.N.…` tensor name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// Warns, naming them, about tensors that the model does not use (an extra tensor, layers beyond
+/// `num_hidden_layers`, a bias the config does not enable): they are ignored, which is right for
+/// leftovers but wrong if config.json disagrees with the weights.
+fn warn_unused(store: &WeightStore, layers: &[Layer], lm_head: &Linear, c: &ModelConfig, dir: &Path) {
+    let mut used: HashSet<String> =
+        ["model.embed_tokens.weight", "model.norm.weight"].into_iter().map(String::from).collect();
+    for (i, _) in layers.iter().enumerate() {
+        used.insert(format!("model.layers.{i}.input_layernorm.weight"));
+        used.insert(format!("model.layers.{i}.post_attention_layernorm.weight"));
+    }
+    let lm = if c.tie_word_embeddings { None } else { Some(lm_head) };
+    for lin in layers.iter().flat_map(Layer::linears).chain(lm) {
+        let w = format!("{}.weight", lin.name);
+        used.extend(Nf4Weight::aux_names(&w));
+        if lin.bias.is_some() {
+            used.insert(format!("{}.bias", lin.name));
+        }
+        used.insert(w);
+    }
+    // Old Llama checkpoints store the rotary frequencies, which are recomputed from the config.
+    let unused: Vec<&str> = store
+        .tensors()
+        .into_iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if unused.is_empty() {
+        return;
+    }
+    const SHOWN: usize = 8;
+    let more = if unused.len() > SHOWN { format!(" and {} more", unused.len() - SHOWN) } else { String::new() };
+    log::warn!(
+        "{}: {} tensor(s) are not used by this {} model and are ignored (does config.json match the weights?): {}{more}",
+        dir.display(),
+        unused.len(),
+        c.arch.name(),
+        unused[..unused.len().min(SHOWN)].join(", ")
+    );
 }

@@ -181,7 +181,10 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
             let f32s = |v: &[f32], out: &mut Vec<u8>| v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
             let stored = || scales[*ti].as_ref().expect("scales computed in pass 1");
             match part {
-                Part::Copy => out.extend_from_slice(t.bytes()),
+                Part::Copy => {
+                    t.check_finite()?;
+                    out.extend_from_slice(t.bytes());
+                }
                 Part::Codes => {
                     let x = t.to_f32_vec();
                     out.extend_from_slice(&nf4::quantize_codes(&x, blocksize, &nf4::block_absmax(&x, blocksize)));

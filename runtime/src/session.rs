@@ -28,6 +28,10 @@ pub struct SessionOptions {
     pub n_threads: usize,
 }
 
+/// The most threads a session may use: far above any core count we run on, low enough that
+/// spawning them cannot exhaust the process.
+pub const MAX_THREADS: usize = 1024;
+
 /// Number of cores available to this process.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -106,6 +110,15 @@ impl Session {
         let c = &model.config;
         let n_ctx = match opts.n_ctx {
             0 => c.max_position_embeddings.min(4096),
+            n if n > c.max_position_embeddings => {
+                log::warn!(
+                    "a context of {n} tokens was asked for, but the model was trained for {} positions \
+                     (max_position_embeddings); using {}",
+                    c.max_position_embeddings,
+                    c.max_position_embeddings
+                );
+                c.max_position_embeddings
+            }
             n => n,
         };
         let n_batch = match opts.n_batch {
@@ -115,7 +128,21 @@ impl Session {
         .min(n_ctx);
         let n_threads = match opts.n_threads {
             0 => default_threads(),
-            n => n,
+            n if n > MAX_THREADS => {
+                return Err(Error::Input(format!(
+                    "{n} threads asked for; at most {MAX_THREADS} are allowed (this machine has {} cores; 0 = all)",
+                    default_threads()
+                )))
+            }
+            n => {
+                if n > default_threads() {
+                    log::warn!(
+                        "{n} threads asked for on {} cores: more threads than cores slows evaluation down",
+                        default_threads()
+                    );
+                }
+                n
+            }
         };
         let cache = c.num_hidden_layers * c.kv_dim() * n_ctx;
         let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -139,8 +166,10 @@ impl Session {
             lora_y: Vec::new(),
             lora_g: Vec::new(),
         };
+        let pool = ThreadPool::new(n_threads);
+        kernels::reserve_decode_scratch(&pool, h.max(q).max(inter));
         Ok(Session {
-            pool: ThreadPool::new(n_threads),
+            pool,
             n_ctx,
             n_batch,
             tokens: Vec::with_capacity(n_ctx),
@@ -160,8 +189,8 @@ impl Session {
         if let Some((a, _)) = adapters.iter().find(|(a, _)| a.model_key != key) {
             return Err(Error::Input(format!("adapter {} was loaded for a different model instance", a.name)));
         }
-        if let Some((a, s)) = adapters.iter().find(|(_, s)| !s.is_finite()) {
-            return Err(Error::Input(format!("adapter {}: scale {s} is not a finite number", a.name)));
+        for (a, s) in adapters {
+            crate::adapter::check_scale(&a.name, *s)?;
         }
         let rank = adapters.iter().map(|(a, _)| a.max_rank).max().unwrap_or(0);
         let out = adapters.iter().map(|(a, _)| a.max_out).max().unwrap_or(0);
@@ -239,6 +268,10 @@ impl Session {
                 return Err(Error::Cancelled);
             }
         }
+        if let Err(e) = self.check_finite(&self.s.logits, self.tokens.len() - 1) {
+            self.tokens.truncate(start);
+            return Err(e);
+        }
         Ok(&self.s.logits)
     }
 
@@ -255,7 +288,39 @@ impl Session {
                 return Err(Error::Cancelled);
             }
         }
+        let vocab = self.model.config.vocab_size;
+        for (i, row) in out[out_len..].chunks_exact(vocab).enumerate() {
+            if let Err(e) = self.check_finite(row, start + i) {
+                self.tokens.truncate(start);
+                out.truncate(out_len);
+                return Err(e);
+            }
+        }
         Ok(())
+    }
+
+    /// An error if a row of logits holds NaN or ±inf: one non-finite value in a weight, a norm
+    /// epsilon of 0 or an enormous adapter scale spreads to every logit, and sampling from them
+    /// would return token 0 forever. One pass over `[vocab]` floats, beside a forward pass that
+    /// reads every weight.
+    fn check_finite(&self, logits: &[f32], position: usize) -> Result<()> {
+        let bad = logits.iter().filter(|v| !v.is_finite()).count();
+        if bad == 0 {
+            return Ok(());
+        }
+        let adapters = if self.adapters.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = self.adapters.iter().map(|(a, s)| format!("{} (scale {s})", a.name)).collect();
+            format!(", an active adapter's weights or scale ({})", names.join(", "))
+        };
+        Err(Error::NonFinite(format!(
+            "{bad} of {} logits at position {position} are NaN or infinite: the model computes non-finite values; \
+             likely causes: a NaN or infinite weight in {}{adapters}, or a wrong config.json value \
+             (rms_norm_eps, rope settings)",
+            logits.len(),
+            self.model.dir.display()
+        )))
     }
 
     fn check(&self, tokens: &[u32]) -> Result<()> {
@@ -338,7 +403,7 @@ impl Session {
             rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
             let gate_up = [&layer.gate_proj, &layer.up_proj];
             linear(pool, &mut lora, gate_up, &s.xb[..n * h], n, [&mut s.gate[..n * inter], &mut s.up[..n * inter]]);
-            kernels::silu_mul(&mut s.gate[..n * inter], &s.up[..n * inter]);
+            kernels::act_mul(c.hidden_act, &mut s.gate[..n * inter], &s.up[..n * inter]);
             linear(pool, &mut lora, [&layer.down_proj], &s.gate[..n * inter], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
         }

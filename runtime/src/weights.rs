@@ -47,6 +47,32 @@ impl DType {
         }
     }
 
+    /// An error naming `tensor` unless every value is finite and stays finite in this dtype (an
+    /// f32 above 65504 becomes +inf in F16): writers call it so that no command ever writes a
+    /// non-finite weight.
+    pub fn check_encodable(self, tensor: &str, values: &[f32]) -> Result<()> {
+        let bad = |v: f32| match self {
+            DType::F32 | DType::U8 => !v.is_finite(),
+            DType::F16 => !half::f16::from_f32(v).is_finite(),
+            DType::BF16 => !half::bf16::from_f32(v).is_finite(),
+        };
+        match values.iter().position(|&v| bad(v)) {
+            None => Ok(()),
+            Some(i) if values[i].is_finite() => Err(Error::tensor(
+                tensor,
+                format!(
+                    "element {i} = {} does not fit in {} (it would become infinite); write F32 instead",
+                    values[i],
+                    self.name()
+                ),
+            )),
+            Some(i) => Err(Error::tensor(
+                tensor,
+                format!("element {i} would be written as {}: refusing to write a non-finite weight", values[i]),
+            )),
+        }
+    }
+
     /// Appends `values` converted to this dtype (round to nearest even) as little-endian bytes.
     pub(crate) fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
@@ -107,6 +133,30 @@ impl Tensor {
             ));
         }
         Ok(())
+    }
+
+    /// An error naming this tensor and its file if one of `values` (its elements, read as f32)
+    /// is NaN or infinite.
+    pub fn check_values(&self, values: &[f32]) -> Result<()> {
+        match values.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(Error::tensor(
+                &self.name,
+                format!(
+                    "in {}: element {i} is {}; the file is corrupt (re-download, re-convert or retrain it)",
+                    self.file.display(),
+                    values[i]
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Tensor::check_values`] over the tensor's own elements (U8 bytes are always finite).
+    pub fn check_finite(&self) -> Result<()> {
+        if self.dtype == DType::U8 {
+            return Ok(());
+        }
+        self.check_values(&self.to_f32_vec())
     }
 
     /// The elements, borrowed in their stored type.

@@ -45,14 +45,21 @@ fn tensors() -> Vec<(String, Vec<usize>)> {
 
 /// Writes a valid tiny model (no tokenizer) into `dir`.
 fn write_model(dir: &Path, skip: Option<&str>) {
+    write_model_with(dir, skip, &[], |_, _| {})
+}
+
+/// [`write_model`] with `extra` tensors added and `edit(name, values)` applied to each tensor.
+fn write_model_with(dir: &Path, skip: Option<&str>, extra: &[(&str, Vec<usize>)], edit: impl Fn(&str, &mut [f32])) {
     std::fs::write(dir.join("config.json"), config().to_string()).unwrap();
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors()
-        .into_iter()
+    let all = tensors().into_iter().chain(extra.iter().map(|(n, s)| (n.to_string(), s.clone())));
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = all
         .filter(|(n, _)| Some(n.as_str()) != skip)
         .enumerate()
         .map(|(i, (n, s))| {
             let numel: usize = s.iter().product();
-            let bytes = (0..numel).flat_map(|j| (((i * 31 + j * 7) % 13) as f32 * 0.05 - 0.3).to_le_bytes()).collect();
+            let mut values: Vec<f32> = (0..numel).map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.05 - 0.3).collect();
+            edit(&n, &mut values);
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             (n, s, bytes)
         })
         .collect();
@@ -199,4 +206,232 @@ fn prompt_longer_than_context() {
     assert!(e.contains("out of range"), "{e}");
     // The session is still usable after refused input.
     assert!(s.eval(&[1, 2]).is_ok());
+}
+
+fn load(dir: &Path) -> Arc<Model> {
+    Arc::new(Model::load(dir, &LoadOptions { no_tokenizer: true }).unwrap())
+}
+
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let mut c = config();
+    c[key] = value;
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+}
+
+/// Writes a PEFT adapter on layer 0's q_proj whose lora_A is stored as `a_dtype` (bytes as given).
+fn write_adapter(dir: &Path, cfg: serde_json::Value, a_dtype: safetensors::Dtype, a_bytes: Vec<u8>, b_value: f32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let b: Vec<u8> = (0..HIDDEN * 2).flat_map(|_| b_value.to_le_bytes()).collect();
+    let a_shape = vec![2, HIDDEN];
+    let views = vec![
+        (
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+            TensorView::new(a_dtype, a_shape, &a_bytes).unwrap(),
+        ),
+        (
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(),
+            TensorView::new(safetensors::Dtype::F32, vec![HIDDEN, 2], &b).unwrap(),
+        ),
+    ];
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn lora_config() -> serde_json::Value {
+    json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "layers_to_transform": [0]})
+}
+
+fn f32_bytes(n: usize, v: f32) -> Vec<u8> {
+    (0..n).flat_map(|_| v.to_le_bytes()).collect()
+}
+
+/// Issue 18, row 1: a non-float adapter tensor is refused by name and dtype when the file is
+/// opened, so no command (generate, merge, the C API) computes with raw bytes.
+#[test]
+fn adapter_tensor_of_integer_dtype_is_refused_by_name() {
+    let d = valid();
+    let model = load(d.path());
+    for dtype in [safetensors::Dtype::U8, safetensors::Dtype::I8] {
+        let a = tempfile::tempdir().unwrap();
+        write_adapter(a.path(), lora_config(), dtype, vec![3u8; 2 * HIDDEN], 0.1);
+        let e = peftrt::adapter::AdapterFile::open(a.path()).err().expect("a U8/I8 lora_A must be refused").to_string();
+        assert!(
+            e.contains("q_proj.lora_A.weight") && e.contains(if dtype == safetensors::Dtype::U8 { "U8" } else { "I8" }),
+            "{e}"
+        );
+        assert!(peftrt::Adapter::load(a.path(), &model).is_err());
+        let out = a.path().join("merged");
+        let merged = peftrt::merge::merge(d.path(), &[(a.path().to_path_buf(), 1.0)], &out, &Default::default());
+        assert!(merged.is_err() && !out.exists(), "merge must refuse the adapter and write nothing");
+    }
+}
+
+/// Issue 18, row 6: NaN adapter weights, an infinite lora_alpha and invalid pattern keys.
+#[test]
+fn adapter_values_and_keys_are_checked() {
+    let a = tempfile::tempdir().unwrap();
+    let mut nan = f32_bytes(2 * HIDDEN, 0.5);
+    nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_adapter(a.path(), lora_config(), safetensors::Dtype::F32, nan, 0.1);
+    let e = peftrt::adapter::AdapterFile::open(a.path()).err().expect("NaN weights").to_string();
+    assert!(e.contains("lora_A.weight") && e.contains("NaN"), "{e}");
+
+    let cases = [
+        ("lora_alpha", json!(1e39), "lora_alpha"),
+        ("peft_type", json!(3), "peft_type"),
+        ("rank_pattern", json!({"q_proj(": 2}), "rank_pattern.q_proj("),
+        ("alpha_pattern", json!({"[": 2.0}), "alpha_pattern.["),
+        ("alpha_pattern", json!({"q_proj": 1e300}), "alpha_pattern.q_proj"),
+    ];
+    for (key, value, named) in cases {
+        let mut cfg = lora_config();
+        cfg[key] = value;
+        write_adapter(a.path(), cfg, safetensors::Dtype::F32, f32_bytes(2 * HIDDEN, 0.5), 0.1);
+        let e =
+            peftrt::adapter::AdapterFile::open(a.path()).err().unwrap_or_else(|| panic!("{key} accepted")).to_string();
+        assert!(e.contains(named) && e.contains("adapter_config.json"), "{key}: {e}");
+    }
+}
+
+/// Issue 18, row 4: a layer count the weights do not have is an error before anything is
+/// allocated per layer (2^31 layers used to abort on a 6 TB allocation).
+#[test]
+fn layer_count_must_match_the_weights() {
+    let d = valid();
+    for n in [json!(2147483648u64), json!(4294967295u64), json!(2)] {
+        set_config(d.path(), "num_hidden_layers", n.clone());
+        let e = load_err(d.path());
+        assert!(e.contains("num_hidden_layers") && e.contains("hold 1"), "{n}: {e}");
+    }
+}
+
+/// Issue 18, rows 6 and 8: config values that cannot be right are refused by key.
+#[test]
+fn config_values_are_validated() {
+    let d = valid();
+    let cases = [
+        ("rms_norm_eps", json!(0.0), "rms_norm_eps"),
+        ("rms_norm_eps", json!(-1e-5), "rms_norm_eps"),
+        ("rope_theta", json!(0), "rope_theta"),
+        ("rope_theta", json!(-10000.0), "rope_theta"),
+        ("rope_theta", json!(1e39), "rope_theta"),
+        ("rope_scaling", json!({"rope_type": "linear", "factor": 0.0}), "rope_scaling.factor"),
+        ("rope_scaling", json!("linear"), "rope_scaling"),
+        ("rope_scaling", json!([1, 2]), "rope_scaling"),
+        ("rope_scaling", json!({"rope_type": 5, "factor": 2.0}), "rope_scaling.rope_type"),
+        ("rope_scaling", json!({"rope_type": "yarn", "factor": 2.0}), "rope_scaling.rope_type"),
+        (
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 32}),
+            "rope_scaling.high_freq_factor",
+        ),
+        ("eos_token_id", json!("two"), "eos_token_id"),
+        ("eos_token_id", json!([1, "two"]), "eos_token_id"),
+        ("eos_token_id", json!(VOCAB), "eos_token_id"),
+        ("bos_token_id", json!(-1), "bos_token_id"),
+        ("hidden_act", json!("relu"), "hidden_act"),
+        ("hidden_act", json!(1), "hidden_act"),
+    ];
+    for (key, value, named) in cases {
+        set_config(d.path(), key, value.clone());
+        let e = load_err(d.path());
+        assert!(e.contains("config.json") && e.contains(named), "{key} = {value}: {e}");
+    }
+    for act in ["silu", "gelu", "gelu_pytorch_tanh"] {
+        set_config(d.path(), "hidden_act", json!(act));
+        assert!(Model::load(d.path(), &LoadOptions { no_tokenizer: true }).is_ok(), "{act}");
+    }
+}
+
+/// Issue 18, row 6: a NaN in a small tensor (norm, bias) is named at load; one in a large
+/// weight makes the logits non-finite, which evaluation reports instead of sampling token 0.
+#[test]
+fn non_finite_weights_are_reported() {
+    let d = tempfile::tempdir().unwrap();
+    write_model_with(d.path(), None, &[], |n, v| {
+        if n == "model.norm.weight" {
+            v[3] = f32::NAN
+        }
+    });
+    let e = load_err(d.path());
+    assert!(e.contains("model.norm.weight") && e.contains("NaN"), "{e}");
+
+    write_model_with(d.path(), None, &[], |n, v| {
+        if n == "model.layers.0.mlp.down_proj.weight" {
+            v[5] = f32::INFINITY
+        }
+    });
+    let m = load(d.path());
+    let mut s = Session::new(m.clone(), &SessionOptions { n_ctx: 16, ..Default::default() }).unwrap();
+    let e = s.eval(&[1, 2, 3]).unwrap_err();
+    assert!(matches!(e, peftrt::Error::NonFinite(_)), "{e}");
+    assert!(e.to_string().contains("NaN or infinite"), "{e}");
+    assert!(s.tokens().is_empty(), "a failed evaluation leaves the session as it was");
+    let mut all = Vec::new();
+    assert!(matches!(s.eval_all(&[1, 2], &mut all), Err(peftrt::Error::NonFinite(_))));
+    assert!(all.is_empty());
+    let out = tempfile::tempdir().unwrap();
+    let q = out.path().join("q");
+    let e = peftrt::quantize::quantize_model(d.path(), &q, &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("down_proj") && !q.exists(), "{e}");
+}
+
+/// Issue 18, row 6: an adapter scale far out of range (-1e38 used to give constant logits,
+/// token 0 forever) is refused by sessions and merge; a merge whose values overflow the output
+/// dtype is refused by tensor name, and nothing is written.
+#[test]
+fn extreme_adapter_scale_is_refused() {
+    let d = valid();
+    let model = load(d.path());
+    let a = tempfile::tempdir().unwrap();
+    write_adapter(a.path(), lora_config(), safetensors::Dtype::F32, f32_bytes(2 * HIDDEN, 0.5), 0.5);
+    let adapter = Arc::new(peftrt::Adapter::load(a.path(), &model).unwrap());
+    let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 16, ..Default::default() }).unwrap();
+    for scale in [-1e38, 1e4, f32::NAN, f32::INFINITY] {
+        let e = s.set_adapters(&[(adapter.clone(), scale)]).unwrap_err().to_string();
+        assert!(e.contains("scale") && e.contains("out of range"), "{e}");
+    }
+    s.set_adapters(&[(adapter, 1.0)]).unwrap();
+    assert!(s.eval(&[1, 2, 3]).is_ok(), "a sane scale works");
+
+    let out = a.path().join("merged");
+    let e = peftrt::merge::merge(d.path(), &[(a.path().to_path_buf(), -1e38)], &out, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scale"), "{e}");
+    assert!(!out.exists());
+    // B = 5e4 fits f32 but the merged q_proj does not fit F16.
+    write_adapter(a.path(), lora_config(), safetensors::Dtype::F32, f32_bytes(2 * HIDDEN, 0.5), 5e4);
+    let opts = peftrt::merge::MergeOptions { dtype: Some(peftrt::gguf::DType::F16), ..Default::default() };
+    let e = peftrt::merge::merge(d.path(), &[(a.path().to_path_buf(), 1.0)], &out, &opts).unwrap_err().to_string();
+    assert!(e.contains("q_proj.weight") && e.contains("F16"), "{e}");
+    assert!(!out.exists());
+}
+
+/// Issue 18, row 5: absurd context, thread and token counts are clamped or refused, never an
+/// abort.
+#[test]
+fn absurd_sizes_are_clamped_or_refused() {
+    let d = valid();
+    let m = load(d.path());
+    let s = Session::new(m.clone(), &SessionOptions { n_ctx: 1 << 31, ..Default::default() }).unwrap();
+    assert_eq!(s.n_ctx(), 32, "clamped to max_position_embeddings");
+    for threads in [1usize << 40, usize::MAX] {
+        let e = Session::new(m.clone(), &SessionOptions { n_threads: threads, ..Default::default() }).err().unwrap();
+        assert!(e.to_string().contains("threads"), "{e}");
+    }
+    // max_tokens far beyond the context (it was a `with_capacity(max_tokens)`): generation
+    // stops when the context is full.
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+    let m = Arc::new(Model::load(&tiny, &LoadOptions::default()).unwrap());
+    let mut s = Session::new(m.clone(), &SessionOptions { n_ctx: 16, ..Default::default() }).unwrap();
+    for max_tokens in [usize::MAX, 1_000_000_000_000] {
+        s.reset();
+        let params = peftrt::SamplingParams { max_tokens, ignore_eos: true, ..Default::default() };
+        let mut sampler = peftrt::Sampler::new(params, m.config.vocab_size).unwrap();
+        let g = peftrt::generate(&mut s, &[1, 2], &mut sampler, |_| true).unwrap();
+        assert_eq!(g.stop, peftrt::StopReason::ContextFull);
+        assert_eq!(g.tokens.len(), 15);
+    }
 }

@@ -6,8 +6,17 @@ use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Ses
 use peftrt_conformance::{assert_logits_close, fixture, Reference};
 use std::sync::Arc;
 
-const FIXTURES: [&str; 6] =
-    ["tiny-llama", "tiny-llama-bf16", "tiny-llama-f16", "tiny-llama3-tied", "tiny-mistral", "tiny-qwen2"];
+const FIXTURES: [&str; 8] = [
+    "tiny-llama",
+    "tiny-llama-bf16",
+    "tiny-llama-f16",
+    "tiny-llama3-tied",
+    "tiny-mistral",
+    "tiny-qwen2",
+    // GeGLU MLPs (hidden_act gelu / gelu_pytorch_tanh): issue 18, row 7.
+    "tiny-llama-gelu",
+    "tiny-llama-gelu-tanh",
+];
 
 fn load(name: &str) -> (Arc<Model>, Reference) {
     let dir = fixture(name);

@@ -298,6 +298,15 @@ impl BaseModel {
     /// Copies the runtime's loaded model into libtorch tensors on `device` (f32 on a CPU,
     /// bf16 on CUDA).
     pub fn from_runtime(model: &peftrt::Model, storage: BaseStorage, device: Device) -> Result<Self> {
+        if model.config.hidden_act != peftrt::config::Activation::Silu {
+            // The runtime serves GeGLU models; training them needs the matching MLP here.
+            return Err(peftrt::Error::Unsupported(format!(
+                "{}: hidden_act {:?}: the trainer trains SiLU-gated (SwiGLU) models only",
+                model.dir.display(),
+                model.config.hidden_act
+            ))
+            .into());
+        }
         let _guard = tch::no_grad_guard();
         let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
         let lin = |l: &peftrt::model::Linear| BaseLinear::load(l, storage, kind, device);

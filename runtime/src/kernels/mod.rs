@@ -247,6 +247,16 @@ impl RowChunks {
     }
 }
 
+/// Sizes every thread's decode scratch for matrices of up to `max_cols` columns, on each of
+/// the pool's threads: called when a session is built, so that decoding allocates nothing even
+/// when a thread first meets the widest matrix late (rows are shared out dynamically).
+pub fn reserve_decode_scratch(pool: &ThreadPool, max_cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    pool.run(|_, _| x86::reserve_strided(max_cols));
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (pool, max_cols);
+}
+
 thread_local! {
     /// The caller's scratch for X packed into token tiles (grows once, then reused).
     static PACKED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -346,6 +356,17 @@ pub fn softmax(x: &mut [f32]) {
 /// `gate = silu(gate) · up` (SwiGLU).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     silu_mul_isa(isa(), gate, up)
+}
+
+/// `gate = act(gate) · up` for a gated MLP's activation (SwiGLU, GeGLU): SiLU has SIMD
+/// versions; the GELUs, which no model peftrt ships today uses, run the scalar reference.
+pub fn act_mul(act: crate::config::Activation, gate: &mut [f32], up: &[f32]) {
+    use crate::config::Activation;
+    match act {
+        Activation::Silu => silu_mul(gate, up),
+        Activation::Gelu => scalar::gelu_mul(gate, up),
+        Activation::GeluTanh => scalar::gelu_tanh_mul(gate, up),
+    }
 }
 
 /// `Σ a[i] · b[i]`.

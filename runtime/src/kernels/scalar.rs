@@ -54,6 +54,27 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate = gelu(gate) · up` with the exact GELU `x · Φ(x) = 0.5 x (1 + erf(x / √2))`
+/// (transformers' `GELUActivation`, torch's `gelu(approximate="none")`). Computed in f64 so
+/// the f32 result is correctly rounded in all but ties.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = f64::from(*g);
+        *g = (0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32 * u;
+    }
+}
+
+/// `gate = gelu_tanh(gate) · up` with the tanh approximation
+/// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` (torch's `gelu(approximate="tanh")`,
+/// transformers' `gelu_pytorch_tanh` and `gelu_new`).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = f64::from(*g);
+        *g = (0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())) as f32 * u;
+    }
+}
+
 /// `y = Σ_j p[j] · v[j]` over rows `v[j]` of `y.len()`.
 pub fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
     let d = y.len();

@@ -286,6 +286,18 @@ thread_local! {
     static X_STRIDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Grows this thread's [`nf4_strided`] scratch to hold `cols` values, so that a later decode
+/// step never allocates (whichever rows the pool's dynamic chunking hands this thread).
+pub(crate) fn reserve_strided(cols: usize) {
+    X_STRIDED.with(|v| {
+        let mut v = v.borrow_mut();
+        let (want, len) = (cols / 128 * 128, v.len());
+        if v.capacity() < want {
+            v.reserve(want - len);
+        }
+    });
+}
+
 /// NF4 matvec on AVX-512 with one table permute per 16 weights and nothing else on the shuffle
 /// port: a 64-byte load holds 128 codes, 8 per 32-bit lane; `vpermps` reads only the low 4 bits
 /// of each index, so the lane shifted right by `4c` looks up code `c` of each lane (elements
