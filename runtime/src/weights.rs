@@ -325,6 +325,42 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// Why a header's data offsets do not tile the data, naming the tensors on both sides: the
+/// safetensors crate names only the tensor after a gap, which for a tensor missing from the
+/// header is the wrong one. `None` when the header cannot be read here either.
+fn offset_gap(file: &[u8]) -> Option<String> {
+    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    let header = file.get(8..8usize.checked_add(usize::try_from(len).ok()?)?)?;
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let mut spans: Vec<(u64, u64, &str)> = v
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(k, t)| {
+            let o = t.get("data_offsets")?.as_array()?;
+            Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?, k.as_str()))
+        })
+        .collect();
+    spans.sort();
+    let mut end = 0;
+    let mut prev: Option<&str> = None;
+    for &(a, b, name) in &spans {
+        let after = prev.map_or("the start of the data".to_string(), |p| format!("tensor `{p}`"));
+        if a > end {
+            return Some(format!(
+                "bytes {end}..{a} of the data (after {after}, before tensor `{name}`) belong to no tensor of the \
+                 header: an entry is missing (an edited or damaged file; re-download or re-export it)"
+            ));
+        }
+        if a < end {
+            return Some(format!("tensor `{name}` overlaps {after} (data offsets {a}..{b}): the header is corrupt"));
+        }
+        end = b;
+        prev = Some(name);
+    }
+    None
+}
+
 /// Maps one safetensors file and lists its tensors (and the header's metadata), validating the
 /// header against the file.
 ///
@@ -334,8 +370,13 @@ unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the caller promises the file is not modified while mapped.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
-        .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
+        let why = match e {
+            safetensors::SafeTensorError::InvalidOffset(_) => offset_gap(&map[..]),
+            _ => None,
+        };
+        Error::format(path, format!("invalid safetensors file: {}", why.unwrap_or_else(|| e.to_string())))
+    })?;
     let data_start = 8 + header_len;
     let file_arc = Arc::new(path.to_path_buf());
     let mut out = Vec::new();

@@ -435,3 +435,33 @@ fn absurd_sizes_are_clamped_or_refused() {
         assert_eq!(g.tokens.len(), 15);
     }
 }
+
+/// Issue 18: a tensor removed from the header while its bytes remain was reported under the
+/// name of the next tensor; the error now names both neighbours of the unclaimed bytes.
+#[test]
+fn tensor_missing_from_header_is_placed_between_its_neighbours() {
+    let d = valid();
+    let path = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let entries = header.as_object().unwrap();
+    let mut spans: Vec<(u64, String)> = entries
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| (v["data_offsets"][0].as_u64().unwrap(), k.clone()))
+        .collect();
+    spans.sort();
+    let (before, gone, after) = (spans[2].1.clone(), spans[3].1.clone(), spans[4].1.clone());
+    header.as_object_mut().unwrap().remove(&gone);
+    let mut text = header.to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains(&format!("`{before}`")) && e.contains(&format!("`{after}`")) && e.contains("missing"), "{e}");
+}
