@@ -28,6 +28,7 @@
 //! ```
 
 pub mod adapter;
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -362,30 +362,6 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// One request of a `batch` input line: its id and prompt tokens.
-fn batch_request(line: &str, tok: &peftrt::Tokenizer) -> std::result::Result<(serde_json::Value, Vec<u32>), String> {
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
-    let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
-    let tokens = if let Some(msgs) = v.get("messages") {
-        let msgs = msgs.as_array().ok_or("\"messages\" is not an array")?;
-        let mut parsed = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let field = |k: &str| m.get(k).and_then(|x| x.as_str()).ok_or(format!("a message has no string \"{k}\""));
-            parsed.push(Message::new(field("role")?, field("content")?));
-        }
-        let text = tok.apply_chat_template(&parsed, true).map_err(|e| e.to_string())?;
-        tok.encode(&text, false).map_err(|e| e.to_string())?
-    } else if let Some(p) = v.get("prompt") {
-        tok.encode(p.as_str().ok_or("\"prompt\" is not a string")?, true).map_err(|e| e.to_string())?
-    } else {
-        return Err("no \"messages\" or \"prompt\" field".into());
-    };
-    if tokens.is_empty() {
-        return Err("the prompt is empty".into());
-    }
-    Ok((id, tokens))
-}
-
 fn cmd_batch(a: BatchArgs) -> Result<()> {
     let Loaded { model, mut session, .. } = a.m.load(true)?;
     let tok = model.tokenizer()?;
@@ -396,7 +372,7 @@ fn cmd_batch(a: BatchArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let r = batch_request(line, tok).map_err(|e| {
+        let r = peftrt::batch::parse_request(line, tok).map_err(|e| {
             anyhow::anyhow!(
                 "{} line {}: {e}; each line must be {{\"messages\": [...]}} or {{\"prompt\": \"...\"}}",
                 a.input.display(),
@@ -414,7 +390,7 @@ fn cmd_batch(a: BatchArgs) -> Result<()> {
     let started = Instant::now();
     let mut too_long = 0;
     let progress = std::io::stderr().is_terminal();
-    for (n, (id, tokens)) in requests.iter().enumerate() {
+    for (n, peftrt::batch::BatchRequest { id, tokens }) in requests.iter().enumerate() {
         if tokens.len() >= session.n_ctx() {
             // One request that cannot fit must not sink a long batch: it is recorded as failed.
             too_long += 1;
