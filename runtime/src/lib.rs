@@ -31,6 +31,7 @@ pub mod adapter;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

@@ -168,7 +168,7 @@ pub fn copy_model_files(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) -
             continue;
         }
         if name == "config.json" {
-            let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = crate::fsutil::read_text_file(&path, crate::fsutil::MAX_JSON_BYTES)?;
             let mut v: Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
             if let Some(edit) = edit.take() {

@@ -243,7 +243,7 @@ impl WeightStore {
 
 /// The shard files named by an index, in order, each checked to exist.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::fsutil::read_text_file(index, crate::fsutil::MAX_JSON_BYTES)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
     let map = v
