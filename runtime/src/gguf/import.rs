@@ -747,6 +747,138 @@ mod tests {
         import(&fixture(), &empty, &ImportOptions::new(DType::F32)).unwrap();
     }
 
+    /// The fixture with `edit` applied to its metadata and tensor data (GGUF name -> bytes),
+    /// written into `dir` as `name`.
+    fn hostile(
+        dir: &Path,
+        name: &str,
+        edit: impl FnOnce(&mut BTreeMap<String, crate::gguf::Value>, &mut BTreeMap<String, Vec<u8>>),
+    ) -> PathBuf {
+        use crate::gguf::write::{to_bytes, TensorOut};
+        let g = GgufFile::read(fixture()).unwrap();
+        let mut meta = g.metadata().clone();
+        let mut data: BTreeMap<String, Vec<u8>> =
+            g.tensors().iter().map(|t| (t.name.clone(), g.tensor_data(t).unwrap().to_vec())).collect();
+        edit(&mut meta, &mut data);
+        let tensors: Vec<TensorOut> = g
+            .tensors()
+            .iter()
+            .map(|t| TensorOut { name: &t.name, dims: &t.dims, ggml_type: t.ggml_type, data: &data[&t.name] })
+            .collect();
+        let path = dir.join(name);
+        fs::write(&path, to_bytes(&meta, &tensors)).unwrap();
+        path
+    }
+
+    /// Imports `gguf` into a fresh `out` beside it; on error checks that nothing was left.
+    fn import_err(gguf: &Path, opts: &ImportOptions) -> String {
+        let dir = gguf.parent().unwrap();
+        let before = fs::read_dir(dir).unwrap().count();
+        let err = import(gguf, &dir.join("out"), opts).expect_err("the import must fail").to_string();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), before, "something was left behind: {err}");
+        err
+    }
+
+    /// Regression (issue 18 row 3): a block count of 2^32-1 or 10^7 grew memory until abort.
+    #[test]
+    fn a_lying_block_count_is_refused_before_anything_per_layer() {
+        use crate::gguf::Value;
+        for n in [u32::MAX, 10_000_000, 1] {
+            let tmp = tempfile::tempdir().unwrap();
+            let g = hostile(tmp.path(), "m.gguf", |m, _| {
+                m.insert("llama.block_count".into(), Value::U32(n));
+            });
+            let err = import_err(&g, &ImportOptions::new(DType::F32));
+            assert!(err.contains("llama.block_count") && err.contains("tensors for 2"), "{n}: {err}");
+        }
+    }
+
+    /// Regression (issue 18 row 9): these imported "successfully" into directories that peftrt
+    /// then refused to load.
+    #[test]
+    fn metadata_that_would_not_load_is_refused() {
+        use crate::gguf::Value;
+        let cases: [(&str, Value, &str); 5] = [
+            ("llama.context_length", Value::U32(0), "llama.context_length"),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(f32::NAN), "layer_norm_rms_epsilon"),
+            ("llama.rope.freq_base", Value::F32(-1.0), "llama.rope.freq_base"),
+            ("llama.rope.scaling.type", Value::String("yarn".into()), "yarn"),
+            ("llama.rope.scaling.factor", Value::F32(0.0), "llama.rope.scaling.factor"),
+        ];
+        for (key, value, expect) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let g = hostile(tmp.path(), "m.gguf", |m, _| {
+                m.insert(key.into(), value.clone());
+                if key == "llama.rope.scaling.type" {
+                    m.insert("llama.rope.scaling.factor".into(), Value::F32(4.0));
+                }
+            });
+            let err = import_err(&g, &ImportOptions::new(DType::F32));
+            assert!(err.contains(expect), "{key}: {err}");
+        }
+    }
+
+    /// Regression (issue 18 row 9): merges naming tokens outside the vocabulary were written
+    /// into a tokenizer.json that does not load; the load-back catches what no check names.
+    #[test]
+    fn an_import_that_would_not_load_writes_nothing() {
+        use crate::gguf::Value;
+        let tmp = tempfile::tempdir().unwrap();
+        let g = hostile(tmp.path(), "m.gguf", |m, _| {
+            let merges = vec![Value::String("zzqx qqzy".into())];
+            m.insert("tokenizer.ggml.merges".into(), Value::Array(crate::gguf::ValueType::String, merges));
+        });
+        let err = import_err(&g, &ImportOptions::new(DType::F32));
+        assert!(err.contains("would not load") && err.contains("tokenizer"), "{err}");
+    }
+
+    fn set_first_f32(data: &mut BTreeMap<String, Vec<u8>>, name: &str, v: f32) {
+        data.get_mut(name).unwrap()[..4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Regression (issue 18 row 6): NaN/Inf weights were copied through.
+    #[test]
+    fn non_finite_weights_are_refused_by_name() {
+        for v in [f32::NAN, f32::INFINITY] {
+            let tmp = tempfile::tempdir().unwrap();
+            let g = hostile(tmp.path(), "m.gguf", |_, d| set_first_f32(d, "output_norm.weight", v));
+            let err = import_err(&g, &ImportOptions::new(DType::F32));
+            assert!(err.contains("output_norm.weight") && err.contains("non-finite"), "{err}");
+        }
+    }
+
+    /// Regression (issue 18 row 6): a value beyond f16's range became +inf.
+    #[test]
+    fn f16_overflow_is_refused_unless_saturating() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = hostile(tmp.path(), "m.gguf", |_, d| set_first_f32(d, "output_norm.weight", -1e6));
+        let err = import_err(&g, &ImportOptions::new(DType::F16));
+        assert!(err.contains("output_norm.weight") && err.contains("--saturate"), "{err}");
+        // bf16 and f32 hold it; --saturate clamps it for f16.
+        import(&g, &tmp.path().join("bf16"), &ImportOptions::new(DType::BF16)).unwrap();
+        let out = tmp.path().join("f16");
+        import(&g, &out, &ImportOptions { dtype: DType::F16, force: false, saturate: true }).unwrap();
+        let bytes = fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let d = st.tensor("model.norm.weight").unwrap().data()[..2].to_vec();
+        assert_eq!(half::f16::from_le_bytes([d[0], d[1]]), -half::f16::MAX);
+    }
+
+    /// Regression (issue 18 row 12): `import dir/model.gguf dir --force` deleted the GGUF.
+    #[test]
+    fn force_never_deletes_the_gguf() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dir");
+        fs::create_dir(&dir).unwrap();
+        let g = dir.join("model.gguf");
+        fs::copy(fixture(), &g).unwrap();
+        let opts = ImportOptions { dtype: DType::F32, force: true, saturate: false };
+        let err = import(&g, &dir, &opts).unwrap_err().to_string();
+        assert!(err.contains("lies inside the output directory"), "{err}");
+        assert_eq!(fs::read(&g).unwrap(), fs::read(fixture()).unwrap());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
     #[test]
     fn unpermute_inverts_the_gguf_interleaving() {
         // One head of 4 rows of width 1: GGUF order [r0, r2, r1, r3] of HF rows.
