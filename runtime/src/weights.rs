@@ -180,7 +180,7 @@ impl WeightStore {
     pub unsafe fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if single.is_file() {
+        let files: Vec<PathBuf> = if crate::fsutil::is_present(&single) {
             vec![single]
         } else if index.is_file() {
             shard_files(&index)?
@@ -281,8 +281,8 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 /// # Safety
 /// See [`WeightStore::open`].
 unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the caller promises the file is not modified while mapped.
+    let (file, _) = crate::fsutil::open_regular_file(path)?; // a FIFO would block, a device never end
+                                                             // SAFETY: the caller promises the file is not modified while mapped.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
         .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;

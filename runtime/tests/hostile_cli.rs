@@ -114,6 +114,13 @@ fn fifos_and_devices_are_refused_not_waited_on() {
     mkfifo(&m2.join("config.json"));
     let out = run_within(&["inspect", m2.to_str().unwrap()], Duration::from_secs(20));
     assert!(text(&out.stderr).contains("config.json: is a FIFO"), "{}", text(&out.stderr));
+    // The weights as a FIFO.
+    std::fs::remove_file(m2.join("config.json")).unwrap();
+    std::fs::copy(fixture("tiny-llama").join("config.json"), m2.join("config.json")).unwrap();
+    std::fs::remove_file(m2.join("model.safetensors")).unwrap();
+    mkfifo(&m2.join("model.safetensors"));
+    let out = run_within(&["inspect", m2.to_str().unwrap()], Duration::from_secs(20));
+    assert!(text(&out.stderr).contains("model.safetensors: is a FIFO"), "{}", text(&out.stderr));
 }
 
 /// Row 11: `--out` beside an unrelated `X.tmp`, `--input X.tmp`, `--out` a directory or in a
