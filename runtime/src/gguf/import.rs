@@ -832,6 +832,22 @@ mod tests {
         assert!(err.contains("would not load") && err.contains("tokenizer"), "{err}");
     }
 
+    /// Regression (issue 18 row 2): a GGUF's `tokenizer.chat_template` that never ends hung
+    /// `generate --chat` on the imported model; it is bounded like any other template.
+    #[test]
+    fn a_looping_gguf_chat_template_is_bounded_after_import() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}";
+        let g = hostile(tmp.path(), "m.gguf", |m, _| {
+            m.insert("tokenizer.chat_template".into(), crate::gguf::Value::String(t.into()));
+        });
+        let out = tmp.path().join("out");
+        import(&g, &out, &ImportOptions::new(DType::F32)).unwrap();
+        let tok = crate::Tokenizer::from_dir(&out).unwrap();
+        let err = tok.apply_chat_template(&[crate::Message::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(err, Error::Tokenizer(_)) && err.to_string().contains("instructions"), "{err}");
+    }
+
     fn set_first_f32(data: &mut BTreeMap<String, Vec<u8>>, name: &str, v: f32) {
         data.get_mut(name).unwrap()[..4].copy_from_slice(&v.to_le_bytes());
     }
