@@ -152,7 +152,7 @@ impl AdapterFile {
                 "not a directory; pass a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
             ));
         }
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let text = crate::fsutil::read_text_file(&cfg_path, crate::fsutil::MAX_JSON_BYTES)?;
         let v: Value =
             serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
         let config = AdapterConfig::parse(&v, &cfg_path)?;

@@ -124,7 +124,7 @@ fn parse_token_ids(v: Option<&Value>, key: &str, path: &Path) -> Result<Vec<u32>
 impl ModelConfig {
     /// Reads `config.json` from a model directory.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text_file(path, crate::fsutil::MAX_JSON_BYTES)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&v, path)
     }
@@ -335,10 +335,10 @@ impl ModelConfig {
     /// Adds the end-of-sequence ids of a `generation_config.json` (when the file exists):
     /// chat models often end turns with a token that `config.json` does not list.
     pub fn add_generation_eos(&mut self, path: &Path) -> Result<()> {
-        if !path.is_file() {
+        if !crate::fsutil::is_present(path) {
             return Ok(());
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text_file(path, crate::fsutil::MAX_JSON_BYTES)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         let ids = parse_token_ids(get(&v, "eos_token_id"), "eos_token_id", path)?;
         check_in_vocab(&ids, self.vocab_size, "eos_token_id", path)?;

@@ -8,6 +8,9 @@
 //! - [`Sampler`] and [`generate()`]: choosing tokens and the streaming generation loop.
 //! - [`kernels`]: the numeric kernels, each with a scalar reference and SIMD versions.
 //! - [`gguf`]: reading GGUF files and importing them as Hugging Face model directories.
+//! - [`output`] and [`fsutil`]: writing outputs atomically (never replacing what a run did not
+//!   create) and reading inputs defensively (regular files only, size-capped).
+//! - [`batch`]: the `peftrt batch` JSON Lines request format.
 //!
 //! ```no_run
 //! use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
@@ -28,8 +31,10 @@
 //! ```
 
 pub mod adapter;
+pub mod batch;
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

@@ -114,9 +114,13 @@ struct ImportArgs {
     /// Weight dtype of the output.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
-    /// Replace a non-empty output directory.
+    /// Replace a non-empty output directory (never one that holds the GGUF).
     #[arg(long)]
     force: bool,
+    /// With --dtype f16/bf16: clamp weights beyond that dtype's range to its largest finite
+    /// value, instead of refusing the import (f16 holds at most ±65504).
+    #[arg(long)]
+    saturate: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -302,6 +306,14 @@ struct BenchArgs {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // `peftrt ... | head`: a closed stdout ends the process quietly, as it does `cat`, instead
+    // of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    install_signal_handler();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
@@ -315,8 +327,41 @@ fn main() {
         Cmd::Batch(a) => cmd_batch(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes, each printed once: a library error's message often already ends
+/// with its source (`path: No such file or directory (os error 2)`), which `{:#}` would repeat.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// On SIGINT/SIGTERM, removes the temporary output being written (a partial model directory
+/// or results file) and exits with status 130. Temporaries of runs killed harder (SIGKILL) are
+/// removed by the next run into the same place.
+fn install_signal_handler() {
+    let set = ctrlc::set_handler(|| {
+        for p in peftrt::output::remove_live_temporaries() {
+            eprintln!("interrupted: removed the unfinished {}", p.display());
+        }
+        eprintln!("interrupted");
+        std::process::exit(130);
+    });
+    if let Err(e) = set {
+        log::warn!("cannot install a signal handler ({e}); an interrupted run may leave a temporary output");
     }
 }
 
@@ -362,41 +407,19 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// One request of a `batch` input line: its id and prompt tokens.
-fn batch_request(line: &str, tok: &peftrt::Tokenizer) -> std::result::Result<(serde_json::Value, Vec<u32>), String> {
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
-    let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
-    let tokens = if let Some(msgs) = v.get("messages") {
-        let msgs = msgs.as_array().ok_or("\"messages\" is not an array")?;
-        let mut parsed = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let field = |k: &str| m.get(k).and_then(|x| x.as_str()).ok_or(format!("a message has no string \"{k}\""));
-            parsed.push(Message::new(field("role")?, field("content")?));
-        }
-        let text = tok.apply_chat_template(&parsed, true).map_err(|e| e.to_string())?;
-        tok.encode(&text, false).map_err(|e| e.to_string())?
-    } else if let Some(p) = v.get("prompt") {
-        tok.encode(p.as_str().ok_or("\"prompt\" is not a string")?, true).map_err(|e| e.to_string())?
-    } else {
-        return Err("no \"messages\" or \"prompt\" field".into());
-    };
-    if tokens.is_empty() {
-        return Err("the prompt is empty".into());
-    }
-    Ok((id, tokens))
-}
-
 fn cmd_batch(a: BatchArgs) -> Result<()> {
+    // Before any work: the results must have somewhere to go, and never over the input.
+    peftrt::output::check_output_file(&a.out, &[&a.input])?;
+    let input = peftrt::fsutil::read_text_file(&a.input, peftrt::fsutil::MAX_TEXT_BYTES)?;
     let Loaded { model, mut session, .. } = a.m.load(true)?;
     let tok = model.tokenizer()?;
-    let input = std::fs::read_to_string(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?;
     // Parse every request first: a bad line fails the run before any time is spent generating.
     let mut requests = Vec::new();
     for (i, line) in input.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let r = batch_request(line, tok).map_err(|e| {
+        let r = peftrt::batch::parse_request(line, tok).map_err(|e| {
             anyhow::anyhow!(
                 "{} line {}: {e}; each line must be {{\"messages\": [...]}} or {{\"prompt\": \"...\"}}",
                 a.input.display(),
@@ -414,7 +437,7 @@ fn cmd_batch(a: BatchArgs) -> Result<()> {
     let started = Instant::now();
     let mut too_long = 0;
     let progress = std::io::stderr().is_terminal();
-    for (n, (id, tokens)) in requests.iter().enumerate() {
+    for (n, peftrt::batch::BatchRequest { id, tokens }) in requests.iter().enumerate() {
         if tokens.len() >= session.n_ctx() {
             // One request that cannot fit must not sink a long batch: it is recorded as failed.
             too_long += 1;
@@ -466,11 +489,12 @@ fn cmd_batch(a: BatchArgs) -> Result<()> {
             session.n_ctx()
         );
     }
-    write_atomic(&a.out, lines.as_bytes())?;
+    peftrt::output::write_file_atomically(&a.out, lines.as_bytes())?;
     Ok(())
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
+    peftrt::output::check_output_file(&a.out, &[])?;
     let Loaded { model, mut session, .. } = a.m.load(a.prompt.is_some())?;
     let tokens: Vec<u32> = match (&a.tokens, a.prompt) {
         (Some(list), _) => list
@@ -491,16 +515,8 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         ("logits", TensorView::new(safetensors::Dtype::F32, vec![tokens.len(), vocab], &logit_bytes)?),
         ("tokens", TensorView::new(safetensors::Dtype::I32, vec![tokens.len()], &id_bytes)?),
     ];
-    write_atomic(&a.out, &safetensors::serialize(views, None)?)?;
+    peftrt::output::write_file_atomically(&a.out, &safetensors::serialize(views, None)?)?;
     eprintln!("wrote logits [{}, {}] to {}", tokens.len(), vocab, a.out.display());
-    Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so no half-written file is left.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -528,10 +544,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.repeat == 0 {
         bail!("--prompt-tokens and --repeat must be at least 1");
     }
-    if a.prompt_tokens + a.gen_tokens > session.n_ctx() {
+    if a.prompt_tokens.checked_add(a.gen_tokens).is_none_or(|n| n > session.n_ctx()) {
         bail!(
-            "--prompt-tokens + --gen-tokens = {} exceed the context of {} tokens",
-            a.prompt_tokens + a.gen_tokens,
+            "--prompt-tokens {} + --gen-tokens {} exceed the context of {} tokens; lower them or raise --ctx-size",
+            a.prompt_tokens,
+            a.gen_tokens,
             session.n_ctx()
         );
     }
@@ -719,7 +736,7 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
 fn cmd_import(a: ImportArgs) -> Result<()> {
     let dtype = DType::from(a.dtype);
     let t = Instant::now();
-    let s = import(&a.gguf, &a.out_dir, &ImportOptions { dtype, force: a.force })?;
+    let s = import(&a.gguf, &a.out_dir, &ImportOptions { dtype, force: a.force, saturate: a.saturate })?;
     eprintln!(
         "imported {} ({} tensors, {:.1} M parameters{}) into {} in {:.1} s",
         s.architecture,
@@ -756,9 +773,8 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = peftrt::fsutil::read_text_file(&a.text, peftrt::fsutil::MAX_TEXT_BYTES)?;
     let Loaded { model, mut session, .. } = a.m.load(true)?;
-    let text =
-        std::fs::read_to_string(&a.text).with_context(|| format!("cannot read {} as UTF-8 text", a.text.display()))?;
     let tokens = model.tokenizer()?.encode(&text, true)?;
     let window = if a.window == 0 { session.n_ctx() } else { a.window };
     if window > session.n_ctx() {
@@ -766,10 +782,17 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
     }
     let stride = if a.stride == 0 { (window / 2).max(1) } else { a.stride };
     let t = Instant::now();
+    // Drawn only when stderr is a terminal (indicatif hides it otherwise).
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("window {pos}/{len} {wide_bar} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let p = peftrt::perplexity::perplexity(&mut session, &tokens, window, stride, |done, total| {
-        eprint!("\rwindow {done}/{total}");
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
     })?;
-    eprintln!();
+    bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({

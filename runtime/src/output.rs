@@ -1,55 +1,239 @@
 //! Writing model directories: safetensors files streamed tensor by tensor, JSON files, and the
-//! whole directory made in a temporary sibling and renamed into place, so a failure never
-//! leaves a half-written model behind. Used by `peftrt import` and `peftrt merge`.
+//! whole directory made in a uniquely named temporary sibling and renamed into place, so a
+//! failure never leaves a half-written model behind and nothing the run did not create is ever
+//! replaced (except what [`Replace`] allows). Single files (`batch`, `score`) are written the same
+//! way by [`write_file_atomically`]. Temporaries are listed while they live so the CLI's signal
+//! handler can remove them, and those of killed runs are removed by the next run into the same
+//! place. Used by `peftrt import`, `merge`, `quantize`, `batch` and `score`.
 
 use crate::error::{Error, Result};
+use crate::fsutil::is_present;
 use crate::weights::DType;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// Runs `fill(tmp)` on a fresh temporary sibling of `out_dir`, then renames it to `out_dir`
-/// (replacing an existing one). On any error the temporary directory is removed.
+/// What may stand at an output directory's path when the new directory is renamed there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replace {
+    /// Nothing: a directory or file that appears there while the output is written is left
+    /// untouched and the write fails (`merge`, `quantize`, and two runs racing for one path).
+    Nothing,
+    /// An empty directory that was there at the start (`import` into an empty directory).
+    EmptyDir,
+    /// Whatever was there at the start (`import --force`); something that appeared only
+    /// during the run is still never replaced.
+    Existing,
+}
+
+/// Runs `fill(tmp)` on a fresh, uniquely named temporary sibling of `out_dir`, then renames
+/// it to `out_dir`, which must not exist (see [`Replace::Nothing`]). On any error, and on
+/// SIGINT/SIGTERM in the `peftrt` CLI, the temporary directory is removed.
 pub fn write_dir_atomically<T>(out_dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = out_dir.file_name().ok_or_else(|| Error::format(out_dir, "not a directory name"))?;
-    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(".{}.peftrt-tmp-{}", name.to_string_lossy(), std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write_dir_atomically_with(out_dir, Replace::Nothing, fill)
+}
+
+/// [`write_dir_atomically`], replacing what `replace` allows. Temporaries left by processes
+/// that no longer run (killed before they could clean up) are removed first.
+pub fn write_dir_atomically_with<T>(
+    out_dir: &Path,
+    replace: Replace,
+    fill: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let (parent, name) = parent_and_name(out_dir)?;
+    let existed = is_present(out_dir);
+    if existed && replace == Replace::Nothing {
+        return Err(exists_error(out_dir));
     }
-    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = fill(&tmp).and_then(|v| move_into_place(&tmp, out_dir).map(|_| v));
-    if result.is_err() {
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    remove_stale_temporaries(&parent, &name);
+    let tmp =
+        tempfile::Builder::new().prefix(&temp_prefix(&name)).tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let _live = register_temporary(tmp.path());
+    // On an error `tmp` is dropped, which removes it.
+    let v = fill(tmp.path())?;
+    let tmp = tmp.keep();
+    if let Err(e) = move_into_place(&tmp, out_dir, replace, existed) {
         if let Err(rm) = fs::remove_dir_all(&tmp) {
             log::warn!("could not remove {}: {rm}", tmp.display());
         }
+        return Err(e);
     }
-    result
+    Ok(v)
 }
 
-/// Renames `tmp` to `out_dir`, replacing an existing `out_dir` (moved aside first, removed
-/// after the rename succeeded).
-fn move_into_place(tmp: &Path, out_dir: &Path) -> Result<()> {
-    if out_dir.exists() {
-        let mut old = tmp.as_os_str().to_owned();
-        old.push(".old");
-        let old = PathBuf::from(old);
-        fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
-        if let Err(e) = fs::rename(tmp, out_dir) {
-            // Put the previous directory back before reporting.
-            let _ = fs::rename(&old, out_dir);
-            return Err(Error::io(out_dir, e));
+fn parent_and_name(out: &Path) -> Result<(PathBuf, String)> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out.file_name().ok_or_else(|| Error::format(out, "not a file or directory name"))?;
+    Ok((parent, name.to_string_lossy().into_owned()))
+}
+
+/// `.NAME.peftrt-tmp-PID-`: the start of every temporary's name, so that the next run can
+/// tell whose it is.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.peftrt-tmp-{}-", std::process::id())
+}
+
+fn exists_error(out: &Path) -> Error {
+    Error::io(
+        out,
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "already exists (it may have appeared while the output was written); it was left untouched: \
+             choose a new output path",
+        ),
+    )
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
+}
+
+/// Renames `tmp` to `out_dir`, replacing only what `replace` allows and what was there at the
+/// start (`existed`). `rename` itself never replaces a non-empty directory, so a directory
+/// filled by someone else at the last moment still makes this fail rather than vanish.
+fn move_into_place(tmp: &Path, out_dir: &Path, replace: Replace, existed: bool) -> Result<()> {
+    let present = is_present(out_dir);
+    match (replace, existed && present) {
+        (_, false) if present => Err(exists_error(out_dir)),
+        (Replace::EmptyDir, true) if !is_empty_dir(out_dir) => Err(exists_error(out_dir)),
+        (Replace::Existing, true) => {
+            let mut old = tmp.as_os_str().to_owned();
+            old.push(".old");
+            let old = PathBuf::from(old);
+            fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
+            if let Err(e) = fs::rename(tmp, out_dir) {
+                // Put the previous directory back before reporting.
+                let _ = fs::rename(&old, out_dir);
+                return Err(Error::io(out_dir, e));
+            }
+            fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            Ok(())
         }
-        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        Ok(())
-    } else {
-        fs::rename(tmp, out_dir).map_err(|e| Error::io(out_dir, e))
+        _ => fs::rename(tmp, out_dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists => exists_error(out_dir),
+            _ => Error::io(out_dir, e),
+        }),
+    }
+}
+
+/// Checks, before any work, that `out` can be written as a file: not a directory or device,
+/// in an existing directory, and not one of `inputs`.
+pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let (parent, _) = parent_and_name(out)?;
+    let bad = |msg: String| Err(Error::io(out, std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+    if !parent.is_dir() {
+        return bad(format!("the directory {} does not exist; create it first", parent.display()));
+    }
+    if let Ok(meta) = fs::metadata(out) {
+        if !meta.is_file() {
+            return bad("exists and is not a regular file (a directory or device); give a file path".into());
+        }
+        for input in inputs {
+            if fs::canonicalize(input).ok() == fs::canonicalize(out).ok() {
+                return bad(format!("is also the input {}; choose another output file", input.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `out` through a uniquely named temporary file beside it and a rename, so
+/// no half-written file is left and no other file is touched. Call [`check_output_file`]
+/// before the work that produces `bytes`.
+pub fn write_file_atomically(out: &Path, bytes: &[u8]) -> Result<()> {
+    let (parent, name) = parent_and_name(out)?;
+    remove_stale_temporaries(&parent, &name);
+    let mut tmp =
+        tempfile::Builder::new().prefix(&temp_prefix(&name)).tempfile_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let _live = register_temporary(tmp.path());
+    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(out).map_err(|e| Error::io(out, e.error))?;
+    Ok(())
+}
+
+/// Temporary outputs being written now, removed by [`remove_live_temporaries`].
+static LIVE_TEMPORARIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Keeps a temporary path in the list of live temporaries while it lives.
+pub struct LiveTemporary(PathBuf);
+
+impl Drop for LiveTemporary {
+    fn drop(&mut self) {
+        let mut live = LIVE_TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = live.iter().position(|p| *p == self.0) {
+            live.swap_remove(i);
+        }
+    }
+}
+
+/// Records `path` as a temporary output being written, until the guard is dropped.
+pub fn register_temporary(path: &Path) -> LiveTemporary {
+    LIVE_TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+    LiveTemporary(path.to_path_buf())
+}
+
+/// Removes every temporary output being written (called by the CLI's SIGINT/SIGTERM handler
+/// just before it exits). Returns the paths removed.
+pub fn remove_live_temporaries() -> Vec<PathBuf> {
+    // A few tries: the writer may still be adding files while the directory is removed.
+    live_temporaries().into_iter().filter(|p| (0..5).any(|_| remove_path(p))).collect()
+}
+
+/// The temporary outputs being written now.
+pub fn live_temporaries() -> Vec<PathBuf> {
+    LIVE_TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn remove_path(p: &Path) -> bool {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).is_ok(),
+        Ok(_) => fs::remove_file(p).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Whether process `pid` still runs (assumed so where this cannot be told).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return true;
+        }
+        std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes temporaries of `name` in `parent` (`.NAME.peftrt-tmp-PID...`) whose process no
+/// longer runs: what a killed run left behind.
+pub fn remove_stale_temporaries(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.peftrt-tmp-");
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if remove_path(&path) {
+            log::warn!("removed {}, left by process {pid}, which no longer runs", path.display());
+        }
     }
 }
 
@@ -168,7 +352,7 @@ pub fn copy_model_files(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) -
             continue;
         }
         if name == "config.json" {
-            let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = crate::fsutil::read_text_file(&path, crate::fsutil::MAX_JSON_BYTES)?;
             let mut v: Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
             if let Some(edit) = edit.take() {
@@ -180,4 +364,132 @@ pub fn copy_model_files(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    /// Regression (issue 18 row 12): a directory created at `quantize --out` / `merge --out`
+    /// during the run was silently deleted.
+    #[test]
+    fn a_directory_that_appears_during_the_run_is_left_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let err = write_dir_atomically(&out, |t| {
+            fs::create_dir(&out).unwrap();
+            fs::write(out.join("mine.txt"), "user data").unwrap();
+            fs::write(t.join("model.safetensors"), "x").map_err(|e| Error::io(t, e))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("already exists") && err.contains("untouched"), "{err}");
+        assert_eq!(fs::read_to_string(out.join("mine.txt")).unwrap(), "user data");
+        assert_eq!(names(tmp.path()), ["out"]);
+        // Even an empty directory that appeared meanwhile is not replaced.
+        let out2 = tmp.path().join("out2");
+        let r = write_dir_atomically(&out2, |_| fs::create_dir(&out2).map_err(|e| Error::io(&out2, e)));
+        assert!(r.is_err());
+    }
+
+    /// Regression (issue 18 row 12): two writers racing for one new directory both succeeded,
+    /// the last one winning.
+    #[test]
+    fn two_writers_racing_for_one_path_do_not_both_succeed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let outer = write_dir_atomically_with(&out, Replace::Nothing, |t| {
+            fs::write(t.join("who"), "outer").unwrap();
+            write_dir_atomically(&out, |t2| fs::write(t2.join("who"), "inner").map_err(|e| Error::io(t2, e)))
+        });
+        assert!(outer.is_err(), "the second writer must fail");
+        assert_eq!(fs::read_to_string(out.join("who")).unwrap(), "inner");
+        assert_eq!(names(tmp.path()), ["out"]);
+    }
+
+    #[test]
+    fn replace_existing_replaces_only_what_was_there_at_the_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("old"), "x").unwrap();
+        write_dir_atomically_with(&out, Replace::Existing, |t| {
+            fs::write(t.join("new"), "y").map_err(|e| Error::io(t, e))
+        })
+        .unwrap();
+        assert_eq!(names(&out), ["new"]);
+        assert_eq!(names(tmp.path()), ["out"]);
+        // An empty directory at the start that is filled meanwhile is not replaced.
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        let r = write_dir_atomically_with(&empty, Replace::EmptyDir, |_| {
+            fs::write(empty.join("theirs"), "z").map_err(|e| Error::io(&empty, e))
+        });
+        assert!(r.is_err());
+        assert_eq!(names(&empty), ["theirs"]);
+    }
+
+    /// Regression (issue 18 row 13): temporaries of killed runs were left forever.
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = tmp.path().join(format!(".out.peftrt-tmp-{dead}"));
+        fs::create_dir(&stale).unwrap();
+        fs::write(stale.join("model.safetensors"), "partial").unwrap();
+        let stale_file = tmp.path().join(format!(".out.peftrt-tmp-{dead}-abc123"));
+        fs::write(&stale_file, "partial").unwrap();
+        // Process 1 runs: its temporary may be in use and stays, as do other names.
+        let live = tmp.path().join(".out.peftrt-tmp-1-xyz");
+        fs::create_dir(&live).unwrap();
+        fs::write(tmp.path().join(".other.peftrt-tmp-999999999"), "").unwrap();
+        write_dir_atomically(&tmp.path().join("out"), |_| Ok(())).unwrap();
+        assert_eq!(names(tmp.path()), [".other.peftrt-tmp-999999999", ".out.peftrt-tmp-1-xyz", "out"]);
+    }
+
+    #[test]
+    fn live_temporaries_are_listed_until_dropped() {
+        // (Not removing them here: other tests' temporaries are in the same list.)
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let guard = register_temporary(&a);
+        assert!(live_temporaries().contains(&a));
+        drop(guard);
+        assert!(!live_temporaries().contains(&a));
+        fs::create_dir(&a).unwrap();
+        fs::write(a.join("f"), "x").unwrap();
+        assert!(remove_path(&a) && !a.exists());
+    }
+
+    /// Regression (issue 18 row 11): `X.tmp` beside the output was overwritten and removed, and
+    /// an output that was the input, a directory or in a missing directory failed only at the end.
+    #[test]
+    fn files_are_written_through_unique_temporaries_and_checked_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("x.jsonl");
+        let unrelated = tmp.path().join("x.tmp");
+        fs::write(&unrelated, "keep me").unwrap();
+        check_output_file(&out, &[&unrelated]).unwrap();
+        write_file_atomically(&out, b"result\n").unwrap();
+        assert_eq!(fs::read_to_string(&unrelated).unwrap(), "keep me");
+        assert_eq!(fs::read_to_string(&out).unwrap(), "result\n");
+        assert_eq!(names(tmp.path()), ["x.jsonl", "x.tmp"]);
+        let err = check_output_file(&out, &[&out]).unwrap_err().to_string();
+        assert!(err.contains("is also the input"), "{err}");
+        let err = check_output_file(tmp.path(), &[]).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let err = check_output_file(&tmp.path().join("no/such/x.jsonl"), &[]).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = check_output_file(Path::new("/dev/null"), &[]).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
 }

@@ -68,7 +68,7 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
         return Err(Error::Input(format!("{} is already quantised to NF4", model_dir.display())));
     }
     let cfg_path = model_dir.join("config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg_text = crate::fsutil::read_text_file(&cfg_path, crate::fsutil::MAX_JSON_BYTES)?;
     if cfg_text.contains(MERGED_FROM_NF4_KEY) {
         let merged = serde_json::from_str::<serde_json::Value>(&cfg_text)
             .ok()

@@ -62,6 +62,14 @@ impl SamplingParams {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad("repetition_penalty must be > 0");
         }
+        if self.stop.iter().any(String::is_empty) {
+            // Every text contains "": generation would end before its first token.
+            return Err(Error::Input(
+                "invalid stop string: an empty stop string (--stop \"\") would end every generation at once; \
+                 give a non-empty text"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -215,6 +223,15 @@ pub fn argmax(x: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 18 row 15): `--stop ""` ended every generation with empty output.
+    #[test]
+    fn an_empty_stop_string_is_refused() {
+        let params = SamplingParams { stop: vec!["ok".into(), String::new()], ..Default::default() };
+        let err = Sampler::new(params, 10).err().expect("refused").to_string();
+        assert!(err.contains("empty stop string"), "{err}");
+        assert!(Sampler::new(SamplingParams { stop: vec!["ok".into()], ..Default::default() }, 10).is_ok());
+    }
 
     fn sampler(p: SamplingParams) -> Sampler {
         Sampler::new(p, 5).unwrap()

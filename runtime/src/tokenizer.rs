@@ -3,8 +3,17 @@
 //! transformers' `apply_chat_template` renders them.
 
 use crate::error::{Error, Result};
+use crate::fsutil::{self, is_present, read_regular_file, read_text_file};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Template instructions one chat rendering may execute (minijinja's fuel). Real templates
+/// spend a few hundred per message; a template that loops without end runs out instead of
+/// hanging.
+pub const CHAT_TEMPLATE_FUEL: u64 = 20_000_000;
+/// Most bytes a rendered chat prompt may have: far more than any context holds, and a
+/// template that prints without end stops here instead of exhausting memory.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
 
 /// One chat message.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -23,6 +32,8 @@ impl Message {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// The file the chat template came from, for error messages.
+    template_source: PathBuf,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -54,17 +65,20 @@ impl Tokenizer {
     /// Loads `tokenizer.json`, plus `tokenizer_config.json` and `chat_template.jinja` when present.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
+        if !is_present(&tok_path) {
             return Err(Error::format(dir, "no tokenizer.json in the model directory"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tok_path)
+        let bytes = read_regular_file(&tok_path, fsutil::MAX_TOKENIZER_BYTES)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::format(&tok_path, format!("cannot load tokenizer: {e}")))?;
-        let mut tok = Tokenizer { inner, chat_template: None, bos_token: None, eos_token: None };
+        drop(bytes);
+        let mut tok =
+            Tokenizer { inner, chat_template: None, template_source: PathBuf::new(), bos_token: None, eos_token: None };
         release_freed_heap();
 
         let cfg_path = dir.join("tokenizer_config.json");
-        if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        if is_present(&cfg_path) {
+            let text = read_text_file(&cfg_path, fsutil::MAX_JSON_BYTES)?;
             let cfg: Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
             tok.bos_token = token_string(cfg.get("bos_token"));
@@ -78,10 +92,12 @@ impl Tokenizer {
                     .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
                 _ => None,
             };
+            tok.template_source = cfg_path;
         }
         let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            tok.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        if is_present(&jinja) {
+            tok.chat_template = Some(read_text_file(&jinja, fsutil::MAX_TEMPLATE_BYTES)?);
+            tok.template_source = jinja;
         }
         Ok(tok)
     }
@@ -115,6 +131,8 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the model's chat template, as transformers' `apply_chat_template`.
+    /// Bounded: a template that runs more than [`CHAT_TEMPLATE_FUEL`] instructions or renders
+    /// more than [`MAX_RENDERED_BYTES`] is an [`Error::Tokenizer`] naming the template's file.
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::Tokenizer(
@@ -122,28 +140,68 @@ impl Tokenizer {
                     .into(),
             )
         })?;
+        let src = self.template_source.display();
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template("chat", template)
-            .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
+            .map_err(|e| Error::Tokenizer(format!("the chat template of {src} does not parse: {e}")))?;
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| Error::Tokenizer(format!("chat template failed: {e}")))
+        let mut out = CappedWriter { buf: Vec::new(), full: false };
+        let rendered = env.get_template("chat").and_then(|t| t.render_captured_to(ctx, &mut out).map(drop));
+        if out.full {
+            return Err(Error::Tokenizer(format!(
+                "the chat template of {src} renders more than {} MiB for {} message(s); the template \
+                 is broken (it prints without end): fix or replace it",
+                MAX_RENDERED_BYTES >> 20,
+                messages.len()
+            )));
+        }
+        match rendered {
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Tokenizer(format!(
+                "the chat template of {src} ran more than {CHAT_TEMPLATE_FUEL} instructions for {} \
+                 message(s) without finishing; the template is broken (a loop too long or without \
+                 end): fix or replace it",
+                messages.len()
+            ))),
+            Err(e) => Err(Error::Tokenizer(format!("the chat template of {src} failed: {e}"))),
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| Error::Tokenizer(format!("the chat template of {src} rendered invalid UTF-8"))),
+        }
     }
 
     /// The wrapped `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// Collects rendered text up to [`MAX_RENDERED_BYTES`], then fails every write.
+struct CappedWriter {
+    buf: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > MAX_RENDERED_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("the rendered chat prompt is too long"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -182,5 +240,76 @@ impl TextStream {
 impl Default for TextStream {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A model directory holding the tiny fixture's tokenizer and `template` as its chat
+    /// template, in `tokenizer_config.json` or in `chat_template.jinja`.
+    fn dir_with_template(template: &str, jinja: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama/tokenizer.json");
+        std::fs::copy(fixture, dir.path().join("tokenizer.json")).unwrap();
+        if jinja {
+            std::fs::write(dir.path().join("chat_template.jinja"), template).unwrap();
+        } else {
+            let cfg = serde_json::json!({"chat_template": template, "eos_token": "</s>"});
+            std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        }
+        dir
+    }
+
+    fn render(template: &str, jinja: bool) -> Result<String> {
+        let dir = dir_with_template(template, jinja);
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        tok.apply_chat_template(&[Message::new("user", "hi")], true)
+    }
+
+    #[test]
+    fn an_ordinary_template_renders() {
+        let t = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}";
+        assert_eq!(render(t, false).unwrap(), "<user>hi<a>");
+        assert_eq!(render(t, true).unwrap(), "<user>hi<a>");
+    }
+
+    /// Regression (issue 18 row 2): three nested loops of 10⁴ used to hang.
+    #[test]
+    fn a_template_that_loops_too_long_runs_out_of_fuel() {
+        let t = "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}";
+        for jinja in [false, true] {
+            let start = Instant::now();
+            let err = render(t, jinja).unwrap_err();
+            assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+            let msg = err.to_string();
+            let file = if jinja { "chat_template.jinja" } else { "tokenizer_config.json" };
+            assert!(matches!(err, Error::Tokenizer(_)), "{msg}");
+            assert!(msg.contains(file) && msg.contains("instructions"), "{msg}");
+        }
+    }
+
+    /// Regression (issue 18 row 2): printing `'x'*1e5` 1e5 times used to abort on a 10 GB
+    /// allocation.
+    #[test]
+    fn a_template_that_prints_too_much_is_refused() {
+        let t = "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}";
+        let err = render(t, false).unwrap_err().to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("MiB"), "{err}");
+    }
+
+    /// Regression (issue 18 row 10): a FIFO as tokenizer_config.json was silently ignored.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_tokenizer_config_is_refused() {
+        let dir = dir_with_template("x", true);
+        let p = dir.path().join("tokenizer_config.json");
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = Tokenizer::from_dir(dir.path()).err().expect("a FIFO must be refused").to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("FIFO"), "{err}");
     }
 }

@@ -230,7 +230,7 @@ impl WeightStore {
     pub unsafe fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if single.is_file() {
+        let files: Vec<PathBuf> = if crate::fsutil::is_present(&single) {
             vec![single]
         } else if index.is_file() {
             shard_files(&index)?
@@ -293,7 +293,7 @@ impl WeightStore {
 
 /// The shard files named by an index, in order, each checked to exist.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::fsutil::read_text_file(index, crate::fsutil::MAX_JSON_BYTES)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
     let map = v
@@ -367,8 +367,8 @@ fn offset_gap(file: &[u8]) -> Option<String> {
 /// # Safety
 /// See [`WeightStore::open`].
 unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the caller promises the file is not modified while mapped.
+    let (file, _) = crate::fsutil::open_regular_file(path)?; // a FIFO would block, a device never end
+                                                             // SAFETY: the caller promises the file is not modified while mapped.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
         let why = match e {

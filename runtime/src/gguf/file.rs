@@ -255,8 +255,8 @@ impl GgufFile {
     /// undefined behaviour (see [`memmap2::Mmap::map`]).
     pub unsafe fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // A FIFO would block the open, a device map endless bytes: only regular files.
+        let (file, len) = crate::fsutil::open_regular_file(path)?;
         if len < 24 {
             return Err(Error::format(
                 path,
@@ -271,7 +271,7 @@ impl GgufFile {
     /// Reads a whole GGUF file into memory and parses it. Safe, but costs a copy of the file.
     pub fn read(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular_file(path, u64::MAX)?;
         Self::parse(path.to_path_buf(), Storage::Owned(bytes))
     }
 
@@ -332,7 +332,9 @@ impl GgufFile {
             },
         };
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        // Capacities are capped: a count that fits the file can still claim far more entries
+        // than are worth reserving memory for up front.
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(4096));
         let mut seen = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let name = r.string(&format!("name of tensor {i}"))?;
@@ -669,7 +671,7 @@ impl<'a> Reader<'a> {
                         ),
                     ));
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                let mut items = Vec::with_capacity((n as usize).min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(et, key, depth + 1)?);
                 }
@@ -795,6 +797,25 @@ mod tests {
         bytes[at + 8..at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let err = open_err(&bytes);
         assert!(err.contains("blk.0.attn_q.weight") && err.contains("overflow"), "{err}");
+    }
+
+    /// Regression (issue 18 row 10): a FIFO as the GGUF hung, /dev/zero was mapped.
+    #[cfg(unix)]
+    #[test]
+    fn non_regular_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.gguf");
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // SAFETY: nothing is mapped: the open is refused.
+        let err = unsafe { GgufFile::open(&p) }.unwrap_err().to_string();
+        assert!(err.contains("model.gguf") && err.contains("FIFO"), "{err}");
+        let err = GgufFile::read(&p).unwrap_err().to_string();
+        assert!(err.contains("FIFO"), "{err}");
+        // SAFETY: as above.
+        let err = unsafe { GgufFile::open("/dev/zero") }.unwrap_err().to_string();
+        assert!(err.contains("character device"), "{err}");
     }
 
     #[test]

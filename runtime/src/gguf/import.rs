@@ -10,8 +10,10 @@
 //!   axes 1 and 2 swapped; Q with `head_count`, K with `head_count_kv`). `qwen2` is not
 //!   permuted.
 //!
-//! The directory is written atomically: into a temporary sibling, renamed into place at the
-//! end, removed on any error.
+//! The directory is written atomically: into a temporary sibling, loaded back with
+//! [`Model::load`] (so an import that reports success always loads), renamed into place at
+//! the end, removed on any error. Weights that are not finite, or that overflow the output
+//! dtype, are refused by name (or clamped, when [`ImportOptions::saturate`] asks for it).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,7 +23,8 @@ use serde_json::{json, Map, Value as Json};
 use super::file::{GgufFile, TensorInfo};
 use super::vocab::Vocab;
 use crate::error::{Error, Result};
-use crate::output::{self, write_dir_atomically, write_json};
+use crate::model::{LoadOptions, Model};
+use crate::output::{self, write_dir_atomically_with, write_json, Replace};
 pub use crate::weights::DType;
 
 /// How to import.
@@ -29,14 +32,18 @@ pub use crate::weights::DType;
 pub struct ImportOptions {
     /// The dtype of every weight in `model.safetensors` (norm weights included).
     pub dtype: DType,
-    /// Replace `out_dir` if it exists and is not empty (otherwise that is an error).
+    /// Replace `out_dir` if it exists and is not empty (otherwise that is an error). Never
+    /// when the GGUF lies inside it.
     pub force: bool,
+    /// Clamp values beyond the range of an f16/bf16 output to its largest finite value
+    /// (otherwise such a value is an error naming the tensor).
+    pub saturate: bool,
 }
 
 impl ImportOptions {
-    /// Options with this dtype and `force` off.
+    /// Options with this dtype, `force` and `saturate` off.
     pub fn new(dtype: DType) -> Self {
-        ImportOptions { dtype, force: false }
+        ImportOptions { dtype, force: false, saturate: false }
     }
 }
 
@@ -116,6 +123,21 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
             ),
         ));
     }
+    if let (Ok(src), Ok(dst)) = (fs::canonicalize(gguf), fs::canonicalize(out_dir)) {
+        if src.starts_with(&dst) {
+            return Err(Error::Input(format!(
+                "{} lies inside the output directory {}, which the import would replace; choose \
+                 another output directory",
+                gguf.display(),
+                out_dir.display()
+            )));
+        }
+    }
+    let replace = match (exists_non_empty, crate::fsutil::is_present(out_dir)) {
+        (true, _) => Replace::Existing,
+        (false, true) => Replace::EmptyDir,
+        (false, false) => Replace::Nothing,
+    };
 
     // SAFETY: the file is only read, and the documented contract of `import` is that it is not
     // modified while the import runs.
@@ -144,12 +166,19 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
         }
     }
 
-    let n_parameters = write_dir_atomically(out_dir, |tmp| {
-        let n_params = write_safetensors(&g, &plan, opts.dtype, &tmp.join("model.safetensors"))?;
+    let n_parameters = write_dir_atomically_with(out_dir, replace, |tmp| {
+        let n_params = write_safetensors(&g, &plan, opts, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config)?;
         write_json(&tmp.join("generation_config.json"), &Json::Object(generation))?;
         write_json(&tmp.join("tokenizer.json"), &tokenizer)?;
         write_json(&tmp.join("tokenizer_config.json"), &tokenizer_config)?;
+        // What is reported done must load: anything the checks above missed fails here.
+        Model::load(tmp, &LoadOptions::default()).map_err(|e| {
+            Error::Unsupported(format!(
+                "{}: the imported model would not load ({e}); nothing was written",
+                gguf.display()
+            ))
+        })?;
         Ok(n_params)
     })?;
     Ok(ImportSummary {
@@ -206,7 +235,36 @@ fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
     let rms_eps = g
         .get_f32(&key("attention.layer_norm_rms_epsilon"))?
         .ok_or_else(|| Error::config(g.path(), key("attention.layer_norm_rms_epsilon"), "missing"))?;
+    if !(rms_eps.is_finite() && rms_eps > 0.0) {
+        return Err(Error::config(
+            g.path(),
+            key("attention.layer_norm_rms_epsilon"),
+            format!("{rms_eps} is not a positive number"),
+        ));
+    }
     let rope_theta = g.get_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        return Err(Error::config(g.path(), key("rope.freq_base"), format!("{rope_theta} is not a positive number")));
+    }
+    let context = g.get_u64(&key("context_length"))?;
+    if context == Some(0) {
+        return Err(Error::config(g.path(), key("context_length"), "is 0; a model needs a context of at least 1"));
+    }
+    // Per-layer work below is sized by block_count: check it against the tensors present
+    // first, so a lying count fails here instead of allocating for 2^32 layers.
+    let layers_present = g
+        .tensors()
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("blk.")?.split_once('.')?.0.parse::<u64>().ok())
+        .max()
+        .map_or(0, |l| l + 1);
+    if u64::from(n_layer) != layers_present {
+        return Err(Error::config(
+            g.path(),
+            key("block_count"),
+            format!("{n_layer} layers, but the file has tensors for {layers_present}; the GGUF is corrupt"),
+        ));
+    }
     let n_tokens = g.get_str_array("tokenizer.ggml.tokens")?.map(|t| t.len() as u64);
     let embd_rows = g.tensor("token_embd.weight").and_then(|t| t.dims.get(1).copied());
     let vocab_size = match g.get_u32(&key("vocab_size"))? {
@@ -226,7 +284,7 @@ fn hparams(g: &GgufFile, arch: &Arch) -> Result<Hparams> {
         // f32 → decimal shortest representation, as transformers would print 1e-05.
         rms_eps: shortest_f64(rms_eps),
         rope_theta: shortest_f64(rope_theta),
-        context: g.get_u64(&key("context_length"))?,
+        context,
         vocab_size,
     })
 }
@@ -388,11 +446,12 @@ pub fn unpermute_rows(values: &[f32], n_heads: usize, row_len: usize) -> Vec<f32
 /// Streams the tensors into a safetensors file (header first, then each tensor dequantised,
 /// un-permuted and converted in turn, so memory holds one tensor at a time). Returns the
 /// number of parameters.
-fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Path) -> Result<u64> {
+fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], opts: &ImportOptions, path: &Path) -> Result<u64> {
     let tensors: Vec<(String, Vec<usize>)> = plan.iter().map(|p| (p.hf_name.clone(), p.info.torch_shape())).collect();
-    output::write_safetensors(path, &tensors, dtype, |i| {
+    output::write_safetensors(path, &tensors, opts.dtype, |i| {
         let p = &plan[i];
-        let values = g.dequantize(p.info)?;
+        let mut values = g.dequantize(p.info)?;
+        check_range(g, p, &mut values, opts)?;
         Ok(match p.unpermute_heads {
             Some(heads) => {
                 let row_len = p.info.dims[0] as usize;
@@ -401,6 +460,54 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned<'_>], dtype: DType, path: &Pa
             None => values,
         })
     })
+}
+
+/// Refuses non-finite values, and values an f16/bf16 output cannot hold unless
+/// `opts.saturate` (then they are clamped to the largest finite value of that dtype).
+fn check_range(g: &GgufFile, p: &Planned<'_>, values: &mut [f32], opts: &ImportOptions) -> Result<()> {
+    let name = &p.info.name;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "in {}: element {i} is {}; the GGUF holds non-finite weights (corrupt or badly \
+                 converted) and peftrt does not import them",
+                g.path().display(),
+                values[i]
+            ),
+        ));
+    }
+    let max = match opts.dtype {
+        DType::F16 => f32::from(half::f16::MAX),
+        DType::BF16 => f32::from(half::bf16::MAX),
+        _ => return Ok(()),
+    };
+    // Values that round to infinity when converted (f16: from 65520 on).
+    let overflows = |v: f32| match opts.dtype {
+        DType::F16 => half::f16::from_f32(v).is_infinite(),
+        _ => half::bf16::from_f32(v).is_infinite(),
+    };
+    if let Some(i) = values.iter().position(|&v| overflows(v)) {
+        if !opts.saturate {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "in {}: element {i} = {} overflows {} (largest {max}); import with --dtype f32, \
+                     or pass --saturate to clamp such values",
+                    g.path().display(),
+                    values[i],
+                    opts.dtype.name()
+                ),
+            ));
+        }
+        let mut n = 0usize;
+        for v in values.iter_mut().filter(|v| overflows(**v)) {
+            *v = v.signum() * max;
+            n += 1;
+        }
+        log::warn!("tensor `{name}`: {n} values beyond the {} range clamped to ±{max} (--saturate)", opts.dtype.name());
+    }
+    Ok(())
 }
 
 /// `config.json` from the metadata.
@@ -462,6 +569,11 @@ fn rope_scaling(g: &GgufFile, arch: &Arch) -> Result<Option<Json>> {
     let factor = g.get_f32(&key("scaling.factor"))?.map(shortest_f64);
     let kind = g.get_str(&key("scaling.type"))?;
     let linear_old = g.get_f32(&key("scale_linear"))?.map(shortest_f64);
+    for (k, f) in [("scaling.factor", factor), ("scale_linear", linear_old)] {
+        if let Some(f) = f.filter(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(Error::config(g.path(), key(k), format!("{f} is not a positive number")));
+        }
+    }
     Ok(match (kind, factor, linear_old) {
         (None | Some("none"), _, None) => None,
         (None, _, Some(f)) | (Some("linear"), None, Some(f)) if f != 1.0 => {
@@ -469,19 +581,10 @@ fn rope_scaling(g: &GgufFile, arch: &Arch) -> Result<Option<Json>> {
         }
         (None, _, Some(_)) => None,
         (Some("linear"), Some(f), _) => Some(json!({"type": "linear", "rope_type": "linear", "factor": f})),
-        (Some("yarn"), Some(f), _) => {
-            let mut m = Map::new();
-            m.insert("type".into(), json!("yarn"));
-            m.insert("rope_type".into(), json!("yarn"));
-            m.insert("factor".into(), json!(f));
-            if let Some(n) = g.get_u64(&key("scaling.original_context_length"))? {
-                m.insert("original_max_position_embeddings".into(), json!(n));
-            }
-            Some(Json::Object(m))
-        }
         (Some(other), _, _) => {
             return Err(Error::Unsupported(format!(
-                "{}: {} `{other}` (with factor {factor:?}) cannot be mapped to rope_scaling",
+                "{}: {} `{other}` (with factor {factor:?}): peftrt runs no such rope scaling \
+                 (supported: linear; llama3 only from the original Hugging Face model)",
                 g.path().display(),
                 key("scaling.type")
             )))
@@ -633,7 +736,7 @@ mod tests {
         let err = import(&fixture(), &out, &ImportOptions::new(DType::F32)).unwrap_err().to_string();
         assert!(err.contains("not empty") && err.contains("--force"), "{err}");
         assert!(out.join("keep.txt").exists());
-        let opts = ImportOptions { dtype: DType::F32, force: true };
+        let opts = ImportOptions { dtype: DType::F32, force: true, saturate: false };
         import(&fixture(), &out, &opts).unwrap();
         assert!(!out.join("keep.txt").exists());
         assert!(out.join("model.safetensors").exists());
@@ -642,6 +745,154 @@ mod tests {
         let empty = tmp.path().join("empty");
         fs::create_dir(&empty).unwrap();
         import(&fixture(), &empty, &ImportOptions::new(DType::F32)).unwrap();
+    }
+
+    /// The fixture with `edit` applied to its metadata and tensor data (GGUF name -> bytes),
+    /// written into `dir` as `name`.
+    fn hostile(
+        dir: &Path,
+        name: &str,
+        edit: impl FnOnce(&mut BTreeMap<String, crate::gguf::Value>, &mut BTreeMap<String, Vec<u8>>),
+    ) -> PathBuf {
+        use crate::gguf::write::{to_bytes, TensorOut};
+        let g = GgufFile::read(fixture()).unwrap();
+        let mut meta = g.metadata().clone();
+        let mut data: BTreeMap<String, Vec<u8>> =
+            g.tensors().iter().map(|t| (t.name.clone(), g.tensor_data(t).unwrap().to_vec())).collect();
+        edit(&mut meta, &mut data);
+        let tensors: Vec<TensorOut> = g
+            .tensors()
+            .iter()
+            .map(|t| TensorOut { name: &t.name, dims: &t.dims, ggml_type: t.ggml_type, data: &data[&t.name] })
+            .collect();
+        let path = dir.join(name);
+        fs::write(&path, to_bytes(&meta, &tensors)).unwrap();
+        path
+    }
+
+    /// Imports `gguf` into a fresh `out` beside it; on error checks that nothing was left.
+    fn import_err(gguf: &Path, opts: &ImportOptions) -> String {
+        let dir = gguf.parent().unwrap();
+        let before = fs::read_dir(dir).unwrap().count();
+        let err = import(gguf, &dir.join("out"), opts).expect_err("the import must fail").to_string();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), before, "something was left behind: {err}");
+        err
+    }
+
+    /// Regression (issue 18 row 3): a block count of 2^32-1 or 10^7 grew memory until abort.
+    #[test]
+    fn a_lying_block_count_is_refused_before_anything_per_layer() {
+        use crate::gguf::Value;
+        for n in [u32::MAX, 10_000_000, 1] {
+            let tmp = tempfile::tempdir().unwrap();
+            let g = hostile(tmp.path(), "m.gguf", |m, _| {
+                m.insert("llama.block_count".into(), Value::U32(n));
+            });
+            let err = import_err(&g, &ImportOptions::new(DType::F32));
+            assert!(err.contains("llama.block_count") && err.contains("tensors for 2"), "{n}: {err}");
+        }
+    }
+
+    /// Regression (issue 18 row 9): these imported "successfully" into directories that peftrt
+    /// then refused to load.
+    #[test]
+    fn metadata_that_would_not_load_is_refused() {
+        use crate::gguf::Value;
+        let cases: [(&str, Value, &str); 5] = [
+            ("llama.context_length", Value::U32(0), "llama.context_length"),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(f32::NAN), "layer_norm_rms_epsilon"),
+            ("llama.rope.freq_base", Value::F32(-1.0), "llama.rope.freq_base"),
+            ("llama.rope.scaling.type", Value::String("yarn".into()), "yarn"),
+            ("llama.rope.scaling.factor", Value::F32(0.0), "llama.rope.scaling.factor"),
+        ];
+        for (key, value, expect) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let g = hostile(tmp.path(), "m.gguf", |m, _| {
+                m.insert(key.into(), value.clone());
+                if key == "llama.rope.scaling.type" {
+                    m.insert("llama.rope.scaling.factor".into(), Value::F32(4.0));
+                }
+            });
+            let err = import_err(&g, &ImportOptions::new(DType::F32));
+            assert!(err.contains(expect), "{key}: {err}");
+        }
+    }
+
+    /// Regression (issue 18 row 9): merges naming tokens outside the vocabulary were written
+    /// into a tokenizer.json that does not load; the load-back catches what no check names.
+    #[test]
+    fn an_import_that_would_not_load_writes_nothing() {
+        use crate::gguf::Value;
+        let tmp = tempfile::tempdir().unwrap();
+        let g = hostile(tmp.path(), "m.gguf", |m, _| {
+            let merges = vec![Value::String("zzqx qqzy".into())];
+            m.insert("tokenizer.ggml.merges".into(), Value::Array(crate::gguf::ValueType::String, merges));
+        });
+        let err = import_err(&g, &ImportOptions::new(DType::F32));
+        assert!(err.contains("would not load") && err.contains("tokenizer"), "{err}");
+    }
+
+    /// Regression (issue 18 row 2): a GGUF's `tokenizer.chat_template` that never ends hung
+    /// `generate --chat` on the imported model; it is bounded like any other template.
+    #[test]
+    fn a_looping_gguf_chat_template_is_bounded_after_import() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}";
+        let g = hostile(tmp.path(), "m.gguf", |m, _| {
+            m.insert("tokenizer.chat_template".into(), crate::gguf::Value::String(t.into()));
+        });
+        let out = tmp.path().join("out");
+        import(&g, &out, &ImportOptions::new(DType::F32)).unwrap();
+        let tok = crate::Tokenizer::from_dir(&out).unwrap();
+        let err = tok.apply_chat_template(&[crate::Message::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(err, Error::Tokenizer(_)) && err.to_string().contains("instructions"), "{err}");
+    }
+
+    fn set_first_f32(data: &mut BTreeMap<String, Vec<u8>>, name: &str, v: f32) {
+        data.get_mut(name).unwrap()[..4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Regression (issue 18 row 6): NaN/Inf weights were copied through.
+    #[test]
+    fn non_finite_weights_are_refused_by_name() {
+        for v in [f32::NAN, f32::INFINITY] {
+            let tmp = tempfile::tempdir().unwrap();
+            let g = hostile(tmp.path(), "m.gguf", |_, d| set_first_f32(d, "output_norm.weight", v));
+            let err = import_err(&g, &ImportOptions::new(DType::F32));
+            assert!(err.contains("output_norm.weight") && err.contains("non-finite"), "{err}");
+        }
+    }
+
+    /// Regression (issue 18 row 6): a value beyond f16's range became +inf.
+    #[test]
+    fn f16_overflow_is_refused_unless_saturating() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = hostile(tmp.path(), "m.gguf", |_, d| set_first_f32(d, "output_norm.weight", -1e6));
+        let err = import_err(&g, &ImportOptions::new(DType::F16));
+        assert!(err.contains("output_norm.weight") && err.contains("--saturate"), "{err}");
+        // bf16 and f32 hold it; --saturate clamps it for f16.
+        import(&g, &tmp.path().join("bf16"), &ImportOptions::new(DType::BF16)).unwrap();
+        let out = tmp.path().join("f16");
+        import(&g, &out, &ImportOptions { dtype: DType::F16, force: false, saturate: true }).unwrap();
+        let bytes = fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let d = st.tensor("model.norm.weight").unwrap().data()[..2].to_vec();
+        assert_eq!(half::f16::from_le_bytes([d[0], d[1]]), -half::f16::MAX);
+    }
+
+    /// Regression (issue 18 row 12): `import dir/model.gguf dir --force` deleted the GGUF.
+    #[test]
+    fn force_never_deletes_the_gguf() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dir");
+        fs::create_dir(&dir).unwrap();
+        let g = dir.join("model.gguf");
+        fs::copy(fixture(), &g).unwrap();
+        let opts = ImportOptions { dtype: DType::F32, force: true, saturate: false };
+        let err = import(&g, &dir, &opts).unwrap_err().to_string();
+        assert!(err.contains("lies inside the output directory"), "{err}");
+        assert_eq!(fs::read(&g).unwrap(), fs::read(fixture()).unwrap());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`import()`]: converts a GGUF model into a Hugging Face directory (`model.safetensors`,
 //!   `config.json`, `tokenizer.json`, ...) that the rest of peftrt (and transformers) loads.
 //! - [`vocab`]: rebuilds a `tokenizer.json` from the `tokenizer.ggml.*` metadata.
+//! - [`write`]: writes GGUF files (for tests and fuzzing: valid and deliberately hostile ones).
 //!
 //! ```no_run
 //! use peftrt::gguf::{import, DType, GgufFile, ImportOptions};
@@ -22,6 +23,7 @@ pub mod file;
 pub mod import;
 pub mod quants;
 pub mod vocab;
+pub mod write;
 
 pub use file::{GgufFile, TensorInfo, Value, ValueType};
 pub use import::{import, DType, ImportOptions, ImportSummary};

@@ -1,0 +1,42 @@
+//! The `peftrt batch` request format: one JSON object per line, either
+//! `{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the model's chat
+//! template) or `{"prompt": "..."}` (plain text, special tokens added as the tokenizer does);
+//! an optional `"id"` of any JSON type is copied to the result line.
+//!
+//! [`parse_request`] turns one line into prompt tokens. It never panics, whatever the line
+//! holds (the fuzz target `batch_request` calls it on arbitrary bytes).
+
+use crate::tokenizer::{Message, Tokenizer};
+use serde_json::Value;
+
+/// One parsed request: its id (JSON `null` when the line has none) and its prompt tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchRequest {
+    pub id: Value,
+    pub tokens: Vec<u32>,
+}
+
+/// Parses one request line and tokenizes its prompt. The error says what is wrong with the
+/// line (the caller adds the file and line number).
+pub fn parse_request(line: &str, tok: &Tokenizer) -> Result<BatchRequest, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let id = v.get("id").cloned().unwrap_or(Value::Null);
+    let tokens = if let Some(msgs) = v.get("messages") {
+        let msgs = msgs.as_array().ok_or("\"messages\" is not an array")?;
+        let mut parsed = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let field = |k: &str| m.get(k).and_then(|x| x.as_str()).ok_or(format!("a message has no string \"{k}\""));
+            parsed.push(Message::new(field("role")?, field("content")?));
+        }
+        let text = tok.apply_chat_template(&parsed, true).map_err(|e| e.to_string())?;
+        tok.encode(&text, false).map_err(|e| e.to_string())?
+    } else if let Some(p) = v.get("prompt") {
+        tok.encode(p.as_str().ok_or("\"prompt\" is not a string")?, true).map_err(|e| e.to_string())?
+    } else {
+        return Err("no \"messages\" or \"prompt\" field".into());
+    };
+    if tokens.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    Ok(BatchRequest { id, tokens })
+}
