@@ -70,6 +70,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// `_name_or_path`: the hub id or path transformers saved the model from, if recorded
+    /// (adapters naming another base are told apart by it, see `adapter::names_another_model`).
+    pub name_or_path: Option<String>,
 }
 
 fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -136,7 +139,7 @@ impl ModelConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             other => {
-                return Err(Error::config(
+                return Err(Error::unsupported_key(
                     path,
                     "model_type",
                     format!("unknown model type \"{other}\"; peftrt runs \"llama\", \"mistral\" and \"qwen2\" models"),
@@ -199,7 +202,7 @@ impl ModelConfig {
                         original_max_position_embeddings: need("original_max_position_embeddings")?,
                     },
                     other => {
-                        return Err(Error::config(
+                        return Err(Error::unsupported_key(
                             path,
                             "rope_scaling.rope_type",
                             format!("\"{other}\" is not supported (supported: default, linear, llama3)"),
@@ -237,6 +240,7 @@ impl ModelConfig {
             sliding_window,
             bos_token_id: parse_token_ids(get(v, "bos_token_id")).first().copied(),
             eos_token_ids,
+            name_or_path: get(v, "_name_or_path").and_then(Value::as_str).map(str::to_string),
         };
         Ok(cfg)
     }
@@ -306,16 +310,18 @@ impl ModelConfig {
 /// reads; FP4 is refused there, per tensor).
 fn check_quantization(v: &Value, path: &Path) -> Result<()> {
     let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else { return Ok(()) };
-    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("(none)");
+    let Some(method) = q.get("quant_method").and_then(Value::as_str) else {
+        return Err(Error::config(path, "quantization_config.quant_method", "missing; expected \"bitsandbytes\""));
+    };
     if method != "bitsandbytes" {
-        return Err(Error::config(
+        return Err(Error::unsupported_key(
             path,
             "quantization_config.quant_method",
             format!("\"{method}\" checkpoints are not supported; peftrt runs float and bitsandbytes NF4 models"),
         ));
     }
     if q.get("load_in_8bit").and_then(Value::as_bool) == Some(true) {
-        return Err(Error::config(
+        return Err(Error::unsupported_key(
             path,
             "quantization_config.load_in_8bit",
             "8-bit bitsandbytes (LLM.int8) checkpoints are not supported; use the float model or NF4",

@@ -167,7 +167,7 @@ impl ModelArgs {
         let mut active = Vec::new();
         for spec in &self.adapters {
             let (dir, scale) = parse_adapter_spec(spec)?;
-            let opts = AdapterOptions { allow_base_mismatch: self.allow_base_mismatch };
+            let opts = AdapterOptions { allow_base_mismatch: self.allow_base_mismatch, ..Default::default() };
             let adapter = Adapter::load_with(&dir, &model, &opts)
                 .with_context(|| format!("cannot load the adapter in {}", dir.display()))?;
             active.push((Arc::new(adapter), scale));

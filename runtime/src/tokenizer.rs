@@ -55,7 +55,7 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(Error::format(dir, "no tokenizer.json in the model directory"));
+            return Err(Error::missing(dir, "no tokenizer.json in the model directory"));
         }
         let inner = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| Error::format(&tok_path, format!("cannot load tokenizer: {e}")))?;
@@ -173,7 +173,21 @@ impl TextStream {
         Ok(if new.is_empty() { None } else { Some(new) })
     }
 
-    /// Everything emitted so far.
+    /// The text not yet emitted, at the end of the stream: what [`TextStream::push`] held back
+    /// because it ended in an incomplete UTF-8 character, decoded as the tokenizer decodes it
+    /// (the incomplete character as U+FFFD). So the streamed text ends up equal to
+    /// [`Tokenizer::decode`] of all the pushed tokens (issue #18).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let text = tok.decode(&self.tokens, false)?;
+        if text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let rest = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(rest))
+    }
+
+    /// Every token pushed so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
