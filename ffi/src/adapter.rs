@@ -82,3 +82,18 @@ pub unsafe extern "C" fn peftrt_adapter_load(
 pub extern "C" fn peftrt_adapter_free(adapter: *mut peftrt_adapter) -> Status {
     guard_status(|| handle::take(adapter, "adapter").map(drop))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_base_fits_in_the_old_padding() {
+        // The header's peftrt_adapter_params: size_t, two bools (+ padding). 0.1.0 callers
+        // pass 16 too, so their struct_size stays accepted.
+        assert_eq!(std::mem::size_of::<peftrt_adapter_params>(), 16);
+        assert_eq!(std::mem::offset_of!(peftrt_adapter_params, strict_base), 9);
+        let d = peftrt_adapter_default_params();
+        assert_eq!((d.struct_size, d.allow_base_mismatch, d.strict_base), (16, 0, 0));
+    }
+}

@@ -13,7 +13,8 @@
 //! turns errors into a status code or NULL, and records a thread-local message
 //! (`peftrt_last_error`). Handles are checked against a registry of live handles
 //! ([`handle`]), so NULL, a freed handle or a handle of the wrong kind is an error, not a
-//! crash. Text functions are in [`text`].
+//! crash; the registry owns each object and every call holds its own reference while it
+//! runs, so a free racing a call never frees memory under it. Text functions are in [`text`].
 
 #![allow(non_camel_case_types)]
 
