@@ -17,6 +17,11 @@
  *   one thread at a time; a second thread calling into a session while it is busy gets
  *   PEFTRT_ERR_BUSY instead of a data race. peftrt_session_cancel() is the exception: any
  *   thread may call it at any time. Each function below says which rule it follows.
+ *   Freeing a handle while another thread calls into it is safe: each call holds its own
+ *   reference to the object from its start to its return, so a call that started before the
+ *   free finishes on a live object (which is destroyed when the last such call returns), and
+ *   a call that starts after it gets PEFTRT_ERR_INVALID_HANDLE. peftrt_session_free() instead
+ *   refuses with PEFTRT_ERR_BUSY while any call is using the session.
  *
  * Lifetimes
  *   Adapters and sessions keep their model alive, and sessions keep their active adapters
@@ -30,6 +35,23 @@
  *   NULL where a pointer is required, a handle that was already freed (detected while its
  *   address is not reused), invalid UTF-8 or an out-of-range token id is an error, never a
  *   crash. Internal errors (Rust panics) are caught at the boundary: PEFTRT_ERR_INTERNAL.
+ *   Files are judged by one rule:
+ *     PEFTRT_ERR_IO           the OS could not open or read a file or directory: it is missing
+ *                             (a model or adapter directory, or a file it must contain, such as
+ *                             config.json, model.safetensors or a shard, tokenizer.json,
+ *                             adapter_config.json, adapter_model.safetensors), unreadable, or
+ *                             not a directory where one is needed;
+ *     PEFTRT_ERR_FORMAT       a file was read but its content is malformed: invalid JSON, a
+ *                             wrong type or an invalid value (NaN, an EOS id outside the
+ *                             vocabulary), a truncated or lying safetensors header, a missing
+ *                             tensor, shapes that disagree with config.json;
+ *     PEFTRT_ERR_UNSUPPORTED  well-formed, but a feature peftrt does not run: another
+ *                             architecture (model_type), rope type, quantisation method, PEFT
+ *                             method (IA3, ...), `bias` other than "none", modules_to_save,
+ *                             other LoRA variants, a tensor dtype (I64, ...), or an adapter only
+ *                             as adapter_model.bin (pickle).
+ *   A special file (a FIFO, a device) where a file is expected is refused with IO or FORMAT,
+ *   never read until it ends.
  *
  * Buffer-filling functions
  *   return the number of elements written (>= 0). If the buffer is too small they write
@@ -96,7 +118,11 @@ typedef enum peftrt_status {
     PEFTRT_ERR_BUSY = -10,
     /* A bug in peftrt (a caught panic); the message says where. A session that was in use is
        unusable afterwards: free it. */
-    PEFTRT_ERR_INTERNAL = -11
+    PEFTRT_ERR_INTERNAL = -11,
+    /* An allocation sized by the request failed: a session's KV cache and buffers for its
+       n_ctx (e.g. a config claiming 128K or 2^31 positions, and an n_ctx near that). Nothing
+       was created; ask for a smaller n_ctx. (Added after 0.1.0.) */
+    PEFTRT_ERR_OUT_OF_MEMORY = -12
 } peftrt_status;
 
 /* Why a generation ended. */
@@ -145,12 +171,15 @@ peftrt_model_params peftrt_model_default_params(void);
 /* Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer.json,
    tokenizer_config.json); F32/F16/BF16 or bitsandbytes NF4 weights. The weights are
    memory-mapped: the files must not be modified while the model is alive. `params` may be
-   NULL (defaults). Returns NULL on error (PEFTRT_ERR_IO for a missing path). Thread-safe. */
+   NULL (defaults). Returns NULL on error: PEFTRT_ERR_IO for a missing path or required file,
+   PEFTRT_ERR_FORMAT / PEFTRT_ERR_UNSUPPORTED for its content (see Errors above).
+   Thread-safe. */
 peftrt_model *peftrt_model_load(const char *path, const peftrt_model_params *params);
 
 /* Releases the caller's handle. Sessions and adapters of the model keep it alive until they
    are freed. NULL is a no-op (PEFTRT_OK); a freed handle is PEFTRT_ERR_INVALID_HANDLE.
-   Not concurrently with other calls on the same handle. */
+   Thread-safe: calls on the model already running on other threads finish on it; calls made
+   after the free get PEFTRT_ERR_INVALID_HANDLE. */
 peftrt_status peftrt_model_free(peftrt_model *model);
 
 typedef struct peftrt_model_info {
@@ -205,21 +234,33 @@ typedef struct peftrt_adapter_params {
     size_t struct_size;        /* sizeof(peftrt_adapter_params) */
     bool allow_base_mismatch;  /* load even if the adapter records another base model (its
                                   output will be wrong; experiments only); false = refuse with
-                                  PEFTRT_ERR_ADAPTER_MISMATCH */
+                                  PEFTRT_ERR_ADAPTER_MISMATCH. Also overrides strict_base. */
+    bool strict_base;          /* refuse (PEFTRT_ERR_ADAPTER_MISMATCH) an adapter that records
+                                  no base-model fingerprint and whose adapter_config.json
+                                  base_model_name_or_path names another model; false = load it
+                                  with a warning on the log. "Names another model": the last
+                                  path component of base_model_name_or_path ("SmolLM2-135M" of
+                                  "HuggingFaceTB/SmolLM2-135M") equals, ignoring ASCII case,
+                                  neither the model directory's name nor the last component of
+                                  config.json's _name_or_path. (Added after 0.1.0, where 0.1.0
+                                  had padding: the struct's size is unchanged, so initialise it with
+                                  peftrt_adapter_default_params() or zero it.) */
 } peftrt_adapter_params;
 
-/* Defaults: allow_base_mismatch false. Thread-safe. */
+/* Defaults: allow_base_mismatch false, strict_base false. Thread-safe. */
 peftrt_adapter_params peftrt_adapter_default_params(void);
 
 /* Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for
    `model`, checking every tensor against it. `params` may be NULL. Returns NULL on error:
-   PEFTRT_ERR_IO / PEFTRT_ERR_FORMAT / PEFTRT_ERR_UNSUPPORTED for the files themselves,
-   PEFTRT_ERR_ADAPTER_MISMATCH when they do not fit this model. The adapter keeps the model
-   alive. Thread-safe (any number of threads may load adapters for one model). */
+   PEFTRT_ERR_IO / PEFTRT_ERR_FORMAT / PEFTRT_ERR_UNSUPPORTED for the files themselves (see
+   Errors above), PEFTRT_ERR_ADAPTER_MISMATCH when a well-formed adapter does not fit this
+   model (its fingerprint records another base; a module or shape the model does not have;
+   with strict_base, it names another model). The adapter keeps the model alive. Thread-safe
+   (any number of threads may load adapters for one model). */
 peftrt_adapter *peftrt_adapter_load(const peftrt_model *model, const char *path, const peftrt_adapter_params *params);
 
 /* Releases the caller's handle; sessions using the adapter keep it alive until they stop
-   using it. NULL is a no-op. Not concurrently with other calls on the same handle. */
+   using it. NULL is a no-op. Thread-safe like peftrt_model_free(). */
 peftrt_status peftrt_adapter_free(peftrt_adapter *adapter);
 
 /* ---------------------------------------------------------------- sessions */
@@ -236,11 +277,15 @@ peftrt_session_params peftrt_session_default_params(void);
 
 /* A new, empty session over `model`: allocates its KV cache and buffers (nothing is
    allocated per token afterwards) and starts its threads. `params` may be NULL. NULL on
-   error. Thread-safe. */
+   error: PEFTRT_ERR_INVALID_ARGUMENT for an n_ctx beyond n_ctx_train, PEFTRT_ERR_OUT_OF_MEMORY
+   when the cache for n_ctx cannot be allocated (the process is not aborted). Thread-safe. */
 peftrt_session *peftrt_session_create(const peftrt_model *model, const peftrt_session_params *params);
 
-/* Frees the session, its cache and threads. NULL is a no-op; PEFTRT_ERR_BUSY while another
-   thread is using it (nothing freed then). */
+/* Frees the session, its cache and threads. NULL is a no-op; PEFTRT_ERR_BUSY while any call
+   is using it (another thread's, including peftrt_session_cancel(), or the generation whose
+   text callback calls this): nothing is freed then; free it after that call returns. Any
+   thread may call it; calls that start after a successful free get
+   PEFTRT_ERR_INVALID_HANDLE. */
 peftrt_status peftrt_session_free(peftrt_session *session);
 
 /* Forgets the conversation (cached tokens); adapters and sampler are kept. One thread. */
@@ -302,7 +347,11 @@ peftrt_status peftrt_session_sample(peftrt_session *session, peftrt_token *token
 
 /* Receives generated text: `len` bytes of UTF-8 at `text` (also NUL-terminated; never a
    partial character, never text that may start a stop string). Return 0 to continue,
-   non-zero to stop generation (PEFTRT_STOP_CALLBACK). Must not throw or longjmp. */
+   non-zero to stop generation (PEFTRT_STOP_CALLBACK). Must not throw or longjmp.
+   All the pieces together equal peftrt_detokenize() of the generated tokens (skip_special
+   false, without a final EOS token), cut before a stop string: when generation ends inside a
+   character that a byte-level token split, the last piece ends with U+FFFD (the replacement
+   character, as peftrt_detokenize() gives it) instead of dropping those bytes. */
 typedef int (*peftrt_text_callback)(const char *text, size_t len, void *user_data);
 
 typedef struct peftrt_generation {
@@ -323,6 +372,12 @@ typedef struct peftrt_generation {
    (may be NULL). A callback that stops generation is not an error (PEFTRT_OK, stop =
    PEFTRT_STOP_CALLBACK). PEFTRT_ERR_CANCELLED if peftrt_session_cancel() stopped it
    (`result` is then not filled; the text so far was passed to the callback).
+   PEFTRT_ERR_CONTEXT_FULL if the prompt does not fit after the cached tokens.
+   Afterwards the session's tokens (peftrt_session_tokens) are the cached ones, the prompt and
+   the generated tokens but the last: n_tokens - 1 of them, since the last sampled token is
+   returned, not evaluated. To continue the conversation without a reset, pass that token
+   first in the next prompt (or peftrt_session_eval() it); until then
+   peftrt_session_logits() gives the logits that last token was sampled from.
    One thread; peftrt_session_cancel() from any thread. */
 peftrt_status peftrt_session_generate(peftrt_session *session, const peftrt_token *prompt, int32_t n_prompt,
                                       const peftrt_sampling_params *params, peftrt_text_callback on_text,

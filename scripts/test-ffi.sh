@@ -5,8 +5,8 @@
 #     shared library and (one) against the static one;
 #  3. results through the C API equal the Rust API's (ffi/tests/c_api.rs: tiny fixtures and
 #     SmolLM2 with its adapters);
-#  4. the bad-input suite and every example under valgrind (memcheck: no invalid reads or
-#     writes, no definite leaks) on the tiny fixtures;
+#  4. the bad-input suite, the free-while-in-use race and every example under valgrind
+#     (memcheck: no invalid reads or writes, no definite leaks) on the tiny fixtures;
 #  5. the examples on SmolLM2 without valgrind, when models/ is present (required under
 #     PEFTRT_REQUIRE_MODELS=1, as `make test` sets);
 #  6. `make install` into a temporary prefix, then an example built with nothing but
@@ -48,7 +48,8 @@ step "compile the examples and C tests"
 CFLAGS=(-std=c11 -Wall -Wextra -Werror -O1 -g -Iinclude)
 CXXFLAGS=(-std=c++17 -Wall -Wextra -Werror -O1 -g -Iinclude)
 LINK=(-L"$LIB" -Wl,-rpath,"$LIB" -lpeftrt -lpthread)
-for src in examples/c/generate.c examples/c/multi_adapter.c examples/c/threads.c ffi/tests/c/bad_input.c; do
+for src in examples/c/generate.c examples/c/multi_adapter.c examples/c/threads.c ffi/tests/c/bad_input.c \
+    ffi/tests/c/free_race.c; do
     $CC "${CFLAGS[@]}" "$src" "${LINK[@]}" -o "$OUT/$(basename "$src" .c)"
 done
 $CXX "${CXXFLAGS[@]}" examples/cpp/chat.cpp "${LINK[@]}" -o "$OUT/chat"
@@ -68,6 +69,9 @@ VG=(valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=de
     --show-leak-kinds=definite --track-origins=no --fair-sched=try)
 run() { echo "+ $*"; "$@"; }
 run "${VG[@]}" "$OUT/bad_input" $F/tiny-llama $F/adapters/llama-qv $F/tiny-llama3-tied
+# Frees racing other threads' calls on the same handle (issue #18): a read of freed memory
+# fails the run here.
+run "${VG[@]}" "$OUT/free_race" $F/tiny-llama $F/adapters/llama-qv 100
 run "${VG[@]}" "$OUT/generate" $F/tiny-llama "Hello there" 16 >/dev/null
 run "${VG[@]}" "$OUT/generate_static" $F/tiny-llama "Hello there" 8 >/dev/null
 run "${VG[@]}" "$OUT/multi_adapter" $F/tiny-llama $F/adapters/llama-qv $F/adapters/llama-dora "Hi" 1 8

@@ -23,11 +23,17 @@ pub struct peftrt_adapter_params {
     pub struct_size: usize,
     /// C `bool`, read as a byte.
     pub allow_base_mismatch: u8,
+    /// C `bool` (added after 0.1.0, in what was padding: the struct size is unchanged).
+    pub strict_base: u8,
 }
 
 #[no_mangle]
 pub extern "C" fn peftrt_adapter_default_params() -> peftrt_adapter_params {
-    peftrt_adapter_params { struct_size: std::mem::size_of::<peftrt_adapter_params>(), allow_base_mismatch: 0 }
+    peftrt_adapter_params {
+        struct_size: std::mem::size_of::<peftrt_adapter_params>(),
+        allow_base_mismatch: 0,
+        strict_base: 0,
+    }
 }
 
 /// # Safety
@@ -59,14 +65,14 @@ pub unsafe extern "C" fn peftrt_adapter_load(
                     format!("{}: no such file or directory; pass a PEFT adapter directory", dir.display()),
                 ));
             }
-            // Reading the files on their own first tells a malformed adapter (their own status)
-            // apart from one that does not fit this model.
-            let file = rt::adapter::AdapterFile::open(dir)?;
-            let opts = rt::adapter::AdapterOptions { allow_base_mismatch: p.allow_base_mismatch != 0 };
-            let adapter = rt::Adapter::bind(file, &m, &opts).map_err(|e| match e {
-                rt::Error::Io { .. } => Fail::from(e),
-                e => Fail::new(Status::AdapterMismatch, format!("{e} (is the adapter for another base model?)")),
-            })?;
+            let opts = rt::adapter::AdapterOptions {
+                allow_base_mismatch: p.allow_base_mismatch != 0,
+                strict_base: p.strict_base != 0,
+            };
+            // The runtime tells the cases apart: IO/FORMAT/UNSUPPORTED for the files
+            // themselves, AdapterMismatch (another base, architecture or shapes) for a
+            // well-formed adapter that does not fit this model.
+            let adapter = rt::Adapter::load_with(dir, &m, &opts)?;
             Ok(handle::register(peftrt_adapter { adapter: Arc::new(adapter), model: m }))
         },
     )
@@ -75,4 +81,19 @@ pub unsafe extern "C" fn peftrt_adapter_load(
 #[no_mangle]
 pub extern "C" fn peftrt_adapter_free(adapter: *mut peftrt_adapter) -> Status {
     guard_status(|| handle::take(adapter, "adapter").map(drop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_base_fits_in_the_old_padding() {
+        // The header's peftrt_adapter_params: size_t, two bools (+ padding). 0.1.0 callers
+        // pass 16 too, so their struct_size stays accepted.
+        assert_eq!(std::mem::size_of::<peftrt_adapter_params>(), 16);
+        assert_eq!(std::mem::offset_of!(peftrt_adapter_params, strict_base), 9);
+        let d = peftrt_adapter_default_params();
+        assert_eq!((d.struct_size, d.allow_base_mismatch, d.strict_base), (16, 0, 0));
+    }
 }

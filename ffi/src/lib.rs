@@ -13,7 +13,8 @@
 //! turns errors into a status code or NULL, and records a thread-local message
 //! (`peftrt_last_error`). Handles are checked against a registry of live handles
 //! ([`handle`]), so NULL, a freed handle or a handle of the wrong kind is an error, not a
-//! crash. Text functions are in [`text`].
+//! crash; the registry owns each object and every call holds its own reference while it
+//! runs, so a free racing a call never frees memory under it. Text functions are in [`text`].
 
 #![allow(non_camel_case_types)]
 
@@ -43,10 +44,11 @@ pub enum Status {
     Cancelled = -9,
     Busy = -10,
     Internal = -11,
+    OutOfMemory = -12,
 }
 
 impl Status {
-    const ALL: [Status; 12] = [
+    const ALL: [Status; 13] = [
         Status::Ok,
         Status::InvalidArgument,
         Status::InvalidHandle,
@@ -59,6 +61,7 @@ impl Status {
         Status::Cancelled,
         Status::Busy,
         Status::Internal,
+        Status::OutOfMemory,
     ];
 
     /// The C name, NUL-terminated.
@@ -76,6 +79,7 @@ impl Status {
             Status::Cancelled => c"PEFTRT_ERR_CANCELLED",
             Status::Busy => c"PEFTRT_ERR_BUSY",
             Status::Internal => c"PEFTRT_ERR_INTERNAL",
+            Status::OutOfMemory => c"PEFTRT_ERR_OUT_OF_MEMORY",
         }
     }
 }
@@ -96,6 +100,10 @@ impl Fail {
     }
 }
 
+/// The runtime's errors as statuses, following the rule the header states (IO: the OS could
+/// not open or read a file; FORMAT: malformed content; UNSUPPORTED: a feature peftrt does not
+/// run). Where the runtime's message names a CLI flag or Rust option, the C spelling replaces
+/// it: the error carries what is needed to say it.
 impl From<rt::Error> for Fail {
     fn from(e: rt::Error) -> Self {
         let status = match &e {
@@ -106,6 +114,38 @@ impl From<rt::Error> for Fail {
             rt::Error::Input(_) => Status::InvalidArgument,
             rt::Error::Cancelled => Status::Cancelled,
             rt::Error::NonFinite(_) => Status::Format,
+            rt::Error::ContextFull { cached, new, n_ctx } => {
+                return Fail::new(
+                    Status::ContextFull,
+                    format!(
+                        "{cached} cached + {new} new tokens exceed the session's context of {n_ctx} tokens; \
+                         reset the session or create one with a larger n_ctx"
+                    ),
+                )
+            }
+            rt::Error::OutOfMemory { what, bytes } => {
+                return Fail::new(
+                    Status::OutOfMemory,
+                    format!(
+                        "out of memory: cannot allocate {what} ({bytes} bytes); create the session with a \
+                         smaller peftrt_session_params.n_ctx"
+                    ),
+                )
+            }
+            rt::Error::AdapterMismatch { msg, overridable } => {
+                let hint = match overridable {
+                    None => "",
+                    Some(rt::error::MismatchOverride::AllowBaseMismatch) => {
+                        "; load it on its own base, or set peftrt_adapter_params.allow_base_mismatch to load it \
+                         anyway"
+                    }
+                    Some(rt::error::MismatchOverride::NotStrictBase) => {
+                        "; load it on the model it names, or leave peftrt_adapter_params.strict_base false to \
+                         load it with a warning"
+                    }
+                };
+                return Fail::new(Status::AdapterMismatch, format!("{msg}{hint}"));
+            }
         };
         Fail::new(status, e.to_string())
     }

@@ -14,7 +14,7 @@ use crate::{
 };
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
 
 /// More threads than this per session is a mistake, not a configuration.
 const MAX_THREADS: usize = 1024;
@@ -82,21 +82,32 @@ pub struct peftrt_generation {
 /// `peftrt_text_callback`
 pub type TextCallback = Option<unsafe extern "C" fn(*const c_char, usize, *mut c_void) -> c_int>;
 
-/// The live session behind `p` and its state, unless another thread is using it.
-fn lock<'a>(p: *mut peftrt_session) -> Result<(&'a peftrt_session, MutexGuard<'a, State>)> {
+/// Runs `f` on the live session behind `p` and its state, unless another call is using it.
+///
+/// The call holds a reference to the session (not a borrow) from the registry check to its
+/// end, so a concurrent `peftrt_session_free` either sees it in use (BUSY) or lands before
+/// the check (this call then gets INVALID_HANDLE): never a free under the call.
+fn with_session<R>(p: *mut peftrt_session, f: impl FnOnce(&peftrt_session, &mut State) -> Result<R>) -> Result<R> {
     let s = handle::get(p as *const peftrt_session, "session")?;
-    match s.state.try_lock() {
-        Ok(g) => Ok((s, g)),
-        Err(TryLockError::WouldBlock) => Err(Fail::new(
-            Status::Busy,
-            "the session is in use by another call (another thread, or the text callback of this \
-             thread's generation); a session is used by one thread at a time (create one per thread)",
-        )),
-        Err(TryLockError::Poisoned(_)) => Err(Fail::new(
-            Status::Internal,
-            "the session is unusable after an internal error in an earlier call; free it and create a new one",
-        )),
-    }
+    let mut st = match s.state.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::WouldBlock) => return Err(busy()),
+        Err(TryLockError::Poisoned(_)) => {
+            return Err(Fail::new(
+                Status::Internal,
+                "the session is unusable after an internal error in an earlier call; free it and create a new one",
+            ))
+        }
+    };
+    f(&s, &mut st)
+}
+
+fn busy() -> Fail {
+    Fail::new(
+        Status::Busy,
+        "the session is in use by another call (another thread, or the text callback of this \
+         thread's generation); a session is used by one thread at a time (create one per thread)",
+    )
 }
 
 /// The runtime's sampling parameters from C's.
@@ -137,7 +148,8 @@ unsafe fn sampling(p: &peftrt_sampling_params, n_ctx: usize) -> Result<rt::Sampl
     Ok(params)
 }
 
-/// Token ids from C, checked for range and for room in the session's context.
+/// Token ids from C, checked for range. Room in the context is the runtime's check
+/// (`rt::Error::ContextFull`, mapped to `PEFTRT_ERR_CONTEXT_FULL`).
 ///
 /// # Safety
 /// `tokens` is NULL or has `n` ids.
@@ -147,19 +159,7 @@ unsafe fn input_tokens(st: &State, tokens: *const i32, n: i32, what: &str) -> Re
         return Err(Fail::arg(format!("no {what}: pass at least one token")));
     }
     // SAFETY: forwarded from our caller.
-    let ids = token_ids(unsafe { c_slice(tokens, n, what) }?, st.session.model().config.vocab_size)?;
-    let (cached, n_ctx) = (st.session.tokens().len(), st.session.n_ctx());
-    if cached + ids.len() > n_ctx {
-        return Err(Fail::new(
-            Status::ContextFull,
-            format!(
-                "{cached} cached + {} new tokens exceed the session's context of {n_ctx} tokens; \
-                 reset the session or create one with a larger n_ctx",
-                ids.len()
-            ),
-        ));
-    }
-    Ok(ids)
+    token_ids(unsafe { c_slice(tokens, n, what) }?, st.session.model().config.vocab_size)
 }
 
 #[no_mangle]
@@ -231,29 +231,21 @@ pub unsafe extern "C" fn peftrt_session_create(
     )
 }
 
-/// # Safety
-/// `session` is NULL or a pointer from `peftrt_session_create` (checked against the live
-/// handles), not used by another call while it is freed (detected while that call runs).
+/// Frees the session unless a call holds it (then BUSY, nothing freed). A call that starts
+/// after the free gets INVALID_HANDLE.
 #[no_mangle]
-pub unsafe extern "C" fn peftrt_session_free(session: *mut peftrt_session) -> Status {
+pub extern "C" fn peftrt_session_free(session: *mut peftrt_session) -> Status {
     guard_status(|| {
-        if session.is_null() {
-            return Ok(());
-        }
-        let mut live = handle::registry();
-        handle::check(&live, session, "session")?;
-        // SAFETY: a live, registered session; the registry lock keeps `free` calls apart.
-        let s = unsafe { &*session };
-        if matches!(s.state.try_lock(), Err(TryLockError::WouldBlock)) {
-            return Err(Fail::new(
+        let s = handle::take_unless_in_use(session, "session", || {
+            Fail::new(
                 Status::Busy,
-                "the session is in use by another thread; free it after that call returns",
-            ));
-        }
-        live.remove(&(session as usize));
-        drop(live);
-        // SAFETY: registered from `Box::into_raw` and now unregistered, so freed once.
-        drop(unsafe { Box::from_raw(session) });
+                "the session is in use by another call (another thread, or the text callback of the \
+                 generation running on it); free it after that call returns",
+            )
+        })?;
+        // The registry's reference, now the only one: the session, its cache and its threads
+        // go here.
+        drop(s);
         Ok(())
     })
 }
@@ -261,10 +253,11 @@ pub unsafe extern "C" fn peftrt_session_free(session: *mut peftrt_session) -> St
 #[no_mangle]
 pub extern "C" fn peftrt_session_reset(session: *mut peftrt_session) -> Status {
     guard_status(|| {
-        let (_, mut st) = lock(session)?;
-        st.session.reset();
-        st.logits_valid = false;
-        Ok(())
+        with_session(session, |_, st| {
+            st.session.reset();
+            st.logits_valid = false;
+            Ok(())
+        })
     })
 }
 
@@ -278,35 +271,36 @@ pub unsafe extern "C" fn peftrt_session_set_adapters(
     n: usize,
 ) -> Status {
     guard_status(|| {
-        let (s, mut st) = lock(session)?;
-        // SAFETY: forwarded from our caller.
-        let handles = unsafe { c_slice(adapters, n, "adapters") }?;
-        let scales: Vec<f32> = if scales.is_null() {
-            vec![1.0; n]
-        } else {
+        with_session(session, |s, st| {
             // SAFETY: forwarded from our caller.
-            unsafe { c_slice(scales, n, "scales") }?.to_vec()
-        };
-        let mut active = Vec::with_capacity(n);
-        for (i, (&h, &scale)) in handles.iter().zip(&scales).enumerate() {
-            let a = handle::get(h as *const peftrt_adapter, &format!("adapters[{i}]"))?;
-            if !Arc::ptr_eq(&a.model, &s.model) {
-                return Err(Fail::new(
-                    Status::AdapterMismatch,
-                    format!(
-                        "adapters[{i}] ({}) was loaded for another model handle; load it with \
-                         peftrt_adapter_load on this session's model",
-                        a.adapter.name
-                    ),
-                ));
+            let handles = unsafe { c_slice(adapters, n, "adapters") }?;
+            let scales: Vec<f32> = if scales.is_null() {
+                vec![1.0; n]
+            } else {
+                // SAFETY: forwarded from our caller.
+                unsafe { c_slice(scales, n, "scales") }?.to_vec()
+            };
+            let mut active = Vec::with_capacity(n);
+            for (i, (&h, &scale)) in handles.iter().zip(&scales).enumerate() {
+                let a = handle::get(h as *const peftrt_adapter, &format!("adapters[{i}]"))?;
+                if !Arc::ptr_eq(&a.model, &s.model) {
+                    return Err(Fail::new(
+                        Status::AdapterMismatch,
+                        format!(
+                            "adapters[{i}] ({}) was loaded for another model handle; load it with \
+                             peftrt_adapter_load on this session's model",
+                            a.adapter.name
+                        ),
+                    ));
+                }
+                if !scale.is_finite() {
+                    return Err(Fail::arg(format!("scales[{i}] is {scale}; scales must be finite numbers")));
+                }
+                active.push((a.adapter.clone(), scale));
             }
-            if !scale.is_finite() {
-                return Err(Fail::arg(format!("scales[{i}] is {scale}; scales must be finite numbers")));
-            }
-            active.push((a.adapter.clone(), scale));
-        }
-        st.session.set_adapters(&active)?;
-        Ok(())
+            st.session.set_adapters(&active)?;
+            Ok(())
+        })
     })
 }
 
@@ -319,14 +313,15 @@ pub unsafe extern "C" fn peftrt_session_eval(
     n_tokens: i32,
 ) -> Status {
     guard_status(|| {
-        let (s, mut st) = lock(session)?;
-        s.cancel.store(false, Ordering::SeqCst);
-        // SAFETY: forwarded from our caller.
-        let ids = unsafe { input_tokens(&st, tokens, n_tokens, "tokens") }?;
-        st.logits_valid = false;
-        st.session.eval(&ids)?;
-        st.logits_valid = true;
-        Ok(())
+        with_session(session, |s, st| {
+            s.cancel.store(false, Ordering::SeqCst);
+            // SAFETY: forwarded from our caller.
+            let ids = unsafe { input_tokens(st, tokens, n_tokens, "tokens") }?;
+            st.logits_valid = false;
+            st.session.eval(&ids)?;
+            st.logits_valid = true;
+            Ok(())
+        })
     })
 }
 
@@ -337,20 +332,22 @@ pub unsafe extern "C" fn peftrt_session_logits(session: *mut peftrt_session, n_v
     guard(
         |_| std::ptr::null(),
         || {
-            let (_, st) = lock(session)?;
-            if !st.logits_valid {
-                return Err(Fail::arg(
-                    "no logits: nothing was evaluated since the session was created or reset, or the last \
-                     evaluation failed or was cancelled; call peftrt_session_eval first",
-                ));
-            }
-            let logits = st.session.logits();
-            if !n_vocab.is_null() {
-                // SAFETY: writable by contract.
-                unsafe { *n_vocab = logits.len() as i32 };
-            }
-            // The buffer belongs to the session and stays put until it is evaluated again.
-            Ok(logits.as_ptr())
+            with_session(session, |_, st| {
+                if !st.logits_valid {
+                    return Err(Fail::arg(
+                        "no logits: nothing was evaluated since the session was created or reset, or the last \
+                         evaluation failed or was cancelled; call peftrt_session_eval first",
+                    ));
+                }
+                let logits = st.session.logits();
+                if !n_vocab.is_null() {
+                    // SAFETY: writable by contract.
+                    unsafe { *n_vocab = logits.len() as i32 };
+                }
+                // The buffer belongs to the session and stays put until it is evaluated again
+                // (or freed: the header makes the pointer invalid then).
+                Ok(logits.as_ptr())
+            })
         },
     )
 }
@@ -364,10 +361,11 @@ pub unsafe extern "C" fn peftrt_session_tokens(
     n_tokens_max: i32,
 ) -> i32 {
     guard_buffer(|| {
-        let (_, st) = lock(session)?;
-        let ids: Vec<i32> = st.session.tokens().iter().map(|&t| t as i32).collect();
-        // SAFETY: forwarded from our caller.
-        unsafe { fill_array(&ids, tokens, n_tokens_max, "n_tokens_max") }
+        with_session(session, |_, st| {
+            let ids: Vec<i32> = st.session.tokens().iter().map(|&t| t as i32).collect();
+            // SAFETY: forwarded from our caller.
+            unsafe { fill_array(&ids, tokens, n_tokens_max, "n_tokens_max") }
+        })
     })
 }
 
@@ -379,14 +377,15 @@ pub unsafe extern "C" fn peftrt_session_set_sampling(
     params: *const peftrt_sampling_params,
 ) -> Status {
     guard_status(|| {
-        let (s, mut st) = lock(session)?;
-        let size = std::mem::size_of::<peftrt_sampling_params>();
-        // SAFETY: forwarded from our caller.
-        let p = unsafe { read_params(params, peftrt_sampling_default_params(), size, "peftrt_sampling_params") }?;
-        // SAFETY: forwarded from our caller.
-        let p = unsafe { sampling(&p, st.session.n_ctx()) }?;
-        st.sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
-        Ok(())
+        with_session(session, |s, st| {
+            let size = std::mem::size_of::<peftrt_sampling_params>();
+            // SAFETY: forwarded from our caller.
+            let p = unsafe { read_params(params, peftrt_sampling_default_params(), size, "peftrt_sampling_params") }?;
+            // SAFETY: forwarded from our caller.
+            let p = unsafe { sampling(&p, st.session.n_ctx()) }?;
+            st.sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
+            Ok(())
+        })
     })
 }
 
@@ -396,15 +395,16 @@ pub unsafe extern "C" fn peftrt_session_set_sampling(
 pub unsafe extern "C" fn peftrt_session_sample(session: *mut peftrt_session, token: *mut i32) -> Status {
     guard_status(|| {
         non_null(token, "token")?;
-        let (_, mut st) = lock(session)?;
-        if !st.logits_valid {
-            return Err(Fail::arg("nothing to sample from: call peftrt_session_eval first"));
-        }
-        let State { session, sampler, .. } = &mut *st;
-        let t = sampler.sample(session.logits(), session.tokens());
-        // SAFETY: non-null and writable by contract.
-        unsafe { *token = t as i32 };
-        Ok(())
+        with_session(session, |_, st| {
+            if !st.logits_valid {
+                return Err(Fail::arg("nothing to sample from: call peftrt_session_eval first"));
+            }
+            let State { session, sampler, .. } = st;
+            let t = sampler.sample(session.logits(), session.tokens());
+            // SAFETY: non-null and writable by contract.
+            unsafe { *token = t as i32 };
+            Ok(())
+        })
     })
 }
 
@@ -423,63 +423,64 @@ pub unsafe extern "C" fn peftrt_session_generate(
     result: *mut peftrt_generation,
 ) -> Status {
     guard_status(|| {
-        let (s, mut st) = lock(session)?;
-        s.cancel.store(false, Ordering::SeqCst);
-        let gen_size = std::mem::size_of::<peftrt_generation>();
-        let out = if result.is_null() {
-            None
-        } else {
-            // SAFETY: forwarded from our caller (the in-fields are read).
-            let r = unsafe { read_params(result, peftrt_generation::empty(), gen_size, "peftrt_generation") }?;
-            count(r.n_tokens_max, "peftrt_generation.n_tokens_max")?;
-            if r.n_tokens_max > 0 {
-                non_null(r.tokens, "peftrt_generation.tokens")?;
-            }
-            Some(r)
-        };
-        // SAFETY: forwarded from our caller.
-        let ids = unsafe { input_tokens(&st, prompt, n_prompt, "prompt tokens") }?;
-        let size = std::mem::size_of::<peftrt_sampling_params>();
-        // SAFETY: forwarded from our caller.
-        let p = unsafe { read_params(params, peftrt_sampling_default_params(), size, "peftrt_sampling_params") }?;
-        // SAFETY: forwarded from our caller.
-        let p = unsafe { sampling(&p, st.session.n_ctx()) }?;
-        let mut sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
-        let mut piece: Vec<u8> = Vec::new();
-        st.logits_valid = false;
-        let g = rt::generate(&mut st.session, &ids, &mut sampler, |text| match on_text {
-            None => true,
-            Some(cb) => {
-                piece.clear();
-                piece.extend_from_slice(text.as_bytes());
-                piece.push(0);
-                // SAFETY: the caller's callback with the caller's data; the text is
-                // NUL-terminated and lives until the callback returns.
-                unsafe { cb(piece.as_ptr().cast(), text.len(), user_data) == 0 }
-            }
-        })?;
-        st.logits_valid = true;
-        if let Some(mut r) = out {
-            let written = g.tokens.len().min(r.n_tokens_max as usize);
-            for (i, &t) in g.tokens[..written].iter().enumerate() {
-                // SAFETY: `tokens` has `n_tokens_max` ≥ `written` writable ids (checked non-null).
-                unsafe { *r.tokens.add(i) = t as i32 };
-            }
-            r.n_tokens = g.tokens.len() as i32;
-            r.n_prompt_tokens = g.prompt_tokens as i32;
-            r.stop = match g.stop {
-                rt::StopReason::Eos => 0,
-                rt::StopReason::MaxTokens => 1,
-                rt::StopReason::StopString => 2,
-                rt::StopReason::ContextFull => 3,
-                rt::StopReason::Cancelled => 4,
+        with_session(session, |s, st| {
+            s.cancel.store(false, Ordering::SeqCst);
+            let gen_size = std::mem::size_of::<peftrt_generation>();
+            let out = if result.is_null() {
+                None
+            } else {
+                // SAFETY: forwarded from our caller (the in-fields are read).
+                let r = unsafe { read_params(result, peftrt_generation::empty(), gen_size, "peftrt_generation") }?;
+                count(r.n_tokens_max, "peftrt_generation.n_tokens_max")?;
+                if r.n_tokens_max > 0 {
+                    non_null(r.tokens, "peftrt_generation.tokens")?;
+                }
+                Some(r)
             };
-            r.prefill_ms = g.prefill_time.as_secs_f64() * 1e3;
-            r.decode_ms = g.decode_time.as_secs_f64() * 1e3;
             // SAFETY: forwarded from our caller.
-            unsafe { write_out(result, &r, gen_size, "peftrt_generation") }?;
-        }
-        Ok(())
+            let ids = unsafe { input_tokens(st, prompt, n_prompt, "prompt tokens") }?;
+            let size = std::mem::size_of::<peftrt_sampling_params>();
+            // SAFETY: forwarded from our caller.
+            let p = unsafe { read_params(params, peftrt_sampling_default_params(), size, "peftrt_sampling_params") }?;
+            // SAFETY: forwarded from our caller.
+            let p = unsafe { sampling(&p, st.session.n_ctx()) }?;
+            let mut sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
+            let mut piece: Vec<u8> = Vec::new();
+            st.logits_valid = false;
+            let g = rt::generate(&mut st.session, &ids, &mut sampler, |text| match on_text {
+                None => true,
+                Some(cb) => {
+                    piece.clear();
+                    piece.extend_from_slice(text.as_bytes());
+                    piece.push(0);
+                    // SAFETY: the caller's callback with the caller's data; the text is
+                    // NUL-terminated and lives until the callback returns.
+                    unsafe { cb(piece.as_ptr().cast(), text.len(), user_data) == 0 }
+                }
+            })?;
+            st.logits_valid = true;
+            if let Some(mut r) = out {
+                let written = g.tokens.len().min(r.n_tokens_max as usize);
+                for (i, &t) in g.tokens[..written].iter().enumerate() {
+                    // SAFETY: `tokens` has `n_tokens_max` ≥ `written` writable ids (checked non-null).
+                    unsafe { *r.tokens.add(i) = t as i32 };
+                }
+                r.n_tokens = g.tokens.len() as i32;
+                r.n_prompt_tokens = g.prompt_tokens as i32;
+                r.stop = match g.stop {
+                    rt::StopReason::Eos => 0,
+                    rt::StopReason::MaxTokens => 1,
+                    rt::StopReason::StopString => 2,
+                    rt::StopReason::ContextFull => 3,
+                    rt::StopReason::Cancelled => 4,
+                };
+                r.prefill_ms = g.prefill_time.as_secs_f64() * 1e3;
+                r.decode_ms = g.decode_time.as_secs_f64() * 1e3;
+                // SAFETY: forwarded from our caller.
+                unsafe { write_out(result, &r, gen_size, "peftrt_generation") }?;
+            }
+            Ok(())
+        })
     })
 }
 
@@ -498,17 +499,12 @@ impl peftrt_generation {
     }
 }
 
-/// # Safety
-/// `session` is NULL or a pointer from `peftrt_session_create` (checked against the live
-/// handles, under the registry lock that `peftrt_session_free` takes too).
+/// Sets the cancel flag of a live session; works while another thread holds the session's
+/// state (only the atomic flag is touched, through this call's own reference).
 #[no_mangle]
-pub unsafe extern "C" fn peftrt_session_cancel(session: *mut peftrt_session) -> Status {
+pub extern "C" fn peftrt_session_cancel(session: *mut peftrt_session) -> Status {
     guard_status(|| {
-        // Under the registry lock, so a concurrent `peftrt_session_free` cannot free it meanwhile.
-        let live = handle::registry();
-        handle::check(&live, session as *const peftrt_session, "session")?;
-        // SAFETY: live while the registry lock is held; only the atomic flag is touched.
-        unsafe { &*session }.cancel.store(true, Ordering::SeqCst);
+        handle::get(session as *const peftrt_session, "session")?.cancel.store(true, Ordering::SeqCst);
         Ok(())
     })
 }

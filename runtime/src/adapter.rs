@@ -22,7 +22,7 @@
 //! `s`, which a session may change; so loading stores, per row, `‖W‖²`, `⟨W, B·A⟩` and
 //! `‖B·A‖²`, from which the norm for any scale is `sqrt(‖W‖² + 2s⟨W, BA⟩ + s²‖BA‖²)`.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, MismatchOverride, Result};
 use crate::kernels::{self, MatRef};
 use crate::model::{Linear, Model};
 use crate::weights::{Tensor, WeightStore};
@@ -112,6 +112,10 @@ pub struct AdapterOptions {
     /// Load even if the adapter records a different base model (its outputs will be wrong in
     /// ways no check can see; for experiments only).
     pub allow_base_mismatch: bool,
+    /// Refuse an adapter without a base-model fingerprint whose `base_model_name_or_path`
+    /// names another model than the one it is loaded on (see [`names_another_model`]);
+    /// without it such an adapter loads with a warning. `allow_base_mismatch` overrides it.
+    pub strict_base: bool,
 }
 
 /// The tensors of one adapted module, as found in the file.
@@ -147,7 +151,7 @@ impl AdapterFile {
     pub fn open(dir: &Path) -> Result<AdapterFile> {
         let cfg_path = dir.join("adapter_config.json");
         if !dir.is_dir() {
-            return Err(Error::format(
+            return Err(Error::not_a_directory(
                 dir,
                 "not a directory; pass a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
             ));
@@ -158,13 +162,15 @@ impl AdapterFile {
         let config = AdapterConfig::parse(&v, &cfg_path)?;
         let path = dir.join("adapter_model.safetensors");
         if !path.is_file() {
-            let msg = if dir.join("adapter_model.bin").is_file() {
-                "only adapter_model.bin (a Python pickle, which can run code when loaded) is here; \
-                 convert it to adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
+            return Err(if dir.join("adapter_model.bin").is_file() {
+                Error::Unsupported(format!(
+                    "{}: only adapter_model.bin (a Python pickle, which can run code when loaded) is here; \
+                     convert it to adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True))",
+                    dir.display()
+                ))
             } else {
-                "adapter_model.safetensors is missing"
-            };
-            return Err(Error::format(dir, msg));
+                Error::missing(dir, "adapter_model.safetensors is missing")
+            });
         }
         let file_bytes = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
         // SAFETY: the adapter file must not change while loaded; documented on `Model::load` too.
@@ -173,12 +179,14 @@ impl AdapterFile {
         let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
         for t in store.tensors() {
             let (module, part) = split_key(&t.name).ok_or_else(|| {
-                let why = if t.name.contains("lora_embedding_") {
-                    "is a LoRA on an embedding layer, which peftrt does not support (only linear layers)"
+                if t.name.contains("lora_embedding_") {
+                    let why = "is a LoRA on an embedding layer, which peftrt does not support (only linear layers)";
+                    Error::unsupported_tensor(&t.name, format!("in {}: {why}", path.display()))
                 } else {
-                    "is not a LoRA tensor (expected …lora_A.weight, …lora_B.weight or …lora_magnitude_vector)"
-                };
-                Error::tensor(&t.name, format!("in {}: {why}", path.display()))
+                    let why =
+                        "is not a LoRA tensor (expected …lora_A.weight, …lora_B.weight or …lora_magnitude_vector)";
+                    Error::tensor(&t.name, format!("in {}: {why}", path.display()))
+                }
             })?;
             parts.entry(module.to_string()).or_default()[part as usize] = Some(t.clone());
         }
@@ -305,31 +313,42 @@ impl Adapter {
                     model.dir.display()
                 );
                 if !opts.allow_base_mismatch {
-                    return Err(Error::Input(format!(
-                        "{msg}; load it on its own base, or allow the mismatch explicitly (--allow-base-mismatch)"
-                    )));
+                    return Err(Error::AdapterMismatch { msg, overridable: Some(MismatchOverride::AllowBaseMismatch) });
                 }
                 log::warn!("{msg}; loading anyway as asked");
             }
+        } else if let Some(named) = names_another_model(&file.config, model) {
+            let msg = format!(
+                "{}: adapter_config.json's base_model_name_or_path is \"{named}\", but it is loaded on {}, \
+                 and it records no base-model fingerprint to tell whether the weights are the same",
+                dir.display(),
+                model.dir.display()
+            );
+            if opts.strict_base && !opts.allow_base_mismatch {
+                return Err(Error::AdapterMismatch { msg, overridable: Some(MismatchOverride::NotStrictBase) });
+            }
+            log::warn!("{msg}; its output is wrong unless it was trained on this model");
         }
         let mut layers: Vec<Option<LoraWeights>> = model.linears().map(|_| None).collect();
         let by_name: std::collections::HashMap<&str, &Linear> = model.linears().map(|l| (l.name.as_str(), l)).collect();
         for (module, t) in &file.modules {
-            let lin = by_name.get(module.as_str()).ok_or_else(|| {
-                Error::tensor(
-                    &t.a.name,
-                    format!(
-                        "targets `{module}`, which this base model does not have (is the adapter for a different model?)"
-                    ),
-                )
+            let lin = by_name.get(module.as_str()).ok_or_else(|| Error::AdapterMismatch {
+                msg: format!(
+                    "tensor `{}`: targets `{module}`, which this base model does not have (is the adapter for a different model?)",
+                    t.a.name
+                ),
+                overridable: None,
             })?;
             let rank = t.rank();
             let expect = |t: &Tensor, shape: &[usize]| -> Result<()> {
                 if t.shape != shape {
-                    return Err(Error::tensor(
-                        &t.name,
-                        format!("does not match this base model: expected {:?}, found {:?}", shape, t.shape),
-                    ));
+                    return Err(Error::AdapterMismatch {
+                        msg: format!(
+                            "tensor `{}`: does not match this base model: expected {:?}, found {:?}",
+                            t.name, shape, t.shape
+                        ),
+                        overridable: None,
+                    });
                 }
                 Ok(())
             };
@@ -399,6 +418,23 @@ fn dot64(x: &[f32], y: &[f32]) -> f64 {
     x.iter().zip(y).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
 }
 
+/// The base model an adapter names, if it is another model than `model`; `None` if it names
+/// none or names this one. The rule (issue #18): `base_model_name_or_path` (a hub id such as
+/// `HuggingFaceTB/SmolLM2-135M-Instruct` or a local path) names this model when its last path
+/// component equals, ignoring ASCII case, the last component of the model directory's path or
+/// of `config.json`'s `_name_or_path`. A fingerprint, when the adapter records one, is the
+/// stronger check and is used instead.
+pub fn names_another_model(config: &AdapterConfig, model: &Model) -> Option<String> {
+    let named = config.base_model.as_deref().filter(|s| !s.trim().is_empty())?;
+    let last = |s: &str| s.trim().trim_end_matches(['/', '\\']).rsplit(['/', '\\']).next().unwrap_or("").to_string();
+    let dir = model.dir.canonicalize().unwrap_or_else(|_| model.dir.clone());
+    let own =
+        [dir.file_name().map(|n| n.to_string_lossy().into_owned()), model.config.name_or_path.as_deref().map(last)];
+    let want = last(named);
+    let same = own.iter().flatten().any(|o| !o.is_empty() && o.eq_ignore_ascii_case(&want));
+    (!same).then(|| named.to_string())
+}
+
 /// Checks `target_modules`, `exclude_modules` and `layers_to_transform` against the model and
 /// the tensors: named targets must exist in the base, every selected layer must have weights,
 /// and every weight must belong to a selected layer.
@@ -407,11 +443,13 @@ fn check_targets(file: &AdapterFile, model: &Model, cfg_path: &Path) -> Result<(
     if let Targets::List(names) = &c.target_modules {
         for t in names {
             if !model.linears().any(|l| suffix_match(&l.name, t)) {
-                return Err(Error::config(
-                    cfg_path,
-                    "target_modules",
-                    format!("names `{t}`, which matches no linear layer of this base model (is the adapter for a different architecture?)"),
-                ));
+                return Err(Error::AdapterMismatch {
+                    msg: format!(
+                        "{}: key `target_modules`: names `{t}`, which matches no linear layer of this base model (is the adapter for a different architecture?)",
+                        cfg_path.display()
+                    ),
+                    overridable: None,
+                });
             }
         }
     }
@@ -562,7 +600,7 @@ impl AdapterConfig {
             }
         };
         if peft_type != "LORA" {
-            return Err(Error::config(
+            return Err(Error::unsupported_key(
                 path,
                 "peft_type",
                 format!("\"{peft_type}\" adapters are not supported; peftrt runs LORA (and DoRA) adapters"),
@@ -580,11 +618,15 @@ impl AdapterConfig {
         match v.get("bias").and_then(Value::as_str) {
             None | Some("none") => {}
             Some(other) => {
-                return Err(Error::config(path, "bias", format!("\"{other}\" is not supported (only \"none\")")))
+                return Err(Error::unsupported_key(
+                    path,
+                    "bias",
+                    format!("\"{other}\" is not supported (only \"none\")"),
+                ))
             }
         }
         if v.get("modules_to_save").is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty())) {
-            return Err(Error::config(
+            return Err(Error::unsupported_key(
                 path,
                 "modules_to_save",
                 "full replacement modules (e.g. a trained lm_head or embed_tokens) are not supported; \
@@ -594,12 +636,12 @@ impl AdapterConfig {
         // Newer PEFT options that change what the adapter computes: refused, never ignored.
         for key in ["lora_bias", "use_qalora", "use_bdlora"] {
             if truthy(key) {
-                return Err(Error::config(path, key, "is set; peftrt does not support this LoRA variant"));
+                return Err(Error::unsupported_key(path, key, "is set; peftrt does not support this LoRA variant"));
             }
         }
         for key in ["alora_invocation_tokens", "layer_replication", "trainable_token_indices", "target_parameters"] {
             if v.get(key).is_some_and(|x| !x.is_null() && x.as_array().is_none_or(|a| !a.is_empty())) {
-                return Err(Error::config(path, key, "is set; peftrt does not support this LoRA variant"));
+                return Err(Error::unsupported_key(path, key, "is set; peftrt does not support this LoRA variant"));
             }
         }
         let r = v

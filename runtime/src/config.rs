@@ -96,6 +96,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// `_name_or_path`: the hub id or path transformers saved the model from, if recorded
+    /// (adapters naming another base are told apart by it, see `adapter::names_another_model`).
+    pub name_or_path: Option<String>,
 }
 
 fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -173,7 +176,7 @@ impl ModelConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             other => {
-                return Err(Error::config(
+                return Err(Error::unsupported_key(
                     path,
                     "model_type",
                     format!("unknown model type \"{other}\"; peftrt runs \"llama\", \"mistral\" and \"qwen2\" models"),
@@ -273,7 +276,7 @@ impl ModelConfig {
                         }
                     }
                     other => {
-                        return Err(Error::config(
+                        return Err(Error::unsupported_key(
                             path,
                             format!("{section}.rope_type"),
                             format!("\"{other}\" is not supported (supported: default, linear, llama3)"),
@@ -328,6 +331,7 @@ impl ModelConfig {
             sliding_window,
             bos_token_id: token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: token_ids("eos_token_id")?,
+            name_or_path: get(v, "_name_or_path").and_then(Value::as_str).map(str::to_string),
         };
         Ok(cfg)
     }
@@ -412,16 +416,18 @@ fn check_in_vocab(ids: &[u32], vocab_size: usize, key: &str, path: &Path) -> Res
 /// reads; FP4 is refused there, per tensor).
 fn check_quantization(v: &Value, path: &Path) -> Result<()> {
     let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else { return Ok(()) };
-    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("(none)");
+    let Some(method) = q.get("quant_method").and_then(Value::as_str) else {
+        return Err(Error::config(path, "quantization_config.quant_method", "missing; expected \"bitsandbytes\""));
+    };
     if method != "bitsandbytes" {
-        return Err(Error::config(
+        return Err(Error::unsupported_key(
             path,
             "quantization_config.quant_method",
             format!("\"{method}\" checkpoints are not supported; peftrt runs float and bitsandbytes NF4 models"),
         ));
     }
     if q.get("load_in_8bit").and_then(Value::as_bool) == Some(true) {
-        return Err(Error::config(
+        return Err(Error::unsupported_key(
             path,
             "quantization_config.load_in_8bit",
             "8-bit bitsandbytes (LLM.int8) checkpoints are not supported; use the float model or NF4",

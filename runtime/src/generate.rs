@@ -50,7 +50,15 @@ impl Generation {
 /// Generates a continuation of `prompt` after whatever the session already holds.
 ///
 /// `on_text` receives text as soon as it is complete (never a partial UTF-8 character, never
-/// text that might turn out to start a stop string); returning `false` stops generation.
+/// text that might turn out to start a stop string); returning `false` stops generation. When
+/// generation ends on a partial character (a byte-level token split it), the text ends with
+/// it as U+FFFD, as [`crate::Tokenizer::decode`] of the generated tokens gives: the streamed
+/// text and `Generation::text` equal the decoded tokens (without a final EOS token, and cut
+/// before a stop string).
+///
+/// Afterwards the session holds the prompt and every generated token but the last: the last
+/// sampled token is returned, not evaluated (its logits are not needed). To continue the
+/// conversation without a reset, evaluate it (or pass it first in the next prompt).
 pub fn generate(
     session: &mut Session,
     prompt: &[u32],
@@ -116,8 +124,13 @@ pub fn generate(
         }
         session.eval(&[next])?;
     }
-    if stop != StopReason::StopString && stop != StopReason::Cancelled && text.len() > emitted {
-        on_text(&text[emitted..]);
+    if stop != StopReason::StopString && stop != StopReason::Cancelled {
+        if let Some(rest) = stream.finish(tok)? {
+            text.push_str(&rest);
+        }
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
     }
     Ok(Generation { tokens, text, stop, prompt_tokens: prompt.len(), prefill_time, decode_time: t1.elapsed() })
 }

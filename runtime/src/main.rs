@@ -148,6 +148,10 @@ struct ModelArgs {
     /// Load adapters even if they record a different base model than --model.
     #[arg(long)]
     allow_base_mismatch: bool,
+    /// Refuse adapters without a base-model fingerprint whose base_model_name_or_path names
+    /// another model than --model (by default they load with a warning).
+    #[arg(long)]
+    strict_base: bool,
 }
 
 /// A loaded model and a session with the requested adapters active.
@@ -171,7 +175,7 @@ impl ModelArgs {
         let mut active = Vec::new();
         for spec in &self.adapters {
             let (dir, scale) = parse_adapter_spec(spec)?;
-            let opts = AdapterOptions { allow_base_mismatch: self.allow_base_mismatch };
+            let opts = AdapterOptions { allow_base_mismatch: self.allow_base_mismatch, strict_base: self.strict_base };
             let adapter = Adapter::load_with(&dir, &model, &opts)
                 .with_context(|| format!("cannot load the adapter in {}", dir.display()))?;
             active.push((Arc::new(adapter), scale));

@@ -49,7 +49,7 @@ pub fn merge(
         crate::adapter::check_scale(&dir.display().to_string(), *scale)?;
     }
     let model = Arc::new(Model::load(model_dir, &LoadOptions { no_tokenizer: true })?);
-    let aopts = AdapterOptions { allow_base_mismatch: opts.allow_base_mismatch };
+    let aopts = AdapterOptions { allow_base_mismatch: opts.allow_base_mismatch, ..Default::default() };
     let loaded: Vec<(Adapter, f32)> =
         adapters.iter().map(|(dir, s)| Ok((Adapter::load_with(dir, &model, &aopts)?, *s))).collect::<Result<_>>()?;
     if model.config.tie_word_embeddings && loaded.iter().any(|(a, _)| a.for_layer(&model.lm_head).is_some()) {

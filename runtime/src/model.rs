@@ -144,7 +144,7 @@ impl Model {
     /// (replacing them by a rename, as downloaders and `peftrt import` do, is fine).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         if !dir.is_dir() {
-            return Err(Error::format(
+            return Err(Error::not_a_directory(
                 dir,
                 "not a directory; pass a Hugging Face model directory (GGUF files: `peftrt import` first)",
             ));

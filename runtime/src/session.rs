@@ -37,6 +37,29 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// A zeroed `f32` buffer of `dims` (multiplied) elements, or [`Error::OutOfMemory`] naming
+/// `what` when the size overflows or the allocator refuses it. Like `vec![0.0; n]` it asks
+/// for zeroed memory (the OS's zero pages), so a large cache costs nothing until it is used.
+fn zeroed(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
+    let n = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    let layout = n.and_then(|n| std::alloc::Layout::array::<f32>(n).ok());
+    let (Some(n), Some(layout)) = (n, layout) else {
+        let n = dims.iter().fold(1usize, |acc, &d| acc.saturating_mul(d));
+        return Err(Error::out_of_memory::<f32>(what, n));
+    };
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: `layout` has a non-zero size (n > 0 elements of 4 bytes).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
+    if p.is_null() {
+        return Err(Error::out_of_memory::<f32>(what, n));
+    }
+    // SAFETY: `p` was allocated by the global allocator with the layout of `[f32; n]` and is
+    // zeroed, which is a valid f32 (0.0), so all `n` elements are initialised.
+    Ok(unsafe { Vec::from_raw_parts(p, n, n) })
+}
+
 /// Activation buffers for one batch of up to `n_batch` tokens.
 struct Scratch {
     /// `[n_batch, hidden]` residual stream
@@ -144,42 +167,37 @@ impl Session {
                 n
             }
         };
-        let cache = c.num_hidden_layers * c.kv_dim() * n_ctx;
-        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        // Sized by the caller's n_ctx and the config's claims: every buffer is allocated
+        // fallibly, so a context that does not fit is an error, not an abort (issue #18).
+        let (layers, h, q, kv, inter) =
+            (c.num_hidden_layers, c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let half = c.head_dim / 2;
+        let k_cache = zeroed("the KV cache's keys", &[layers, kv, n_ctx])?;
+        let v_cache = zeroed("the KV cache's values", &[layers, kv, n_ctx])?;
+        let mut tokens = Vec::new();
+        tokens.try_reserve_exact(n_ctx).map_err(|_| Error::out_of_memory::<u32>("the token history", n_ctx))?;
         let s = Scratch {
-            x: vec![0.0; n_batch * h],
-            xb: vec![0.0; n_batch * h],
-            q: vec![0.0; n_batch * q],
-            k: vec![0.0; n_batch * kv],
-            v: vec![0.0; n_batch * kv],
-            att_out: vec![0.0; n_batch * q],
-            att: vec![0.0; n_threads * n_ctx],
+            x: zeroed("activations", &[n_batch, h])?,
+            xb: zeroed("activations", &[n_batch, h])?,
+            q: zeroed("activations", &[n_batch, q])?,
+            k: zeroed("activations", &[n_batch, kv])?,
+            v: zeroed("activations", &[n_batch, kv])?,
+            att_out: zeroed("activations", &[n_batch, q])?,
+            att: zeroed("attention scores", &[n_threads, n_ctx])?,
             batched: AttentionScratch::default(),
-            gate: vec![0.0; n_batch * inter],
-            up: vec![0.0; n_batch * inter],
-            out: vec![0.0; n_batch * h],
-            cos: vec![0.0; n_batch * half],
-            sin: vec![0.0; n_batch * half],
-            logits: vec![0.0; c.vocab_size],
+            gate: zeroed("activations", &[n_batch, inter])?,
+            up: zeroed("activations", &[n_batch, inter])?,
+            out: zeroed("activations", &[n_batch, h])?,
+            cos: zeroed("rotary tables", &[n_batch, half])?,
+            sin: zeroed("rotary tables", &[n_batch, half])?,
+            logits: zeroed("logits", &[c.vocab_size])?,
             lora_u: Vec::new(),
             lora_y: Vec::new(),
             lora_g: Vec::new(),
         };
         let pool = ThreadPool::new(n_threads);
         kernels::reserve_decode_scratch(&pool, h.max(q).max(inter));
-        Ok(Session {
-            pool,
-            n_ctx,
-            n_batch,
-            tokens: Vec::with_capacity(n_ctx),
-            k_cache: vec![0.0; cache],
-            v_cache: vec![0.0; cache],
-            s,
-            adapters: Vec::new(),
-            cancel: None,
-            model,
-        })
+        Ok(Session { pool, n_ctx, n_batch, tokens, k_cache, v_cache, s, adapters: Vec::new(), cancel: None, model })
     }
 
     /// Makes `adapters` the active set, each with its scale (0 = off). Weights are shared, not
@@ -332,13 +350,7 @@ impl Session {
             return Err(Error::Input(format!("token id {t} is out of range for this model's vocabulary of {vocab}")));
         }
         if self.tokens.len() + tokens.len() > self.n_ctx {
-            return Err(Error::Input(format!(
-                "context overflow: {} cached + {} new tokens exceed the context of {} tokens \
-                 (shorten the prompt, lower --max-tokens, or raise the context size)",
-                self.tokens.len(),
-                tokens.len(),
-                self.n_ctx
-            )));
+            return Err(Error::ContextFull { cached: self.tokens.len(), new: tokens.len(), n_ctx: self.n_ctx });
         }
         Ok(())
     }
@@ -701,6 +713,31 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #18: a KV cache the allocator refuses, or whose size overflows, is an error
+    /// naming it, not an abort.
+    #[test]
+    fn impossible_buffers_are_out_of_memory_errors() {
+        // 2^60 floats = 4 EiB, beyond any address space (57-bit paging included): the allocator
+        // refuses it whatever the overcommit policy. 2^61 floats (8 EiB) do not even make a
+        // valid layout.
+        for (dims, want) in [([1usize << 20, 1 << 20, 1 << 20], 1u64 << 62), ([1 << 20, 1 << 20, 1 << 21], 1 << 63)] {
+            // black_box: an allocation never used may be optimised away, as if it succeeded.
+            match std::hint::black_box(zeroed("the KV cache's keys", &dims)) {
+                Err(Error::OutOfMemory { what, bytes }) => {
+                    assert_eq!(what, "the KV cache's keys");
+                    assert_eq!(bytes, want);
+                }
+                other => panic!("expected OutOfMemory, got {:?}", other.map(|v| v.len())),
+            }
+        }
+        let e = zeroed("activations", &[usize::MAX, 3]).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory { bytes: u64::MAX, .. }), "{e}");
+        assert!(e.to_string().contains("activations") && e.to_string().contains("shorter context"), "{e}");
+        let v = zeroed("logits", &[3, 5]).unwrap();
+        assert_eq!(v, vec![0.0; 15]);
+        assert!(zeroed("nothing", &[0, 7]).unwrap().is_empty());
+    }
 
     /// The batched (prefill) attention equals the per-query one, with GQA, a cache that already
     /// holds earlier positions, and with and without a sliding window.

@@ -66,7 +66,7 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         if !is_present(&tok_path) {
-            return Err(Error::format(dir, "no tokenizer.json in the model directory"));
+            return Err(Error::missing(dir, "no tokenizer.json in the model directory"));
         }
         let bytes = read_regular_file(&tok_path, fsutil::MAX_TOKENIZER_BYTES)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
@@ -231,7 +231,21 @@ impl TextStream {
         Ok(if new.is_empty() { None } else { Some(new) })
     }
 
-    /// Everything emitted so far.
+    /// The text not yet emitted, at the end of the stream: what [`TextStream::push`] held back
+    /// because it ended in an incomplete UTF-8 character, decoded as the tokenizer decodes it
+    /// (the incomplete character as U+FFFD). So the streamed text ends up equal to
+    /// [`Tokenizer::decode`] of all the pushed tokens (issue #18).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let text = tok.decode(&self.tokens, false)?;
+        if text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let rest = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(rest))
+    }
+
+    /// Every token pushed so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
@@ -311,5 +325,29 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let err = Tokenizer::from_dir(dir.path()).err().expect("a FIFO must be refused").to_string();
         assert!(err.contains("tokenizer_config.json") && err.contains("FIFO"), "{err}");
+    }
+
+    /// Issue #18: a stream that ends inside a character (a byte-level token split it) ends
+    /// with U+FFFD, as `decode` gives it, instead of dropping those bytes.
+    #[test]
+    fn a_stream_ending_inside_a_character_flushes_it_as_decode_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let ids = tok.encode("a é", false).unwrap();
+        let (last, head) = ids.split_last().unwrap();
+        assert!(tok.decode(&ids, false).unwrap().ends_with('é'), "{ids:?}");
+        // Find the token that starts "é" without finishing it: its prefix decodes to U+FFFD.
+        let cut = (1..=ids.len()).find(|&n| tok.decode(&ids[..n], false).unwrap().ends_with('\u{FFFD}'));
+        let Some(cut) = cut else { panic!("\"é\" is one token here ({head:?} {last}); the test needs a split") };
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        for &t in &ids[..cut] {
+            text.extend(stream.push(&tok, t).unwrap());
+        }
+        assert!(!text.contains('\u{FFFD}'), "push never emits a partial character: {text:?}");
+        text.extend(stream.finish(&tok).unwrap());
+        assert_eq!(text, tok.decode(&ids[..cut], false).unwrap());
+        assert!(text.ends_with('\u{FFFD}'));
+        assert_eq!(stream.finish(&tok).unwrap(), None, "nothing is emitted twice");
     }
 }

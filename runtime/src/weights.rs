@@ -235,7 +235,7 @@ impl WeightStore {
         } else if index.is_file() {
             shard_files(&index)?
         } else {
-            return Err(Error::format(
+            return Err(Error::missing(
                 dir,
                 "no model.safetensors or model.safetensors.index.json here; is this a Hugging Face model directory? \
                  (GGUF files are converted with `peftrt import`)",
@@ -316,7 +316,7 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(Error::format(
+                Err(Error::missing(
                     index,
                     format!("shard {name} (holding {tensor}, among others) is missing; download the complete model"),
                 ))
@@ -387,7 +387,7 @@ unsafe fn open_file(path: &Path) -> Result<(Vec<Tensor>, HashMap<String, String>
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::U8 => DType::U8,
             other => {
-                return Err(Error::tensor(
+                return Err(Error::unsupported_tensor(
                     &name,
                     format!(
                         "in {}: dtype {other:?} is not supported (F32, F16, BF16; U8 for 4-bit weights)",

@@ -273,7 +273,7 @@ fn recorded_base_fingerprint_is_enforced() {
     Adapter::load(d.path(), &llama).expect("the adapter's own base");
     let e = Adapter::load(d.path(), &tuned).err().expect("a different base").to_string();
     assert!(e.contains("different base model") && e.contains("sampled weights differ") && e.contains("allow"), "{e}");
-    let opts = AdapterOptions { allow_base_mismatch: true };
+    let opts = AdapterOptions { allow_base_mismatch: true, ..Default::default() };
     Adapter::load_with(d.path(), &tuned, &opts).expect("explicitly allowed");
 
     set_metadata(d.path(), [(BASE_FINGERPRINT_KEY.to_string(), "{\"version\": 1}".to_string())].into());

@@ -6,18 +6,32 @@
  * process healthy: the suite ends with a normal generation that must equal a fresh one.
  * Run under valgrind by `make test-ffi`.
  *
+ * Hostile files (issue #18, test_hostile_*): model and adapter directories written into a
+ * temporary directory with one thing wrong each (a missing file, a truncated or lying
+ * safetensors header, NaN or out-of-range config values, an EOS id outside the vocabulary, a
+ * FIFO as config.json, non-float adapter tensors, another base model, a context too large to
+ * allocate). Each load returns NULL with the status of the header's rule and a message
+ * naming the file, key or tensor; none crashes or hangs.
+ *
  *   bad_input MODEL_DIR ADAPTER_DIR OTHER_MODEL_DIR
  *
  * ADAPTER_DIR is an adapter for MODEL_DIR; OTHER_MODEL_DIR a base model of other shapes.
  */
+#define _GNU_SOURCE /* mkdtemp, realpath, symlink, mkfifo, pthread_timedjoin_np */
 #include <peftrt.h>
 
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 static int failures = 0;
 static int checks = 0;
@@ -139,7 +153,7 @@ static void test_files(peftrt_model *m) {
     peftrt_model *other = peftrt_model_load(other_model_dir, NULL);
     CHECK(other != NULL);
     EXPECT_NULL(peftrt_adapter_load(other, adapter_dir, NULL), PEFTRT_ERR_ADAPTER_MISMATCH);
-    CHECK(strstr(peftrt_last_error(), "another base model") != NULL);
+    CHECK(strstr(peftrt_last_error(), "does not match this base model") != NULL);
     EXPECT_STATUS(peftrt_model_free(other), PEFTRT_OK);
     /* A params struct this library does not know. */
     peftrt_model_params mp = peftrt_model_default_params();
@@ -442,6 +456,474 @@ static void test_cancel_prefill(peftrt_model *m) {
     free(long_prompt);
 }
 
+/* ---------------------------------------------------------------- hostile files (issue #18) */
+
+/* A load that must fail: NULL, status `want`, and a message containing `needle`. */
+#define EXPECT_LOAD_FAILS(call, want, needle)                                                                          \
+    do {                                                                                                               \
+        void *h_ = (call);                                                                                             \
+        CHECK(h_ == NULL);                                                                                             \
+        CHECK(peftrt_last_status() == (want));                                                                         \
+        CHECK(strstr(peftrt_last_error(), (needle)) != NULL);                                                          \
+        if (h_ != NULL) fprintf(stderr, "  (%s loaded)\n", #call);                                                    \
+        if (peftrt_last_status() != (want))                                                                            \
+            fprintf(stderr, "  got %s, want %s\n", peftrt_status_str(peftrt_last_status()), #want);                   \
+    } while (0)
+
+static char tmp_root[PATH_MAX];
+
+static void path_in(char *out, const char *dir, const char *name) { snprintf(out, PATH_MAX, "%s/%s", dir, name); }
+
+/* A fresh directory `name` under the suite's temporary root. */
+static const char *scratch_dir(const char *name) {
+    static char dirs[64][PATH_MAX];
+    static int n = 0;
+    char *d = dirs[n++ % 64];
+    path_in(d, tmp_root, name);
+    CHECK(mkdir(d, 0700) == 0);
+    return d;
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    size_t got = fread(buf, 1, (size_t)n, f);
+    fclose(f);
+    buf[got] = 0;
+    *len = got;
+    return buf;
+}
+
+static void write_bytes(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (!f) return;
+    CHECK(fwrite(data, 1, len, f) == len);
+    fclose(f);
+}
+
+static void write_text(const char *path, const char *text) { write_bytes(path, text, strlen(text)); }
+
+/* Links `name` in `dir` to the file of the same name in `src` (big files are not copied). */
+static void link_from(const char *dir, const char *src, const char *name) {
+    char from[PATH_MAX], to[PATH_MAX], abs[PATH_MAX];
+    path_in(from, src, name);
+    path_in(to, dir, name);
+    CHECK(realpath(from, abs) != NULL);
+    CHECK(symlink(abs, to) == 0);
+}
+
+/* Copies `name` from `src` into `dir`; with `max` > 0 only its first `max` bytes. */
+static void copy_from(const char *dir, const char *src, const char *name, size_t max) {
+    char from[PATH_MAX], to[PATH_MAX];
+    path_in(from, src, name);
+    path_in(to, dir, name);
+    size_t len;
+    char *data = read_file(from, &len);
+    CHECK(data != NULL);
+    if (!data) return;
+    write_bytes(to, data, max && max < len ? max : len);
+    free(data);
+}
+
+/* Rewrites `"key": value` (a scalar, or null) in a JSON file to `"key": raw`, or adds the key
+   when it is absent. Enough for the pretty-printed configs of the fixtures and of transformers. */
+static void set_json_key(const char *path, const char *key, const char *raw) {
+    size_t len;
+    char *text = read_file(path, &len);
+    CHECK(text != NULL);
+    if (!text) return;
+    char quoted[256];
+    snprintf(quoted, sizeof quoted, "\"%s\"", key);
+    char *out = malloc(len + strlen(raw) + strlen(quoted) + 16);
+    char *at = strstr(text, quoted);
+    if (at) {
+        char *colon = strchr(at + strlen(quoted), ':');
+        char *end = colon + 1;
+        int depth = 0;
+        while (*end && (depth > 0 || (*end != ',' && *end != '}' && *end != '\n'))) {
+            if (*end == '{' || *end == '[') depth++;
+            if (*end == '}' || *end == ']') depth--;
+            end++;
+        }
+        sprintf(out, "%.*s %s%s", (int)(colon + 1 - text), text, raw, end);
+    } else {
+        char *brace = strchr(text, '{');
+        sprintf(out, "%.*s%s: %s,%s", (int)(brace + 1 - text), text, quoted, raw, brace + 1);
+    }
+    write_text(path, out);
+    free(out);
+    free(text);
+}
+
+/* A model directory: config.json (copied, to be edited) and links to the other files. */
+static const char *model_copy(const char *name, int with_weights, int with_tokenizer) {
+    const char *d = scratch_dir(name);
+    copy_from(d, model_dir, "config.json", 0);
+    if (with_weights) link_from(d, model_dir, "model.safetensors");
+    if (with_tokenizer) {
+        link_from(d, model_dir, "tokenizer.json");
+        link_from(d, model_dir, "tokenizer_config.json");
+    }
+    return d;
+}
+
+static void expect_bad_config(const char *name, const char *key, const char *raw, peftrt_status want,
+                              const char *needle) {
+    const char *d = model_copy(name, 1, 1);
+    char cfg[PATH_MAX];
+    path_in(cfg, d, "config.json");
+    set_json_key(cfg, key, raw);
+    int before = failures;
+    EXPECT_LOAD_FAILS(peftrt_model_load(d, NULL), want, needle);
+    if (failures > before) fprintf(stderr, "  in case %s (%s: %s)\n", name, key, raw);
+}
+
+/* Loads `dir` on another thread; a load still running after `seconds` hangs. */
+typedef struct {
+    const char *dir;
+    peftrt_model *m;
+    peftrt_status st;
+    char msg[512];
+} load_job;
+
+static void *load_in_thread(void *arg) {
+    load_job *j = arg;
+    j->m = peftrt_model_load(j->dir, NULL);
+    j->st = peftrt_last_status();
+    snprintf(j->msg, sizeof j->msg, "%s", peftrt_last_error());
+    return NULL;
+}
+
+/* config.json a FIFO that nobody writes: reading it would block forever (issue #18 row 10).
+   The load must fail at once; if it hangs, the FIFO is opened and closed here to release it,
+   so the suite reports the failure instead of hanging. */
+static void test_fifo_config(void) {
+    const char *d = model_copy("fifo-config", 1, 1);
+    char cfg[PATH_MAX];
+    path_in(cfg, d, "config.json");
+    CHECK(unlink(cfg) == 0);
+    CHECK(mkfifo(cfg, 0600) == 0);
+    load_job j = {.dir = d};
+    pthread_t th;
+    pthread_create(&th, NULL, load_in_thread, &j);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 30;
+    if (pthread_timedjoin_np(th, NULL, &until) == ETIMEDOUT) {
+        CHECK(!"peftrt_model_load with a FIFO as config.json hung");
+        int fd = open(cfg, O_WRONLY | O_NONBLOCK);
+        if (fd >= 0) close(fd);
+        pthread_join(th, NULL);
+    }
+    CHECK(j.m == NULL);
+    CHECK(j.st == PEFTRT_ERR_IO || j.st == PEFTRT_ERR_FORMAT);
+    CHECK(strstr(j.msg, "config.json") != NULL);
+    if (j.m) peftrt_model_free(j.m);
+}
+
+/* A context whose KV cache cannot be allocated: NULL and PEFTRT_ERR_OUT_OF_MEMORY, not an abort.
+   The config claims 2^31 positions; n_ctx INT32_MAX needs (2 x layers x kv width x 4) bytes
+   per position: 512 GiB for tiny-llama, 46 TiB for SmolLM2. A system that overcommits memory
+   (vm.overcommit_memory = 1) may grant it untouched: the session must then work. */
+static void test_huge_context(void) {
+    const char *d = model_copy("huge-context", 1, 0);
+    char cfg[PATH_MAX];
+    path_in(cfg, d, "config.json");
+    set_json_key(cfg, "max_position_embeddings", "2147483648");
+    peftrt_model_params mp = peftrt_model_default_params();
+    mp.no_tokenizer = true;
+    peftrt_model *big = peftrt_model_load(d, &mp);
+    CHECK(big != NULL);
+    if (!big) return;
+    peftrt_session_params p = peftrt_session_default_params();
+    p.n_ctx = INT32_MAX;
+    p.n_threads = 1;
+    peftrt_session *s = peftrt_session_create(big, &p);
+    size_t len = 0;
+    char *policy = read_file("/proc/sys/vm/overcommit_memory", &len);
+    int always = policy && policy[0] == '1';
+    free(policy);
+    if (s == NULL || !always) {
+        CHECK(s == NULL);
+        CHECK(peftrt_last_status() == PEFTRT_ERR_OUT_OF_MEMORY);
+        CHECK(strstr(peftrt_last_error(), "KV cache") != NULL && strstr(peftrt_last_error(), "n_ctx") != NULL);
+    }
+    if (s) {
+        peftrt_token t = 1;
+        EXPECT_STATUS(peftrt_session_eval(s, &t, 1), PEFTRT_OK);
+        EXPECT_STATUS(peftrt_session_free(s), PEFTRT_OK);
+    }
+    /* The model is fine with a context that fits. */
+    p.n_ctx = 32;
+    s = peftrt_session_create(big, &p);
+    CHECK(s != NULL);
+    EXPECT_STATUS(peftrt_session_free(s), PEFTRT_OK);
+    EXPECT_STATUS(peftrt_model_free(big), PEFTRT_OK);
+}
+
+static void test_hostile_models(void) {
+    /* Missing files: IO, naming the file. */
+    const char *d = model_copy("no-config", 1, 1);
+    char p[PATH_MAX];
+    path_in(p, d, "config.json");
+    CHECK(unlink(p) == 0);
+    EXPECT_LOAD_FAILS(peftrt_model_load(d, NULL), PEFTRT_ERR_IO, "config.json");
+    EXPECT_LOAD_FAILS(peftrt_model_load(model_copy("no-weights", 0, 1), NULL), PEFTRT_ERR_IO, "model.safetensors");
+    EXPECT_LOAD_FAILS(peftrt_model_load(model_copy("no-tokenizer", 1, 0), NULL), PEFTRT_ERR_IO, "tokenizer.json");
+    path_in(p, model_dir, "config.json");
+    EXPECT_LOAD_FAILS(peftrt_model_load(p, NULL), PEFTRT_ERR_IO, "not a directory");
+
+    /* Safetensors: truncated inside the tensor data, a header longer than the file. */
+    char src[PATH_MAX];
+    path_in(src, model_dir, "model.safetensors");
+    size_t len;
+    char *st = read_file(src, &len);
+    CHECK(st != NULL && len > 8);
+    if (st) {
+        uint64_t header = 0;
+        memcpy(&header, st, 8); /* little-endian u64 */
+        d = model_copy("truncated-weights", 0, 1);
+        path_in(p, d, "model.safetensors");
+        write_bytes(p, st, (size_t)(8 + header + 100));
+        EXPECT_LOAD_FAILS(peftrt_model_load(d, NULL), PEFTRT_ERR_FORMAT, "model.safetensors");
+        d = model_copy("lying-header", 0, 1);
+        path_in(p, d, "model.safetensors");
+        uint64_t lie = (uint64_t)len * 2;
+        memcpy(st, &lie, 8);
+        write_bytes(p, st, (size_t)(8 + header));
+        EXPECT_LOAD_FAILS(peftrt_model_load(d, NULL), PEFTRT_ERR_FORMAT, "model.safetensors");
+        free(st);
+    }
+
+    /* config.json: malformed, NaN or out-of-range values, an EOS id outside the vocabulary. */
+    d = model_copy("config-not-json", 1, 1);
+    path_in(p, d, "config.json");
+    write_text(p, "{ \"model_type\": \"llama\", ");
+    EXPECT_LOAD_FAILS(peftrt_model_load(d, NULL), PEFTRT_ERR_FORMAT, "config.json");
+    expect_bad_config("nan-eps", "rms_norm_eps", "NaN", PEFTRT_ERR_FORMAT, "config.json");
+    expect_bad_config("zero-eps", "rms_norm_eps", "0", PEFTRT_ERR_FORMAT, "rms_norm_eps");
+    expect_bad_config("negative-theta", "rope_theta", "-1.0", PEFTRT_ERR_FORMAT, "rope_theta");
+    expect_bad_config("layers-string", "num_hidden_layers", "\"two\"", PEFTRT_ERR_FORMAT, "num_hidden_layers");
+    peftrt_model_info info = {.struct_size = sizeof info};
+    peftrt_model *m = peftrt_model_load(model_dir, NULL);
+    CHECK(m != NULL && peftrt_model_get_info(m, &info) == PEFTRT_OK);
+    peftrt_model_free(m);
+    char vocab[32];
+    snprintf(vocab, sizeof vocab, "%d", info.vocab_size);
+    expect_bad_config("eos-outside-vocab", "eos_token_id", vocab, PEFTRT_ERR_FORMAT, "eos_token_id");
+
+    /* Well-formed, but not what peftrt runs: UNSUPPORTED. */
+    expect_bad_config("gpt2", "model_type", "\"gpt2\"", PEFTRT_ERR_UNSUPPORTED, "gpt2");
+    expect_bad_config("yarn", "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4.0}", PEFTRT_ERR_UNSUPPORTED,
+                      "yarn");
+    expect_bad_config("gptq", "quantization_config", "{\"quant_method\": \"gptq\", \"bits\": 4}",
+                      PEFTRT_ERR_UNSUPPORTED, "gptq");
+
+    test_fifo_config();
+    test_huge_context();
+}
+
+/* One tensor of a hand-written safetensors file, its data all zero bytes. */
+typedef struct {
+    char name[160];
+    const char *dtype;
+    int64_t rows, cols;
+    size_t elem;
+} tensor_spec;
+
+/* Writes a safetensors file: an 8-byte header length, the JSON header (with `metadata`, a
+   JSON object's body or NULL), padded to 8 bytes, then the data. */
+static void write_safetensors(const char *path, const tensor_spec *t, int n, const char *metadata) {
+    size_t cap = 4096 + (size_t)n * 256 + (metadata ? strlen(metadata) : 0);
+    char *h = malloc(cap);
+    size_t at = (size_t)sprintf(h, "{\"__metadata__\":{%s}", metadata ? metadata : "");
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        size_t bytes = (size_t)(t[i].rows * t[i].cols) * t[i].elem;
+        at += (size_t)sprintf(h + at, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld,%lld],\"data_offsets\":[%zu,%zu]}",
+                              t[i].name, t[i].dtype, (long long)t[i].rows, (long long)t[i].cols, off, off + bytes);
+        off += bytes;
+    }
+    h[at++] = '}';
+    while (at % 8) h[at++] = ' ';
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (f) {
+        uint64_t len = at;
+        fwrite(&len, 8, 1, f);
+        fwrite(h, 1, at, f);
+        char *zeros = calloc(off ? off : 1, 1);
+        fwrite(zeros, 1, off, f);
+        free(zeros);
+        fclose(f);
+    }
+    free(h);
+}
+
+/* An adapter on every layer's q_proj (rank 2; q_proj is [hidden, hidden] in the models used
+   here), lora_A stored as `a_dtype` (element size `a_elem`), with safetensors `metadata`. */
+static const char *write_adapter(const char *name, const char *base, const char *a_dtype, size_t a_elem,
+                                 const char *metadata) {
+    peftrt_model *m = peftrt_model_load(model_dir, NULL);
+    peftrt_model_info info = {.struct_size = sizeof info};
+    CHECK(m != NULL && peftrt_model_get_info(m, &info) == PEFTRT_OK);
+    peftrt_model_free(m);
+    char dir_name[128];
+    snprintf(dir_name, sizeof dir_name, "adapter-%s", name);
+    const char *d = scratch_dir(dir_name);
+    char p[PATH_MAX], cfg[512];
+    path_in(p, d, "adapter_config.json");
+    snprintf(cfg, sizeof cfg,
+             "{\n  \"peft_type\": \"LORA\",\n  \"base_model_name_or_path\": \"%s\",\n  \"r\": 2,\n"
+             "  \"lora_alpha\": 4,\n  \"bias\": \"none\",\n  \"target_modules\": [\"q_proj\"]\n}\n",
+             base);
+    write_text(p, cfg);
+    int n = 2 * info.n_layers;
+    tensor_spec *t = calloc((size_t)n, sizeof *t);
+    for (int l = 0; l < info.n_layers; l++) {
+        tensor_spec *a = &t[2 * l], *b = &t[2 * l + 1];
+        snprintf(a->name, sizeof a->name, "base_model.model.model.layers.%d.self_attn.q_proj.lora_A.weight", l);
+        snprintf(b->name, sizeof b->name, "base_model.model.model.layers.%d.self_attn.q_proj.lora_B.weight", l);
+        *a = (tensor_spec){.dtype = a_dtype, .rows = 2, .cols = info.hidden_size, .elem = a_elem};
+        snprintf(a->name, sizeof a->name, "base_model.model.model.layers.%d.self_attn.q_proj.lora_A.weight", l);
+        b->dtype = "F32";
+        b->rows = info.hidden_size;
+        b->cols = 2;
+        b->elem = 4;
+    }
+    path_in(p, d, "adapter_model.safetensors");
+    write_safetensors(p, t, n, metadata);
+    free(t);
+    return d;
+}
+
+static void edit_adapter_config(const char *dir, const char *key, const char *raw) {
+    char p[PATH_MAX];
+    path_in(p, dir, "adapter_config.json");
+    set_json_key(p, key, raw);
+}
+
+static void test_hostile_adapters(peftrt_model *m) {
+    /* A well-formed hand-written adapter loads: the cases below differ from it in one thing. */
+    const char *own = strrchr(model_dir, '/') ? strrchr(model_dir, '/') + 1 : model_dir;
+    const char *d = write_adapter("ok", own, "F32", 4, NULL);
+    peftrt_adapter *a = peftrt_adapter_load(m, d, NULL);
+    CHECK(a != NULL);
+    EXPECT_STATUS(peftrt_adapter_free(a), PEFTRT_OK);
+
+    /* Missing files: IO; the pickle-only format: UNSUPPORTED. */
+    char p[PATH_MAX], q[PATH_MAX];
+    d = write_adapter("no-weights", own, "F32", 4, NULL);
+    path_in(p, d, "adapter_model.safetensors");
+    CHECK(unlink(p) == 0);
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_IO, "adapter_model.safetensors");
+    d = write_adapter("pickle-only", own, "F32", 4, NULL);
+    path_in(p, d, "adapter_model.safetensors");
+    path_in(q, d, "adapter_model.bin");
+    CHECK(rename(p, q) == 0);
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_UNSUPPORTED, "adapter_model.bin");
+    d = write_adapter("no-config", own, "F32", 4, NULL);
+    path_in(p, d, "adapter_config.json");
+    CHECK(unlink(p) == 0);
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_IO, "adapter_config.json");
+
+    /* Malformed: FORMAT. */
+    d = write_adapter("config-not-json", own, "F32", 4, NULL);
+    path_in(p, d, "adapter_config.json");
+    write_text(p, "{\"r\": 2,");
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_FORMAT, "adapter_config.json");
+    d = write_adapter("truncated", own, "F32", 4, NULL);
+    path_in(p, d, "adapter_model.safetensors");
+    size_t len;
+    char *st = read_file(p, &len);
+    CHECK(st != NULL);
+    if (st) {
+        write_bytes(p, st, len - 16);
+        EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_FORMAT, "adapter_model.safetensors");
+        uint64_t lie = (uint64_t)len * 4;
+        memcpy(st, &lie, 8);
+        write_bytes(p, st, len);
+        EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_FORMAT, "adapter_model.safetensors");
+        free(st);
+    }
+    /* Non-float LoRA weights: refused, naming the tensor (never loaded as raw byte values). */
+    d = write_adapter("u8-lora-a", own, "U8", 1, NULL);
+    a = peftrt_adapter_load(m, d, NULL);
+    CHECK(a == NULL);
+    CHECK(peftrt_last_status() != PEFTRT_OK && strstr(peftrt_last_error(), "lora_A") != NULL);
+    if (a) peftrt_adapter_free(a);
+    d = write_adapter("i64-lora-a", own, "I64", 8, NULL);
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_UNSUPPORTED, "lora_A");
+
+    /* Well-formed PEFT configs peftrt does not run: UNSUPPORTED, naming the key. */
+    d = write_adapter("ia3", own, "F32", 4, NULL);
+    edit_adapter_config(d, "peft_type", "\"IA3\"");
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_UNSUPPORTED, "IA3");
+    d = write_adapter("bias-all", own, "F32", 4, NULL);
+    edit_adapter_config(d, "bias", "\"all\"");
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_UNSUPPORTED, "bias");
+    d = write_adapter("modules-to-save", own, "F32", 4, NULL);
+    edit_adapter_config(d, "modules_to_save", "[\"lm_head\"]");
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_UNSUPPORTED, "modules_to_save");
+
+    /* Made for another model. With a fingerprint of another base: ADAPTER_MISMATCH, and the
+       message names the C field that overrides it, not the CLI flag. */
+    d = write_adapter("other-fingerprint", own, "F32", 4,
+                      "\"peftrt.base_model\":\"{\\\"version\\\":1,\\\"structure\\\":\\\"0000\\\",\\\"samples\\\":[]}\"");
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, NULL), PEFTRT_ERR_ADAPTER_MISMATCH,
+                      "peftrt_adapter_params.allow_base_mismatch");
+    CHECK(strstr(peftrt_last_error(), "--allow-base-mismatch") == NULL);
+    peftrt_adapter_params ap = peftrt_adapter_default_params();
+    ap.allow_base_mismatch = true;
+    a = peftrt_adapter_load(m, d, &ap);
+    CHECK(a != NULL);
+    peftrt_adapter_free(a);
+    /* Without a fingerprint, naming another model: a warning by default, refused with
+       strict_base; naming this one (the directory's name) loads either way. */
+    d = write_adapter("other-name", "SomeOrg/another-model-7B", "F32", 4, NULL);
+    a = peftrt_adapter_load(m, d, NULL);
+    CHECK(a != NULL);
+    peftrt_adapter_free(a);
+    ap = peftrt_adapter_default_params();
+    ap.strict_base = true;
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(m, d, &ap), PEFTRT_ERR_ADAPTER_MISMATCH, "another-model-7B");
+    CHECK(strstr(peftrt_last_error(), "peftrt_adapter_params.strict_base") != NULL);
+    ap.allow_base_mismatch = true;
+    a = peftrt_adapter_load(m, d, &ap);
+    CHECK(a != NULL);
+    peftrt_adapter_free(a);
+    ap = peftrt_adapter_default_params();
+    ap.strict_base = true;
+    char hub[PATH_MAX];
+    snprintf(hub, sizeof hub, "SomeOrg/%s", own);
+    d = write_adapter("same-name", hub, "F32", 4, NULL);
+    a = peftrt_adapter_load(m, d, &ap);
+    CHECK(a != NULL);
+    peftrt_adapter_free(a);
+    /* Shapes of another model: ADAPTER_MISMATCH (not every bind error is one: the FORMAT and
+       UNSUPPORTED cases above keep their status). */
+    peftrt_model *other = peftrt_model_load(other_model_dir, NULL);
+    d = write_adapter("other-shapes", own, "F32", 4, NULL);
+    EXPECT_LOAD_FAILS(peftrt_adapter_load(other, d, NULL), PEFTRT_ERR_ADAPTER_MISMATCH, "q_proj");
+    peftrt_model_free(other);
+}
+
+static void test_hostile_files(peftrt_model *m) {
+    const char *base = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    snprintf(tmp_root, sizeof tmp_root, "%s/peftrt-bad-input-XXXXXX", base);
+    CHECK(mkdtemp(tmp_root) != NULL);
+    test_hostile_models();
+    test_hostile_adapters(m);
+    char rm[PATH_MAX + 16];
+    snprintf(rm, sizeof rm, "rm -rf '%s'", tmp_root);
+    CHECK(system(rm) == 0);
+}
+
 /* A greedy reply from a fresh session, for the final health check. */
 static int32_t reply(peftrt_model *m, const peftrt_token *prompt, int32_t n, peftrt_token *out) {
     peftrt_session *s = small_session(m, 128);
@@ -483,6 +965,7 @@ int main(int argc, char **argv) {
     test_callback_stops(m, prompt, n);
     test_cancel(m, prompt, n);
     test_cancel_prefill(m);
+    test_hostile_files(m);
     EXPECT_STATUS(peftrt_session_free(s), PEFTRT_OK);
 
     /* Healthy: the same request gives the same reply as before all this. */
