@@ -34,10 +34,13 @@ for t in "${targets[@]}"; do
   out="$log_dir/$t.last.log"
   before=$(find "fuzz/artifacts/$t" -type f | wc -l)
   echo "fuzz: $t for ${seconds}s (log: $out)" >&2
+  # The JSON targets get a dictionary of the keys their reader looks up and edge numbers.
+  dict=()
+  if [ -f "fuzz/dicts/$t.dict" ]; then dict=(-dict="fuzz/dicts/$t.dict"); fi
   # -max_len: the largest seeds (adapters, the tiny GGUF) are ~100 KB.
   cargo +nightly fuzz run -a -O "${features[@]}" "$t" "$corpus/$t" -- \
     -max_total_time="$seconds" -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
-    -timeout=10 -rss_limit_mb=2048 -max_len=131072 -print_final_stats=1 \
+    -timeout=10 -rss_limit_mb=2048 -max_len=131072 -print_final_stats=1 "${dict[@]}" \
     -artifact_prefix="fuzz/artifacts/$t/" >"$out" 2>&1 || true
   # Fork mode reports "#EXECS: cov: ..." lines; the last one holds the total.
   execs=$(grep -oE '^#[0-9]+' "$out" | tail -n 1 | tr -d '#')
