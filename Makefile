@@ -149,6 +149,13 @@ bench: models venv $(SMOLLM2_REF)/adapters.done
 bench-trainer: build-trainer
 	$(TRAINER_ENV) $(PY) scripts/bench_trainer.py $(BENCH_ARGS)
 
+# Every fuzz target for FUZZ_SECONDS each, one at a time (nightly + cargo-fuzz; docs/fuzzing.md).
+# The corpus grows in PEFTRT_FUZZ_CORPUS (default ~/.cache/peftrt-fuzz/corpus), out of git.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz:
+	bash fuzz/run.sh $(FUZZ_SECONDS)
+
 clean:
 	$(CARGO) clean
 	rm -rf $(SMOLLM2_DIR) $(SMOLLM2_REF)
