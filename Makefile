@@ -9,6 +9,7 @@
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 #   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
+#   make fuzz FUZZ_SECONDS=N   every fuzz target for N seconds (nightly + cargo-fuzz; docs/fuzzing.md)
 #   make install  libpeftrt (.so, .a), include/peftrt.h, peftrt.hpp, pkg-config files under PREFIX
 
 SHELL := bash
