@@ -16,18 +16,13 @@ shift
 corpus=${PEFTRT_FUZZ_CORPUS:-$HOME/.cache/peftrt-fuzz/corpus}
 log_dir=$(dirname "$corpus")
 targets=("$@")
-# The batch reader is fuzzed once it lives in the library (`peftrt::batch::parse_request`).
-has_batch() { grep -qs 'pub fn parse_request' runtime/src/batch.rs; }
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(safetensors gguf config adapter chat_template ffi_text)
-  if has_batch; then targets+=(batch); else echo "fuzz: skipping batch: no peftrt::batch::parse_request yet" >&2; fi
+  targets=(safetensors gguf config adapter chat_template ffi_text batch)
 fi
-features=()
-if has_batch; then features=(--features batch); fi
 
 bash fuzz/seed.sh "$corpus" >/dev/null
 # -a: debug assertions and overflow checks on, so arithmetic overflow is a finding too.
-cargo +nightly fuzz build -a -O "${features[@]}"
+cargo +nightly fuzz build -a -O
 mkdir -p "$log_dir"
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/artifacts/$t"
@@ -38,7 +33,7 @@ for t in "${targets[@]}"; do
   dict=()
   if [ -f "fuzz/dicts/$t.dict" ]; then dict=(-dict="fuzz/dicts/$t.dict"); fi
   # -max_len: the largest seeds (adapters, the tiny GGUF) are ~100 KB.
-  cargo +nightly fuzz run -a -O "${features[@]}" "$t" "$corpus/$t" -- \
+  cargo +nightly fuzz run -a -O "$t" "$corpus/$t" -- \
     -max_total_time="$seconds" -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
     -timeout=10 -rss_limit_mb=2048 -max_len=131072 -print_final_stats=1 "${dict[@]}" \
     -artifact_prefix="fuzz/artifacts/$t/" >"$out" 2>&1 || true

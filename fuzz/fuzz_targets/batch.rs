@@ -1,6 +1,5 @@
 //! The batch JSONL reader: one line of `peftrt batch --input` → `peftrt::batch::parse_request`,
 //! with the tiny Llama fixture's tokenizer (and its chat template for `messages` requests).
-//! Built with the `batch` feature, once the reader lives in the library (issue 18).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
