@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::lora::{to_f32_vec, LoraSet};
 use crate::optim::AdamW;
 use crate::save::{write_adapter_files, Provenance};
-use peftrt::output::{write_dir_atomically, write_json, write_safetensors_bytes_with_metadata, TensorSpec};
+use peftrt::output::{
+    write_dir_atomically_with, write_json, write_safetensors_bytes_with_metadata, Replace, TensorSpec,
+};
 use peftrt::weights::{DType, WeightStore};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -50,7 +52,7 @@ pub fn save(
     prov: &Provenance,
 ) -> Result<()> {
     let params = lora.named_parameters();
-    write_dir_atomically(dir, |tmp| {
+    write_dir_atomically_with(dir, Replace::Existing, |tmp| {
         let inner = || -> Result<()> {
             write_adapter_files(tmp, lora, base_name, prov)?;
             let mut specs = Vec::new();

@@ -9,7 +9,9 @@
 use crate::error::{Error, Result};
 use crate::lora::{to_f32_vec, LoraSet};
 use peftrt::adapter::{BaseFingerprint, BASE_FINGERPRINT_KEY};
-use peftrt::output::{write_dir_atomically, write_json, write_safetensors_bytes_with_metadata, TensorSpec};
+use peftrt::output::{
+    write_dir_atomically_with, write_json, write_safetensors_bytes_with_metadata, Replace, TensorSpec,
+};
 use peftrt::weights::DType;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -96,7 +98,10 @@ pub fn save_adapter(
     extra: &[(&str, &Path)],
 ) -> Result<()> {
     check_output(out_dir, overwrite)?;
-    write_dir_atomically(out_dir, |tmp| {
+    // `--overwrite` replaces what was there when the run started; without it (checked above)
+    // nothing is replaced, not even a directory that appears while the adapter is written.
+    let replace = if overwrite { Replace::Existing } else { Replace::Nothing };
+    write_dir_atomically_with(out_dir, replace, |tmp| {
         let fill = || -> Result<()> {
             write_adapter_files(tmp, lora, base_name, prov)?;
             for (name, from) in extra {
