@@ -47,16 +47,20 @@ impl DType {
         }
     }
 
+    /// Whether the finite `v` becomes infinite when rounded to this dtype (F16: from 65520 on).
+    pub fn overflows(self, v: f32) -> bool {
+        match self {
+            DType::F32 | DType::U8 => false,
+            DType::F16 => half::f16::from_f32(v).is_infinite(),
+            DType::BF16 => half::bf16::from_f32(v).is_infinite(),
+        }
+    }
+
     /// An error naming `tensor` unless every value is finite and stays finite in this dtype (an
     /// f32 above 65504 becomes +inf in F16): writers call it so that no command ever writes a
     /// non-finite weight.
     pub fn check_encodable(self, tensor: &str, values: &[f32]) -> Result<()> {
-        let bad = |v: f32| match self {
-            DType::F32 | DType::U8 => !v.is_finite(),
-            DType::F16 => !half::f16::from_f32(v).is_finite(),
-            DType::BF16 => !half::bf16::from_f32(v).is_finite(),
-        };
-        match values.iter().position(|&v| bad(v)) {
+        match values.iter().position(|&v| !v.is_finite() || self.overflows(v)) {
             None => Ok(()),
             Some(i) if values[i].is_finite() => Err(Error::tensor(
                 tensor,

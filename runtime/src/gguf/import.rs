@@ -482,11 +482,7 @@ fn check_range(g: &GgufFile, p: &Planned<'_>, values: &mut [f32], opts: &ImportO
         DType::BF16 => f32::from(half::bf16::MAX),
         _ => return Ok(()),
     };
-    // Values that round to infinity when converted (f16: from 65520 on).
-    let overflows = |v: f32| match opts.dtype {
-        DType::F16 => half::f16::from_f32(v).is_infinite(),
-        _ => half::bf16::from_f32(v).is_infinite(),
-    };
+    let overflows = |v: f32| opts.dtype.overflows(v);
     if let Some(i) = values.iter().position(|&v| overflows(v)) {
         if !opts.saturate {
             return Err(Error::tensor(
