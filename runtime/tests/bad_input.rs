@@ -455,7 +455,7 @@ fn tensor_missing_from_header_is_placed_between_its_neighbours() {
     let (before, gone, after) = (spans[2].1.clone(), spans[3].1.clone(), spans[4].1.clone());
     header.as_object_mut().unwrap().remove(&gone);
     let mut text = header.to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

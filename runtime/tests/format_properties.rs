@@ -68,7 +68,10 @@ fn write_st(path: &Path, f: &StFile) {
 }
 
 /// Opens a safetensors file and reads every tensor as the loaders do; `Err` as a message.
-fn read_st(path: &Path) -> Result<(BTreeMap<String, StTensor>, HashMap<String, String>), String> {
+/// A read-back safetensors file: its tensors by name and its `__metadata__`.
+type StRead = (BTreeMap<String, StTensor>, HashMap<String, String>);
+
+fn read_st(path: &Path) -> Result<StRead, String> {
     // SAFETY: the test's own file, unchanged while the store lives.
     let store = unsafe { WeightStore::open_file(path) }.map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
