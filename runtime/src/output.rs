@@ -48,7 +48,9 @@ pub fn write_dir_atomically_with<T>(
     if existed && replace == Replace::Nothing {
         return Err(exists_error(out_dir));
     }
-    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    // Parents that did not exist are created, and removed again if the write fails: an error
+    // leaves nothing behind that was not there before.
+    let created = CreatedDirs::create(&parent)?;
     remove_stale_temporaries(&parent, &name);
     let tmp =
         tempfile::Builder::new().prefix(&temp_prefix(&name)).tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
@@ -62,7 +64,35 @@ pub fn write_dir_atomically_with<T>(
         }
         return Err(e);
     }
+    created.keep();
     Ok(v)
+}
+
+/// The missing ancestors of a directory, created by [`CreatedDirs::create`] and removed again
+/// (innermost first, each only while empty) when dropped without [`CreatedDirs::keep`].
+struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    fn create(dir: &Path) -> Result<CreatedDirs> {
+        let missing: Vec<PathBuf> =
+            dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
+        let created = CreatedDirs(missing);
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(created)
+    }
+
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        // `remove_dir` refuses a non-empty directory: anything another process put there stays.
+        for d in &self.0 {
+            let _ = fs::remove_dir(d);
+        }
+    }
 }
 
 fn parent_and_name(out: &Path) -> Result<(PathBuf, String)> {
@@ -379,6 +409,18 @@ mod tests {
 
     /// Regression (issue 18 row 12): a directory created at `quantize --out` / `merge --out`
     /// during the run was silently deleted.
+    /// Issue 18: a failed write into `new/parents/out` leaves no `new/` behind.
+    #[test]
+    fn parents_created_for_a_failed_write_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("new/parents/out");
+        let r: Result<()> = write_dir_atomically(&out, |_| Err(Error::Input("no".into())));
+        assert!(r.is_err());
+        assert!(!root.path().join("new").exists(), "the parents made for the write are gone");
+        write_dir_atomically(&out, |tmp| fs::write(tmp.join("f"), "x").map_err(|e| Error::io(tmp, e))).unwrap();
+        assert!(out.join("f").is_file(), "a successful write keeps them");
+    }
+
     #[test]
     fn a_directory_that_appears_during_the_run_is_left_untouched() {
         let tmp = tempfile::tempdir().unwrap();
