@@ -5,6 +5,7 @@
 //!
 //! The fuzz targets in `fuzz/` search the same readers without a valid file to start from.
 
+use peftrt::gguf::write::{put_metadata, put_str};
 use peftrt::gguf::{GgmlType, GgufFile, Value, ValueType};
 use peftrt::output::{write_safetensors_bytes_with_metadata, TensorSpec};
 use peftrt::weights::{DType, WeightStore};
@@ -163,44 +164,6 @@ const GGML_TYPES: [GgmlType; 13] = [
     GgmlType::Q6_K,
 ];
 
-/// `gguf_type` ids, in the order of [`ValueType`] (gguf.h).
-fn type_id(t: ValueType) -> u32 {
-    use ValueType::*;
-    match t {
-        U8 => 0,
-        I8 => 1,
-        U16 => 2,
-        I16 => 3,
-        U32 => 4,
-        I32 => 5,
-        F32 => 6,
-        Bool => 7,
-        String => 8,
-        Array => 9,
-        U64 => 10,
-        I64 => 11,
-        F64 => 12,
-    }
-}
-
-fn value_type(v: &Value) -> ValueType {
-    match v {
-        Value::U8(_) => ValueType::U8,
-        Value::I8(_) => ValueType::I8,
-        Value::U16(_) => ValueType::U16,
-        Value::I16(_) => ValueType::I16,
-        Value::U32(_) => ValueType::U32,
-        Value::I32(_) => ValueType::I32,
-        Value::F32(_) => ValueType::F32,
-        Value::Bool(_) => ValueType::Bool,
-        Value::String(_) => ValueType::String,
-        Value::Array(..) => ValueType::Array,
-        Value::U64(_) => ValueType::U64,
-        Value::I64(_) => ValueType::I64,
-        Value::F64(_) => ValueType::F64,
-    }
-}
-
 /// A scalar value of type `k` (0..12: every type but arrays); floats of any bit pattern.
 fn scalar(k: u8) -> BoxedStrategy<Value> {
     match k {
@@ -287,34 +250,6 @@ fn gg_file() -> impl Strategy<Value = GgFile> {
         })
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// A value's bytes without its type tag.
-fn put_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::U8(x) => out.push(*x),
-        Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::Bool(x) => out.push(u8::from(*x)),
-        Value::String(s) => put_str(out, s),
-        Value::Array(ty, items) => {
-            out.extend_from_slice(&type_id(*ty).to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            items.iter().for_each(|v| put_value(out, v));
-        }
-        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
-    }
-}
-
 /// A GGUF file as llama.cpp's `gguf_write_to_file` lays it out (header, metadata, tensor infos,
 /// data aligned to `general.alignment`), ending where the last tensor's data ends; and where the
 /// data section starts (the end, without tensors).
@@ -329,9 +264,7 @@ fn write_gguf(f: &GgFile) -> (Vec<u8>, usize) {
     out.extend_from_slice(&(f.tensors.len() as u64).to_le_bytes());
     out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
     for (k, v) in &kv {
-        put_str(&mut out, k);
-        out.extend_from_slice(&type_id(value_type(v)).to_le_bytes());
-        put_value(&mut out, v);
+        put_metadata(&mut out, k, v);
     }
     let mut offset = 0u64;
     let mut offsets = vec![];

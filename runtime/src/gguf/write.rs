@@ -57,9 +57,17 @@ fn value_type(v: &Value) -> ValueType {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// Appends a GGUF string: its u64 length, then its bytes.
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends one metadata pair as GGUF lays it out: key, value type tag, value.
+pub fn put_metadata(out: &mut Vec<u8>, key: &str, v: &Value) {
+    put_str(out, key);
+    out.extend_from_slice(&value_type_id(value_type(v)).to_le_bytes());
+    put_value(out, v);
 }
 
 fn put_value(out: &mut Vec<u8>, v: &Value) {
@@ -94,9 +102,7 @@ pub fn to_bytes(metadata: &BTreeMap<String, Value>, tensors: &[TensorOut<'_>]) -
     out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
     for (k, v) in metadata {
-        put_str(&mut out, k);
-        out.extend_from_slice(&value_type_id(value_type(v)).to_le_bytes());
-        put_value(&mut out, v);
+        put_metadata(&mut out, k, v);
     }
     let mut offset = 0u64;
     for t in tensors {
