@@ -73,7 +73,7 @@ run: models build
 	$(PEFTRT) generate --model $(SMOLLM2_DIR) --chat --prompt "$(PROMPT)" --max-tokens 128
 
 # Reference outputs of transformers on the real model (not committed: ~100 MB of logits).
-$(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smollm2_tokens.py | venv
+$(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smollm2_tokens.py scripts/fixturelib.py | venv
 	mkdir -p $(SMOLLM2_REF)
 	$(PY) scripts/smollm2_reference.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)
 	$(PY) scripts/smollm2_tokens.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)/smollm2_tokens.json
@@ -81,7 +81,7 @@ $(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smoll
 
 # LoRA adapters for the model peftrt loads (the imported directory, not the GGUF) and PEFT's outputs
 # with them; also the adapters `make bench` times. The script skips itself when its stamp matches.
-$(SMOLLM2_REF)/adapters.done: $(SMOLLM2_DIR)/config.json scripts/smollm2_adapters.py scripts/make_fixtures.py | venv
+$(SMOLLM2_REF)/adapters.done: $(SMOLLM2_DIR)/config.json scripts/smollm2_adapters.py scripts/make_fixtures.py scripts/fixturelib.py | venv
 	mkdir -p $(SMOLLM2_REF)
 	$(PY) scripts/smollm2_adapters.py $(SMOLLM2_DIR) $(SMOLLM2_REF)
 	touch $@

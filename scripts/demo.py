@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-import jsonschema
+from fixturelib import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,18 +86,6 @@ TRAINER_SRC = PEFTRT_SRC + [ROOT / "trainer/src", ROOT / "trainer/csrc", ROOT / 
 
 def log(msg):
     print(f"demo: {msg}", flush=True)
-
-
-def sha256_file(path, _cache={}):
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
 
 
 def fingerprint(inputs, settings):
@@ -183,42 +171,34 @@ def is_caps(text):
     return len(letters) > 0 and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
 
 
-def parse_reply(text):
-    """The reply as JSON, with surrounding whitespace and a Markdown code fence removed (the
-    same leniency for every row); None when it is not one JSON value."""
-    t = text.strip()
-    if t.startswith("```"):
-        t = t.split("\n", 1)[1] if "\n" in t else ""
-        if t.rstrip().endswith("```"):
-            t = t.rstrip()[:-3]
-    try:
-        return json.loads(t)
-    except ValueError:
-        return None
+def judge_replies(peftrt, results_path, schema_path):
+    """`peftrt eval-json` on a `peftrt batch` results file: per reply, `value` (its JSON, or None)
+    and `schema_error` (the first violation, "items[].product: enum", or None). The project's one
+    rule for "valid JSON", the one `trainer eval` counts with too (runtime/src/json)."""
+    out = subprocess.run([str(peftrt), "eval-json", str(results_path), "--schema", str(schema_path)],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def score_rows(results, tests, schema):
-    validator = jsonschema.Draft202012Validator(schema)
+def score_rows(results, tests, verdicts):
+    """The row's rates from `peftrt batch`'s results and `judge_replies`' verdicts on them."""
     n = len(tests)
     parsed = valid = exact = 0
     failures = collections.Counter()
-    for r, t in zip(results, tests):
+    for r, t, verdict in zip(results, tests, verdicts, strict=True):
         if "error" in r:  # the prompt did not fit the context: a failed request
             failures["request failed"] += 1
             continue
-        v = parse_reply(r["text"])
-        if v is None:
+        if not verdict["json"]:
             failures["not JSON (" + ("cut at the token limit" if r["stop"] == "MaxTokens" else "ended early")
                      + ")" if r["text"].lstrip().startswith(("{", "`")) else "not JSON (prose)"] += 1
             continue
         parsed += 1
-        error = jsonschema.exceptions.best_match(validator.iter_errors(v))
-        if error is None:
+        if verdict["schema_valid"]:
             valid += 1
         else:  # where and why, array indices folded: "items[].product: enum"
-            where = ".".join("[]" if isinstance(p, int) else str(p) for p in error.absolute_path).replace(".[]", "[]")
-            failures[f"{where or '(top level)'}: {error.validator}"] += 1
-        if v == t["target"]:
+            failures[verdict["schema_error"]] += 1
+        if verdict["value"] == t["target"]:
             exact += 1
     done = [r for r in results if "error" not in r]
     gen = sum(r["generated_tokens"] for r in done)
@@ -408,7 +388,7 @@ def main():
         out = work / f"eval-{i}"
         replies = batch_stage(f"eval row {i} ({label})", out, model, data / f"requests_{prompt}.jsonl", adapters,
                               max_tokens, {"max_tokens": max_tokens, "threads": a.threads})
-        results[label] = score_rows(replies, tests, schema)
+        results[label] = score_rows(replies, tests, judge_replies(peftrt, out / "results.jsonl", schema_path))
         results[label]["seconds"] = float((out / "seconds").read_text())
         # A cached row keeps the timings of the run that made it, on that day's machine.
         results[label]["measured"] = time.strftime("%Y-%m-%d", time.gmtime((out / "seconds").stat().st_mtime))
@@ -544,8 +524,8 @@ def write_report(report_dir, s, c_example):
         "|---|---|---|",
         *[f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets],
         "",
-        "Why the NF4 row's other replies fail (for a reply that parses, jsonschema's most relevant error; "
-        "array indices folded):",
+        "Why the NF4 row's other replies fail (for a reply that parses, the first schema violation "
+        "`peftrt eval-json` finds; array indices folded):",
         "",
         "| failure | replies |",
         "|---|---|",

@@ -37,12 +37,12 @@ def leaves(value, path=""):
         yield path, value
 
 
-def field_accuracy(results, tests):
+def field_accuracy(verdicts, tests):
     right = total = 0
     missing = object()
-    for r, t in zip(results, tests):
+    for verdict, t in zip(verdicts, tests, strict=True):
         want = dict(leaves(t["target"]))
-        got = demo.parse_reply(r["text"]) if "error" not in r else None
+        got = verdict["value"] if verdict["json"] else None
         got = dict(leaves(got)) if got is not None else {}
         total += len(want)
         right += sum(got.get(k, missing) == v for k, v in want.items())
@@ -75,9 +75,9 @@ def main():
              "--out", a.out / "results.jsonl", "--max-tokens", a.max_tokens,
              *(x for ad in a.adapter for x in ("--adapter", ad))])
     results = demo.read_jsonl(a.out / "results.jsonl")
-    schema = json.loads((ROOT / "data/demo/order.schema.json").read_text())
-    s = demo.score_rows(results, tests, schema)
-    s["field_accuracy"] = field_accuracy(results, tests)
+    verdicts = demo.judge_replies(a.peftrt, a.out / "results.jsonl", ROOT / "data/demo/order.schema.json")
+    s = demo.score_rows(results, tests, verdicts)
+    s["field_accuracy"] = field_accuracy(verdicts, tests)
     (a.out / "score.json").write_text(json.dumps(s, indent=1) + "\n")
     print(f"{s['n']} requests: JSON {demo.pct(s['parse_rate'])}, schema-valid {demo.pct(s['schema_valid_rate'])}, "
           f"exact {demo.pct(s['exact_match_rate'])}, fields {demo.pct(s['field_accuracy'])}")

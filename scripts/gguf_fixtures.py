@@ -21,6 +21,8 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T
 
+from fixturelib import unpermute
+
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runtime/tests/data/gguf")
 rng = np.random.default_rng(20240611)
 
@@ -78,10 +80,6 @@ def bytes_to_unicode():
 def permute(w, n_head):
     """convert_hf_to_gguf.py LlamaModel.permute: interleave the two rotary halves of each head."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute(w, n_head):
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_tiny_llama():

@@ -16,15 +16,14 @@ files. `--check` regenerates into a temporary directory and compares byte-for-by
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import math
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import check_regeneration  # noqa: E402
 # Importing make_fixtures also sets one CPU thread, deterministic algorithms, quiet logging.
 from make_fixtures import (  # noqa: E402
     DEFAULT_OUT as FIXTURES,
@@ -253,10 +252,6 @@ def load_base_dir(d: Path):
                                                 attn_implementation="eager").eval()
 
 
-def all_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -265,16 +260,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            make_all(Path(tmp))
-            bad = [f for f in all_files(Path(tmp))
-                   if not (args.out / f).exists()
-                   or not filecmp.cmp(Path(tmp) / f, args.out / f, shallow=False)]
-            if bad:
-                print("adapter fixtures differ from a fresh regeneration:", *bad, sep="\n  ")
-                return 1
-            print("adapter fixtures are up to date")
-            return 0
+        return check_regeneration("adapter fixtures", args.out, make_all)
 
     for n in [*ADAPTERS, "merged-llama-qv"]:  # start clean so no stale files survive
         if (args.out / n).exists():

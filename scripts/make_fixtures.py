@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import filecmp
 import json
 import os
 import shutil
 import sys
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import check_regeneration  # noqa: E402
+
+import torch  # noqa: E402
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -523,19 +524,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = make_all(Path(tmp))
-            bad = []
-            for name in sorted(k for k in summary if k != "vocab_size"):
-                a, b = Path(tmp) / name, args.out / name
-                for f in sorted(p.name for p in a.iterdir()):
-                    if not (b / f).exists() or not filecmp.cmp(a / f, b / f, shallow=False):
-                        bad.append(f"{name}/{f}")
-            if bad:
-                print("fixtures differ from a fresh regeneration:", *bad, sep="\n  ")
-                return 1
-            print("fixtures are up to date")
-            return 0
+        return check_regeneration("fixtures", args.out, make_all,
+                                  within=lambda summary: sorted(k for k in summary if k != "vocab_size"))
 
     names = ["tiny-llama", "tiny-llama-bf16", "tiny-llama-f16", "tiny-llama3-tied",
              "tiny-mistral", "tiny-qwen2", "tiny-llama-gelu", "tiny-llama-gelu-tanh"]

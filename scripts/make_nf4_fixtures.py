@@ -29,16 +29,15 @@ torch's float kernels, as the other fixtures do.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import all_files, check_regeneration  # noqa: E402
 # Importing make_fixtures also sets one CPU thread, deterministic algorithms, quiet logging.
 from make_fixtures import (  # noqa: E402
     DEFAULT_OUT as FIXTURES,
@@ -826,10 +825,6 @@ def check_readme(path: Path) -> None:
     assert f"`0x{int(bits(ABSMAX_FLOOR)):08x}`" in text
 
 
-def all_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
 def make_all(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"verification": verify_against_bitsandbytes()}
@@ -851,18 +846,7 @@ def main() -> int:
 
     check_readme(args.out / "README.md")
     if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            make_all(Path(tmp))
-            fresh = all_files(Path(tmp))
-            bad = [f for f in fresh if not (args.out / f).exists()
-                   or not filecmp.cmp(Path(tmp) / f, args.out / f, shallow=False)]
-            generated = set(fresh) | {"README.md"}
-            bad += [f"{f} (stale)" for f in all_files(args.out) if f not in generated]
-            if bad:
-                print("NF4 fixtures differ from a fresh regeneration:", *bad, sep="\n  ")
-                return 1
-            print("NF4 fixtures are up to date")
-            return 0
+        return check_regeneration("NF4 fixtures", args.out, make_all, stale=True, keep=["README.md"])
 
     for n in ["quantize_cases.safetensors", "reference.safetensors"]:
         (args.out / n).unlink(missing_ok=True)

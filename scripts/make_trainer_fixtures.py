@@ -36,14 +36,13 @@ Deterministic (fixed seeds, one CPU thread, float32, eager attention) with the p
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturelib import check_regeneration  # noqa: E402
 # Importing make_fixtures (through make_adapter_fixtures) sets one CPU thread and deterministic
 # algorithms.
 from make_adapter_fixtures import load_base, randomise, save_adapter  # noqa: E402
@@ -192,24 +191,8 @@ def main() -> int:
     if not args.check:
         print(json.dumps(make_all(DEFAULT_OUT), indent=1))
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        make_all(Path(tmp))
-        names = json.loads((DEFAULT_OUT / "cases.json").read_text())["cases"]
-        bad = []
-        for name in names:
-            cmp = filecmp.dircmp(Path(tmp) / name, DEFAULT_OUT / name)
-            stack = [cmp]
-            while stack:
-                c = stack.pop()
-                bad += [f"{c.left}/{f}" for f in c.diff_files + c.left_only + c.right_only]
-                bad += [f"{c.left}/{f}" for f in filecmp.cmpfiles(c.left, c.right, c.common_files,
-                                                                   shallow=False)[1]]
-                stack += list(c.subdirs.values())
-        if bad:
-            print("differ:", *sorted(set(bad)), sep="\n  ")
-            return 1
-        print("trainer fixtures are up to date")
-    return 0
+    cases = json.loads((DEFAULT_OUT / "cases.json").read_text())["cases"]
+    return check_regeneration("trainer fixtures", DEFAULT_OUT, make_all, within=lambda _: cases, stale=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from smollm2_reference import sha256_file  # light: its heavy imports are inside main
+from fixturelib import sha256_file  # standard library only
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 

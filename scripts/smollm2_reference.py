@@ -23,13 +23,14 @@ Idempotent: skipped when OUT_DIR already has the output and its stamp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 import os
 import warnings
 from pathlib import Path
+
+from fixturelib import sha256_file  # standard library only
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's de-quantisation progress bar
 
@@ -50,14 +51,6 @@ PROMPTS = {
     "code": "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
 }
 CHAT = [{"role": "user", "content": "Explain what a neural network is in simple terms."}]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:

@@ -31,6 +31,8 @@ import transformers
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import AutoTokenizer
 
+from fixturelib import unpermute
+
 TEXTS = [
     "Hello, world!",
     "The quick brown fox jumps over the lazy dog.",
@@ -69,10 +71,6 @@ WEIGHTS = [  # (GGUF name, HF name, rows to keep or None for all)
     ("output_norm.weight", "model.norm.weight", None),
     ("token_embd.weight", "model.embed_tokens.weight", 64),
 ]
-
-
-def unpermute(w, n_head):
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def main():

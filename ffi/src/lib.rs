@@ -111,7 +111,7 @@ impl From<rt::Error> for Fail {
             rt::Error::Format { .. } | rt::Error::Config { .. } | rt::Error::Tensor { .. } => Status::Format,
             rt::Error::Unsupported(_) => Status::Unsupported,
             rt::Error::Tokenizer(_) => Status::Tokenizer,
-            rt::Error::Input(_) => Status::InvalidArgument,
+            rt::Error::Input(_) | rt::Error::Constraint(_) => Status::InvalidArgument,
             rt::Error::Cancelled => Status::Cancelled,
             rt::Error::NonFinite(_) => Status::Format,
             rt::Error::ContextFull { cached, new, n_ctx } => {

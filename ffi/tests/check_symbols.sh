@@ -10,7 +10,11 @@ lib="${1:-target/release}/libpeftrt.so"
 
 # A declaration is `type name(` at the start of a line, possibly after `*`s.
 declared=$(grep -oE '^[a-z_][a-z0-9_ ]*[ *]+(peftrt_[a-z0-9_]+)\(' include/peftrt.h | grep -oE 'peftrt_[a-z0-9_]+\($' | tr -d '(' | sort)
-exported=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBRW]$/ {print $3}' | sort)
+# llguidance (constrained decoding) compiles its own C API, `llg_*`, into every crate that uses
+# it, and a Rust cdylib exports each `#[no_mangle]` function of its dependencies (a version
+# script cannot take them back: rustc's lists them by name). They are not peftrt's ABI: the
+# header does not declare them and callers must not use them.
+exported=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBRW]$/ && $3 !~ /^llg_/ {print $3}' | sort)
 
 if [ "$declared" != "$exported" ]; then
     echo "check_symbols: include/peftrt.h and $lib differ:" >&2

@@ -45,6 +45,11 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A JSON schema, regular expression or grammar that cannot constrain decoding: the
+    /// compiler's message, with the keyword or position it stopped at.
+    #[error("constraint: {0}")]
+    Constraint(String),
+
     /// Invalid request: empty prompt, invalid UTF-8, bad sampling parameters.
     #[error("{0}")]
     Input(String),

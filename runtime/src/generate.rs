@@ -71,6 +71,7 @@ pub fn generate(
     let model = session.model().clone();
     let tok = model.tokenizer()?;
     let params = sampler.params.clone();
+    sampler.restart_constraint()?;
     let t0 = Instant::now();
     session.eval(prompt)?;
     let prefill_time = t0.elapsed();
@@ -83,9 +84,10 @@ pub fn generate(
     // At most what the context can still hold: `max_tokens` may be any number.
     let mut tokens = Vec::with_capacity(params.max_tokens.min(session.n_ctx() - session.tokens().len() + 1));
     for i in 0..params.max_tokens {
-        let next = sampler.sample(session.logits(), session.tokens());
+        let next = sampler.next_token(session.logits(), session.tokens())?;
         tokens.push(next);
-        if model.is_eos(next) && !params.ignore_eos {
+        // A constraint ends only with EOS, and then nothing may follow, ignore_eos or not.
+        if model.is_eos(next) && (!params.ignore_eos || sampler.constraint_complete()) {
             stop = StopReason::Eos;
             break;
         }
@@ -114,6 +116,10 @@ pub fn generate(
                     break;
                 }
             }
+        }
+        if sampler.constraint_complete() {
+            stop = StopReason::Eos;
+            break;
         }
         if i + 1 == params.max_tokens {
             break;

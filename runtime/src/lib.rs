@@ -11,6 +11,8 @@
 //! - [`output`] and [`fsutil`]: writing outputs atomically (never replacing what a run did not
 //!   create) and reading inputs defensively (regular files only, size-capped).
 //! - [`batch`]: the `peftrt batch` JSON Lines request format.
+//! - [`json`]: what counts as a valid JSON reply, and the JSON Schema check (one rule for
+//!   `trainer eval`, `peftrt eval-json` and the demo's report).
 //!
 //! ```no_run
 //! use peftrt::{generate, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
@@ -29,15 +31,45 @@
 //! eprintln!("{:.1} tokens/s", reply.decode_tok_s());
 //! # Ok::<(), peftrt::Error>(())
 //! ```
+//!
+//! ## Memory-mapped files
+//!
+//! Weights are not read into memory: [`Model::load`] and [`Adapter::load`] map the safetensors
+//! files ([`weights::WeightStore`], with `memmap2`) and the kernels read tensors in place;
+//! [`gguf::import()`] and `peftrt inspect` map the GGUF file ([`gguf::GgufFile::open`]). A
+//! memory map is `unsafe` to create because the bytes can change under the program: Rust
+//! assumes a `&[u8]` never changes while it is borrowed, and the operating system only keeps a
+//! mapping's pages as long as the file still holds them. These functions are safe to call all
+//! the same, on one assumption, stated here as ripgrep and candle state theirs:
+//!
+//! **a mapped file is not modified or truncated, by this or any other process, while it is
+//! mapped** (for a model or adapter, as long as the [`Model`] or [`Adapter`] lives; for an
+//! import, until it returns).
+//!
+//! If it is, the behaviour is undefined: in practice results computed from whatever bytes the
+//! file then holds, or the process killed by `SIGBUS` when it touches a page that truncation
+//! removed. Headers are validated once, at load, and not again.
+//!
+//! What to do: never overwrite a model or adapter file in place (`cp new old`, or a tool that
+//! truncates and rewrites) while a process serves it. Write the new version elsewhere and
+//! rename it over the old path, or delete the old file first: a running reader keeps the file it
+//! mapped (the old inode) until it drops it. peftrt's own writers ([`output`]: `import`,
+//! `merge`, `quantize`, `batch`, `score`, and the trainer's adapters) write to a temporary and
+//! rename it into place, which is safe for running readers. Where a file might change,
+//! [`gguf::GgufFile::read`] reads a GGUF file into memory instead.
 
 pub mod adapter;
+mod attention;
 pub mod batch;
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;
+pub mod json;
 pub mod kernels;
+mod kv_cache;
 pub mod merge;
 pub mod model;
 pub mod nf4;

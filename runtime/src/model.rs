@@ -12,6 +12,7 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::{DType, Tensor, WeightStore};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Options for [`Model::load`].
 #[derive(Clone, Debug, Default)]
@@ -135,7 +136,14 @@ pub struct Model {
     pub tokenizer: Option<Tokenizer>,
     pub dir: PathBuf,
     store: WeightStore,
+    /// Unique in the process: see [`Model::id`].
+    id: u64,
+    /// The vocabulary as constrained decoding sees it, built on first use.
+    pub(crate) grammar_vocab: std::sync::OnceLock<crate::constraint::Vocabulary>,
 }
+
+/// The next [`Model::id`]; ids are never reused, unlike the address of a dropped model.
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(0);
 
 impl Model {
     /// Loads a Hugging Face model directory (`config.json`, safetensors weights, tokenizer).
@@ -219,7 +227,15 @@ impl Model {
             tokenizer,
             dir: dir.to_path_buf(),
             store,
+            id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+            grammar_vocab: std::sync::OnceLock::new(),
         })
+    }
+
+    /// This model's identity, unique in the process (never reused, unlike the address of a
+    /// dropped model): an adapter records the id of the model it was bound to.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The tokenizer, or an error saying the model was loaded without one.

@@ -2,6 +2,7 @@
 //! repetition penalty, in the order transformers' `generate` applies its logits processors.
 //! Seeded and reproducible; the buffers are allocated once, so sampling allocates nothing.
 
+use crate::constraint::Constraint;
 use crate::error::{Error, Result};
 
 /// How to pick tokens and when to stop.
@@ -120,6 +121,9 @@ pub struct Sampler {
     penalised: Vec<f32>,
     /// Marks tokens already penalised in this step, `[vocab]`.
     seen: Vec<bool>,
+    /// The grammar the output must follow, and the masked logits (`[vocab]`, sized when set).
+    constraint: Option<Constraint>,
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -131,7 +135,70 @@ impl Sampler {
             cand: Vec::with_capacity(vocab),
             penalised: vec![0.0; vocab],
             seen: vec![false; vocab],
+            constraint: None,
+            masked: Vec::new(),
         })
+    }
+
+    /// Constrains what follows to `constraint` (from its start), or lifts the constraint.
+    pub fn set_constraint(&mut self, constraint: Option<Constraint>) -> Result<()> {
+        self.constraint = constraint;
+        if let Some(c) = &mut self.constraint {
+            c.reset()?;
+            self.masked = vec![0.0; self.seen.len()];
+        }
+        Ok(())
+    }
+
+    /// Starts the constraint over, for a new reply.
+    pub fn restart_constraint(&mut self) -> Result<()> {
+        self.constraint.as_mut().map_or(Ok(()), Constraint::reset)
+    }
+
+    pub fn constraint(&self) -> Option<&Constraint> {
+        self.constraint.as_ref()
+    }
+
+    /// The constraint's grammar has ended: generation must stop.
+    pub fn constraint_complete(&self) -> bool {
+        self.constraint.as_ref().is_some_and(Constraint::is_complete)
+    }
+
+    /// Picks the next token as [`Sampler::sample`] does, within the constraint if there is one
+    /// (which then advances by the token). Greedy decoding takes the model's choice when the
+    /// grammar allows it and masks only when it does not; sampling masks first, so that
+    /// temperature, top-k, top-p and min-p see only the allowed tokens.
+    pub fn next_token(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        let Some(mut c) = self.constraint.take() else {
+            return Ok(self.sample(logits, history));
+        };
+        let picked = self.pick_within(&mut c, logits, history);
+        let picked = picked.and_then(|t| c.consume(t).map(|()| t));
+        self.constraint = Some(c);
+        picked
+    }
+
+    fn pick_within(&mut self, c: &mut Constraint, logits: &[f32], history: &[u32]) -> Result<u32> {
+        if self.params.temperature == 0.0 {
+            let t = self.sample(logits, history);
+            if c.allows(t) {
+                return Ok(t);
+            }
+        }
+        let mut masked = std::mem::take(&mut self.masked);
+        masked.copy_from_slice(logits);
+        let r = c.mask_logits(&mut masked).map(|()| {
+            let t = self.sample(&masked, history);
+            // A sampled token of probability 0 (rounding at the end of the cumulative sum)
+            // would be a masked one: take the best allowed instead.
+            if masked[t as usize] == f32::NEG_INFINITY {
+                argmax(&masked)
+            } else {
+                t
+            }
+        });
+        self.masked = masked;
+        r
     }
 
     /// Picks the next token from `logits` (`[vocab]`), given the tokens so far.

@@ -6,14 +6,17 @@
 //!
 //! The forward pass follows transformers' `LlamaModel.forward` (Mistral and Qwen2 are the
 //! same graph): embed → for each layer (RMSNorm → q/k/v → RoPE → causal GQA attention →
-//! o_proj → residual → RMSNorm → SwiGLU MLP → residual) → RMSNorm → lm_head.
+//! o_proj → residual → RMSNorm → SwiGLU MLP → residual) → RMSNorm → lm_head. The KV cache
+//! (`kv_cache.rs`) and attention (`attention.rs`) have files of their own; every projection
+//! goes through `linear`, which adds the active adapters (`adapter/apply.rs`).
 
-use crate::adapter::Adapter;
-use crate::config::ModelConfig;
+use crate::adapter::{apply_adapters, Adapter, Lora, LoraScratch};
+use crate::attention::{attention, AttentionInput, AttentionScratch};
 use crate::error::{Error, Result};
-use crate::kernels::{self, MatRef, Weights};
+use crate::kernels;
+use crate::kv_cache::KvCache;
 use crate::model::{Linear, Model};
-use crate::threadpool::{split_range, SharedMut, ThreadPool};
+use crate::threadpool::ThreadPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -40,7 +43,7 @@ pub fn default_threads() -> usize {
 /// A zeroed `f32` buffer of `dims` (multiplied) elements, or [`Error::OutOfMemory`] naming
 /// `what` when the size overflows or the allocator refuses it. Like `vec![0.0; n]` it asks
 /// for zeroed memory (the OS's zero pages), so a large cache costs nothing until it is used.
-fn zeroed(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
+pub(crate) fn zeroed(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
     let n = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let layout = n.and_then(|n| std::alloc::Layout::array::<f32>(n).ok());
     let (Some(n), Some(layout)) = (n, layout) else {
@@ -74,10 +77,8 @@ struct Scratch {
     v: Vec<f32>,
     /// `[n_batch, n_heads * head_dim]` attention output before o_proj
     att_out: Vec<f32>,
-    /// `[n_threads, n_ctx]` attention scores, one row per thread
-    att: Vec<f32>,
-    /// Batched attention (prefill), allocated on first use: see [`AttentionScratch`].
-    batched: AttentionScratch,
+    /// Attention's score buffers: see [`AttentionScratch`].
+    attention: AttentionScratch,
     /// `[n_batch, intermediate]`
     gate: Vec<f32>,
     /// `[n_batch, intermediate]`
@@ -89,12 +90,8 @@ struct Scratch {
     sin: Vec<f32>,
     /// `[vocab]` logits of the last evaluated token
     logits: Vec<f32>,
-    /// `[n_batch, max rank]` adapters' `A·x`
-    lora_u: Vec<f32>,
-    /// `[n_batch, max out]` adapters' `B·(A·x)`
-    lora_y: Vec<f32>,
-    /// `[max out]` DoRA's per-row gains
-    lora_g: Vec<f32>,
+    /// The active adapters' low-rank products, sized in [`Session::set_adapters`].
+    lora: LoraScratch,
 }
 
 /// The active adapters of a session, each with its scale.
@@ -112,14 +109,11 @@ enum Want<'a> {
 pub struct Session {
     model: Arc<Model>,
     pool: ThreadPool,
-    n_ctx: usize,
     n_batch: usize,
     /// Tokens in the cache, in order.
     tokens: Vec<u32>,
-    /// `[layers, n_kv_heads, n_ctx, head_dim]`
-    k_cache: Vec<f32>,
-    /// `[layers, n_kv_heads, n_ctx, head_dim]`
-    v_cache: Vec<f32>,
+    /// Keys and values of `tokens`, room for `n_ctx` positions.
+    cache: KvCache,
     s: Scratch,
     /// Adapters applied unmerged on every projection they target.
     adapters: ActiveAdapters,
@@ -169,11 +163,9 @@ impl Session {
         };
         // Sized by the caller's n_ctx and the config's claims: every buffer is allocated
         // fallibly, so a context that does not fit is an error, not an abort (issue #18).
-        let (layers, h, q, kv, inter) =
-            (c.num_hidden_layers, c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let half = c.head_dim / 2;
-        let k_cache = zeroed("the KV cache's keys", &[layers, kv, n_ctx])?;
-        let v_cache = zeroed("the KV cache's values", &[layers, kv, n_ctx])?;
+        let cache = KvCache::new(c, n_ctx)?;
         let mut tokens = Vec::new();
         tokens.try_reserve_exact(n_ctx).map_err(|_| Error::out_of_memory::<u32>("the token history", n_ctx))?;
         let s = Scratch {
@@ -183,45 +175,30 @@ impl Session {
             k: zeroed("activations", &[n_batch, kv])?,
             v: zeroed("activations", &[n_batch, kv])?,
             att_out: zeroed("activations", &[n_batch, q])?,
-            att: zeroed("attention scores", &[n_threads, n_ctx])?,
-            batched: AttentionScratch::default(),
+            attention: AttentionScratch::new(n_threads, n_ctx)?,
             gate: zeroed("activations", &[n_batch, inter])?,
             up: zeroed("activations", &[n_batch, inter])?,
             out: zeroed("activations", &[n_batch, h])?,
             cos: zeroed("rotary tables", &[n_batch, half])?,
             sin: zeroed("rotary tables", &[n_batch, half])?,
             logits: zeroed("logits", &[c.vocab_size])?,
-            lora_u: Vec::new(),
-            lora_y: Vec::new(),
-            lora_g: Vec::new(),
+            lora: LoraScratch::default(),
         };
         let pool = ThreadPool::new(n_threads);
         kernels::reserve_decode_scratch(&pool, h.max(q).max(inter));
-        Ok(Session { pool, n_ctx, n_batch, tokens, k_cache, v_cache, s, adapters: Vec::new(), cancel: None, model })
+        Ok(Session { pool, n_batch, tokens, cache, s, adapters: Vec::new(), cancel: None, model })
     }
 
     /// Makes `adapters` the active set, each with its scale (0 = off). Weights are shared, not
     /// copied; the cache is kept (call [`Session::reset`] to re-read a prompt with them).
     pub fn set_adapters(&mut self, adapters: &[(Arc<Adapter>, f32)]) -> Result<()> {
-        let key = Arc::as_ptr(&self.model) as usize;
-        if let Some((a, _)) = adapters.iter().find(|(a, _)| a.model_key != key) {
+        if let Some((a, _)) = adapters.iter().find(|(a, _)| !a.is_for(&self.model)) {
             return Err(Error::Input(format!("adapter {} was loaded for a different model instance", a.name)));
         }
         for (a, s) in adapters {
             crate::adapter::check_scale(&a.name, *s)?;
         }
-        let rank = adapters.iter().map(|(a, _)| a.max_rank).max().unwrap_or(0);
-        let out = adapters.iter().map(|(a, _)| a.max_out).max().unwrap_or(0);
-        let n_batch = self.n_batch;
-        if self.s.lora_u.len() < n_batch * rank {
-            self.s.lora_u.resize(n_batch * rank, 0.0);
-        }
-        if self.s.lora_y.len() < n_batch * out {
-            self.s.lora_y.resize(n_batch * out, 0.0);
-        }
-        if self.s.lora_g.len() < out {
-            self.s.lora_g.resize(out, 0.0);
-        }
+        self.s.lora.reserve(self.n_batch, adapters);
         self.adapters.clear();
         self.adapters.extend(adapters.iter().cloned());
         Ok(())
@@ -238,7 +215,7 @@ impl Session {
 
     /// Context length (KV cache capacity) in tokens.
     pub fn n_ctx(&self) -> usize {
-        self.n_ctx
+        self.cache.n_ctx
     }
 
     pub fn n_threads(&self) -> usize {
@@ -349,8 +326,9 @@ impl Session {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Input(format!("token id {t} is out of range for this model's vocabulary of {vocab}")));
         }
-        if self.tokens.len() + tokens.len() > self.n_ctx {
-            return Err(Error::ContextFull { cached: self.tokens.len(), new: tokens.len(), n_ctx: self.n_ctx });
+        let n_ctx = self.cache.n_ctx;
+        if self.tokens.len() + tokens.len() > n_ctx {
+            return Err(Error::ContextFull { cached: self.tokens.len(), new: tokens.len(), n_ctx });
         }
         Ok(())
     }
@@ -359,16 +337,15 @@ impl Session {
     /// Returns `false` if the cancel flag stopped it (the batch's tokens are then in the history
     /// but the cache is incomplete: the caller truncates).
     fn forward(&mut self, tokens: &[u32], want: Want) -> bool {
-        let Session { model, pool, n_ctx, tokens: history, k_cache, v_cache, s, adapters, cancel, .. } = self;
+        let Session { model, pool, tokens: history, cache, s, adapters, cancel, .. } = self;
         let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
-        let mut lora = Lora { active: adapters, u: &mut s.lora_u, y: &mut s.lora_y, g: &mut s.lora_g };
+        let mut lora = s.lora.with(adapters);
         let c = &model.config;
         let n = tokens.len();
         let pos0 = history.len();
         let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let half = c.head_dim / 2;
         let eps = c.rms_norm_eps;
-        let mut cache = KvCache { k: k_cache, v: v_cache, n_ctx: *n_ctx };
 
         // Embeddings.
         let emb = model.embed_tokens.weights();
@@ -403,11 +380,8 @@ impl Session {
                 }
             }
             cache.store(c, li, pos0, n, &s.k, &s.v);
-            if n >= BATCHED_ATTENTION_MIN {
-                attention_batched(pool, c, &cache, li, pos0, n, &s.q, &mut s.batched, &mut s.att_out);
-            } else {
-                attention(pool, c, &cache, li, pos0, n, &s.q, &mut s.att, &mut s.att_out);
-            }
+            let inp = AttentionInput { c, cache, layer: li, pos0, n, q: &s.q };
+            attention(pool, &inp, &mut s.attention, &mut s.att_out);
             linear(pool, &mut lora, [&layer.o_proj], &s.att_out[..n * q_dim], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
 
@@ -440,154 +414,6 @@ impl Session {
     }
 }
 
-/// The session's key/value cache, each `[layers, n_kv_heads, n_ctx, head_dim]`.
-struct KvCache<'a> {
-    k: &'a mut Vec<f32>,
-    v: &'a mut Vec<f32>,
-    n_ctx: usize,
-}
-
-impl KvCache<'_> {
-    /// Offset of `(layer, kv_head, pos)`.
-    fn at(&self, c: &ModelConfig, layer: usize, kv_head: usize, pos: usize) -> usize {
-        ((layer * c.num_key_value_heads + kv_head) * self.n_ctx + pos) * c.head_dim
-    }
-
-    /// Copies a batch's keys and values (`[n, kv_dim]`) to positions `pos0..pos0 + n`.
-    fn store(&mut self, c: &ModelConfig, layer: usize, pos0: usize, n: usize, k: &[f32], v: &[f32]) {
-        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
-        for t in 0..n {
-            for kvh in 0..c.num_key_value_heads {
-                let dst = self.at(c, layer, kvh, pos0 + t);
-                let src = t * kv_dim + kvh * hd;
-                self.k[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                self.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
-            }
-        }
-    }
-}
-
-/// Causal grouped-query attention of a batch's queries (`q`: `[n, q_dim]`) over the cache,
-/// into `out` (`[n, q_dim]`); `att` holds one `[n_ctx]` score row per thread.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    pool: &ThreadPool,
-    c: &ModelConfig,
-    cache: &KvCache,
-    layer: usize,
-    pos0: usize,
-    n: usize,
-    q: &[f32],
-    att: &mut [f32],
-    out: &mut [f32],
-) {
-    let (hd, nh, q_dim, n_ctx) = (c.head_dim, c.num_attention_heads, c.q_dim(), cache.n_ctx);
-    let group = nh / c.num_key_value_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (kc, vc) = (&cache.k[..], &cache.v[..]);
-    let att = SharedMut::new(att);
-    let out = SharedMut::new(out);
-    pool.run(|ti, nt| {
-        // SAFETY: row `ti` of the score buffer belongs to this thread alone.
-        let scores_row = unsafe { att.slice(ti * n_ctx..(ti + 1) * n_ctx) };
-        for item in split_range(n * nh, ti, nt, 1) {
-            let (t, head) = (item / nh, item % nh);
-            let pos = pos0 + t;
-            let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let base = cache.at(c, layer, head / group, 0);
-            let qv = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-            let (keys, values) =
-                (&kc[base + lo * hd..base + (pos + 1) * hd], &vc[base + lo * hd..base + (pos + 1) * hd]);
-            let scores = &mut scores_row[lo..=pos];
-            kernels::matvec_local(MatRef { w: Weights::F32(keys), rows: pos + 1 - lo, cols: hd }, qv, scores);
-            scores.iter_mut().for_each(|s| *s *= scale);
-            kernels::softmax(scores);
-            // SAFETY: each (token, head) item belongs to one thread; its output slice is disjoint.
-            let o = unsafe { out.slice(t * q_dim + head * hd..t * q_dim + (head + 1) * hd) };
-            kernels::weighted_sum(o, scores, values);
-        }
-    });
-}
-
-/// Batches of at least this many tokens take [`attention_batched`].
-const BATCHED_ATTENTION_MIN: usize = 16;
-
-/// Buffers of [`attention_batched`] for one KV head: rows are `(token, query head of the group)`.
-#[derive(Default)]
-struct AttentionScratch {
-    /// `[rows, head_dim]` the group's queries, gathered
-    q: Vec<f32>,
-    /// `[rows, keys]` scores, then probabilities
-    p: Vec<f32>,
-    /// `[head_dim, keys]` the values, transposed
-    vt: Vec<f32>,
-    /// `[rows, head_dim]` outputs
-    o: Vec<f32>,
-}
-
-/// Attention for a batch of `n` tokens as two matrix products per KV head: scores `Q·Kᵀ` over all
-/// `pos0 + n` keys (the causal and sliding-window masks are applied before the softmax) and
-/// `P·V`. Same result as [`attention`], but at the matmul kernel's speed: one score per query
-/// and key costs a dot product of `head_dim` either way, and the products waste at most the
-/// masked half.
-#[allow(clippy::too_many_arguments)]
-fn attention_batched(
-    pool: &ThreadPool,
-    c: &ModelConfig,
-    cache: &KvCache,
-    layer: usize,
-    pos0: usize,
-    n: usize,
-    q: &[f32],
-    s: &mut AttentionScratch,
-    out: &mut [f32],
-) {
-    let (hd, q_dim) = (c.head_dim, c.q_dim());
-    let group = c.num_attention_heads / c.num_key_value_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (keys_n, rows, width) = (pos0 + n, group * n, group * hd);
-    for buf in [&mut s.q, &mut s.o] {
-        buf.resize(rows * hd, 0.0);
-    }
-    s.p.resize(rows * keys_n, 0.0);
-    s.vt.resize(hd * keys_n, 0.0);
-    for g in 0..c.num_key_value_heads {
-        let base = cache.at(c, layer, g, 0);
-        let (keys, values) = (&cache.k[base..base + keys_n * hd], &cache.v[base..base + keys_n * hd]);
-        // The group's query heads are adjacent in each token's q: one copy per token.
-        for t in 0..n {
-            let src = t * q_dim + g * width;
-            s.q[t * width..(t + 1) * width].copy_from_slice(&q[src..src + width]);
-        }
-        let k_mat = MatRef { w: Weights::F32(keys), rows: keys_n, cols: hd };
-        kernels::matmul(pool, k_mat, &s.q[..rows * hd], rows, &mut s.p[..rows * keys_n]);
-        let p = SharedMut::new(&mut s.p[..rows * keys_n]);
-        pool.run(|ti, nt| {
-            for row in split_range(rows, ti, nt, 1) {
-                let pos = pos0 + row / group;
-                let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                // SAFETY: each row belongs to one thread.
-                let scores = unsafe { p.slice(row * keys_n..(row + 1) * keys_n) };
-                scores[lo..=pos].iter_mut().for_each(|x| *x *= scale);
-                kernels::softmax(&mut scores[lo..=pos]);
-                scores[..lo].fill(0.0);
-                scores[pos + 1..].fill(0.0);
-            }
-        });
-        for (pos, v) in values.chunks_exact(hd).enumerate() {
-            for (d, x) in v.iter().enumerate() {
-                s.vt[d * keys_n + pos] = *x;
-            }
-        }
-        let v_mat = MatRef { w: Weights::F32(&s.vt[..hd * keys_n]), rows: hd, cols: keys_n };
-        kernels::matmul(pool, v_mat, &s.p[..rows * keys_n], rows, &mut s.o[..rows * hd]);
-        for t in 0..n {
-            let dst = t * q_dim + g * width;
-            out[dst..dst + width].copy_from_slice(&s.o[t * width..(t + 1) * width]);
-        }
-    }
-}
-
 /// RMSNorm of each `w.len()`-wide row of `x`.
 fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     for (o, x) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
@@ -609,7 +435,7 @@ pub(crate) fn linear<const N: usize>(
     let mats = lins.map(Linear::mat);
     kernels::matmul_many(pool, &mats, x, n, &mut ys);
     for (lin, y) in lins.iter().zip(ys) {
-        if !lora.active.is_empty() {
+        if !lora.is_empty() {
             apply_adapters(pool, lora, lin, x, n, y);
         }
         if let Some(b) = &lin.bias {
@@ -618,72 +444,6 @@ pub(crate) fn linear<const N: usize>(
             }
         }
     }
-}
-
-/// Adds the active adapters' outputs to `y = x·Wᵀ` (before the bias), as PEFT sums the
-/// outputs of its active adapters (llama.cpp's `build_lora_mm` likewise):
-/// - LoRA: `y += s·B(A·x)`;
-/// - DoRA: `y += (g − 1)⊙(x·Wᵀ) + g⊙s·B(A·x)` with `g = m / ‖W + s·B·A‖_row`
-///   (PEFT's `DoraLinearLayer.forward`; every DoRA term uses the base output `x·Wᵀ`, so the
-///   base-output factors are applied first, together).
-fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x: &[f32], n: usize, y: &mut [f32]) {
-    let rows = lin.rows;
-    let active = lora.active;
-    let on_layer = || active.iter().filter_map(|(a, w)| a.for_layer(lin).filter(|_| *w != 0.0).map(|lw| (lw, *w)));
-    if on_layer().any(|(lw, _)| lw.dora.is_some()) {
-        // factor = 1 + Σ (g − 1) over the DoRA adapters, built in `y`'s scratch row `lora.y[..rows]`.
-        let (f, g) = (&mut lora.y[..rows], &mut lora.g[..rows]);
-        f.fill(1.0);
-        for (lw, w) in on_layer() {
-            if let Some(d) = &lw.dora {
-                d.gains(w * lw.scale, g);
-                f.iter_mut().zip(g.iter()).for_each(|(f, g)| *f += g - 1.0);
-            }
-        }
-        for row in y.chunks_exact_mut(rows) {
-            row.iter_mut().zip(f.iter()).for_each(|(y, f)| *y *= f);
-        }
-    }
-    for (lw, weight) in on_layer() {
-        let s = weight * lw.scale;
-        let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * rows]);
-        small_matmul(pool, lw.a_mat(), x, n, u);
-        small_matmul(pool, lw.b_mat(), u, n, v);
-        match &lw.dora {
-            None => kernels::axpy(y, s, v),
-            Some(d) => {
-                let g = &mut lora.g[..rows];
-                d.gains(s, g);
-                for (y, v) in y.chunks_exact_mut(rows).zip(v.chunks_exact(rows)) {
-                    for ((y, v), g) in y.iter_mut().zip(v).zip(g.iter()) {
-                        *y += g * s * v;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `y = x·Wᵀ` for a low-rank factor: on the calling thread when the work is smaller than a
-/// thread-pool dispatch costs (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else
-/// shared out like any projection.
-fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, y: &mut [f32]) {
-    const LOCAL_MAX_MACS: usize = 1 << 16;
-    if n * m.rows * m.cols <= LOCAL_MAX_MACS {
-        for (x, y) in x.chunks_exact(m.cols).zip(y.chunks_exact_mut(m.rows)) {
-            kernels::matvec_local(m, x, y);
-        }
-    } else {
-        kernels::matmul(pool, m, x, n, y);
-    }
-}
-
-/// What [`linear`] needs to apply adapters: the active set and its scratch.
-pub(crate) struct Lora<'a> {
-    active: &'a [(Arc<Adapter>, f32)],
-    u: &'a mut [f32],
-    y: &'a mut [f32],
-    g: &'a mut [f32],
 }
 
 /// cos and sin of `pos · inv_freq` for positions `pos0..pos0 + n`, computed in f32 as transformers does.
@@ -737,47 +497,5 @@ mod tests {
         let v = zeroed("logits", &[3, 5]).unwrap();
         assert_eq!(v, vec![0.0; 15]);
         assert!(zeroed("nothing", &[0, 7]).unwrap().is_empty());
-    }
-
-    /// The batched (prefill) attention equals the per-query one, with GQA, a cache that already
-    /// holds earlier positions, and with and without a sliding window.
-    #[test]
-    fn batched_attention_matches_per_query() {
-        let json = serde_json::json!({"model_type": "mistral", "hidden_size": 48, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 10,
-            "sliding_window": 7});
-        let windowed = ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap();
-        let mut full = windowed.clone();
-        full.sliding_window = None;
-        let mut seed = 7u64;
-        let mut rand = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
-        for c in [&full, &windowed] {
-            let n_ctx = 64;
-            let (pos0, n, layer) = (11, 29, 1);
-            let size = c.num_hidden_layers * c.kv_dim() * n_ctx;
-            let mut k: Vec<f32> = (0..size).map(|_| rand()).collect();
-            let mut v: Vec<f32> = (0..size).map(|_| rand()).collect();
-            let cache = KvCache { k: &mut k, v: &mut v, n_ctx };
-            let q: Vec<f32> = (0..n * c.q_dim()).map(|_| rand() * 3.0).collect();
-            for threads in [1, 2] {
-                let pool = ThreadPool::new(threads);
-                let mut want = vec![0.0; n * c.q_dim()];
-                let mut att = vec![0.0; threads * n_ctx];
-                attention(&pool, c, &cache, layer, pos0, n, &q, &mut att, &mut want);
-                let mut got = vec![f32::NAN; n * c.q_dim()];
-                let mut s = AttentionScratch::default();
-                attention_batched(&pool, c, &cache, layer, pos0, n, &q, &mut s, &mut got);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 1e-5,
-                        "window {:?}, {threads} threads, [{i}]: {g} vs {w}",
-                        c.sliding_window
-                    );
-                }
-            }
-        }
     }
 }

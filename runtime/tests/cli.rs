@@ -1,6 +1,7 @@
 //! The `peftrt` command line on a tiny fixture model: every subcommand runs, output formats
 //! are what they say, and bad input exits with a clear message instead of a panic.
 
+use serde_json::json;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -258,4 +259,90 @@ fn batch_records_a_prompt_too_long_for_the_context_and_goes_on() {
     let results = results.unwrap();
     assert!(results[0]["error"].as_str().unwrap().contains("context holds 64"), "{}", results[0]);
     assert!(results[1]["text"].is_string() && results[1].get("error").is_none());
+}
+
+#[test]
+fn eval_json_judges_batch_results_by_the_one_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let replies = dir.path().join("results.jsonl");
+    let lines = [
+        json!({"id": 1, "text": " {\"n\": 2, \"tags\": [\"a\"]}\n"}),
+        json!({"id": 2, "text": "```json\n{\"n\": \"two\"}\n```"}),
+        json!({"id": 3, "text": "Sure! {\"n\": 2}"}),
+        json!({"id": 4, "error": "the prompt does not fit the context"}),
+    ];
+    std::fs::write(&replies, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, r#"{"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}"#)
+        .unwrap();
+    let out = run(&["eval-json", replies.to_str().unwrap(), "--schema", schema.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        got,
+        [
+            json!({"json": true, "value": {"n": 2, "tags": ["a"]}, "schema_valid": true, "schema_error": null}),
+            json!({"json": true, "value": {"n": "two"}, "schema_valid": false, "schema_error": "n: type"}),
+            json!({"json": false, "value": null, "schema_valid": false, "schema_error": null}),
+            json!({"json": false, "value": null, "schema_valid": false, "schema_error": null}),
+        ]
+    );
+    assert!(text(&out.stderr).contains("4 replies: 2 JSON (50.0%), 1 schema-valid (25.0%)"), "{}", text(&out.stderr));
+    // Without a schema: only `json` and `value`.
+    let out = run(&["eval-json", replies.to_str().unwrap()]);
+    assert_eq!(text(&out.stdout).lines().next().unwrap(), r#"{"json":true,"value":{"n":2,"tags":["a"]}}"#);
+    // A schema keyword the validator does not implement is refused, naming the file and keyword.
+    std::fs::write(&schema, r#"{"type": "string", "pattern": "^a"}"#).unwrap();
+    let out = run(&["eval-json", replies.to_str().unwrap(), "--schema", schema.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("schema.json") && text(&out.stderr).contains("pattern"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn generate_and_batch_follow_a_constraint() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, r#"{"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}, "additionalProperties": false}"#).unwrap();
+    let s = schema.display().to_string();
+    let m = model();
+    // generate: the reply is the schema's JSON (the tiny model finishes it within 200 tokens).
+    let out = run(&["generate", "--model", &m, "--prompt", "n is", "--max-tokens", "200", "--json-schema", &s]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).expect("JSON");
+    assert!(v["n"].is_i64() && v.as_object().unwrap().len() == 1, "{v}");
+    let out = run(&["generate", "--model", &m, "--prompt", "code", "--max-tokens", "20", "--regex", "[0-9]{3}"]);
+    assert!(out.status.success());
+    assert!(regex::Regex::new("^[0-9]{3}\n$").unwrap().is_match(&text(&out.stdout)), "{:?}", text(&out.stdout));
+    // Bad constraints: named before anything is generated; two at once is a usage error.
+    let out = run(&["generate", "--model", &m, "--prompt", "x", "--regex", "("]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--regex") && text(&out.stderr).contains("unclosed"));
+    let out = run(&["generate", "--model", &m, "--prompt", "x", "--regex", "a", "--json"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
+    // batch: a request's own constraint wins over the flag's; the others follow the flag.
+    let lines = [
+        json!({"id": 1, "prompt": "n is", "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}, "additionalProperties": false}}}}),
+        json!({"id": 2, "prompt": "code", "regex": "[a-c]{4}"}),
+        json!({"id": 3, "prompt": "code"}),
+    ]
+    .iter()
+    .map(|l| format!("{l}\n"))
+    .collect::<String>();
+    let (out, results, _d) = batch(&lines, &["--max-tokens", "200", "--regex", "[0-9]{2}"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r = results.unwrap();
+    let v: serde_json::Value = serde_json::from_str(r[0]["text"].as_str().unwrap()).unwrap();
+    assert!(v["n"].is_i64(), "{}", r[0]);
+    assert!(regex::Regex::new("^[a-c]{4}$").unwrap().is_match(r[1]["text"].as_str().unwrap()), "{}", r[1]);
+    assert!(regex::Regex::new("^[0-9]{2}$").unwrap().is_match(r[2]["text"].as_str().unwrap()), "{}", r[2]);
+    assert!(r.iter().all(|x| x["stop"] == "Eos"), "{r:?}");
+    // A request with a bad constraint fails the run before any generation, naming its line.
+    let (out, results, _d) = batch("{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"regex\": \"(\"}\n", &[]);
+    assert!(!out.status.success() && results.is_none());
+    assert!(text(&out.stderr).contains("line 2") && text(&out.stderr).contains("regex"), "{}", text(&out.stderr));
+    let (out, _, _d) = batch("{\"prompt\": \"b\", \"regex\": \"a\", \"grammar\": \"start: \\\"a\\\"\"}\n", &[]);
+    assert!(!out.status.success() && text(&out.stderr).contains("at most one"), "{}", text(&out.stderr));
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The project's tolerance: max |Δlogit| ≤ 1e-3 · max |logit| (see DESIGN.md).
+/// The project's tolerance: max |Δlogit| ≤ 1e-3 · max |logit| (docs/CORRECTNESS.md).
 pub const REL_TOL: f32 = 1e-3;
 
 /// Tensors of a reference safetensors file, converted to f32 / i32, plus header metadata.

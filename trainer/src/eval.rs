@@ -5,17 +5,19 @@
 //! Generation runs on the runtime (greedy, the adapter applied unmerged, stopping at EOS): what
 //! is measured is what will be served.
 
-use crate::data::{Dataset, Encoder, Format};
+use crate::base::Base;
+use crate::data::{Batch, Dataset, Encoder, Example, Format};
 use crate::error::{Error, Result};
-use crate::lora::{Init, LoraSet, LoraSpec};
-use crate::model::BaseStorage;
-use crate::schema::{parse_response, Schema};
-use crate::train::{eval_loss, Base};
+use crate::lora::{Init, LoraSet};
+use crate::loss::loss_from;
+use crate::model::{BaseModel, BaseStorage, Pass};
+use crate::prefix::PrefixCache;
+use peftrt::json::{parse_reply, Schema};
 use peftrt::{Adapter, Sampler, SamplingParams, Session, SessionOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tch::Device;
+use tch::{Device, Kind};
 
 /// What to evaluate.
 #[derive(Clone, Debug)]
@@ -89,14 +91,13 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalReport> {
     let enc = Encoder { tokenizer: base.runtime.tokenizer()?, eos: base.eos(), max_seq_len: o.max_seq_len };
     let data = Dataset::load(&o.data, o.format, &enc)?;
     let lora = match &o.adapter {
-        Some(dir) => LoraSet::from_adapter(&base.model, dir, 0.0, Init::Kaiming)?,
-        None => {
-            let spec = LoraSpec::new(1, 1.0, peftrt::adapter::Targets::AllLinear, false, None, 0.0, Init::Kaiming)?;
-            LoraSet::empty(spec, base.model.device)
+        Some(dir) => {
+            Some(LoraSet::from_adapter(&base.model.linear_shapes(), base.model.device, dir, 0.0, Init::Kaiming)?)
         }
+        None => None,
     };
     let pad = base.eos().unwrap_or(0);
-    let loss = eval_loss(&base.model, &lora, &data.examples, o.batch_size, pad, None)?;
+    let loss = eval_loss(&base.model, lora.as_ref(), &data.examples, o.batch_size, pad, None)?;
     let mut report = EvalReport {
         examples: data.examples.len(),
         targets: data.n_targets(),
@@ -134,7 +135,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalReport> {
         let mut sampler = Sampler::new(params, model.config.vocab_size)?;
         let generation = peftrt::generate(&mut session, &prompt, &mut sampler, |_| true)?;
         report.generated += 1;
-        if let Some(v) = parse_response(&generation.text) {
+        if let Some(v) = parse_reply(&generation.text) {
             report.json_valid += 1;
             if let (Some(s), Some(n)) = (&schema, report.schema_valid.as_mut()) {
                 *n += usize::from(s.is_valid(&v));
@@ -142,4 +143,33 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalReport> {
         }
     }
     Ok(report)
+}
+
+/// Mean loss per response token of `examples` (no dropout, no gradients) with `lora` (or the
+/// base alone); `prefix`, when given, is the [`PrefixCache`] of these examples.
+pub fn eval_loss(
+    model: &BaseModel,
+    lora: Option<&LoraSet>,
+    examples: &[Example],
+    batch_size: usize,
+    pad: i64,
+    prefix: Option<&PrefixCache>,
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let (mut sum, mut count) = (0.0, 0i64);
+    let batch_size = batch_size.max(1);
+    for (c, chunk) in examples.chunks(batch_size).enumerate() {
+        let refs: Vec<_> = chunk.iter().collect();
+        let b = Batch::new(&refs, pad)?;
+        let cached = match prefix {
+            Some(p) => Some((
+                p.start(),
+                p.batch(&(c * batch_size..c * batch_size + chunk.len()).collect::<Vec<_>>(), model.device)?,
+            )),
+            None => None,
+        };
+        sum += loss_from(model, &b, cached, Pass::new(lora, false))?.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        count += b.n_targets;
+    }
+    Ok(sum / count.max(1) as f64)
 }

@@ -1,13 +1,16 @@
 //! # peftrt-trainer — LoRA and QLoRA fine-tuning on libtorch, writing PEFT adapters
 //!
 //! The main types and how they fit:
-//! - [`model::BaseModel`]: the frozen Llama/Mistral/Qwen2 base in libtorch, copied from the
-//!   runtime's loader ([`peftrt::Model`]); f32, or NF4 codes for QLoRA.
+//! - [`base::Base`]: a loaded base model: the runtime's ([`peftrt::Model`]: tokenizer, chat
+//!   template, generation) and [`model::BaseModel`], the frozen Llama/Mistral/Qwen2 base in
+//!   libtorch copied from it; f32, or NF4 codes for QLoRA. A forward pass runs with a
+//!   [`model::Pass`]: the LoRA layers (or none), training or not, the dropout seed.
 //! - [`lora::LoraSet`]: the trainable LoRA layers (PEFT's configuration, initialisation and key
-//!   names), in their own variable store; every projection adds them in
-//!   [`model::BaseModel::project`].
+//!   names), in their own variable store, attached to the base's layers by their
+//!   [`lora::LinearShape`]; every projection adds them in [`model::BaseModel::project`].
 //! - [`data::Dataset`]: JSONL examples (alpaca, chat, completion) tokenised with the runtime's
 //!   tokenizer and chat template, with response-only labels; [`data::Batch`] pads them.
+//! - [`loss`]: the loss on response tokens, one micro-batch's forward and backward.
 //! - [`optim`]: AdamW, warm-up schedules and gradient clipping as PyTorch computes them.
 //! - [`train::train`]: the loop; [`prefix::PrefixCache`]: the output of the frozen blocks
 //!   below the lowest adapted one, computed once per example; [`checkpoint`]: resumable state;
@@ -25,6 +28,7 @@
 //! # Ok::<(), peftrt_trainer::Error>(())
 //! ```
 
+pub mod base;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
@@ -33,13 +37,13 @@ pub mod error;
 pub mod eval;
 pub mod fused;
 pub mod lora;
+pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod prefix;
 pub mod save;
-pub mod schema;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -9,10 +9,9 @@
 //! saving is a copy, and only they reach the optimiser.
 
 use crate::error::{Error, Result};
-use crate::model::{BaseLinear, BaseModel};
 use peftrt::adapter::{AdapterConfig, AdapterFile, Targets};
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 /// How a fresh `lora_A` is drawn (`lora_B` starts at zero either way, so training starts from
@@ -41,6 +40,51 @@ impl Init {
             Init::Gaussian => json!("gaussian"),
         }
     }
+}
+
+/// The LoRA options of a run.
+#[derive(Clone, Debug)]
+pub struct LoraOptions {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f64,
+    /// `q_proj,v_proj`, `all-linear` or a regex.
+    pub target: String,
+    pub rslora: bool,
+    pub init: Init,
+    /// Only these decoder layers (`layers_to_transform`).
+    pub layers: Option<Vec<usize>>,
+    /// Start from this PEFT adapter's weights and configuration.
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        LoraOptions {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target: "q_proj,v_proj".into(),
+            rslora: false,
+            init: Init::Kaiming,
+            layers: None,
+            init_adapter: None,
+        }
+    }
+}
+
+/// A linear layer of the base as LoRA sees it (PEFT's module name, `in_features`,
+/// `out_features`): the base describes its layers with these, and LoRA layers attach by them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// The layer's index in the base's order ([`peftrt::Model::linears`]).
+    pub id: usize,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
 }
 
 /// The `--target` option: `q_proj,v_proj` (module names or dotted suffixes), `all-linear`, or a
@@ -80,16 +124,10 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
-    /// A configuration from command-line values.
-    pub fn new(
-        r: usize,
-        alpha: f32,
-        targets: Targets,
-        rslora: bool,
-        layers: Option<Vec<usize>>,
-        dropout: f64,
-        init: Init,
-    ) -> Result<LoraSpec> {
+    /// The configuration `o` gives (its `target` parsed by [`parse_targets`]), checked.
+    pub fn from_options(o: &LoraOptions) -> Result<LoraSpec> {
+        let targets = parse_targets(&o.target)?;
+        let (r, alpha, dropout) = (o.r, o.alpha, o.dropout);
         if r == 0 {
             return Err(Error::Input("--r must be at least 1".into()));
         }
@@ -102,16 +140,16 @@ impl LoraSpec {
         let config = AdapterConfig {
             r,
             alpha,
-            rslora,
+            rslora: o.rslora,
             use_dora: false,
             target_modules: targets,
             exclude_modules: Targets::Unspecified,
-            layers,
+            layers: o.layers.clone(),
             rank_pattern: vec![],
             alpha_pattern: vec![],
             base_model: None,
         };
-        Ok(LoraSpec { config, dropout, init })
+        Ok(LoraSpec { config, dropout, init: o.init })
     }
 
     /// `alpha / r`, or `alpha / √r` with rsLoRA, for a module (PEFT's `scaling`).
@@ -155,19 +193,15 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl LoraSet {
-    /// An adapter without layers (the plain base model).
-    pub fn empty(spec: LoraSpec, device: Device) -> LoraSet {
-        LoraSet { spec, vs: nn::VarStore::new(device), layers: vec![] }
-    }
-
-    /// Fresh LoRA layers on every module `spec` selects: `lora_A` drawn as `spec.init` says
-    /// (from libtorch's generator: seed it first), `lora_B` zero.
-    pub fn init(base: &BaseModel, spec: LoraSpec) -> Result<LoraSet> {
-        let selected = select(base, &spec.config, None)?;
-        let mut set = LoraSet { layers: Vec::new(), vs: nn::VarStore::new(base.device), spec };
+    /// Fresh LoRA layers, on `device`, on every one of the base's `linears` that `spec`
+    /// selects: `lora_A` drawn as `spec.init` says (from libtorch's generator: seed it first),
+    /// `lora_B` zero.
+    pub fn init(linears: &[LinearShape], device: Device, spec: LoraSpec) -> Result<LoraSet> {
+        let selected = select(linears, &spec.config, None)?;
+        let mut set = LoraSet { layers: Vec::new(), vs: nn::VarStore::new(device), spec };
         for lin in selected {
             let r = set.spec.config.rank_for(&lin.name) as i64;
-            let opts = (Kind::Float, base.device);
+            let opts = (Kind::Float, device);
             let mut a = Tensor::f_empty([r, lin.cols as i64], opts)?;
             match set.spec.init {
                 Init::Kaiming => {
@@ -184,10 +218,16 @@ impl LoraSet {
         Ok(set)
     }
 
-    /// LoRA layers starting from the weights of the PEFT adapter in `dir`. Its
-    /// `adapter_config.json` defines rank, alpha, rsLoRA, targets and layers; `dropout` and
-    /// `init` are the training run's.
-    pub fn from_adapter(base: &BaseModel, dir: &Path, dropout: f64, init: Init) -> Result<LoraSet> {
+    /// LoRA layers, on `device`, on the base's `linears`, starting from the weights of the PEFT
+    /// adapter in `dir`. Its `adapter_config.json` defines rank, alpha, rsLoRA, targets and
+    /// layers; `dropout` and `init` are the training run's.
+    pub fn from_adapter(
+        linears: &[LinearShape],
+        device: Device,
+        dir: &Path,
+        dropout: f64,
+        init: Init,
+    ) -> Result<LoraSet> {
         let file = AdapterFile::open(dir)?;
         if file.config.use_dora {
             return Err(Error::Input(format!(
@@ -197,8 +237,8 @@ impl LoraSet {
         }
         let spec = LoraSpec { config: file.config.clone(), dropout, init };
         let in_file: Vec<&str> = file.modules.keys().map(String::as_str).collect();
-        let selected = select(base, &spec.config, Some(&in_file))?;
-        let mut set = LoraSet { layers: Vec::new(), vs: nn::VarStore::new(base.device), spec };
+        let selected = select(linears, &spec.config, Some(&in_file))?;
+        let mut set = LoraSet { layers: Vec::new(), vs: nn::VarStore::new(device), spec };
         for lin in &selected {
             let t = file.modules.get(&lin.name).ok_or_else(|| {
                 Error::Input(format!(
@@ -219,7 +259,7 @@ impl LoraSet {
                     )));
                 }
                 let v = t.to_f32_vec();
-                Ok(Tensor::f_from_slice(&v)?.f_reshape([shape[0] as i64, shape[1] as i64])?.f_to(base.device)?)
+                Ok(Tensor::f_from_slice(&v)?.f_reshape([shape[0] as i64, shape[1] as i64])?.f_to(device)?)
             };
             let a = load(&t.a, [r, lin.cols])?;
             let b = load(&t.b, [lin.rows, r])?;
@@ -235,7 +275,7 @@ impl LoraSet {
     }
 
     /// Registers a module's weights as trainable variables named by their PEFT keys.
-    fn add(&mut self, lin: &BaseLinear, a: &Tensor, b: &Tensor) -> Result<()> {
+    fn add(&mut self, lin: &LinearShape, a: &Tensor, b: &Tensor) -> Result<()> {
         let var = |part: &str, t: &Tensor| -> Result<Tensor> {
             let key = peft_key(&lin.name, part);
             let mut components: Vec<&str> = key.split('.').collect();
@@ -333,15 +373,19 @@ impl LoraSet {
     }
 }
 
-/// The base's linear layers that `config` selects, checked like PEFT checks them: every named
+/// The base's `linears` that `config` selects, checked like PEFT checks them: every named
 /// target must exist, and something must be selected. With `only` (an adapter file's modules,
 /// when its config leaves `target_modules` unspecified) exactly those.
-fn select<'a>(base: &'a BaseModel, config: &AdapterConfig, only: Option<&[&str]>) -> Result<Vec<&'a BaseLinear>> {
+fn select<'a>(
+    linears: &'a [LinearShape],
+    config: &AdapterConfig,
+    only: Option<&[&str]>,
+) -> Result<Vec<&'a LinearShape>> {
     if let Targets::List(names) = &config.target_modules {
         for t in names {
             // PEFT's matching (a name or a dotted suffix), from the runtime's selection code.
             let one = AdapterConfig { target_modules: Targets::List(vec![t.clone()]), layers: None, ..config.clone() };
-            let found = base.linears().any(|l| one.selects(&l.name, false));
+            let found = linears.iter().any(|l| one.selects(&l.name, false));
             if !found {
                 let kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
                 return Err(Error::Input(format!(
@@ -351,12 +395,12 @@ fn select<'a>(base: &'a BaseModel, config: &AdapterConfig, only: Option<&[&str]>
             }
         }
     }
-    let selected: Vec<&BaseLinear> = match (&config.target_modules, only) {
-        (Targets::Unspecified, Some(only)) => base.linears().filter(|l| only.contains(&l.name.as_str())).collect(),
+    let selected: Vec<&LinearShape> = match (&config.target_modules, only) {
+        (Targets::Unspecified, Some(only)) => linears.iter().filter(|l| only.contains(&l.name.as_str())).collect(),
         (Targets::Unspecified, None) => {
             return Err(Error::Input("no target modules given (--target q_proj,v_proj, all-linear or a regex)".into()))
         }
-        _ => base.linears().filter(|l| config.selects(&l.name, l.name == "lm_head")).collect(),
+        _ => linears.iter().filter(|l| config.selects(&l.name, l.name == "lm_head")).collect(),
     };
     if selected.is_empty() {
         return Err(Error::Input(format!(

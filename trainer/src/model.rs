@@ -7,22 +7,22 @@
 //! safetensors memory maps, tensor names and shapes checked there), are copied once into
 //! libtorch tensors that never require gradients, and never reach the optimiser: the only
 //! trainable tensors are the LoRA weights in [`crate::lora::LoraSet`], applied at one place,
-//! [`BaseModel::project`]. With `--qlora` the projections are kept as NF4 codes (the runtime's
-//! quantiser, the bytes bitsandbytes would write) and dequantised one layer at a time.
+//! [`BaseModel::project`], from the [`Pass`] a forward runs with (`None` there: the base
+//! alone). With `--qlora` the projections are kept as NF4 codes (the runtime's quantiser, the
+//! bytes bitsandbytes would write; `model/nf4.rs`) and dequantised one layer at a time. The
+//! attention of a block is in `model/attention.rs`.
 
 use crate::dropout::DropoutStream;
 use crate::error::{Error, Result};
 use crate::fused;
-use crate::lora::LoraSet;
+use crate::lora::{LinearShape, LoraSet};
+use nf4::Nf4Tensor;
 use peftrt::config::ModelConfig;
 use peftrt::weights::DType;
 use tch::{Device, Kind, Tensor};
 
-/// The longest sequence for which causal attention on a CPU runs as plain products
-/// ([`BaseModel::causal_attention_products`]) instead of libtorch's flash kernel. Forward and
-/// backward of SmolLM2's attention (9 query heads on 3 kv heads, batch 4, 2 threads): 7.9 vs
-/// 12.3 ms at 128 tokens, even at 256, 188 vs 105 ms at 512.
-const MATH_ATTENTION_MAX_SEQ: i64 = 128;
+mod attention;
+mod nf4;
 
 /// transformers' `LlamaRMSNorm` in libtorch's operators: normalise in f32, then scale by the
 /// weight. The fused kernel's fallback and its reference in tests.
@@ -57,128 +57,6 @@ pub enum BaseStorage {
 enum Frozen {
     Float(Tensor),
     Nf4(Nf4Tensor),
-}
-
-/// An NF4 weight kept 4-bit: two codes per byte (high nibble = even element), one f32 scale per
-/// block (double quantisation already decoded, as the runtime's loader decodes it).
-pub struct Nf4Tensor {
-    codes: Nf4Codes,
-    rows: i64,
-    cols: i64,
-    blocksize: i64,
-}
-
-/// Where an NF4 weight's codes live, which decides how it is dequantised.
-enum Nf4Codes {
-    /// On a CPU: plain memory, decoded in one pass by [`decode_nf4`] (libtorch's shift, mask,
-    /// stack, widen, gather and scale take seven passes and an 8-byte index per element: that
-    /// was a sixth of a QLoRA step).
-    Host { packed: Vec<u8>, absmax: Vec<f32>, table: [f32; 16] },
-    /// On CUDA: device tensors decoded with libtorch ops. `packed` `[rows * cols / 2]` u8,
-    /// `absmax` `[rows * cols / blocksize]` f32, `table` `[16]` f32.
-    Tensors { packed: Tensor, absmax: Tensor, table: Tensor },
-}
-
-impl Nf4Tensor {
-    /// An NF4 weight from its parts (sizes checked by the callers), kept as `device` needs.
-    fn new(
-        packed: Vec<u8>,
-        absmax: Vec<f32>,
-        table: [f32; 16],
-        (rows, cols, blocksize): (usize, usize, usize),
-        device: Device,
-    ) -> Result<Self> {
-        let codes = match device {
-            Device::Cpu => Nf4Codes::Host { packed, absmax, table },
-            _ => Nf4Codes::Tensors {
-                packed: Tensor::f_from_slice(&packed)?.f_to(device)?,
-                absmax: Tensor::f_from_slice(&absmax)?.f_to(device)?,
-                table: Tensor::f_from_slice(&table)?.f_to(device)?,
-            },
-        };
-        Ok(Nf4Tensor { codes, rows: rows as i64, cols: cols as i64, blocksize: blocksize as i64 })
-    }
-
-    /// Quantises `w` (`[rows, cols]`, row-major f32) with the runtime's NF4 quantiser
-    /// (bit-exact with bitsandbytes' `quantize_4bit`, blocksize 64, double-quantised scales).
-    fn quantize(w: &[f32], rows: usize, cols: usize, device: Device) -> Result<Self> {
-        const BLOCKSIZE: usize = 64;
-        if !(rows * cols).is_multiple_of(BLOCKSIZE) {
-            return Err(Error::Input(format!(
-                "--qlora: a {rows}×{cols} weight is not a whole number of {BLOCKSIZE}-value NF4 blocks"
-            )));
-        }
-        let q = peftrt::nf4::quantize(w, BLOCKSIZE, true);
-        let absmax = q.absmax();
-        Self::new(q.packed, absmax, peftrt::nf4::NF4_TABLE, (rows, cols, BLOCKSIZE), device)
-    }
-
-    /// An NF4 weight as the runtime loaded it from an NF4 checkpoint: the same codes and
-    /// decoded scales (re-quantising the dequantised values could round the scales again).
-    fn from_runtime(q: &peftrt::nf4::Nf4Weight, rows: usize, cols: usize, device: Device) -> Result<Self> {
-        let n = rows * cols;
-        let packed = q.packed.bytes();
-        if q.len != n
-            || packed.len() != n.div_ceil(2)
-            || !n.is_multiple_of(q.blocksize)
-            || !q.blocksize.is_multiple_of(2)
-        {
-            return Err(Error::Input(format!(
-                "tensor {}: {} NF4 codes in blocks of {} do not make a {rows}×{cols} weight",
-                q.packed.name, q.len, q.blocksize
-            )));
-        }
-        Self::new(packed.to_vec(), q.absmax.clone(), q.table, (rows, cols, q.blocksize), device)
-    }
-
-    /// The weight `[rows, cols]`: `table[code] · absmax[block]` in f32, as bitsandbytes
-    /// dequantises, then cast to `kind`.
-    fn dequantize(&self, kind: Kind) -> Result<Tensor> {
-        match &self.codes {
-            Nf4Codes::Host { packed, absmax, table } => {
-                let mut values = vec![0f32; (self.rows * self.cols) as usize];
-                decode_nf4(packed, absmax, table, self.blocksize as usize, &mut values, tch::get_num_threads());
-                Ok(Tensor::f_from_slice(&values)?.f_reshape([self.rows, self.cols])?.f_to_kind(kind)?)
-            }
-            Nf4Codes::Tensors { packed, absmax, table } => {
-                let hi = packed.f_bitwise_right_shift_tensor_scalar(4)?;
-                let lo = packed.f_bitwise_and(15)?;
-                let codes = Tensor::f_stack(&[hi, lo], 1)?.f_reshape([-1])?.f_to_kind(Kind::Int64)?;
-                let values = table.f_index_select(0, &codes)?.f_reshape([-1, self.blocksize])?;
-                Ok(values.f_mul(&absmax.f_unsqueeze(1)?)?.f_reshape([self.rows, self.cols])?.f_to_kind(kind)?)
-            }
-        }
-    }
-}
-
-/// `out[i] = table[code i] · absmax[i / blocksize]` in f32, code `2k` in the high nibble of
-/// `packed[k]` and `2k + 1` in the low one; `blocksize` even, `out` a whole number of blocks.
-/// Blocks are shared out among up to `threads` threads (results do not depend on it).
-fn decode_nf4(packed: &[u8], absmax: &[f32], table: &[f32; 16], blocksize: usize, out: &mut [f32], threads: i32) {
-    let pairs: [[f32; 2]; 256] = std::array::from_fn(|b| [table[b >> 4], table[b & 15]]);
-    let decode = |out: &mut [f32], packed: &[u8], absmax: &[f32]| {
-        for ((dst, src), &scale) in out.chunks_exact_mut(blocksize).zip(packed.chunks_exact(blocksize / 2)).zip(absmax)
-        {
-            for (d, &b) in dst.chunks_exact_mut(2).zip(src) {
-                let [hi, lo] = pairs[b as usize];
-                d[0] = hi * scale;
-                d[1] = lo * scale;
-            }
-        }
-    };
-    let blocks = out.len() / blocksize;
-    // Below ~256k values a thread costs more than it saves.
-    let threads = (threads.max(1) as usize).min(out.len().div_ceil(1 << 18)).max(1);
-    if threads == 1 {
-        return decode(out, packed, absmax);
-    }
-    let per = blocks.div_ceil(threads);
-    std::thread::scope(|s| {
-        let parts = out.chunks_mut(per * blocksize).zip(packed.chunks(per * blocksize / 2)).zip(absmax.chunks(per));
-        for ((o, p), a) in parts {
-            s.spawn(move || decode(o, p, a));
-        }
-    });
 }
 
 /// A frozen linear layer of the base.
@@ -250,6 +128,31 @@ pub struct Layout {
     mask: Option<Tensor>,
 }
 
+/// How a forward pass runs, beside its input: with which adapter, whether training (LoRA
+/// dropout on), and how dropout masks are seeded.
+#[derive(Clone, Copy)]
+pub struct Pass<'a> {
+    /// The LoRA layers added to the projections (`None`: the base alone).
+    pub lora: Option<&'a LoraSet>,
+    /// Training: LoRA dropout applies.
+    pub train: bool,
+    /// When training, each block `i` reseeds the dropout masks with `dropout_seed + i` first
+    /// (see [`BaseModel::block_at`]); `None`: the generator runs on.
+    pub dropout_seed: Option<i64>,
+}
+
+impl<'a> Pass<'a> {
+    /// A pass with `lora` (or the base alone), training or not, dropout masks not reseeded.
+    pub fn new(lora: Option<&'a LoraSet>, train: bool) -> Self {
+        Pass { lora, train, dropout_seed: None }
+    }
+
+    /// The same pass with dropout masks reseeded per block from `seed`.
+    pub fn with_dropout_seed(self, seed: i64) -> Self {
+        Pass { dropout_seed: Some(seed), ..self }
+    }
+}
+
 /// A runtime tensor (F32, F16, BF16) as a libtorch tensor of `kind` on `device`.
 fn float_tensor(t: &peftrt::weights::Tensor, kind: Kind, device: Device) -> Result<Tensor> {
     let stored = match t.dtype {
@@ -283,6 +186,11 @@ impl BaseLinear {
         };
         let bias = lin.bias.as_deref().map(|b| vec_tensor(b, kind, device)).transpose()?;
         Ok(BaseLinear { name: lin.name.clone(), id: lin.id, rows, cols, weight, bias })
+    }
+
+    /// The name, index and shape of this layer, as LoRA sees it.
+    pub fn shape(&self) -> LinearShape {
+        LinearShape { name: self.name.clone(), id: self.id, rows: self.rows, cols: self.cols }
     }
 
     /// The weight `[out, in]` in the compute dtype (dequantised for NF4).
@@ -361,9 +269,15 @@ impl BaseModel {
             .chain([&self.lm_head])
     }
 
-    /// `W·x + b`, plus `scale · B(A(dropout(x)))` when `lora` adapts this layer (PEFT's
-    /// `lora.Linear.forward`). Every projection goes through here.
-    pub fn project(&self, lin: &BaseLinear, x: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+    /// The name, index and shape of every linear layer, in [`BaseModel::linears`]' order (what
+    /// [`LoraSet::init`] and [`LoraSet::from_adapter`] attach LoRA layers to).
+    pub fn linear_shapes(&self) -> Vec<LinearShape> {
+        self.linears().map(BaseLinear::shape).collect()
+    }
+
+    /// `W·x + b`, plus `scale · B(A(dropout(x)))` when the pass's LoRA adapts this layer
+    /// (PEFT's `lora.Linear.forward`). Every projection goes through here.
+    pub fn project(&self, lin: &BaseLinear, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let w = lin.weight(self.kind)?;
         let y = if fused::onednn_applies(x) {
             let y = fused::frozen_linear(x, &w)?;
@@ -374,12 +288,12 @@ impl BaseModel {
         } else {
             x.f_linear(&w, lin.bias.as_ref())?
         };
-        match lora.for_layer(lin.id) {
+        match pass.lora.and_then(|lora| lora.for_layer(lin.id)) {
             None => Ok(y),
             Some(l) => {
                 // In f32 (the LoRA weights' dtype), the sum cast back, as PEFT does.
                 let x = x.f_to_kind(Kind::Float)?;
-                let xd = match (train && l.dropout > 0.0, self.device) {
+                let xd = match (pass.train && l.dropout > 0.0, self.device) {
                     (false, _) => x,
                     (true, Device::Cpu) => self.dropout.apply(&x, l.dropout)?,
                     (true, _) => x.f_dropout(l.dropout, true)?,
@@ -444,93 +358,19 @@ impl BaseModel {
         })
     }
 
-    /// `x·cos + rotate_half(x)·sin` for `x` `[batch, heads, seq, head_dim]`, computed as
-    /// `x·cos + [x2, x1]·[-sin, sin]` (the same products: negation is exact).
-    fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
-        if fused::applies(x) {
-            // The fused kernel takes [batch, seq, heads, head_dim] (x is its transposed view)
-            // and tables [1 or batch, seq, head_dim].
-            let table = |t: &Tensor| if t.dim() == 2 { t.f_unsqueeze(0) } else { t.f_squeeze_dim(1) };
-            let y = fused::rope(&x.f_transpose(1, 2)?, &table(cos)?, &table(signed_sin)?)?;
-            return Ok(y.f_transpose(1, 2)?);
-        }
-        rope_ops(x, cos, signed_sin)
-    }
-
-    /// Causal attention as three batched products and a softmax, for `q` `[batch, heads, seq,
-    /// head_dim]` and `k`, `v` `[batch, kv_heads, seq, head_dim]`: the query heads that share a
-    /// kv head are stacked along the sequence axis (`[batch, kv_heads, group · seq, head_dim]`),
-    /// so grouped-query attention multiplies each k and v once without copying them. It keeps
-    /// the `[.., seq, seq]` probabilities for the backward, which the flash kernel recomputes:
-    /// on a CPU that is faster at short sequences (see [`MATH_ATTENTION_MAX_SEQ`]).
-    fn causal_attention_products(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-        let [batch, n_heads, seq, head_dim] = q.size()[..] else {
-            return Err(Error::Input(format!("attention: queries of shape {:?}, not 4-d", q.size())));
-        };
-        let n_kv = k.size()[1];
-        let group = n_heads / n_kv;
-        let q = q.f_mul_scalar(scale)?.f_reshape([batch, n_kv, group * seq, head_dim])?;
-        let scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_view([batch, n_kv, group, seq, seq])?;
-        let future = Tensor::f_full([seq, seq], f64::NEG_INFINITY, (q.kind(), q.device()))?.f_triu(1)?;
-        let probs = scores.f_add(&future)?.f_softmax(-1, None::<Kind>)?.f_view([batch, n_kv, group * seq, seq])?;
-        Ok(probs.f_matmul(v)?.f_view([batch, n_heads, seq, head_dim])?)
-    }
-
-    /// Causal self-attention of one block on `x` `[batch, seq, hidden]`.
-    fn attention(&self, b: &Block, x: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let c = &self.config;
-        let (batch, seq) = (x.size()[0], x.size()[1]);
-        let (n_heads, n_kv, head_dim) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
-        let heads =
-            |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([batch, seq, n, head_dim])?.f_transpose(1, 2)?) };
-        let q = heads(self.project(&b.q_proj, x, lora, train)?, n_heads)?;
-        let k = heads(self.project(&b.k_proj, x, lora, train)?, n_kv)?;
-        let v = heads(self.project(&b.v_proj, x, lora, train)?, n_kv)?;
-        let q = Self::apply_rope(&q, &layout.cos, &layout.signed_sin)?;
-        let k = Self::apply_rope(&k, &layout.cos, &layout.signed_sin)?;
-        // Grouped-query attention: each kv head serves n_heads / n_kv query heads (transformers'
-        // repeat_kv), done inside the attention kernel (`enable_gqa`) instead of copying k and v.
-        let gqa = n_heads != n_kv;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let window = c.sliding_window.map(|w| w as i64).filter(|&w| w < seq);
-        let out = match (window, &layout.mask) {
-            (None, None) if self.device == Device::Cpu && seq <= MATH_ATTENTION_MAX_SEQ => {
-                Self::causal_attention_products(&q, &k, &v, scale)?
-            }
-            (None, None) => Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa)?,
-            (window, mask) => {
-                // Key j is visible from query i when j <= i (and i - j < window, mistral), and
-                // in packed rows when both belong to the same example.
-                let i = Tensor::f_arange(seq, (Kind::Int64, self.device))?.f_unsqueeze(1)?;
-                let j = Tensor::f_arange(seq, (Kind::Int64, self.device))?.f_unsqueeze(0)?;
-                let d = i.f_sub(&j)?;
-                let mut allowed = d.f_ge(0)?;
-                if let Some(w) = window {
-                    allowed = allowed.f_logical_and(&d.f_lt(w)?)?;
-                }
-                if let Some(m) = mask {
-                    allowed = allowed.f_logical_and(m)?;
-                }
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, gqa)?
-            }
-        };
-        let out = out.f_transpose(1, 2)?.f_contiguous()?.f_view([batch, seq, n_heads * head_dim])?;
-        self.project(&b.o_proj, &out, lora, train)
-    }
-
     /// The SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
-    fn mlp(&self, b: &Block, x: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let gate = self.project(&b.gate_proj, x, lora, train)?;
-        let up = self.project(&b.up_proj, x, lora, train)?;
+    fn mlp(&self, b: &Block, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let gate = self.project(&b.gate_proj, x, pass)?;
+        let up = self.project(&b.up_proj, x, pass)?;
         let gated = if fused::applies(&gate) { fused::swiglu(&gate, &up)? } else { gate.f_silu()?.f_mul(&up)? };
-        self.project(&b.down_proj, &gated, lora, train)
+        self.project(&b.down_proj, &gated, pass)
     }
 
     /// One decoder block: norm → attention → residual → norm → MLP → residual.
-    fn block(&self, b: &Block, h: &Tensor, layout: &Layout, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, layout, lora, train)?;
+    fn block(&self, b: &Block, h: &Tensor, layout: &Layout, pass: Pass) -> Result<Tensor> {
+        let a = self.attention(b, &self.rms_norm(h, &b.input_norm)?, layout, pass)?;
         let (h, normed) = self.add_rms_norm(h, &a, &b.post_attention_norm)?;
-        let m = self.mlp(b, &normed, lora, train)?;
+        let m = self.mlp(b, &normed, pass)?;
         Ok(h.f_add(&m)?)
     }
 
@@ -556,19 +396,12 @@ impl BaseModel {
             .unwrap_or(self.blocks.len())
     }
 
-    /// Decoder block `i` on `h` `[batch, seq, hidden]`. With `dropout_seed`, the dropout masks
-    /// are reseeded with `dropout_seed + i` first (the CPU's mask keys, libtorch's generator on
-    /// CUDA), so that a recomputation of the block (gradient checkpointing) draws the same masks.
-    pub fn block_at(
-        &self,
-        i: usize,
-        h: &Tensor,
-        layout: &Layout,
-        lora: &LoraSet,
-        train: bool,
-        dropout_seed: Option<i64>,
-    ) -> Result<Tensor> {
-        if let (true, Some(seed)) = (train, dropout_seed) {
+    /// Decoder block `i` on `h` `[batch, seq, hidden]`. When the pass trains with a
+    /// `dropout_seed`, the dropout masks are reseeded with `dropout_seed + i` first (the CPU's
+    /// mask keys, libtorch's generator on CUDA), so that a recomputation of the block (gradient
+    /// checkpointing) draws the same masks.
+    pub fn block_at(&self, i: usize, h: &Tensor, layout: &Layout, pass: Pass) -> Result<Tensor> {
+        if let (true, Some(seed)) = (pass.train, pass.dropout_seed) {
             let seed = seed.wrapping_add(i as i64);
             if self.device == Device::Cpu {
                 self.dropout.reseed(seed as u64);
@@ -577,137 +410,30 @@ impl BaseModel {
             }
         }
         let b = self.blocks.get(i).ok_or_else(|| Error::Input(format!("block {i} of {}", self.blocks.len())))?;
-        self.block(b, h, layout, lora, train)
+        self.block(b, h, layout, pass)
     }
 
     /// The last norm and the output head: f32 logits `[.., vocab]` of the last block's output
     /// `[.., hidden]` (every position, or only those a loss needs).
-    pub fn head(&self, h: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
+    pub fn head(&self, h: &Tensor, pass: Pass) -> Result<Tensor> {
         let h = self.rms_norm(h, &self.norm)?;
-        Ok(self.project(&self.lm_head, &h, lora, train)?.f_to_kind(Kind::Float)?)
+        Ok(self.project(&self.lm_head, &h, pass)?.f_to_kind(Kind::Float)?)
     }
 
-    /// The last block's output `[batch, seq, hidden]` for token ids `[batch, seq]` laid out as
-    /// `layout` says; `dropout_seed` as in [`BaseModel::block_at`].
-    pub fn hidden_seeded(
-        &self,
-        ids: &Tensor,
-        layout: &Layout,
-        lora: &LoraSet,
-        train: bool,
-        dropout_seed: Option<i64>,
-    ) -> Result<Tensor> {
-        self.hidden_from(0, self.embed(ids)?, layout, lora, train, dropout_seed)
-    }
-
-    /// The last block's output for `h`, the input `[batch, seq, hidden]` of block `start`
-    /// (the embeddings for `start` 0); the rest as in [`BaseModel::hidden_seeded`].
-    pub fn hidden_from(
-        &self,
-        start: usize,
-        mut h: Tensor,
-        layout: &Layout,
-        lora: &LoraSet,
-        train: bool,
-        dropout_seed: Option<i64>,
-    ) -> Result<Tensor> {
+    /// The last block's output `[batch, seq, hidden]` for `h`, the input of block `start` (the
+    /// embeddings for `start` 0), its tokens laid out as `layout` says.
+    pub fn hidden_from(&self, start: usize, mut h: Tensor, layout: &Layout, pass: Pass) -> Result<Tensor> {
         for i in start..self.blocks.len() {
-            h = self.block_at(i, &h, layout, lora, train, dropout_seed)?;
+            h = self.block_at(i, &h, layout, pass)?;
         }
         Ok(h)
     }
 
-    /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` laid out as `layout`
-    /// says; `dropout_seed` as in [`BaseModel::block_at`].
-    pub fn forward_seeded(
-        &self,
-        ids: &Tensor,
-        layout: &Layout,
-        lora: &LoraSet,
-        train: bool,
-        dropout_seed: Option<i64>,
-    ) -> Result<Tensor> {
-        self.head(&self.hidden_seeded(ids, layout, lora, train, dropout_seed)?, lora, train)
-    }
-
     /// Logits `[batch, seq, vocab]` (f32) of token ids `[batch, seq]` (Int64), every sequence
     /// starting at position 0.
-    pub fn forward(&self, ids: &Tensor, lora: &LoraSet, train: bool) -> Result<Tensor> {
-        self.forward_seeded(ids, &self.causal_layout(ids.size()[1])?, lora, train, None)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::SplitMix64;
-
-    /// The short-sequence attention path computes libtorch's causal attention with grouped
-    /// kv heads (`scaled_dot_product_attention`, `enable_gqa`): outputs and the gradients of
-    /// q, k and v, for one token, a few, and the longest sequence it takes.
-    #[test]
-    fn attention_products_match_scaled_dot_product_attention() {
-        let (batch, n_heads, n_kv, head_dim) = (2, 9, 3, 16);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        for seq in [1, 7, MATH_ATTENTION_MAX_SEQ] {
-            tch::manual_seed(seq);
-            let opts = (Kind::Float, Device::Cpu);
-            let q = Tensor::randn([batch, n_heads, seq, head_dim], opts);
-            let k = Tensor::randn([batch, n_kv, seq, head_dim], opts);
-            let v = Tensor::randn([batch, n_kv, seq, head_dim], opts);
-            let dout = Tensor::randn([batch, n_heads, seq, head_dim], opts);
-            let run = |math: bool| {
-                let leaves: Vec<Tensor> = [&q, &k, &v].iter().map(|t| t.copy().set_requires_grad(true)).collect();
-                let (q, k, v) = (&leaves[0], &leaves[1], &leaves[2]);
-                let out = if math {
-                    BaseModel::causal_attention_products(q, k, v, scale).unwrap()
-                } else {
-                    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, true)
-                };
-                (&out * &dout).sum(Kind::Float).backward();
-                (out.detach(), leaves.iter().map(Tensor::grad).collect::<Vec<_>>())
-            };
-            let ((want, want_g), (got, got_g)) = (run(false), run(true));
-            let close = |a: &Tensor, b: &Tensor| {
-                (a - b).abs().max().double_value(&[]) <= 2e-6 * b.abs().max().double_value(&[]).max(1.0)
-            };
-            assert!(close(&got, &want), "seq {seq}: outputs");
-            for (name, (g, w)) in ["q", "k", "v"].iter().zip(got_g.iter().zip(&want_g)) {
-                assert!(close(g, w), "seq {seq}: gradient of {name}");
-            }
-        }
-    }
-
-    /// The one-pass CPU decoding gives exactly libtorch's gather-and-scale, for one thread and
-    /// several, blocksizes from 32 to 4096, and blocks that do not share out evenly among threads.
-    #[test]
-    fn host_dequantisation_matches_libtorch_ops_bit_for_bit() {
-        let mut rng = SplitMix64::new(5);
-        for (rows, cols, blocksize) in
-            [(3, 64, 32), (17, 576, 64), (1536, 576, 64), (1000, 1024, 2048), (64, 4096, 4096)]
-        {
-            let n: usize = rows * cols;
-            let packed: Vec<u8> = (0..n / 2).map(|_| rng.next_u64() as u8).collect();
-            let absmax: Vec<f32> = (0..n / blocksize).map(|_| (rng.next_u64() % 1000) as f32 / 97.0).collect();
-            let shape = (rows, cols, blocksize);
-            let host =
-                Nf4Tensor::new(packed.clone(), absmax.clone(), peftrt::nf4::NF4_TABLE, shape, Device::Cpu).unwrap();
-            let ops = Nf4Tensor {
-                codes: Nf4Codes::Tensors {
-                    packed: Tensor::from_slice(&packed),
-                    absmax: Tensor::from_slice(&absmax),
-                    table: Tensor::from_slice(&peftrt::nf4::NF4_TABLE),
-                },
-                ..Nf4Tensor::new(vec![], vec![], [0.0; 16], shape, Device::Cpu).unwrap()
-            };
-            let want = ops.dequantize(Kind::Float).unwrap();
-            for threads in [1, 2, 3] {
-                let mut got = vec![0f32; n];
-                decode_nf4(&packed, &absmax, &peftrt::nf4::NF4_TABLE, blocksize, &mut got, threads);
-                let got = Tensor::from_slice(&got).reshape([rows as i64, cols as i64]);
-                assert!(got.equal(&want), "{rows}×{cols} blocks of {blocksize}, {threads} threads");
-            }
-            assert!(host.dequantize(Kind::Float).unwrap().equal(&want));
-        }
+    pub fn forward(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+        let layout = self.causal_layout(ids.size()[1])?;
+        let h = self.hidden_from(0, self.embed(ids)?, &layout, pass)?;
+        self.head(&h, pass)
     }
 }

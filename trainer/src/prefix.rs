@@ -15,7 +15,7 @@
 use crate::data::{Batch, Example};
 use crate::error::{Error, Result};
 use crate::lora::LoraSet;
-use crate::model::BaseModel;
+use crate::model::{BaseModel, Pass};
 use tch::{Device, Tensor};
 
 /// Tokens (padding included) in one batch of the pass that fills the cache.
@@ -67,7 +67,7 @@ impl PrefixCache {
             let layout = model.causal_layout(ids.size()[1])?;
             let mut h = model.embed(&ids)?;
             for b in 0..start {
-                h = model.block_at(b, &h, &layout, lora, false, None)?;
+                h = model.block_at(b, &h, &layout, Pass::new(Some(lora), false))?;
             }
             let h = h.f_to(Device::Cpu)?;
             for (row, &i) in chunk.iter().enumerate() {

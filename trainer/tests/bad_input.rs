@@ -123,3 +123,17 @@ fn unwritable_output_is_refused_before_training() {
     assert!(e.contains("a-file"), "{e}");
     assert!(std::fs::read(&file).unwrap().is_empty());
 }
+
+#[test]
+fn step_counts_of_zero_are_refused_before_training() {
+    // `--checkpoint-every 0` divided by zero at the first step; `--stop-after 0` was ignored.
+    let d = tempfile::tempdir().unwrap();
+    for (every, after) in [(Some(0), None), (None, Some(0))] {
+        let mut o = options(&d, &format!("{GOOD}\n{GOOD}\n"));
+        o.checkpoint_every = every;
+        o.stop_after = after;
+        let e = error_of(&o);
+        assert!(e.contains("--checkpoint-every and --stop-after") && e.contains("at least 1"), "{e}");
+        assert_no_output(&o.output);
+    }
+}

@@ -8,11 +8,12 @@
 use peftrt::weights::WeightStore;
 use peftrt::{Adapter, LoadOptions, Model};
 use peftrt_conformance::{fixture, max_abs_diff, session_logits, Reference};
+use peftrt_trainer::base::Base;
 use peftrt_trainer::data::{Dataset, Encoder, Format};
 use peftrt_trainer::lora::{Init, LoraSet};
-use peftrt_trainer::model::BaseStorage;
+use peftrt_trainer::model::{BaseStorage, Pass};
 use peftrt_trainer::optim::{AdamWConfig, Schedule};
-use peftrt_trainer::train::{train, Base, TrainOptions};
+use peftrt_trainer::train::{train, TrainOptions};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -146,9 +147,12 @@ fn runtime_reproduces_trainer_logits(name: &str, opts: &TrainOptions, adapter_di
     let served = session_logits(&model, &[(adapter, 1.0)], &tokens, 1);
 
     let base = Base::load(&opts.base, BaseStorage::Float, Device::Cpu).unwrap();
-    let lora = LoraSet::from_adapter(&base.model, adapter_dir, 0.0, Init::Kaiming).unwrap();
+    let lora =
+        LoraSet::from_adapter(&base.model.linear_shapes(), base.model.device, adapter_dir, 0.0, Init::Kaiming).unwrap();
     let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-    let logits = tch::no_grad(|| base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), &lora, false)).unwrap();
+    let logits =
+        tch::no_grad(|| base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), Pass::new(Some(&lora), false)))
+            .unwrap();
     let trained = Vec::<f32>::try_from(&logits.reshape([-1])).unwrap();
     let (d, m) = max_abs_diff(&served, &trained);
     eprintln!("{name}: runtime vs trainer logits: max |Δ| = {d:.3e}, max |logit| = {m:.3}");
@@ -202,10 +206,13 @@ fn peft_loads_the_trained_adapter() {
         train(&opts).unwrap();
         let tokens = Reference::load(&opts.base.join("reference.safetensors")).unwrap().tokens("tokens_b");
         let base = Base::load(&opts.base, BaseStorage::Float, Device::Cpu).unwrap();
-        let lora = LoraSet::from_adapter(&base.model, &out, 0.0, Init::Kaiming).unwrap();
+        let lora =
+            LoraSet::from_adapter(&base.model.linear_shapes(), base.model.device, &out, 0.0, Init::Kaiming).unwrap();
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let logits =
-            tch::no_grad(|| base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), &lora, false)).unwrap();
+        let logits = tch::no_grad(|| {
+            base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), Pass::new(Some(&lora), false))
+        })
+        .unwrap();
         let vocab = logits.size()[2] as usize;
         let values = Vec::<f32>::try_from(&logits.reshape([-1])).unwrap();
         let ids32: Vec<u8> = tokens.iter().flat_map(|&t| (t as i32).to_le_bytes()).collect();

@@ -3,15 +3,18 @@
 
 use peftrt::{Adapter, LoadOptions, Model};
 use peftrt_conformance::fixture;
-use peftrt_trainer::lora::{parse_targets, Init, LoraSet, LoraSpec};
+use peftrt_trainer::base::Base;
+use peftrt_trainer::lora::{parse_targets, Init, LoraOptions, LoraSet, LoraSpec};
 use peftrt_trainer::model::BaseStorage;
-use peftrt_trainer::train::{train, Base, TrainOptions};
+use peftrt_trainer::train::{train, TrainOptions};
 use tch::Device;
 
 fn modules(base: &Base, target: &str, layers: Option<Vec<usize>>, init: Init) -> LoraSet {
-    let spec = LoraSpec::new(4, 8.0, parse_targets(target).unwrap(), false, layers, 0.0, init).unwrap();
+    let o =
+        LoraOptions { r: 4, alpha: 8.0, dropout: 0.0, target: target.into(), layers, init, ..LoraOptions::default() };
+    let spec = LoraSpec::from_options(&o).unwrap();
     tch::manual_seed(0);
-    LoraSet::init(&base.model, spec).unwrap()
+    LoraSet::init(&base.model.linear_shapes(), base.model.device, spec).unwrap()
 }
 
 fn names(set: &LoraSet) -> Vec<String> {
@@ -36,8 +39,12 @@ fn targets_and_layers_select_like_peft() {
     assert_eq!(re, ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]);
     let l1 = names(&modules(&base, "q_proj,mlp.up_proj", Some(vec![1]), Init::Kaiming));
     assert_eq!(l1, ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]);
-    let spec = LoraSpec::new(4, 8.0, parse_targets("qq_proj").unwrap(), false, None, 0.0, Init::Kaiming).unwrap();
-    let e = LoraSet::init(&base.model, spec).err().expect("unknown module accepted").to_string();
+    let o = LoraOptions { r: 4, alpha: 8.0, dropout: 0.0, target: "qq_proj".into(), ..LoraOptions::default() };
+    let spec = LoraSpec::from_options(&o).unwrap();
+    let e = LoraSet::init(&base.model.linear_shapes(), base.model.device, spec)
+        .err()
+        .expect("unknown module accepted")
+        .to_string();
     assert!(e.contains("qq_proj") && e.contains("matches no linear layer"), "{e}");
     assert!(parse_targets("q_proj,,v_proj").is_err());
     assert!(parse_targets("(unclosed").is_err());

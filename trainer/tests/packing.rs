@@ -2,10 +2,12 @@
 //! give the same losses as the examples one per row.
 
 use peftrt_conformance::fixture;
+use peftrt_trainer::base::Base;
 use peftrt_trainer::data::{pack_rows, Batch, Dataset, Encoder};
 use peftrt_trainer::lora::{Init, LoraSet};
-use peftrt_trainer::model::BaseStorage;
-use peftrt_trainer::train::{batch_loss_sum, train, Base, TrainOptions};
+use peftrt_trainer::loss::batch_loss_sum;
+use peftrt_trainer::model::{BaseStorage, Pass};
+use peftrt_trainer::train::{train, TrainOptions};
 use tch::Device;
 
 #[test]
@@ -17,8 +19,14 @@ fn packed_rows_compute_what_separate_rows_do() {
         let base = Base::load(&fixture(base_name), BaseStorage::Float, Device::Cpu).unwrap();
         let enc = Encoder { tokenizer: base.runtime.tokenizer().unwrap(), eos: base.eos(), max_seq_len: 256 };
         let ds = Dataset::load(&fixture(&format!("trainer/{data}")), None, &enc).unwrap();
-        let lora = LoraSet::from_adapter(&base.model, &fixture(&format!("trainer/{adapter}/init")), 0.0, Init::Kaiming)
-            .unwrap();
+        let lora = LoraSet::from_adapter(
+            &base.model.linear_shapes(),
+            base.model.device,
+            &fixture(&format!("trainer/{adapter}/init")),
+            0.0,
+            Init::Kaiming,
+        )
+        .unwrap();
         let all: Vec<_> = ds.examples.iter().collect();
         let separate = Batch::new(&all, 2).unwrap();
         let lens: Vec<usize> = ds.examples.iter().map(|e| e.ids.len()).collect();
@@ -28,8 +36,9 @@ fn packed_rows_compute_what_separate_rows_do() {
         let rows: Vec<Vec<_>> = rows.iter().map(|r| r.iter().map(|&i| &ds.examples[i]).collect()).collect();
         let packed = Batch::packed(&rows, 2).unwrap();
         assert_eq!(packed.n_targets, separate.n_targets);
-        let value =
-            |b: &Batch| tch::no_grad(|| batch_loss_sum(&base.model, &lora, b, false)).unwrap().double_value(&[]);
+        let value = |b: &Batch| {
+            tch::no_grad(|| batch_loss_sum(&base.model, b, Pass::new(Some(&lora), false))).unwrap().double_value(&[])
+        };
         let (a, b) = (value(&separate), value(&packed));
         eprintln!("{base_name}: separate {a}, packed {b}");
         assert!((a - b).abs() <= 1e-5 * a, "{base_name}: separate rows {a} vs packed rows {b}");

@@ -5,10 +5,12 @@
 
 use peftrt::weights::WeightStore;
 use peftrt_conformance::{fixture, max_abs_diff};
+use peftrt_trainer::base::Base;
 use peftrt_trainer::data::{Batch, Dataset, Encoder};
-use peftrt_trainer::model::BaseStorage;
+use peftrt_trainer::lora::LoraOptions;
+use peftrt_trainer::model::{BaseStorage, Pass};
 use peftrt_trainer::prefix::PrefixCache;
-use peftrt_trainer::train::{initial_lora, train, Base, LoraOptions, TrainOptions, TrainReport};
+use peftrt_trainer::train::{initial_lora, train, TrainOptions, TrainReport};
 use std::path::Path;
 use tch::Device;
 
@@ -104,7 +106,12 @@ fn cache_holds_each_examples_frozen_output() {
     for (i, e) in data.examples.iter().enumerate() {
         let ids = Batch::new(&[e], pad).unwrap().ids;
         let alone = tch::no_grad(|| {
-            m.block_at(0, &m.embed(&ids).unwrap(), &m.causal_layout(ids.size()[1]).unwrap(), lora, false, None)
+            m.block_at(
+                0,
+                &m.embed(&ids).unwrap(),
+                &m.causal_layout(ids.size()[1]).unwrap(),
+                Pass::new(Some(lora), false),
+            )
         })
         .unwrap();
         let cached = cache.batch(&[i], Device::Cpu).unwrap();

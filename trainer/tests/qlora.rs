@@ -5,9 +5,10 @@
 use peftrt::quantize::quantize_model;
 use peftrt::{Adapter, LoadOptions, Model};
 use peftrt_conformance::{fixture, max_abs_diff, session_logits, Reference};
+use peftrt_trainer::base::Base;
 use peftrt_trainer::lora::{Init, LoraSet};
-use peftrt_trainer::model::BaseStorage;
-use peftrt_trainer::train::{train, Base, TrainOptions};
+use peftrt_trainer::model::{BaseStorage, Pass};
+use peftrt_trainer::train::{train, TrainOptions};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -63,9 +64,11 @@ fn qlora_lowers_the_loss_and_the_runtime_serves_it_on_the_nf4_base() {
     let served = session_logits(&model, &[(adapter, 1.0)], &tokens, 1);
 
     let base = Base::load(&fixture("tiny-llama"), BaseStorage::Nf4, Device::Cpu).unwrap();
-    let lora = LoraSet::from_adapter(&base.model, &out, 0.0, Init::Kaiming).unwrap();
+    let lora = LoraSet::from_adapter(&base.model.linear_shapes(), base.model.device, &out, 0.0, Init::Kaiming).unwrap();
     let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-    let logits = tch::no_grad(|| base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), &lora, false)).unwrap();
+    let logits =
+        tch::no_grad(|| base.model.forward(&Tensor::from_slice(&ids).reshape([1, -1]), Pass::new(Some(&lora), false)))
+            .unwrap();
     let ours = Vec::<f32>::try_from(&logits.reshape([-1])).unwrap();
     let (diff, max) = max_abs_diff(&served, &ours);
     eprintln!("runtime (NF4 base + adapter) vs trainer: max |Δ| = {diff:.3e}, max |logit| = {max:.3}");

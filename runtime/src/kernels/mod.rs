@@ -87,6 +87,20 @@ impl Weights<'_> {
         self.len() == 0
     }
 
+    /// Whether the data backs the first `n` elements: `len() >= n`, and for NF4 also the codes
+    /// (`packed`) and scales (`absmax`) behind them, which the SIMD kernels read through raw
+    /// pointers. [`Nf4`]'s fields are public, so a caller can claim a `len` they do not hold.
+    fn backs(&self, n: usize) -> bool {
+        match self {
+            Weights::Nf4(w) => {
+                w.len >= n
+                    && w.packed.len() >= n.div_ceil(2)
+                    && (n == 0 || (w.blocksize > 0 && w.absmax.len() >= n.div_ceil(w.blocksize)))
+            }
+            _ => self.len() >= n,
+        }
+    }
+
     /// Copies elements `start..start + out.len()` into `out` as f32.
     pub fn to_f32(&self, start: usize, out: &mut [f32]) {
         let end = start + out.len();
@@ -142,17 +156,17 @@ impl Isa {
         Isa::Scalar
     }
 
-    /// Every instruction set usable here, scalar first (for tests and benchmarks).
+    /// Every instruction set usable here, scalar first and the best last (for tests and
+    /// benchmarks).
     pub fn available() -> Vec<Isa> {
-        let best = Isa::detect();
-        let mut v = vec![Isa::Scalar];
-        if best == Isa::Avx512 {
-            v.push(Isa::Avx2);
-        }
-        if best != Isa::Scalar {
-            v.push(best);
-        }
-        v
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon].into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// Whether the kernels can run with this instruction set on this CPU: scalar, the best one
+    /// ([`isa`]), and AVX2 where AVX-512 is (every AVX-512 CPU has AVX2, FMA and F16C).
+    pub fn is_available(self) -> bool {
+        let best = isa();
+        self == Isa::Scalar || self == best || (self == Isa::Avx2 && best == Isa::Avx512)
     }
 }
 
@@ -163,17 +177,23 @@ pub fn isa() -> Isa {
 }
 
 /// Calls the `$f` entry point of the instruction set `$isa`, or `$scalar` for [`Isa::Scalar`].
+///
+/// `Isa` is a public enum, so a value of it says nothing about the CPU: every `$isa` given here
+/// is [`isa()`] (detected), checked with [`Isa::is_available`] (`matmul_many_isa`, the public
+/// entry that takes one), or, in the crate-internal `*_isa` functions, one of
+/// [`Isa::available`] (their only other callers are the tests).
 macro_rules! dispatch {
     ($isa:expr, $f:ident($($arg:expr),*), $scalar:expr) => {
         match $isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only produced when the CPU has these features.
+            // SAFETY: `$isa` is available (see above): the CPU has AVX-512F/BW, AVX2, FMA, F16C.
+            // The kernel's other preconditions are the shape checks its caller made.
             Isa::Avx512 => unsafe { x86::avx512::$f($($arg),*) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only produced (or listed) when the CPU has AVX2/FMA/F16C.
+            // SAFETY: `$isa` is available (see above): the CPU has AVX2, FMA and F16C.
             Isa::Avx2 => unsafe { x86::avx2::$f($($arg),*) },
             #[cfg(target_arch = "aarch64")]
-            // SAFETY: `Isa::Neon` is only produced when the CPU has NEON.
+            // SAFETY: `$isa` is available (see above): the CPU has NEON.
             Isa::Neon => unsafe { neon::entries::$f($($arg),*) },
             _ => $scalar,
         }
@@ -181,16 +201,45 @@ macro_rules! dispatch {
 }
 
 /// Panics with a clear message when a kernel is called with inconsistent shapes (a bug in the
-/// caller); the SIMD kernels rely on these checks for memory safety.
+/// caller); the SIMD kernels rely on these checks for memory safety (they are `assert!`s, kept
+/// in release builds): the weights back `rows × cols` elements (NF4: codes and scales too),
+/// `x` is `[n, cols]` and `y` `[n, rows]`, none of the products overflowing.
 fn check_mat(m: &MatRef, x_len: usize, n: usize, y_len: usize) {
-    assert!(m.w.len() >= m.rows * m.cols, "weights hold {} elements, shape needs {}x{}", m.w.len(), m.rows, m.cols);
-    assert!(x_len == n * m.cols, "x has {x_len} elements, expected {n}x{}", m.cols);
-    assert!(y_len == n * m.rows, "y has {y_len} elements, expected {n}x{}", m.rows);
+    assert!(
+        m.rows.checked_mul(m.cols).is_some_and(|len| m.w.len() >= len),
+        "weights hold {} elements, shape needs {}x{}",
+        m.w.len(),
+        m.rows,
+        m.cols
+    );
+    if let Weights::Nf4(w) = &m.w {
+        assert!(
+            m.w.backs(m.rows * m.cols),
+            "NF4 weights: {} code bytes and {} scales (blocksize {}) do not back {}x{} elements",
+            w.packed.len(),
+            w.absmax.len(),
+            w.blocksize,
+            m.rows,
+            m.cols
+        );
+    }
+    assert!(n.checked_mul(m.cols) == Some(x_len), "x has {x_len} elements, expected {n}x{}", m.cols);
+    assert!(n.checked_mul(m.rows) == Some(y_len), "y has {y_len} elements, expected {n}x{}", m.rows);
 }
 
-/// `y[j] = W[rows.start + j, :] · x` with instruction set `isa` (single-threaded building block).
+/// `y[j] = W[rows.start + j, :] · x` with instruction set `isa` (single-threaded building block;
+/// `isa` one of [`Isa::available`]).
+///
+/// The `assert!` is what the SIMD `matvec_rows` kernels rely on for memory safety, in release
+/// builds too: the rows lie inside the matrix, the weights back the whole matrix (NF4: codes
+/// and scales too), `x` holds a row's `cols` and `y` one value per row.
 pub(crate) fn matvec_rows_isa(isa: Isa, m: MatRef, rows: std::ops::Range<usize>, x: &[f32], y: &mut [f32]) {
-    assert!(rows.end <= m.rows && y.len() >= rows.len() && x.len() >= m.cols && m.w.len() >= m.rows * m.cols);
+    assert!(
+        rows.end <= m.rows
+            && y.len() >= rows.len()
+            && x.len() >= m.cols
+            && m.rows.checked_mul(m.cols).is_some_and(|len| m.w.backs(len))
+    );
     dispatch!(isa, matvec_rows(m, rows.clone(), x, y), scalar::matvec_rows(m, rows, x, y))
 }
 
@@ -205,6 +254,9 @@ pub fn matvec(pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
 }
 
 /// [`matvec`] with an explicit instruction set (tests, benchmarks).
+///
+/// # Panics
+/// As [`matvec`], and if `isa` is not [available](Isa::is_available) on this CPU.
 pub fn matvec_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f32]) {
     matmul_many_isa(isa, pool, &[m], x, 1, &mut [y])
 }
@@ -273,6 +325,9 @@ pub fn matmul(pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y: &mut [f32]) 
 }
 
 /// [`matmul`] with an explicit instruction set (tests, benchmarks).
+///
+/// # Panics
+/// As [`matmul`], and if `isa` is not [available](Isa::is_available) on this CPU.
 pub fn matmul_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], n: usize, y: &mut [f32]) {
     matmul_many_isa(isa, pool, &[m], x, n, &mut [y])
 }
@@ -287,7 +342,11 @@ pub fn matmul_many(pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &m
 }
 
 /// [`matmul_many`] with an explicit instruction set.
+///
+/// # Panics
+/// As [`matmul_many`], and if `isa` is not [available](Isa::is_available) on this CPU.
 pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    assert!(isa.is_available(), "matmul_many: {isa:?} is not available on this CPU ({:?} is)", crate::kernels::isa());
     assert!(ms.len() <= MAX_MANY && ms.len() == ys.len(), "matmul_many: {} matrices, {} outputs", ms.len(), ys.len());
     let mut outs = [SharedMut(std::ptr::null_mut()); MAX_MANY];
     for ((m, y), o) in ms.iter().zip(ys.iter_mut()).zip(outs.iter_mut()) {
@@ -328,7 +387,9 @@ pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n:
         // Packing is a transpose of all of X: the threads share it out by columns.
         let dst = SharedMut::new(&mut packed[..len]);
         pool.run(|ti, nt| {
-            // SAFETY: each thread packs its own columns into `packed`, which holds `len` floats.
+            // SAFETY: each thread packs its own columns (`split_range` of `0..k`) into `packed`,
+            // which holds `len` floats, the size `pack_x` writes for `n` tokens of `x` (`[n, k]`,
+            // checked by `check_mat` for every matrix, so all have `k` columns).
             unsafe { simd::pack_x(x, n, k, tile_tokens, split_range(k, ti, nt, 1), dst.ptr()) }
         });
         let xp: &[f32] = &packed[..len];
@@ -336,7 +397,10 @@ pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n:
         pool.run(|_, _| {
             while let Some((i, rows)) = chunks.next() {
                 let m = ms[i];
-                // SAFETY: each chunk of rows goes to one thread; `ys[i]` is `[n, m.rows]` (checked).
+                // SAFETY: `isa` is available (asserted above); each chunk of rows (inside
+                // `0..m.rows`) goes to one thread; `ys[i]` is `[n, m.rows]` and the weights back
+                // `m.rows × m.cols` elements (`check_mat`); `xp` is `x` packed for this `isa`'s
+                // `tile_tokens`.
                 dispatch!(isa, matmul_rows(m, rows, xp, n, outs[i].ptr(), m.rows), unreachable!())
             }
         });

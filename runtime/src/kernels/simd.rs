@@ -4,17 +4,25 @@
 //! entry point (made by [`simd_entries!`]), so the intrinsics behind [`Simd`] inline into code
 //! compiled for that instruction set. The scalar definitions they must match are in
 //! [`super::scalar`].
+//!
+//! The prefill GEMM (packing, row widening, register tiles) is [`matmul`]. The rest stays in
+//! this one file, over 500 lines: the [`Simd`] trait, the decode matvecs, the elementwise
+//! kernels and [`simd_entries!`], which must name every kernel; each kernel is short and reads
+//! beside the trait it is written against.
 
 use super::{MatRef, Nf4, Weights};
 use half::{bf16, f16};
 use std::ops::Range;
 
+mod matmul;
+pub(crate) use matmul::{matmul_rows, pack_x, tile_tokens};
+
 /// One vector register of f32 lanes and the operations the kernels need.
 ///
 /// # Safety
-/// Implementations use instructions of one instruction set; callers must run them only where
-/// it is available (the entry points check this once at run time), and pointers must be valid
-/// for `LANES` elements.
+/// Implementations use instructions of one instruction set; callers must run them only where it is
+/// available (the entry points check this once at run time), and pointers must be valid for `LANES`
+/// elements.
 pub(crate) trait Simd {
     type V: Copy;
     const LANES: usize;
@@ -70,6 +78,10 @@ pub(crate) trait Simd {
 /// A weight element type: f32, f16 or bf16.
 pub(crate) trait Elem: Copy {
     /// Loads `S::LANES` elements at `p` as f32.
+    ///
+    /// # Safety
+    /// The CPU supports `S`'s instruction set; `p` is valid for reads of `S::LANES` elements (no
+    /// alignment needed: the loads are unaligned).
     unsafe fn load<S: Simd>(p: *const Self) -> S::V;
     fn f32(self) -> f32;
 }
@@ -111,11 +123,16 @@ impl Elem for bf16 {
 }
 
 /// `Σ a[i]·b[i]` over `len` elements (a may be a weight type).
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]); `a` and `b` are valid for
+/// reads of `len` elements.
 #[inline(always)]
 unsafe fn dot_ptr<S: Simd, E: Elem>(a: *const E, b: *const f32, len: usize) -> f32 {
     let l = S::LANES;
-    // SAFETY (whole body): the caller guarantees `a` and `b` are valid for `len` elements,
-    // and every access below is at an index < len.
+    // SAFETY (whole body): the caller guarantees the instruction set and that `a` and `b` are
+    // valid for `len` elements, and every access below is at an index < len.
     unsafe {
         let (mut s0, mut s1, mut s2, mut s3) = (S::zero(), S::zero(), S::zero(), S::zero());
         let mut k = 0;
@@ -139,7 +156,11 @@ unsafe fn dot_ptr<S: Simd, E: Elem>(a: *const E, b: *const f32, len: usize) -> f
     }
 }
 
-/// `Σ a[i]·b[i]`.
+/// `Σ a[i]·b[i]` over the shorter slice's length.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]). Any slice lengths.
 #[inline(always)]
 pub(crate) unsafe fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: both slices hold at least `min(len)` elements.
@@ -147,6 +168,13 @@ pub(crate) unsafe fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y[j] = W[rows.start + j, :] · x` for the rows of `m` in `rows`.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]); `rows.end <= m.rows`; `m.w`
+/// backs `m.rows × m.cols` elements (for NF4 also its `packed` codes and `absmax` scales); `x`
+/// holds at least `m.cols` and `y` at least `rows.len()` elements. `super::matvec_rows_isa` asserts
+/// all of it (release builds too).
 #[inline(always)]
 pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
     // SAFETY: forwarded; the public API checked the shapes.
@@ -171,15 +199,21 @@ pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f3
 /// units four independent chains.
 ///
 /// # Safety
-/// `w.simd_ok(cols)`; `rows` inside the matrix; `x` holds `cols`, `y` `rows.len()` elements.
+/// The CPU supports `S`'s instruction set; `w.simd_ok(cols)`; `rows` inside the matrix (`rows.end *
+/// cols <= w.len`) and `w.packed`/`w.absmax` hold the codes and scales of those elements; `x` holds
+/// `cols`, `y` `rows.len()` elements. Checked by `simd_ok` in [`matvec_rows`] and the `assert!` of
+/// `super::matvec_rows_isa`; the `debug_assert!` below only repeats them.
 #[inline(always)]
 unsafe fn matvec_nf4<S: Simd>(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
     debug_assert!(w.simd_ok(cols) && rows.end * cols <= w.len && x.len() >= cols && y.len() >= rows.len());
     let (l, bs) = (S::LANES, w.blocksize);
     let xp = x.as_ptr();
     let blocks = cols / bs;
-    // SAFETY (whole body): `simd_ok` makes every row whole blocks of whole 2·LANES groups, so
-    // each code byte, scale and x element read lies inside the row being computed.
+    // SAFETY (whole body): `simd_ok` (tested in `matvec_rows`) makes every row whole blocks of
+    // whole 2·LANES groups, so each code byte, scale and x element read lies inside the row
+    // being computed; that the rows are inside the matrix, the codes and scales back it and `x`
+    // holds `cols` are the `assert!` of `matvec_rows_isa` (release builds too). `y` is indexed
+    // with bounds checks.
     unsafe {
         let lut = S::lut(w.table);
         let row = |r: usize| (w.packed.as_ptr().add(r * cols / 2), w.absmax.as_ptr().add(r * blocks));
@@ -245,36 +279,15 @@ unsafe fn matvec_nf4<S: Simd>(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32]
     }
 }
 
-/// Dequantises NF4 elements `start..start + len` into `dst` (resized to fit) and returns its
-/// pointer: exactly bitsandbytes' `table[code] * absmax` in f32.
-#[inline(always)]
-unsafe fn widen_nf4<S: Simd>(w: Nf4, start: usize, len: usize, cols: usize, dst: &mut Vec<f32>) -> *const f32 {
-    if dst.len() < len {
-        dst.resize(len, 0.0);
-    }
-    if w.simd_ok(cols) && start.is_multiple_of(w.blocksize) && len.is_multiple_of(w.blocksize) {
-        let l = S::LANES;
-        // SAFETY: whole blocks of whole LANES groups inside the matrix; `dst` holds `len`.
-        unsafe {
-            let lut = S::lut(w.table);
-            let mut i = 0;
-            while i < len {
-                let scale = S::splat(w.absmax[(start + i) / w.blocksize]);
-                for j in (i..i + w.blocksize).step_by(l) {
-                    let v = S::load_nf4(w.packed.as_ptr().add((start + j) / 2), lut);
-                    S::store(dst.as_mut_ptr().add(j), S::mul(v, scale));
-                }
-                i += w.blocksize;
-            }
-        }
-    } else {
-        (0..len).for_each(|j| dst[j] = w.get(start + j));
-    }
-    dst.as_ptr()
-}
-
 /// Matvec over 4 rows at a time: the 4 rows share each load of `x`, and 8 accumulators
 /// (4 rows × 2 columns blocks) keep the FMA units busy while the weights stream from memory.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]); `rows.end * cols <= w.len()`;
+/// `x` holds at least `cols` elements (both read through raw pointers; `y` is indexed with bounds
+/// checks). Checked by the `assert!` of `super::matvec_rows_isa`; the `debug_assert!` below only
+/// repeats it.
 #[inline(always)]
 unsafe fn matvec_typed<S: Simd, E: Elem>(w: &[E], cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
     debug_assert!(rows.end * cols <= w.len() && x.len() >= cols && y.len() >= rows.len());
@@ -282,8 +295,10 @@ unsafe fn matvec_typed<S: Simd, E: Elem>(w: &[E], cols: usize, rows: Range<usize
     let xp = x.as_ptr();
     let mut r = rows.start;
     let mut out = 0;
-    // SAFETY (whole body): rows < rows.end, so every row `r` lies in `w` (checked by the
-    // caller); column indices stay < cols; `out < y.len()`.
+    // SAFETY (whole body): rows < rows.end, so every row `r` lies in `w` (`rows.end <= m.rows`
+    // and `w` holding `m.rows × cols` elements are the `assert!` of `matvec_rows_isa`, kept in
+    // release builds); column indices stay < cols <= x.len() (same assert); `y` is indexed with
+    // bounds checks.
     unsafe {
         while r + 4 <= rows.end {
             let p0 = w.as_ptr().add(r * cols);
@@ -334,299 +349,11 @@ unsafe fn matvec_typed<S: Simd, E: Elem>(w: &[E], cols: usize, rows: Range<usize
     }
 }
 
-/// Tokens per packed tile of X for instruction set `S`.
-#[inline(always)]
-pub(crate) const fn tile_tokens<S: Simd>() -> usize {
-    S::NV * S::LANES
-}
-
-/// Packs columns `cols` of `x` (`[n, k]`, row-major) into tiles of `nr` tokens, each `[k][nr]`
-/// (token fastest), padded with zeros: the layout [`matmul_rows`] streams with vector loads.
-/// `out` holds `n.div_ceil(nr) * k * nr` floats; threads may pack disjoint column ranges.
+/// `y += a · x` over the shorter slice's length.
 ///
 /// # Safety
-/// `out` must be valid for those writes, and no other thread may write the same columns.
-pub(crate) unsafe fn pack_x(x: &[f32], n: usize, k: usize, nr: usize, cols: Range<usize>, out: *mut f32) {
-    debug_assert!(x.len() >= n * k && cols.end <= k);
-    for tile in 0..n.div_ceil(nr) {
-        let src = &x[tile * nr * k..];
-        let tokens = nr.min(n - tile * nr);
-        // Written in order, read from `tokens` rows at once (their lines stay in L1): the other
-        // way round every store lands on a new cache line.
-        for kk in cols.clone() {
-            // SAFETY: the caller's contract; `kk < k`, `t < nr`.
-            unsafe {
-                let dst = out.add((tile * k + kk) * nr);
-                for t in 0..tokens {
-                    *dst.add(t) = src[t * k + kk];
-                }
-                for t in tokens..nr {
-                    *dst.add(t) = 0.0;
-                }
-            }
-        }
-    }
-}
-
-/// Per-thread scratch of [`matmul_rows`] (each buffer grows once, then is reused).
-#[derive(Default)]
-struct TileScratch {
-    /// f16/bf16/NF4 weight rows widened to f32
-    wide: Vec<f32>,
-    /// partial sums between k chunks, `NV` vectors per row
-    acc: Vec<f32>,
-    /// one token tile's results, transposed (`[token][row]`)
-    out: Vec<f32>,
-}
-
-thread_local! {
-    static TILE_SCRATCH: std::cell::RefCell<TileScratch> = std::cell::RefCell::new(TileScratch::default());
-}
-
-/// `Y[t, r] = W[r, :] · X[t, :]` for `r` in `rows`, all `n` tokens, reading X packed by
-/// [`pack_x`] with `tile_tokens::<S>()` tokens per tile. `y` points at `Y[0, 0]`, row stride `ldy`.
-///
-/// Register tile: `MR` weight rows × `NV·LANES` tokens; per step of k it broadcasts `MR` weights
-/// and loads `NV` vectors of packed X (outer product), so no horizontal sums are needed. The rows
-/// are widened to f32 once per call (f16/bf16/NF4) into per-thread scratch and stay in L2 while
-/// the token tiles pass; k is cut into L1-sized chunks, and each tile's results are transposed
-/// through a small buffer before they are copied to Y.
-///
-/// # Safety
-/// `y` must be valid for writes of `Y[t, r]`, `t < n`, `r` in `rows`, and no other thread may
-/// touch those elements during the call; `xp` holds the packed tiles of `n` tokens.
-#[inline(always)]
-pub(crate) unsafe fn matmul_rows<S: Simd>(
-    m: MatRef,
-    rows: Range<usize>,
-    xp: &[f32],
-    n: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    let k = m.cols;
-    let nr = tile_tokens::<S>();
-    let (mr_max, nv, l) = (S::MR, S::NV, S::LANES);
-    debug_assert!(xp.len() >= n.div_ceil(nr) * k * nr && rows.end <= m.rows);
-    // Take the scratch out of the thread-locals (no allocation): the kernel must not run inside
-    // a `with` closure, which would be compiled without this entry point's target features.
-    let TileScratch { mut wide, mut acc, mut out } = TILE_SCRATCH.with(|t| std::mem::take(&mut *t.borrow_mut()));
-    // The rows go in groups of at most ROW_GROUP, so the widened copy stays small (L2-sized)
-    // whatever range the caller hands over.
-    let mut g0 = rows.start;
-    while g0 < rows.end {
-        let group = g0..(g0 + ROW_GROUP).min(rows.end);
-        g0 = group.end;
-        let nrows = group.len();
-        // All rows of the range as f32, row-major: borrowed for F32 weights, widened into scratch
-        // otherwise (once: they are reused by every token tile).
-        let block: *const f32 = match m.w {
-            Weights::F32(w) => w[group.start * k..group.end * k].as_ptr(),
-            Weights::F16(w) => {
-                // SAFETY: slices in bounds; widen writes exactly `nrows * k` elements.
-                unsafe { widen::<S, f16>(&w[group.start * k..group.end * k], &mut wide) }
-            }
-            Weights::BF16(w) => {
-                // SAFETY: as above.
-                unsafe { widen::<S, bf16>(&w[group.start * k..group.end * k], &mut wide) }
-            }
-            Weights::Nf4(w) => {
-                // SAFETY: the range lies inside the matrix (checked by the caller).
-                unsafe { widen_nf4::<S>(w, group.start * k, nrows * k, k, &mut wide) }
-            }
-        };
-        // k is cut into chunks whose slice of the packed X tile stays in L1 while every row block
-        // passes over it; partial sums wait in `acc` (`nv` vectors per row) between chunks.
-        let chunks = k.div_ceil(KC_MAX);
-        let kc = k.div_ceil(chunks);
-        if chunks > 1 && acc.len() < nrows * nv * l {
-            acc.resize(nrows * nv * l, 0.0);
-        }
-        // Each tile's results are transposed into `out` (`[token][nrows]`, small enough for L1)
-        // and then copied to Y row by row: scattering straight into Y, whose token stride is a whole
-        // matrix row, makes the 16–32 stores of one column hit the same few cache sets.
-        if out.len() < nr * nrows {
-            out.resize(nr * nrows, 0.0);
-        }
-        for tile in 0..n.div_ceil(nr) {
-            let tokens = nr.min(n - tile * nr);
-            let mut c0 = 0;
-            while c0 < k {
-                let len = kc.min(k - c0);
-                let pass = Pass { first: c0 == 0, last: c0 + len == k };
-                let xt = xp[tile * k * nr + c0 * nr..].as_ptr();
-                let mut r = 0;
-                while r < nrows {
-                    let mr = mr_max.min(nrows - r);
-                    // SAFETY: `block` holds `nrows` rows of `k` f32; `xt` the chunk of one packed
-                    // tile; `acc` holds `nv·l` floats per row when there is more than one chunk; the
-                    // output rows and tokens of this tile are ours (caller contract).
-                    unsafe {
-                        let ot = out.as_mut_ptr().add(r);
-                        let at = acc.as_mut_ptr().add(r * nv * l);
-                        let w = block.add(r * k + c0);
-                        if mr == mr_max {
-                            tile_kernel::<S>(mr_max, len, w, k, xt, at, pass, ot, nrows, tokens);
-                        } else {
-                            for i in 0..mr {
-                                let (w, at, ot) = (w.add(i * k), at.add(i * nv * l), ot.add(i));
-                                tile_kernel::<S>(1, len, w, k, xt, at, pass, ot, nrows, tokens);
-                            }
-                        }
-                    }
-                    r += mr;
-                }
-                c0 += len;
-            }
-            for t in 0..tokens {
-                // SAFETY: token `tile·nr + t < n`, the rows `group` of it are ours (caller contract).
-                unsafe {
-                    let dst = y.add((tile * nr + t) * ldy + group.start);
-                    std::ptr::copy_nonoverlapping(out.as_ptr().add(t * nrows), dst, nrows);
-                }
-            }
-        }
-    }
-    TILE_SCRATCH.with(|t| *t.borrow_mut() = TileScratch { wide, acc, out });
-}
-
-/// The most values of k per chunk: a chunk of a packed X tile (`KC_MAX × tile_tokens` f32,
-/// 16 KiB with AVX-512) and of the MR weight rows fit in a 32 KiB L1 together.
-const KC_MAX: usize = 128;
-
-/// The most weight rows [`matmul_rows`] widens at once (a multiple of every `MR`).
-const ROW_GROUP: usize = 192;
-
-/// Which k chunk a micro-kernel call covers: the first starts from zero, the last writes Y.
-#[derive(Clone, Copy)]
-struct Pass {
-    first: bool,
-    last: bool,
-}
-
-/// Widens `src` to f32 into `dst` (resized to fit) and returns its pointer.
-#[inline(always)]
-unsafe fn widen<S: Simd, E: Elem>(src: &[E], dst: &mut Vec<f32>) -> *const f32 {
-    if dst.len() < src.len() {
-        dst.resize(src.len(), 0.0);
-    }
-    let l = S::LANES;
-    let mut i = 0;
-    // SAFETY: indices < src.len() <= dst.len().
-    unsafe {
-        while i + l <= src.len() {
-            S::store(dst.as_mut_ptr().add(i), E::load::<S>(src.as_ptr().add(i)));
-            i += l;
-        }
-    }
-    for j in i..src.len() {
-        dst[j] = src[j].f32();
-    }
-    dst.as_ptr()
-}
-
-/// The register-tiled micro-kernel: `rows` (1 or `S::MR`) weight rows (row stride `ldw`) × one
-/// packed token tile, over `kc` values of k.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_kernel<S: Simd>(
-    rows: usize,
-    kc: usize,
-    w: *const f32,
-    ldw: usize,
-    xt: *const f32,
-    acc: *mut f32,
-    pass: Pass,
-    y: *mut f32,
-    ldy: usize,
-    tokens: usize,
-) {
-    // Dispatch to const sizes so the accumulators live in registers.
-    // SAFETY: forwarded.
-    unsafe {
-        match (S::MR, S::NV, rows) {
-            (_, 2, 1) => tile_const::<S, 1, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (4, 2, 4) => tile_const::<S, 4, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (6, 2, 6) => tile_const::<S, 6, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (8, 2, 8) => tile_const::<S, 8, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (12, 2, 12) => tile_const::<S, 12, 2>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (_, 3, 1) => tile_const::<S, 1, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (4, 3, 4) => tile_const::<S, 4, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (6, 3, 6) => tile_const::<S, 6, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            (8, 3, 8) => tile_const::<S, 8, 3>(kc, w, ldw, xt, acc, pass, y, ldy, tokens),
-            _ => unreachable!("unsupported tile shape"),
-        }
-    }
-}
-
-/// `acc[i][j] (+)= Σ_k W[i, k] · Xtile[k][j]` over one k chunk; after the last chunk the sums
-/// are scattered to `Y[token, row]`, before it they wait in `accp` (`MR × NV` vectors).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_const<S: Simd, const MR: usize, const NV: usize>(
-    kc: usize,
-    w: *const f32,
-    ldw: usize,
-    xt: *const f32,
-    accp: *mut f32,
-    pass: Pass,
-    y: *mut f32,
-    ldy: usize,
-    tokens: usize,
-) {
-    let l = S::LANES;
-    let nr = NV * l;
-    // SAFETY (whole body): `w` holds MR rows of `kc` (stride `ldw`), `xt` kc × nr, `accp`
-    // MR·NV vectors unless this is a single pass, `y` the caller's outputs.
-    unsafe {
-        let mut acc = [[S::zero(); NV]; MR];
-        if !pass.first {
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                for (j, a) in acc_i.iter_mut().enumerate() {
-                    *a = S::load(accp.add((i * NV + j) * l));
-                }
-            }
-        }
-        let mut wp = [w; MR];
-        for (i, p) in wp.iter_mut().enumerate() {
-            *p = w.add(i * ldw);
-        }
-        let mut xk = xt;
-        for kk in 0..kc {
-            let mut xv = [S::zero(); NV];
-            for (j, v) in xv.iter_mut().enumerate() {
-                *v = S::load(xk.add(j * l));
-            }
-            for i in 0..MR {
-                let b = S::splat(*wp[i].add(kk));
-                for j in 0..NV {
-                    acc[i][j] = S::fma(b, xv[j], acc[i][j]);
-                }
-            }
-            xk = xk.add(nr);
-        }
-        if !pass.last {
-            for (i, acc_i) in acc.iter().enumerate() {
-                for (j, a) in acc_i.iter().enumerate() {
-                    S::store(accp.add((i * NV + j) * l), *a);
-                }
-            }
-            return;
-        }
-        // Transpose out: Y is [token, row].
-        let mut buf = [0f32; 64];
-        for (i, acc_i) in acc.iter().enumerate() {
-            for (j, a) in acc_i.iter().enumerate() {
-                S::store(buf.as_mut_ptr().add(j * l), *a);
-            }
-            for (t, v) in buf.iter().enumerate().take(tokens) {
-                *y.add(t * ldy + i) = *v;
-            }
-        }
-    }
-}
-
-/// `y += a · x`.
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]). Any slice lengths.
 #[inline(always)]
 pub(crate) unsafe fn axpy<S: Simd>(y: &mut [f32], a: f32, x: &[f32]) {
     let len = y.len().min(x.len());
@@ -646,7 +373,11 @@ pub(crate) unsafe fn axpy<S: Simd>(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// `y += x`.
+/// `y += x` over the shorter slice's length.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]). Any slice lengths.
 #[inline(always)]
 pub(crate) unsafe fn add<S: Simd>(y: &mut [f32], x: &[f32]) {
     let len = y.len().min(x.len());
@@ -665,7 +396,11 @@ pub(crate) unsafe fn add<S: Simd>(y: &mut [f32], x: &[f32]) {
     }
 }
 
-/// `out = x / sqrt(mean(x²) + eps) · w`.
+/// `out = x / sqrt(mean(x²) + eps) · w` over the shortest slice's length.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]). Any slice lengths.
 #[inline(always)]
 pub(crate) unsafe fn rmsnorm<S: Simd>(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let len = out.len().min(x.len()).min(w.len());
@@ -691,6 +426,9 @@ pub(crate) unsafe fn rmsnorm<S: Simd>(out: &mut [f32], x: &[f32], w: &[f32], eps
 /// `e^x` per lane: Cephes-style range reduction `x = n·ln2 + r`, degree-6 polynomial for `e^r`
 /// (|r| ≤ ln2/2), times `2^n`. Max relative error ≈ 2 ulp; inputs are clamped to [-87.3, 88.7]
 /// (so `e^-inf` gives ~1e-38, not 0).
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set.
 #[inline(always)]
 unsafe fn exp<S: Simd>(x: S::V) -> S::V {
     // SAFETY: plain lane arithmetic.
@@ -711,6 +449,10 @@ unsafe fn exp<S: Simd>(x: S::V) -> S::V {
 }
 
 /// In-place softmax: `x = e^(x - max) / Σ e^(x - max)`.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]).
 #[inline(always)]
 pub(crate) unsafe fn softmax<S: Simd>(x: &mut [f32]) {
     let len = x.len();
@@ -758,7 +500,11 @@ pub(crate) unsafe fn softmax<S: Simd>(x: &mut [f32]) {
     }
 }
 
-/// `gate = gate / (1 + e^-gate) · up` (SwiGLU).
+/// `gate = gate / (1 + e^-gate) · up` (SwiGLU) over the shorter slice's length.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]). Any slice lengths.
 #[inline(always)]
 pub(crate) unsafe fn silu_mul<S: Simd>(gate: &mut [f32], up: &[f32]) {
     let len = gate.len().min(up.len());
@@ -783,6 +529,12 @@ pub(crate) unsafe fn silu_mul<S: Simd>(gate: &mut [f32], up: &[f32]) {
 }
 
 /// `y = Σ_j p[j] · v[j]` over rows `v[j]` of `y.len()` (attention's weighted sum of values).
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set (every caller is a `#[target_feature]` entry point of
+/// [`simd_entries!`], reached only for an available [`super::Isa`]). The rows of `v` are sliced
+/// with bounds checks (a short `v` panics; `super::weighted_sum_isa` asserts its length first for a
+/// clearer message).
 #[inline(always)]
 pub(crate) unsafe fn weighted_sum<S: Simd>(y: &mut [f32], p: &[f32], v: &[f32]) {
     let d = y.len();
@@ -800,8 +552,9 @@ macro_rules! simd_entries {
         use std::ops::Range;
 
         /// See [`simd::matvec_rows`].
+        ///
         /// # Safety
-        /// The CPU supports the features; shapes checked by the caller.
+        /// The CPU supports the features; the shapes are as [`simd::matvec_rows`] requires.
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn matvec_rows(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
             // SAFETY: forwarded contract.
@@ -809,8 +562,10 @@ macro_rules! simd_entries {
         }
 
         /// See [`simd::matmul_rows`].
+        ///
         /// # Safety
-        /// The CPU supports the features; see `simd::matmul_rows`.
+        /// The CPU supports the features; the pointers and shapes are as [`simd::matmul_rows`]
+        /// requires.
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn matmul_rows(m: MatRef, rows: Range<usize>, xp: &[f32], n: usize, y: *mut f32, ldy: usize) {
             // SAFETY: forwarded contract.
@@ -821,7 +576,7 @@ macro_rules! simd_entries {
         pub(crate) const TILE_TOKENS: usize = simd::tile_tokens::<$S>();
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
             // SAFETY: forwarded contract.
@@ -829,7 +584,7 @@ macro_rules! simd_entries {
         }
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
             // SAFETY: forwarded contract.
@@ -837,7 +592,7 @@ macro_rules! simd_entries {
         }
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
             // SAFETY: forwarded contract.
@@ -845,7 +600,7 @@ macro_rules! simd_entries {
         }
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn add(y: &mut [f32], x: &[f32]) {
             // SAFETY: forwarded contract.
@@ -853,7 +608,7 @@ macro_rules! simd_entries {
         }
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
             // SAFETY: forwarded contract.
@@ -861,7 +616,7 @@ macro_rules! simd_entries {
         }
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn softmax(x: &mut [f32]) {
             // SAFETY: forwarded contract.
@@ -869,7 +624,7 @@ macro_rules! simd_entries {
         }
 
         /// # Safety
-        /// The CPU supports the features.
+        /// The CPU supports the features (any slice lengths).
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
             // SAFETY: forwarded contract.

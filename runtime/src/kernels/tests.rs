@@ -251,10 +251,57 @@ fn close_scaled(got: &[f32], want: &[f32], scale: &[f32], what: &str) {
     }
 }
 
+/// The kernels run with the best instruction set the CPU has: `isa()` (cached) is what
+/// detection picks, the last of `Isa::available()` (scalar first, best last), and every set
+/// listed there is one `matmul_many_isa` accepts.
 #[test]
-fn isa_detection_is_cached_and_available() {
-    assert_eq!(isa(), isa());
-    assert!(Isa::available().contains(&isa()));
+fn isa_is_the_best_available() {
+    let available = Isa::available();
+    assert_eq!(isa(), Isa::detect());
+    assert_eq!(available.first(), Some(&Isa::Scalar));
+    assert_eq!(available.last(), Some(&isa()));
+    assert!(available.iter().all(|i| i.is_available()));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+    {
+        assert_eq!(isa(), Isa::Avx512);
+    }
+}
+
+/// An `Isa` is a plain public value: one the CPU lacks is refused before any SIMD code runs.
+#[test]
+#[should_panic(expected = "is not available on this CPU")]
+fn unavailable_isa_is_refused() {
+    let lacking = [Isa::Avx2, Isa::Avx512, Isa::Neon].into_iter().find(|i| !i.is_available()).unwrap();
+    let w = [1.0f32; 4];
+    let mut y = [0.0f32; 2];
+    matvec_isa(lacking, &ThreadPool::new(1), MatRef { w: Weights::F32(&w), rows: 2, cols: 2 }, &[1.0, 1.0], &mut y);
+}
+
+/// NF4 weights whose codes or scales do not back the shape they claim are refused (the SIMD
+/// kernels read both through raw pointers).
+#[test]
+fn nf4_weights_short_of_codes_or_scales_are_refused() {
+    let (rows, cols) = (4, 128);
+    let mut rng = Rng(17);
+    let (packed, absmax) = nf4_data(&mut rng, rows * cols, 64);
+    let x = vec![1.0f32; cols];
+    let pool = ThreadPool::new(1);
+    let run = |packed: &[u8], absmax: &[f32]| {
+        let w = Nf4 { packed, absmax, blocksize: 64, table: &NF4_TABLE, len: rows * cols };
+        let mut y = vec![0.0f32; rows];
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            matvec(&pool, MatRef { w: Weights::Nf4(w), rows, cols }, &x, &mut y)
+        }))
+        .is_ok()
+    };
+    assert!(run(&packed, &absmax));
+    assert!(!run(&packed[..packed.len() - 1], &absmax), "one code byte short");
+    assert!(!run(&packed, &absmax[..absmax.len() - 1]), "one scale short");
 }
 
 /// Several matrices on one input in one job (q/k/v, gate/up) give what each gives alone, for
@@ -329,9 +376,17 @@ fn nf4_codes_are_high_nibble_first() {
 fn nf4_matvec_and_matmul_match_f64_every_isa() {
     let mut rng = Rng(13);
     let pools: Vec<ThreadPool> = [1, 2, 3].map(ThreadPool::new).into();
-    for (rows, cols, bs) in
-        [(1, 64, 64), (7, 64, 64), (9, 128, 32), (16, 576, 64), (5, 256, 128), (3, 96, 64), (4, 48, 32)]
-    {
+    for (rows, cols, bs) in [
+        (1, 64, 64),
+        (7, 64, 64),
+        (9, 128, 32),
+        (16, 576, 64),
+        (5, 256, 128),
+        (3, 96, 64),
+        (4, 48, 32),
+        (3, 384, 192),
+        (2, 512, 256),
+    ] {
         let (packed, absmax) = nf4_data(&mut rng, rows * cols, bs);
         let w = Nf4 { packed: &packed, absmax: &absmax, blocksize: bs, table: &NF4_TABLE, len: rows * cols };
         let m = MatRef { w: Weights::Nf4(w), rows, cols };

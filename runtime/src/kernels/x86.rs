@@ -243,7 +243,10 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn matvec_nf4_native(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) -> bool {
-        if !w.blocksize.is_multiple_of(64) {
+        // `nf4_strided` finds a lane's scale as block (8j) / bs of its 128-code chunk, which
+        // holds when a block is 64 codes or a whole number of chunks (not 192: it straddles
+        // chunks; such rows go to the generic kernel).
+        if !(w.blocksize == 64 || w.blocksize.is_multiple_of(128)) {
             return false;
         }
         // SAFETY: AVX-512F/BW available (trait contract); shapes checked by the caller
@@ -323,8 +326,15 @@ unsafe fn nf4_strided(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mu
             }
         }
     }
-    // SAFETY (whole block): every code byte, scale and x element read lies in the row being
-    // computed (rows of whole blocks); `xs` holds `chunks * 128` values.
+    // SAFETY (whole block): AVX-512F/BW are available (the `avx512` entry points are reached
+    // only for an available `Isa`: `kernels::isa()` or `Isa::is_available`, asserted in
+    // `matmul_many_isa`). Every code byte, scale and x element read lies in the row being
+    // computed: `rows.end <= m.rows`, `x.len() >= cols`, `y.len() >= rows.len()` and the codes
+    // and scales backing all `rows × cols` elements are the `assert!`s of `matvec_rows_isa` (and
+    // `check_mat`), kept in release builds; rows of whole blocks of whole 64-code groups are
+    // `simd_ok` in `simd::matvec_rows` and the multiple-of-64 test in `matvec_nf4_native`, so
+    // `tail` is 0 or 64. `xs` holds `chunks * 128` values (resized above). The `debug_assert!`
+    // only repeats these.
     unsafe {
         let lut = _mm512_loadu_ps(w.table.as_ptr());
         // Lane j covers elements 8j..8j+7 of a 128-code chunk: block (8j) / bs of the chunk.

@@ -1,0 +1,130 @@
+//! How the active adapters change a projection's output (LoRA and DoRA, unmerged), called
+//! from `session::linear`, and the range of scales a session or merge accepts.
+
+use super::Adapter;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::model::Linear;
+use crate::threadpool::ThreadPool;
+use std::sync::Arc;
+
+/// The largest adapter scale a session or merge accepts, in magnitude. Useful scales are
+/// around 0–2; far beyond this the adapted activations overflow f32 in the norms, and the
+/// model answers with constant logits (token 0 forever) rather than an error.
+pub const MAX_SCALE: f32 = 1000.0;
+
+/// An error unless `scale` is a finite number within ±[`MAX_SCALE`].
+pub fn check_scale(adapter: &str, scale: f32) -> Result<()> {
+    if !scale.is_finite() || scale.abs() > MAX_SCALE {
+        return Err(Error::Input(format!(
+            "adapter {adapter}: scale {scale} is out of range; use a finite number within ±{MAX_SCALE} (1 = as trained, 0 = off)"
+        )));
+    }
+    Ok(())
+}
+
+/// The scratch of [`apply_adapters`], sized for the active set by [`LoraScratch::reserve`].
+#[derive(Default)]
+pub(crate) struct LoraScratch {
+    /// `[n_batch, max rank]` adapters' `A·x`
+    u: Vec<f32>,
+    /// `[n_batch, max out]` adapters' `B·(A·x)`
+    y: Vec<f32>,
+    /// `[max out]` DoRA's per-row gains
+    g: Vec<f32>,
+}
+
+impl LoraScratch {
+    /// Grows the buffers (never shrinks them) for batches of `n_batch` tokens through `adapters`.
+    pub(crate) fn reserve(&mut self, n_batch: usize, adapters: &[(Arc<Adapter>, f32)]) {
+        let rank = adapters.iter().map(|(a, _)| a.max_rank).max().unwrap_or(0);
+        let out = adapters.iter().map(|(a, _)| a.max_out).max().unwrap_or(0);
+        if self.u.len() < n_batch * rank {
+            self.u.resize(n_batch * rank, 0.0);
+        }
+        if self.y.len() < n_batch * out {
+            self.y.resize(n_batch * out, 0.0);
+        }
+        if self.g.len() < out {
+            self.g.resize(out, 0.0);
+        }
+    }
+
+    /// What [`apply_adapters`] needs for one forward pass through `active`.
+    pub(crate) fn with<'a>(&'a mut self, active: &'a [(Arc<Adapter>, f32)]) -> Lora<'a> {
+        Lora { active, u: &mut self.u, y: &mut self.y, g: &mut self.g }
+    }
+}
+
+/// What `session::linear` needs to apply adapters: the active set and its scratch.
+pub(crate) struct Lora<'a> {
+    active: &'a [(Arc<Adapter>, f32)],
+    u: &'a mut [f32],
+    y: &'a mut [f32],
+    g: &'a mut [f32],
+}
+
+impl Lora<'_> {
+    /// Whether no adapter is active (then a projection is the base's alone).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+}
+
+/// Adds the active adapters' outputs to `y = x·Wᵀ` (before the bias), as PEFT sums the
+/// outputs of its active adapters (llama.cpp's `build_lora_mm` likewise):
+/// - LoRA: `y += s·B(A·x)`;
+/// - DoRA: `y += (g − 1)⊙(x·Wᵀ) + g⊙s·B(A·x)` with `g = m / ‖W + s·B·A‖_row`
+///   (PEFT's `DoraLinearLayer.forward`; every DoRA term uses the base output `x·Wᵀ`, so the
+///   base-output factors are applied first, together).
+pub(crate) fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x: &[f32], n: usize, y: &mut [f32]) {
+    let rows = lin.rows;
+    let active = lora.active;
+    let on_layer = || active.iter().filter_map(|(a, w)| a.for_layer(lin).filter(|_| *w != 0.0).map(|lw| (lw, *w)));
+    if on_layer().any(|(lw, _)| lw.dora.is_some()) {
+        // factor = 1 + Σ (g − 1) over the DoRA adapters, built in `y`'s scratch row `lora.y[..rows]`.
+        let (f, g) = (&mut lora.y[..rows], &mut lora.g[..rows]);
+        f.fill(1.0);
+        for (lw, w) in on_layer() {
+            if let Some(d) = &lw.dora {
+                d.gains(w * lw.scale, g);
+                f.iter_mut().zip(g.iter()).for_each(|(f, g)| *f += g - 1.0);
+            }
+        }
+        for row in y.chunks_exact_mut(rows) {
+            row.iter_mut().zip(f.iter()).for_each(|(y, f)| *y *= f);
+        }
+    }
+    for (lw, weight) in on_layer() {
+        let s = weight * lw.scale;
+        let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * rows]);
+        small_matmul(pool, lw.a_mat(), x, n, u);
+        small_matmul(pool, lw.b_mat(), u, n, v);
+        match &lw.dora {
+            None => kernels::axpy(y, s, v),
+            Some(d) => {
+                let g = &mut lora.g[..rows];
+                d.gains(s, g);
+                for (y, v) in y.chunks_exact_mut(rows).zip(v.chunks_exact(rows)) {
+                    for ((y, v), g) in y.iter_mut().zip(v).zip(g.iter()) {
+                        *y += g * s * v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = x·Wᵀ` for a low-rank factor: on the calling thread when the work is smaller than a
+/// thread-pool dispatch costs (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else
+/// shared out like any projection.
+fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, y: &mut [f32]) {
+    const LOCAL_MAX_MACS: usize = 1 << 16;
+    if n * m.rows * m.cols <= LOCAL_MAX_MACS {
+        for (x, y) in x.chunks_exact(m.cols).zip(y.chunks_exact_mut(m.rows)) {
+            kernels::matvec_local(m, x, y);
+        }
+    } else {
+        kernels::matmul(pool, m, x, n, y);
+    }
+}
