@@ -135,6 +135,7 @@ test-demo: build build-trainer $(MULTI_ADAPTER)
 	test -s target/demo-tiny/report/demo.md
 	grep -q "adapter on NF4 base" target/demo-tiny/report/demo.md
 	grep -q "^round 0  A " target/demo-tiny/report/demo.md
+	grep -q "adapter on NF4 + schema-constrained" target/demo-tiny/report/demo.md
 	$(TRAINER_ENV) $(PY) scripts/demo_dev.py --model target/demo-tiny/base-nf4/m --adapter target/demo-tiny/adapter-json \
 	  --out target/demo-tiny/dev --n 4 --max-tokens 24 --truncate 100
 	test -s target/demo-tiny/dev/score.json

@@ -122,7 +122,12 @@ typedef enum peftrt_status {
     /* An allocation sized by the request failed: a session's KV cache and buffers for its
        n_ctx (e.g. a config claiming 128K or 2^31 positions, and an n_ctx near that). Nothing
        was created; ask for a smaller n_ctx. (Added after 0.1.0.) */
-    PEFTRT_ERR_OUT_OF_MEMORY = -12
+    PEFTRT_ERR_OUT_OF_MEMORY = -12,
+    /* peftrt_session_set_constraint(): the schema, regex or grammar does not compile (invalid,
+       or a JSON Schema keyword the compiler does not support); the message names the keyword
+       or the position. Sampling: no token can continue the output (an unsatisfiable
+       constraint). (Added after 0.1.0.) */
+    PEFTRT_ERR_CONSTRAINT_INVALID = -13
 } peftrt_status;
 
 /* Why a generation ended. */
@@ -288,7 +293,8 @@ peftrt_session *peftrt_session_create(const peftrt_model *model, const peftrt_se
    PEFTRT_ERR_INVALID_HANDLE. */
 peftrt_status peftrt_session_free(peftrt_session *session);
 
-/* Forgets the conversation (cached tokens); adapters and sampler are kept. One thread. */
+/* Forgets the conversation (cached tokens); adapters, sampler and constraint are kept (the
+   constraint starts over). One thread. */
 peftrt_status peftrt_session_reset(peftrt_session *session);
 
 /* Makes `adapters[0..n)` the active set, `scales[i]` the scale of adapters[i] (1 = as
@@ -342,8 +348,43 @@ peftrt_status peftrt_session_set_sampling(peftrt_session *session, const peftrt_
 
 /* Picks the next token from the last logits with the session's sampler (the repetition
    penalty looks at the cached tokens). Does not evaluate it: pass it to
-   peftrt_session_eval(). One thread. */
+   peftrt_session_eval(). With a constraint (peftrt_session_set_constraint), only tokens that
+   can continue it are picked and the constraint advances by the token: sample once per
+   evaluated token. Once the constraint's grammar has ended, the token is the model's EOS.
+   One thread. */
 peftrt_status peftrt_session_sample(peftrt_session *session, peftrt_token *token);
+
+/* What a constraint's text is. */
+typedef enum peftrt_constraint_kind {
+    PEFTRT_CONSTRAINT_JSON_SCHEMA = 0, /* a JSON Schema (draft 2020-12 keywords as llguidance
+                                          supports them); the output is JSON valid under it */
+    PEFTRT_CONSTRAINT_JSON_OBJECT = 1, /* any JSON object; the text is ignored (may be NULL) */
+    PEFTRT_CONSTRAINT_REGEX = 2,       /* a regular expression the whole output matches */
+    PEFTRT_CONSTRAINT_LARK = 3         /* a Lark grammar (llguidance's dialect, `start` rule) */
+} peftrt_constraint_kind;
+
+/* Constrains the session's output to `text` (`len` bytes of UTF-8, not necessarily
+   NUL-terminated; at most 64 MiB) of the given kind, compiled with llguidance against the
+   model's vocabulary (the first constraint on a model also builds its token trie, once).
+   From then on, peftrt_session_sample() and peftrt_session_generate() mask the tokens that
+   cannot continue the output before sampling (temperature, top-k, top-p and min-p act on the
+   allowed tokens), allow EOS only where the grammar may end, and stop when it is complete:
+   PEFTRT_STOP_EOS then means the output is complete and valid. An output cut by max_tokens
+   or the context says so (PEFTRT_STOP_MAX_TOKENS, PEFTRT_STOP_CONTEXT_FULL) and is not
+   complete. Greedy decoding where the model already follows the grammar gives the same
+   tokens as without the constraint.
+   Each peftrt_session_generate() starts the constraint over; peftrt_session_sample() advances
+   it from where it stands (set again, or peftrt_session_reset(), to start over;
+   peftrt_session_set_sampling() keeps it where it stands). Stays until replaced or
+   peftrt_session_clear_constraint(). PEFTRT_ERR_CONSTRAINT_INVALID if it does not compile
+   (the previous constraint, if any, is kept), with the compiler's message in
+   peftrt_last_error(); PEFTRT_ERR_INVALID_ARGUMENT for an unknown kind, NULL text with
+   len > 0, or text that is not UTF-8. One thread. */
+peftrt_status peftrt_session_set_constraint(peftrt_session *session, peftrt_constraint_kind kind,
+                                            const char *text, size_t len);
+
+/* Lifts the session's constraint: sampling and generation are free again. One thread. */
+peftrt_status peftrt_session_clear_constraint(peftrt_session *session);
 
 /* Receives generated text: `len` bytes of UTF-8 at `text` (also NUL-terminated; never a
    partial character, never text that may start a stop string). Return 0 to continue,

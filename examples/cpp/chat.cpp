@@ -1,7 +1,9 @@
 // chat: a multi-turn chat on the terminal with the C++ wrapper (peftrt.hpp). Reads one user
-// message per line from stdin, streams each reply. Optional adapters: DIR or DIR:SCALE.
+// message per line from stdin, streams each reply. Optional adapters: DIR or DIR:SCALE. With
+// --json, every reply is a JSON object (a constraint: tokens that would break it are never
+// sampled).
 //
-//   chat MODEL_DIR [ADAPTER[:SCALE]...]     (then type; an empty line or end of input quits)
+//   chat [--json] MODEL_DIR [ADAPTER[:SCALE]...]   (then type; an empty line or end of input quits)
 #include "peftrt.hpp"
 
 #include <algorithm>
@@ -11,8 +13,13 @@
 #include <vector>
 
 int main(int argc, char **argv) {
+    bool json = argc > 1 && std::string(argv[1]) == "--json";
+    if (json) {
+        argv++;
+        argc--;
+    }
     if (argc < 2) {
-        std::cerr << "usage: " << argv[0] << " MODEL_DIR [ADAPTER[:SCALE]...]\n";
+        std::cerr << "usage: chat [--json] MODEL_DIR [ADAPTER[:SCALE]...]\n";
         return 2;
     }
     try {
@@ -40,6 +47,7 @@ int main(int argc, char **argv) {
         const int32_t n_ctx = std::min(model.info().n_ctx_train, 4096); // the session's default
         peftrt::Session session(model);
         session.set_adapters(active);
+        if (json) session.set_constraint(PEFTRT_CONSTRAINT_JSON_OBJECT);
         peftrt_sampling_params params = peftrt_sampling_default_params();
         params.max_tokens = 64;
 

@@ -182,6 +182,25 @@ class Session {
         return g;
     }
 
+    // Output constrained to a JSON Schema, any JSON object, a regex or a Lark grammar, for
+    // sample() and generate() (see peftrt_session_set_constraint). A text that does not compile
+    // throws Error with PEFTRT_ERR_CONSTRAINT_INVALID and the compiler's message.
+    void set_constraint(peftrt_constraint_kind kind, std::string_view text = {}) {
+        detail::check(peftrt_session_set_constraint(p_.get(), kind, text.data(), text.size()), "setting a constraint");
+    }
+    void clear_constraint() { detail::check(peftrt_session_clear_constraint(p_.get()), "clearing the constraint"); }
+
+    // The sampler of sample(); generate() takes its own params.
+    void set_sampling(const peftrt_sampling_params &params) {
+        detail::check(peftrt_session_set_sampling(p_.get(), &params), "setting sampling");
+    }
+    // The next token from the last logits (within the constraint, if any); not evaluated.
+    peftrt_token sample() {
+        peftrt_token t = 0;
+        detail::check(peftrt_session_sample(p_.get(), &t), "sampling");
+        return t;
+    }
+
     void cancel() { peftrt_session_cancel(p_.get()); }
 
     peftrt_session *get() const { return p_.get(); }

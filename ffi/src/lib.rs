@@ -45,10 +45,11 @@ pub enum Status {
     Busy = -10,
     Internal = -11,
     OutOfMemory = -12,
+    ConstraintInvalid = -13,
 }
 
 impl Status {
-    const ALL: [Status; 13] = [
+    const ALL: [Status; 14] = [
         Status::Ok,
         Status::InvalidArgument,
         Status::InvalidHandle,
@@ -62,6 +63,7 @@ impl Status {
         Status::Busy,
         Status::Internal,
         Status::OutOfMemory,
+        Status::ConstraintInvalid,
     ];
 
     /// The C name, NUL-terminated.
@@ -80,6 +82,7 @@ impl Status {
             Status::Busy => c"PEFTRT_ERR_BUSY",
             Status::Internal => c"PEFTRT_ERR_INTERNAL",
             Status::OutOfMemory => c"PEFTRT_ERR_OUT_OF_MEMORY",
+            Status::ConstraintInvalid => c"PEFTRT_ERR_CONSTRAINT_INVALID",
         }
     }
 }
@@ -111,7 +114,8 @@ impl From<rt::Error> for Fail {
             rt::Error::Format { .. } | rt::Error::Config { .. } | rt::Error::Tensor { .. } => Status::Format,
             rt::Error::Unsupported(_) => Status::Unsupported,
             rt::Error::Tokenizer(_) => Status::Tokenizer,
-            rt::Error::Input(_) | rt::Error::Constraint(_) => Status::InvalidArgument,
+            rt::Error::Input(_) => Status::InvalidArgument,
+            rt::Error::Constraint(_) => Status::ConstraintInvalid,
             rt::Error::Cancelled => Status::Cancelled,
             rt::Error::NonFinite(_) => Status::Format,
             rt::Error::ContextFull { cached, new, n_ctx } => {

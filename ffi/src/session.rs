@@ -28,8 +28,11 @@ pub struct peftrt_session {
 
 struct State {
     session: rt::Session,
-    /// The sampler of `peftrt_session_sample`.
+    /// The sampler of `peftrt_session_sample` (with its own copy of the constraint, advanced
+    /// by every token it samples).
     sampler: rt::Sampler,
+    /// The constraint as compiled, from its start: each `peftrt_session_generate` gets a copy.
+    constraint: Option<rt::constraint::Constraint>,
     /// Whether `session.logits()` belongs to the last cached token.
     logits_valid: bool,
 }
@@ -225,7 +228,7 @@ pub unsafe extern "C" fn peftrt_session_create(
             let cancel = Arc::new(AtomicBool::new(false));
             session.set_cancel_flag(Some(cancel.clone()));
             let sampler = rt::Sampler::new(rt::SamplingParams::default(), m.model.config.vocab_size)?;
-            let state = State { session, sampler, logits_valid: false };
+            let state = State { session, sampler, constraint: None, logits_valid: false };
             Ok(handle::register(peftrt_session { model: m.model.clone(), cancel, state: Mutex::new(state) }))
         },
     )
@@ -256,6 +259,7 @@ pub extern "C" fn peftrt_session_reset(session: *mut peftrt_session) -> Status {
         with_session(session, |_, st| {
             st.session.reset();
             st.logits_valid = false;
+            st.sampler.restart_constraint()?;
             Ok(())
         })
     })
@@ -383,7 +387,9 @@ pub unsafe extern "C" fn peftrt_session_set_sampling(
             let p = unsafe { read_params(params, peftrt_sampling_default_params(), size, "peftrt_sampling_params") }?;
             // SAFETY: forwarded from our caller.
             let p = unsafe { sampling(&p, st.session.n_ctx()) }?;
-            st.sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
+            let mut sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
+            sampler.continue_constraint(st.sampler.take_constraint());
+            st.sampler = sampler;
             Ok(())
         })
     })
@@ -400,7 +406,7 @@ pub unsafe extern "C" fn peftrt_session_sample(session: *mut peftrt_session, tok
                 return Err(Fail::arg("nothing to sample from: call peftrt_session_eval first"));
             }
             let State { session, sampler, .. } = st;
-            let t = sampler.sample(session.logits(), session.tokens());
+            let t = sampler.next_token(session.logits(), session.tokens())?;
             // SAFETY: non-null and writable by contract.
             unsafe { *token = t as i32 };
             Ok(())
@@ -445,6 +451,7 @@ pub unsafe extern "C" fn peftrt_session_generate(
             // SAFETY: forwarded from our caller.
             let p = unsafe { sampling(&p, st.session.n_ctx()) }?;
             let mut sampler = rt::Sampler::new(p, s.model.config.vocab_size)?;
+            sampler.set_constraint(st.constraint.clone())?;
             let mut piece: Vec<u8> = Vec::new();
             st.logits_valid = false;
             let g = rt::generate(&mut st.session, &ids, &mut sampler, |text| match on_text {
@@ -479,6 +486,65 @@ pub unsafe extern "C" fn peftrt_session_generate(
                 // SAFETY: forwarded from our caller.
                 unsafe { write_out(result, &r, gen_size, "peftrt_generation") }?;
             }
+            Ok(())
+        })
+    })
+}
+
+/// `peftrt_constraint_kind`
+const CONSTRAINT_KINDS: [&str; 4] = ["JSON_SCHEMA", "JSON_OBJECT", "REGEX", "LARK"];
+
+/// # Safety
+/// `text` is NULL or has `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn peftrt_session_set_constraint(
+    session: *mut peftrt_session,
+    kind: c_int,
+    text: *const c_char,
+    len: usize,
+) -> Status {
+    guard_status(|| {
+        with_session(session, |s, st| {
+            if len as u64 > rt::fsutil::MAX_JSON_BYTES {
+                return Err(Fail::arg(format!(
+                    "the constraint text is {len} bytes; at most {} are accepted",
+                    rt::fsutil::MAX_JSON_BYTES
+                )));
+            }
+            // SAFETY: forwarded from our caller.
+            let bytes = unsafe { c_slice(text.cast::<u8>(), len, "text") }?;
+            let text = || {
+                std::str::from_utf8(bytes)
+                    .map(str::to_string)
+                    .map_err(|e| Fail::arg(format!("the constraint text is not UTF-8: {e}")))
+            };
+            let spec = match kind {
+                0 => rt::constraint::ConstraintSpec::JsonSchema(text()?),
+                1 => rt::constraint::ConstraintSpec::AnyJson,
+                2 => rt::constraint::ConstraintSpec::Regex(text()?),
+                3 => rt::constraint::ConstraintSpec::Lark(text()?),
+                k => {
+                    return Err(Fail::arg(format!(
+                        "constraint kind {k} is not one of PEFTRT_CONSTRAINT_{{{}}} (0 to {})",
+                        CONSTRAINT_KINDS.join(", "),
+                        CONSTRAINT_KINDS.len() - 1
+                    )))
+                }
+            };
+            let c = rt::constraint::Constraint::new(&s.model, &spec)?;
+            st.sampler.set_constraint(Some(c.clone()))?;
+            st.constraint = Some(c);
+            Ok(())
+        })
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn peftrt_session_clear_constraint(session: *mut peftrt_session) -> Status {
+    guard_status(|| {
+        with_session(session, |_, st| {
+            st.sampler.set_constraint(None)?;
+            st.constraint = None;
             Ok(())
         })
     })

@@ -6,14 +6,16 @@
 //!
 //! Cost: greedy decoding first checks the token the model prefers (one parser step) and
 //! computes the full mask only when the grammar rejects it, so a model that already follows
-//! the grammar pays little; sampling always masks first, so that temperature, top-k, top-p and
-//! min-p act on the allowed tokens only.
+//! the grammar pays little and keeps its exact tokens. Where the grammar fixes the text that
+//! follows (a required key, a closing `"}`), its first token as the model's tokenizer spells
+//! it is taken without a mask (llguidance's fast-forward tokens). Otherwise sampling masks
+//! first, so that temperature, top-k, top-p and min-p act on the allowed tokens only.
 
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::model::Model;
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use std::sync::Arc;
 
@@ -91,7 +93,12 @@ impl Vocabulary {
         words.resize(vocab, Vec::new()); // ids past the tokenizer's: never produced
         let eos = *model.config.eos_token_ids.first().ok_or("the model has no EOS token, so no grammar can end")?;
         let info = TokRxInfo::new(vocab as u32, eos);
-        let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = match model.tokenizer() {
+            Ok(t) => Arc::new(ModelTokEnv { trie, tokenizer: t.hf().clone() }),
+            // Loaded without its tokenizer (`bench`): no forced tokens, masks as usual.
+            Err(_) => Arc::new(ApproximateTokEnv::new(trie)),
+        };
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
         Ok(Arc::new(factory))
@@ -103,12 +110,41 @@ impl Vocabulary {
     }
 }
 
+/// The model's vocabulary with its own tokenizer, so that llguidance can turn text the grammar
+/// forces (`{"name": "` after `{` in a schema with one required first property) into the tokens
+/// the model would read for it: its fast-forward tokens.
+struct ModelTokEnv {
+    trie: TokTrie,
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl TokenizerEnv for ModelTokEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    /// The tokenizer's tokens for `s`, if they spell exactly `s` (a normaliser that adds a
+    /// prefix space would not); otherwise the trie's greedy tokenization, which always does.
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        let by_tokenizer = std::str::from_utf8(s)
+            .ok()
+            .and_then(|text| self.tokenizer.encode(text, false).ok())
+            .map(|e| e.get_ids().to_vec())
+            .filter(|ids| self.trie.decode_raw(ids) == s);
+        by_tokenizer.unwrap_or_else(|| self.trie.greedy_tokenize(s))
+    }
+}
+
 /// A compiled constraint and its parser state for one generation.
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
     spec: ConstraintSpec,
     vocab: usize,
+    /// Full masks computed so far (the costly step), for benchmarks.
+    masks: usize,
+    /// The token that ends the output where the grammar may end.
+    eos: u32,
 }
 
 impl Constraint {
@@ -122,7 +158,13 @@ impl Constraint {
         if let Some(e) = matcher.get_error() {
             return Err(spec.error(e));
         }
-        Ok(Constraint { matcher, spec: spec.clone(), vocab: factory.tok_env().tok_trie().vocab_size() })
+        Ok(Constraint {
+            matcher,
+            spec: spec.clone(),
+            vocab: factory.tok_env().tok_trie().vocab_size(),
+            masks: 0,
+            eos: factory.tok_env().tok_trie().eos_token(),
+        })
     }
 
     /// The spec this was compiled from.
@@ -144,13 +186,27 @@ impl Constraint {
         (token as usize) < self.vocab && self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1)
     }
 
+    /// How many full token masks this constraint has computed (each costs a walk of the token
+    /// trie; a step whose token the grammar accepts as it is costs none).
+    pub fn masks_computed(&self) -> usize {
+        self.masks
+    }
+
     /// The tokens the grammar allows next.
     fn mask(&mut self) -> Result<SimpleVob> {
+        self.masks += 1;
         let m = self.matcher.compute_mask().map_err(|e| self.error(e))?;
         if m.is_zero() {
             return Err(self.error("no token can continue the output (an unsatisfiable constraint?)"));
         }
         Ok(m)
+    }
+
+    /// The one token the grammar forces next, if the text that must follow is fixed (llguidance's
+    /// fast-forward tokens: the model's own tokenization of that text); `None` when there is a
+    /// choice.
+    pub fn forced(&mut self) -> Option<u32> {
+        self.matcher.compute_ff_tokens().first().copied()
     }
 
     /// Sets every logit the grammar does not allow to −∞.
@@ -167,6 +223,11 @@ impl Constraint {
     /// Advances the grammar by the token chosen.
     pub fn consume(&mut self, token: u32) -> Result<()> {
         self.matcher.consume_token(token).map_err(|e| self.error(e))
+    }
+
+    /// The end-of-sequence token the grammar ends with.
+    pub fn eos(&self) -> u32 {
+        self.eos
     }
 
     /// The grammar has ended (its EOS consumed): nothing may follow.

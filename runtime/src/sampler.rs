@@ -150,6 +150,20 @@ impl Sampler {
         Ok(())
     }
 
+    /// Takes the constraint out where it stands (to move it to another sampler with
+    /// [`Sampler::continue_constraint`]).
+    pub fn take_constraint(&mut self) -> Option<Constraint> {
+        self.constraint.take()
+    }
+
+    /// Constrains what follows to `constraint` from where it stands (not from its start).
+    pub fn continue_constraint(&mut self, constraint: Option<Constraint>) {
+        if constraint.is_some() && self.masked.len() != self.seen.len() {
+            self.masked = vec![0.0; self.seen.len()];
+        }
+        self.constraint = constraint;
+    }
+
     /// Starts the constraint over, for a new reply.
     pub fn restart_constraint(&mut self) -> Result<()> {
         self.constraint.as_mut().map_or(Ok(()), Constraint::reset)
@@ -172,6 +186,12 @@ impl Sampler {
         let Some(mut c) = self.constraint.take() else {
             return Ok(self.sample(logits, history));
         };
+        if c.is_complete() {
+            // The grammar has ended: only the end of the sequence may follow.
+            let eos = c.eos();
+            self.constraint = Some(c);
+            return Ok(eos);
+        }
         let picked = self.pick_within(&mut c, logits, history);
         let picked = picked.and_then(|t| c.consume(t).map(|()| t));
         self.constraint = Some(c);
@@ -184,6 +204,12 @@ impl Sampler {
             if c.allows(t) {
                 return Ok(t);
             }
+        }
+        // Text the grammar fixes is taken as the tokenizer spells it, without a mask. (Greedy
+        // asks only after the model's own token was refused, so that a model which already
+        // conforms keeps its exact tokens.)
+        if let Some(t) = c.forced() {
+            return Ok(t);
         }
         let mut masked = std::mem::take(&mut self.masked);
         masked.copy_from_slice(logits);

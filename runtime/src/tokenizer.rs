@@ -114,6 +114,11 @@ impl Tokenizer {
         self.inner.decode(tokens, skip_special).map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
     }
 
+    /// The Hugging Face tokenizer itself (constrained decoding tokenizes forced text with it).
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -118,6 +118,16 @@ fn a_model_that_already_conforms_is_not_changed() {
         assert!(!free.text.contains('\u{fffd}'), "{:?}", free.text);
         let same = gen(Some(&ConstraintSpec::Regex(r"(.|\n)*".into())));
         assert_eq!(free.tokens, same.tokens, "T={}: {:?} vs {:?}", p.temperature, free.text, same.text);
+        if p.temperature == 0.0 {
+            // The tightest grammar the output satisfies: exactly its own text, every byte
+            // forced. Greedy still takes the model's own tokens (the grammar ends with the
+            // text, so no EOS token follows it).
+            let exact = gen(Some(&ConstraintSpec::Regex(regex::escape(&free.text))));
+            let eos = m.config.eos_token_ids[0];
+            let text_tokens = free.tokens.strip_suffix(&[eos]).unwrap_or(&free.tokens);
+            assert_eq!(text_tokens, &exact.tokens[..], "{:?} vs {:?}", free.text, exact.text);
+            assert_eq!(exact.stop, StopReason::Eos);
+        }
     }
 }
 
@@ -143,4 +153,54 @@ fn bad_constraints_are_errors_before_any_token() {
         assert!(matches!(e, peftrt::Error::Constraint(_)), "{e:?}");
         assert!(e.to_string().contains(want), "{spec:?}: {e}");
     }
+}
+
+#[test]
+fn forced_text_is_taken_without_a_mask() {
+    // A literal regex fixes every byte: each token is the tokenizer's spelling of what must
+    // follow (llguidance's fast-forward tokens), greedy or sampled, and no full mask is
+    // computed; the text is the literal.
+    let m = model("tiny-llama");
+    let tok = m.tokenizer().unwrap();
+    let prompt = tok.encode("hello", true).unwrap();
+    for p in [params(0.0, 0, 50), params(1.0, 9, 50)] {
+        let c = Constraint::new(&m, &ConstraintSpec::Regex("order 42: tea, milk".into())).unwrap();
+        let mut session = Session::new(m.clone(), &SessionOptions { n_ctx: 256, ..Default::default() }).unwrap();
+        let mut sampler = Sampler::new(p.clone(), m.config.vocab_size).unwrap();
+        sampler.set_constraint(Some(c)).unwrap();
+        let g = generate(&mut session, &prompt, &mut sampler, |_| true).unwrap();
+        assert_eq!(g.stop, StopReason::Eos, "T={}: {:?}", p.temperature, g.text);
+        assert_eq!(g.text, "order 42: tea, milk");
+        assert_eq!(sampler.constraint().unwrap().masks_computed(), 0, "T={}", p.temperature);
+        if p.temperature > 0.0 {
+            // (Greedy takes the model's own token where the grammar allows it.)
+            // (The grammar ends with its last byte when nothing else may follow: no EOS
+            // token is needed then.)
+            let text_tokens = g.tokens.strip_suffix(&[m.config.eos_token_ids[0]]).unwrap_or(&g.tokens);
+            assert_eq!(text_tokens, &tok.encode(&g.text, false).unwrap()[..], "the tokenizer's own tokens");
+        }
+    }
+}
+
+#[test]
+fn a_complete_grammar_is_followed_only_by_eos() {
+    let m = model("tiny-llama");
+    let mut session = Session::new(m.clone(), &SessionOptions { n_ctx: 256, ..Default::default() }).unwrap();
+    let mut sampler = Sampler::new(params(1.0, 3, 50), m.config.vocab_size).unwrap();
+    sampler.set_constraint(Some(Constraint::new(&m, &ConstraintSpec::Regex("ab".into())).unwrap())).unwrap();
+    let logits = session.eval(&m.tokenizer().unwrap().encode("x", true).unwrap()).unwrap().to_vec();
+    let mut out = Vec::new();
+    while !sampler.constraint_complete() {
+        assert!(out.len() < 10, "the grammar never completed: {out:?}");
+        out.push(sampler.next_token(&logits, &[]).unwrap());
+    }
+    // The grammar may end with its last byte (nothing else can follow) or with an EOS token.
+    let text = out.strip_suffix(&[m.config.eos_token_ids[0]]).unwrap_or(&out);
+    assert_eq!(m.tokenizer().unwrap().decode(text, false).unwrap(), "ab");
+    for _ in 0..3 {
+        assert!(m.is_eos(sampler.next_token(&logits, &[]).unwrap()), "a token after the grammar ended");
+    }
+    // Restarted, it constrains from the start again.
+    sampler.restart_constraint().unwrap();
+    assert!(!sampler.constraint_complete());
 }

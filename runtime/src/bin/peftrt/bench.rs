@@ -1,8 +1,42 @@
-//! `peftrt bench`: prefill and decode speed, adapter load and switch times, peak memory.
+//! `peftrt bench`: prefill and decode speed, adapter load and switch times, peak memory; with a
+//! constraint, what it costs (compile time, and greedy decode with and without it).
 
-use crate::common::{Loaded, ModelArgs};
+use crate::common::{ConstraintArgs, Loaded, ModelArgs};
 use anyhow::{bail, Result};
+use peftrt::constraint::Constraint;
+use peftrt::{Sampler, SamplingParams, Session};
+use std::path::PathBuf;
 use std::time::Instant;
+
+/// The constraint to measure: `generate`'s flags, but `--json-object` for any JSON object
+/// (`--json` here prints the results as JSON).
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct BenchConstraint {
+    /// Measure decoding constrained to this JSON Schema file.
+    #[arg(long = "json-schema")]
+    json_schema: Option<PathBuf>,
+    /// Measure decoding constrained to any JSON object.
+    #[arg(long = "json-object")]
+    json_object: bool,
+    /// Measure decoding constrained to this regular expression.
+    #[arg(long)]
+    regex: Option<String>,
+    /// Measure decoding constrained to this Lark grammar file.
+    #[arg(long)]
+    grammar: Option<PathBuf>,
+}
+
+impl BenchConstraint {
+    fn args(&self) -> ConstraintArgs {
+        ConstraintArgs {
+            json_schema: self.json_schema.clone(),
+            json: self.json_object,
+            regex: self.regex.clone(),
+            grammar: self.grammar.clone(),
+        }
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,6 +51,21 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    c: BenchConstraint,
+}
+
+/// Greedy decode speed with and without a constraint, measured in alternating runs.
+struct ConstraintCost {
+    /// The first compile, which also builds the model's token trie.
+    first_compile_ms: f64,
+    /// A compile once the trie exists (what each request with a new schema pays).
+    compile_ms: f64,
+    free_tok_s: f64,
+    constrained_tok_s: f64,
+    /// Steps where the model's own choice broke the grammar and the full mask was computed.
+    masked_steps: usize,
+    steps: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -53,6 +102,10 @@ pub fn run(a: Args) -> Result<()> {
             tg.push(decode);
         }
     }
+    let cost = match a.c.args().spec()? {
+        Some(_) => Some(constraint_cost(&a, &model, &mut session, &prompt)?),
+        None => None,
+    };
     let spread = |v: &[f64]| (v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(0.0, f64::max));
     let (pp_lo, pp_hi) = spread(&pp);
     let (tg_lo, tg_hi) = spread(&tg);
@@ -89,6 +142,18 @@ pub fn run(a: Args) -> Result<()> {
             "decode_tok_s_max": tg_hi,
             "peak_rss_bytes": rss,
         });
+        let mut v = v;
+        if let Some(c) = &cost {
+            v["constraint"] = serde_json::json!({
+                "first_compile_ms": c.first_compile_ms,
+                "compile_ms": c.compile_ms,
+                "greedy_decode_tok_s": c.free_tok_s,
+                "constrained_decode_tok_s": c.constrained_tok_s,
+                "ratio": c.constrained_tok_s / c.free_tok_s,
+                "masked_steps": c.masked_steps,
+                "steps": c.steps,
+            });
+        }
         println!("{v}");
     } else {
         println!("model      {}", a.m.model.display());
@@ -105,9 +170,74 @@ pub fn run(a: Args) -> Result<()> {
             "decode     {tg_med:.1} tok/s  (min {tg_lo:.1}, max {tg_hi:.1}; {} tokens, {} runs)",
             a.gen_tokens, a.repeat
         );
+        if let Some(c) = &cost {
+            println!(
+                "constraint compile {:.2} ms (first, with the token trie: {:.1} ms)",
+                c.compile_ms, c.first_compile_ms
+            );
+            println!(
+                "greedy     {:.1} tok/s free, {:.1} tok/s constrained ({:.3}x; full mask on {} of {} steps)",
+                c.free_tok_s,
+                c.constrained_tok_s,
+                c.constrained_tok_s / c.free_tok_s,
+                c.masked_steps,
+                c.steps
+            );
+        }
         println!("peak RSS   {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
     }
     Ok(())
+}
+
+/// Compiles the constraint (twice: the first also builds the token trie), then times greedy
+/// decoding after `prompt` without and with it, alternating, `--repeat` times each (after one
+/// warm-up each); medians. A grammar that completes starts over, so every run decodes
+/// `--gen-tokens` tokens.
+fn constraint_cost(a: &Args, model: &peftrt::Model, session: &mut Session, prompt: &[u32]) -> Result<ConstraintCost> {
+    let args = a.c.args();
+    let t = Instant::now();
+    args.compile(model)?;
+    let first_compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let constraint = args.compile(model)?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let params = SamplingParams { temperature: 0.0, max_tokens: a.gen_tokens, ..Default::default() };
+    let (mut free, mut constrained) = (Vec::new(), Vec::new());
+    let (mut masked_steps, mut steps) = (0, 0);
+    for r in 0..=a.repeat {
+        for with in [false, true] {
+            let mut sampler = Sampler::new(params.clone(), model.config.vocab_size)?;
+            sampler.set_constraint(if with { constraint.clone() } else { None })?;
+            session.reset();
+            session.eval(prompt)?;
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                let next = sampler.next_token(session.logits(), session.tokens())?;
+                if sampler.constraint_complete() {
+                    sampler.restart_constraint()?;
+                }
+                session.eval(&[next])?;
+            }
+            let tok_s = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+            if r > 0 {
+                if with {
+                    constrained.push(tok_s);
+                    masked_steps += sampler.constraint().map_or(0, Constraint::masks_computed);
+                    steps += a.gen_tokens;
+                } else {
+                    free.push(tok_s);
+                }
+            }
+        }
+    }
+    Ok(ConstraintCost {
+        first_compile_ms,
+        compile_ms,
+        free_tok_s: median(&mut free),
+        constrained_tok_s: median(&mut constrained),
+        masked_steps,
+        steps,
+    })
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.

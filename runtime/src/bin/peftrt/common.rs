@@ -134,16 +134,16 @@ impl SamplingArgs {
 pub struct ConstraintArgs {
     /// The output is JSON satisfying this JSON Schema file.
     #[arg(long = "json-schema")]
-    json_schema: Option<PathBuf>,
-    /// The output is a JSON object.
-    #[arg(long)]
-    json: bool,
+    pub json_schema: Option<PathBuf>,
+    /// The output is a JSON object (also `--json-object`).
+    #[arg(long, alias = "json-object")]
+    pub json: bool,
     /// The output matches this regular expression, whole.
     #[arg(long)]
-    regex: Option<String>,
+    pub regex: Option<String>,
     /// The output follows this Lark grammar file (llguidance's dialect).
     #[arg(long)]
-    grammar: Option<PathBuf>,
+    pub grammar: Option<PathBuf>,
 }
 
 impl ConstraintArgs {

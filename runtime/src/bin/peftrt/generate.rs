@@ -2,7 +2,7 @@
 
 use crate::common::{utf8, ConstraintArgs, Loaded, ModelArgs, SamplingArgs};
 use anyhow::{bail, Result};
-use peftrt::{generate, Message, Sampler};
+use peftrt::{generate, Message, Sampler, StopReason};
 use std::io::Write;
 
 #[derive(clap::Args)]
@@ -45,6 +45,7 @@ pub fn run(a: Args) -> Result<()> {
     let params = a.s.params();
     let mut sampler = Sampler::new(params, model.config.vocab_size)?;
     sampler.set_constraint(a.c.compile(&model)?)?;
+    let constrained = sampler.constraint().is_some();
     let mut out = std::io::stdout().lock();
     let g = generate(&mut session, &tokens, &mut sampler, |text| {
         out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
@@ -60,5 +61,12 @@ pub fn run(a: Args) -> Result<()> {
         g.stop,
         session.n_threads()
     );
+    if constrained && g.stop != StopReason::Eos {
+        // The grammar did not complete: the output is not a valid document. Say so in the
+        // exit status too, so that a script never takes it for one.
+        drop(out);
+        eprintln!("warning: the reply was cut ({:?}) before the constraint completed; raise --max-tokens", g.stop);
+        std::process::exit(3);
+    }
     Ok(())
 }
