@@ -14,11 +14,13 @@
 //! (`peftrt_last_error`). Handles are checked against a registry of live handles
 //! ([`handle`]), so NULL, a freed handle or a handle of the wrong kind is an error, not a
 //! crash; the registry owns each object and every call holds its own reference while it
-//! runs, so a free racing a call never frees memory under it. Text functions are in [`text`].
+//! runs, so a free racing a call never frees memory under it. Text functions are in [`text`],
+//! a session's output constraint in [`constraint`].
 
 #![allow(non_camel_case_types)]
 
 pub mod adapter;
+pub mod constraint;
 pub mod handle;
 pub mod model;
 pub mod session;

@@ -21,18 +21,18 @@ const MAX_THREADS: usize = 1024;
 
 /// The opaque `peftrt_session`.
 pub struct peftrt_session {
-    model: Arc<rt::Model>,
+    pub(crate) model: Arc<rt::Model>,
     cancel: Arc<AtomicBool>,
     state: Mutex<State>,
 }
 
-struct State {
-    session: rt::Session,
+pub(crate) struct State {
+    pub(crate) session: rt::Session,
     /// The sampler of `peftrt_session_sample` (with its own copy of the constraint, advanced
     /// by every token it samples).
-    sampler: rt::Sampler,
+    pub(crate) sampler: rt::Sampler,
     /// The constraint as compiled, from its start: each `peftrt_session_generate` gets a copy.
-    constraint: Option<rt::constraint::Constraint>,
+    pub(crate) constraint: Option<rt::constraint::Constraint>,
     /// Whether `session.logits()` belongs to the last cached token.
     logits_valid: bool,
 }
@@ -90,7 +90,10 @@ pub type TextCallback = Option<unsafe extern "C" fn(*const c_char, usize, *mut c
 /// The call holds a reference to the session (not a borrow) from the registry check to its
 /// end, so a concurrent `peftrt_session_free` either sees it in use (BUSY) or lands before
 /// the check (this call then gets INVALID_HANDLE): never a free under the call.
-fn with_session<R>(p: *mut peftrt_session, f: impl FnOnce(&peftrt_session, &mut State) -> Result<R>) -> Result<R> {
+pub(crate) fn with_session<R>(
+    p: *mut peftrt_session,
+    f: impl FnOnce(&peftrt_session, &mut State) -> Result<R>,
+) -> Result<R> {
     let s = handle::get(p as *const peftrt_session, "session")?;
     let mut st = match s.state.try_lock() {
         Ok(g) => g,
@@ -486,65 +489,6 @@ pub unsafe extern "C" fn peftrt_session_generate(
                 // SAFETY: forwarded from our caller.
                 unsafe { write_out(result, &r, gen_size, "peftrt_generation") }?;
             }
-            Ok(())
-        })
-    })
-}
-
-/// `peftrt_constraint_kind`
-const CONSTRAINT_KINDS: [&str; 4] = ["JSON_SCHEMA", "JSON_OBJECT", "REGEX", "LARK"];
-
-/// # Safety
-/// `text` is NULL or has `len` readable bytes.
-#[no_mangle]
-pub unsafe extern "C" fn peftrt_session_set_constraint(
-    session: *mut peftrt_session,
-    kind: c_int,
-    text: *const c_char,
-    len: usize,
-) -> Status {
-    guard_status(|| {
-        with_session(session, |s, st| {
-            if len as u64 > rt::fsutil::MAX_JSON_BYTES {
-                return Err(Fail::arg(format!(
-                    "the constraint text is {len} bytes; at most {} are accepted",
-                    rt::fsutil::MAX_JSON_BYTES
-                )));
-            }
-            // SAFETY: forwarded from our caller.
-            let bytes = unsafe { c_slice(text.cast::<u8>(), len, "text") }?;
-            let text = || {
-                std::str::from_utf8(bytes)
-                    .map(str::to_string)
-                    .map_err(|e| Fail::arg(format!("the constraint text is not UTF-8: {e}")))
-            };
-            let spec = match kind {
-                0 => rt::constraint::ConstraintSpec::JsonSchema(text()?),
-                1 => rt::constraint::ConstraintSpec::AnyJson,
-                2 => rt::constraint::ConstraintSpec::Regex(text()?),
-                3 => rt::constraint::ConstraintSpec::Lark(text()?),
-                k => {
-                    return Err(Fail::arg(format!(
-                        "constraint kind {k} is not one of PEFTRT_CONSTRAINT_{{{}}} (0 to {})",
-                        CONSTRAINT_KINDS.join(", "),
-                        CONSTRAINT_KINDS.len() - 1
-                    )))
-                }
-            };
-            let c = rt::constraint::Constraint::new(&s.model, &spec)?;
-            st.sampler.set_constraint(Some(c.clone()))?;
-            st.constraint = Some(c);
-            Ok(())
-        })
-    })
-}
-
-#[no_mangle]
-pub extern "C" fn peftrt_session_clear_constraint(session: *mut peftrt_session) -> Status {
-    guard_status(|| {
-        with_session(session, |_, st| {
-            st.sampler.set_constraint(None)?;
-            st.constraint = None;
             Ok(())
         })
     })
