@@ -7,6 +7,7 @@
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu),
 #                 the C ABI (examples, valgrind, install)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
+#   make bench-constraint   decode speed with and without a JSON-schema constraint (NF4, BF16)
 #   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
 #   make fuzz FUZZ_SECONDS=N   every fuzz target for N seconds (nightly + cargo-fuzz; docs/fuzzing.md)
@@ -38,7 +39,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run demo test-demo test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-trainer fixtures clean
+.PHONY: all build ffi install venv models run demo test-demo test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-trainer fixtures clean
 
 all: build
 
@@ -145,6 +146,10 @@ test: test-rust test-aarch64 test-ffi test-trainer test-demo
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench.py --adapters $(SMOLLM2_ADAPTERS)/qkvo-r16 $(SMOLLM2_ADAPTERS)/all-linear-r16 --rounds 5
+
+# What a JSON-schema constraint costs in decode speed, NF4 and BF16 (reports/bench-constraint.json).
+bench-constraint: models build
+	$(PYTHON) scripts/bench_constraint.py $(BENCH_ARGS)
 
 # The trainer beside transformers + peft, LoRA on SmolLM2-135M, alternating fresh processes
 # (reports/bench-trainer.json); e.g. make bench-trainer BENCH_ARGS="--rounds 5 --steps 8".

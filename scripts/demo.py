@@ -395,6 +395,8 @@ def main():
         replies = batch_stage(f"eval row {i} ({label})", out, model, data / f"requests_{prompt}.jsonl", adapters,
                               max_tokens, {"max_tokens": max_tokens, "threads": a.threads}, schema=constraint)
         results[label] = score_rows(replies, tests, judge_replies(peftrt, out / "results.jsonl", schema_path))
+        # Replies cut by the token limit (a constrained reply is then not a complete document).
+        results[label]["cut_rate"] = sum(r.get("stop") in ("MaxTokens", "ContextFull") for r in replies) / len(replies)
         results[label]["seconds"] = float((out / "seconds").read_text())
         # A cached row keeps the timings of the run that made it, on that day's machine.
         results[label]["measured"] = time.strftime("%Y-%m-%d", time.gmtime((out / "seconds").stat().st_mtime))
@@ -561,8 +563,10 @@ def write_report(report_dir, s, c_example):
         *([f"- What the constraint does to the base: JSON parse {pct(base_row['parse_rate'])} → "
            f"{pct(cons_base['parse_rate'])}, schema-valid {pct(base_row['schema_valid_rate'])} → "
            f"{pct(cons_base['schema_valid_rate'])}, exact match {pct(base_row['exact_match_rate'])} → "
-           f"{pct(cons_base['exact_match_rate'])}: the right form with the wrong content, which is what the "
-           "adapter is for."] if cons_base else []),
+           f"{pct(cons_base['exact_match_rate'])} ({pct(cons_base['cut_rate'])} of its replies were still going at "
+           f"{s['max_tokens']} tokens, e.g. a string the model never closes, and so are not complete documents; "
+           f"adapter row: {pct(cons['cut_rate'])}). The constraint fixes the form; the content (which fields hold "
+           "what the customer said) is the model's, and that is what the adapter is for."] if cons_base else []),
         "",
         "## Targets",
         "",
