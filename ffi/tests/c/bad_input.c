@@ -178,6 +178,71 @@ static void test_files(peftrt_model *m) {
     EXPECT_STATUS(peftrt_model_free(ids_only), PEFTRT_OK);
 }
 
+/* Constraints (issue 20): every bad argument is a status with a message; a schema that does
+   not compile is CONSTRAINT_INVALID naming the keyword or position, and keeps the constraint
+   that was set; a constraint then holds for sample (EOS once the grammar has ended). */
+static void test_constraints(peftrt_model *m) {
+    peftrt_session *s = small_session(m, 64);
+    const char *digits = "[0-9]{2}";
+    EXPECT_STATUS(peftrt_session_set_constraint(NULL, PEFTRT_CONSTRAINT_REGEX, digits, strlen(digits)),
+                  PEFTRT_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(peftrt_session_clear_constraint(NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_REGEX, NULL, 4), PEFTRT_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(peftrt_session_set_constraint(s, (peftrt_constraint_kind)7, digits, strlen(digits)),
+                  PEFTRT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(peftrt_last_error(), "PEFTRT_CONSTRAINT_") != NULL);
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_REGEX, "\xff\xfe", 2), PEFTRT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(peftrt_last_error(), "UTF-8") != NULL);
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_REGEX, "(ab", 3), PEFTRT_ERR_CONSTRAINT_INVALID);
+    const char *not_json = "{\"type\": ";
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_JSON_SCHEMA, not_json, strlen(not_json)),
+                  PEFTRT_ERR_CONSTRAINT_INVALID);
+    const char *unsupported = "{\"type\": \"object\", \"if\": {}, \"then\": {}}";
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_JSON_SCHEMA, unsupported, strlen(unsupported)),
+                  PEFTRT_ERR_CONSTRAINT_INVALID);
+    CHECK(strstr(peftrt_last_error(), "if") != NULL);
+    const char *undefined = "start: missing_rule";
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_LARK, undefined, strlen(undefined)),
+                  PEFTRT_ERR_CONSTRAINT_INVALID);
+    CHECK(strstr(peftrt_last_error(), "missing_rule") != NULL);
+    /* The text need not be NUL-terminated: only len bytes are read ("[0-9]{2}" of a longer buffer). */
+    const char longer[] = "[0-9]{2}XXXX";
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_REGEX, longer, 8), PEFTRT_OK);
+    /* A bad one after a good one keeps the good one. */
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_REGEX, "(", 1), PEFTRT_ERR_CONSTRAINT_INVALID);
+    peftrt_token prompt[4];
+    int32_t n = peftrt_tokenize(m, "hello", true, prompt, 4);
+    CHECK(n > 0);
+    peftrt_token out[8];
+    peftrt_generation g = {.struct_size = sizeof g, .tokens = out, .n_tokens_max = 8};
+    peftrt_sampling_params sp = peftrt_sampling_default_params();
+    sp.max_tokens = 8;
+    EXPECT_STATUS(peftrt_session_generate(s, prompt, n, &sp, NULL, NULL, &g), PEFTRT_OK);
+    char text[64];
+    int32_t n_text = g.n_tokens;
+    if (n_text > 0 && peftrt_model_is_eos(m, out[n_text - 1]) == 1) n_text--;
+    CHECK(g.stop == PEFTRT_STOP_EOS && peftrt_detokenize(m, out, n_text, false, text, sizeof text) == 2);
+    CHECK(text[0] >= '0' && text[0] <= '9' && text[1] >= '0' && text[1] <= '9');
+    /* Token by token, the same constraint: two digits, then only EOS. */
+    EXPECT_STATUS(peftrt_session_reset(s), PEFTRT_OK);
+    EXPECT_STATUS(peftrt_session_eval(s, prompt, n), PEFTRT_OK);
+    int eos = 0;
+    for (int i = 0; i < 6; i++) {
+        peftrt_token t;
+        EXPECT_STATUS(peftrt_session_sample(s, &t), PEFTRT_OK);
+        if (peftrt_model_is_eos(m, t) == 1) {
+            eos++;
+        } else {
+            CHECK(eos == 0);
+            EXPECT_STATUS(peftrt_session_eval(s, &t, 1), PEFTRT_OK);
+        }
+    }
+    CHECK(eos >= 3);
+    EXPECT_STATUS(peftrt_session_clear_constraint(s), PEFTRT_OK);
+    EXPECT_STATUS(peftrt_session_set_constraint(s, PEFTRT_CONSTRAINT_JSON_OBJECT, NULL, 0), PEFTRT_OK);
+    EXPECT_STATUS(peftrt_session_free(s), PEFTRT_OK);
+}
+
 static void test_buffers_and_ranges(peftrt_model *m, peftrt_session *s) {
     peftrt_model_info info = {.struct_size = sizeof info};
     EXPECT_STATUS(peftrt_model_get_info(m, &info), PEFTRT_OK);
@@ -961,6 +1026,7 @@ int main(int argc, char **argv) {
     test_nulls(m, s);
     test_files(m);
     test_buffers_and_ranges(m, s);
+    test_constraints(m);
     test_handles(m);
     test_callback_stops(m, prompt, n);
     test_cancel(m, prompt, n);
