@@ -67,7 +67,7 @@ step "valgrind on the tiny fixtures"
 # run a whole eval before another is scheduled; the cancel tests need both to progress.
 VG=(valgrind -q --error-exitcode=99 --suppressions=ffi/tests/valgrind.supp --leak-check=full --errors-for-leak-kinds=definite
     --show-leak-kinds=definite --track-origins=no --fair-sched=try)
-run() { echo "+ $*"; "$@"; }
+run() { echo "+ $*" >&2; "$@"; }
 run "${VG[@]}" "$OUT/bad_input" $F/tiny-llama $F/adapters/llama-qv $F/tiny-llama3-tied
 # Frees racing other threads' calls on the same handle (issue #18): a read of freed memory
 # fails the run here.
