@@ -199,7 +199,8 @@ impl Sampler {
     }
 
     fn pick_within(&mut self, c: &mut Constraint, logits: &[f32], history: &[u32]) -> Result<u32> {
-        if self.params.temperature == 0.0 {
+        let greedy = self.params.temperature == 0.0;
+        if greedy {
             let t = self.sample(logits, history);
             if c.allows(t) {
                 return Ok(t);
@@ -210,6 +211,15 @@ impl Sampler {
         // conforms keeps its exact tokens.)
         if let Some(t) = c.forced() {
             return Ok(t);
+        }
+        if greedy {
+            // The argmax of the masked logits is the first allowed token in descending order
+            // (ties by index, as `argmax`): asking the grammar about the next few best tokens
+            // one by one is far cheaper than a mask of the whole vocabulary, which is computed
+            // only when none of them is allowed.
+            if let Some(t) = self.best_allowed(c, logits, history) {
+                return Ok(t);
+            }
         }
         let mut masked = std::mem::take(&mut self.masked);
         masked.copy_from_slice(logits);
@@ -227,36 +237,35 @@ impl Sampler {
         r
     }
 
+    /// The most likely token among the [`GREEDY_TRIES`] most likely ones (after the repetition
+    /// penalty) that the grammar allows, or `None` if it allows none of them.
+    fn best_allowed(&mut self, c: &mut Constraint, logits: &[f32], history: &[u32]) -> Option<u32> {
+        let scores = penalise(&self.params, &mut self.penalised, &mut self.seen, logits, history);
+        let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(scores.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        let tries = GREEDY_TRIES.min(cand.len());
+        if tries == 0 {
+            return None;
+        }
+        if tries < cand.len() {
+            cand.select_nth_unstable_by(tries - 1, desc);
+            cand.truncate(tries);
+        }
+        cand.sort_unstable_by(desc);
+        cand.iter().map(|&(_, t)| t).find(|&t| c.allows(t))
+    }
+
     /// Picks the next token from `logits` (`[vocab]`), given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let p = &self.params;
-        let logits = if p.repetition_penalty != 1.0 {
-            let recent = match p.repeat_last_n {
-                0 => history,
-                n => &history[history.len().saturating_sub(n)..],
-            };
-            self.penalised.copy_from_slice(logits);
-            for &t in recent {
-                let t = t as usize;
-                if t < self.seen.len() && !self.seen[t] {
-                    self.seen[t] = true;
-                    let l = &mut self.penalised[t];
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
-                }
-            }
-            for &t in recent {
-                if let Some(s) = self.seen.get_mut(t as usize) {
-                    *s = false;
-                }
-            }
-            &self.penalised[..]
-        } else {
-            logits
-        };
-        if p.temperature == 0.0 {
+        let temperature = self.params.temperature;
+        let logits = penalise(&self.params, &mut self.penalised, &mut self.seen, logits, history);
+        if temperature == 0.0 {
             return argmax(logits);
         }
 
+        let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         self.cand.clear();
         self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
@@ -301,6 +310,44 @@ impl Sampler {
         self.cand.last().map_or(0, |c| c.1)
     }
 }
+
+/// `logits` with the repetition penalty applied (in the sampler's buffer), or `logits`
+/// itself when there is none.
+fn penalise<'a>(
+    p: &SamplingParams,
+    penalised: &'a mut [f32],
+    seen: &mut [bool],
+    logits: &'a [f32],
+    history: &[u32],
+) -> &'a [f32] {
+    if p.repetition_penalty != 1.0 {
+        let recent = match p.repeat_last_n {
+            0 => history,
+            n => &history[history.len().saturating_sub(n)..],
+        };
+        penalised.copy_from_slice(logits);
+        for &t in recent {
+            let t = t as usize;
+            if t < seen.len() && !seen[t] {
+                seen[t] = true;
+                let l = &mut penalised[t];
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+        for &t in recent {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = false;
+            }
+        }
+        &penalised[..]
+    } else {
+        logits
+    }
+}
+
+/// How many of the most likely tokens greedy constrained decoding asks the grammar about, one
+/// by one, before it computes the full mask.
+const GREEDY_TRIES: usize = 16;
 
 /// Index of the largest value (the first one on ties, like `torch.argmax`).
 pub fn argmax(x: &[f32]) -> u32 {

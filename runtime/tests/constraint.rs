@@ -204,3 +204,54 @@ fn a_complete_grammar_is_followed_only_by_eos() {
     sampler.restart_constraint().unwrap();
     assert!(!sampler.constraint_complete());
 }
+
+/// Greedy decoding under a constraint picks the argmax of the fully masked logits at every step
+/// (the sampler asks the grammar about its best few tokens before it computes a mask), with a
+/// repetition penalty too, and with random logits where the model's own choice is rarely
+/// allowed.
+#[test]
+fn greedy_within_a_constraint_is_the_argmax_of_the_masked_logits() {
+    let m = model("tiny-llama");
+    let vocab = m.config.vocab_size;
+    let spec = ConstraintSpec::JsonSchema(ORDER.into());
+    let mut seed = 99u64;
+    let mut rand = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+    };
+    for penalty in [1.0, 1.3] {
+        let p = SamplingParams { repetition_penalty: penalty, ..Default::default() };
+        let mut sampler = Sampler::new(p.clone(), vocab).unwrap();
+        sampler.set_constraint(Some(Constraint::new(&m, &spec).unwrap())).unwrap();
+        let mut shadow = Constraint::new(&m, &spec).unwrap();
+        let mut plain = Sampler::new(p, vocab).unwrap();
+        let mut history = Vec::new();
+        let mut refused = 0;
+        for step in 0..120 {
+            if shadow.is_complete() {
+                break;
+            }
+            // Ties on purpose: a few logits share the top value.
+            let mut logits: Vec<f32> = (0..vocab).map(|_| rand()).collect();
+            for i in [3, 17, 40] {
+                logits[i] = 5.0;
+            }
+            let got = sampler.next_token(&logits, &history).unwrap();
+            let want = match shadow.forced() {
+                // The grammar's fixed text is taken as it is: the forced token is allowed.
+                Some(t) if !shadow.allows(plain.sample(&logits, &history)) => t,
+                _ => {
+                    refused += usize::from(!shadow.allows(plain.sample(&logits, &history)));
+                    let mut masked = logits.clone();
+                    shadow.mask_logits(&mut masked).unwrap();
+                    plain.sample(&masked, &history)
+                }
+            };
+            assert_eq!(got, want, "penalty {penalty}, step {step}");
+            shadow.consume(got).unwrap();
+            history.push(got);
+        }
+        assert!(refused >= 10, "penalty {penalty}: the model's choice was refused only {refused} times");
+        eprintln!("penalty {penalty}: {} steps, {refused} choices refused", history.len());
+    }
+}
