@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::kernels::{self, MatRef, Weights};
+use crate::kernels::{self, MatRef, Path::Tiled, Weights};
 use crate::kv_cache::KvCache;
 use crate::session::zeroed;
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
@@ -27,9 +27,9 @@ pub(crate) struct AttentionInput<'a> {
 /// Buffers of both attention implementations, sized for a session's threads and context.
 pub(crate) struct AttentionScratch {
     /// `[n_threads, n_ctx]` scores of [`attention_per_query`], one row per thread
-    scores: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
     /// [`attention_batched`]'s buffers for one KV head, allocated on first use
-    batched: BatchedScratch,
+    pub(crate) batched: BatchedScratch,
 }
 
 impl AttentionScratch {
@@ -42,7 +42,7 @@ impl AttentionScratch {
 }
 
 /// Batches of at least this many tokens take [`attention_batched`].
-const BATCHED_ATTENTION_MIN: usize = 16;
+pub(crate) const BATCHED_ATTENTION_MIN: usize = 16;
 
 /// Attention of `inp`'s queries into `out` (`[n, q_dim]`), by whichever implementation is
 /// faster for the batch's size.
@@ -50,37 +50,69 @@ pub(crate) fn attention(pool: &ThreadPool, inp: &AttentionInput, s: &mut Attenti
     if inp.n >= BATCHED_ATTENTION_MIN {
         attention_batched(pool, inp, &mut s.batched, out);
     } else {
-        attention_per_query(pool, inp, &mut s.scores, out);
+        let block = QueryBlock { cache: inp.cache, pos0: inp.pos0, n: inp.n, row0: 0 };
+        attention_per_query(pool, inp.c, inp.layer, 1, |_| block, inp.q, &mut s.scores, out);
     }
 }
 
-/// Causal grouped-query attention of a batch's queries over the cache, into `out`
-/// (`[n, q_dim]`); `att` holds one `[n_ctx]` score row per thread.
-fn attention_per_query(pool: &ThreadPool, inp: &AttentionInput, att: &mut [f32], out: &mut [f32]) {
-    let AttentionInput { c, cache, layer, pos0, n, q } = *inp;
-    let (hd, nh, q_dim, n_ctx) = (c.head_dim, c.num_attention_heads, c.q_dim(), cache.n_ctx);
+/// Consecutive queries of one sequence: rows `row0..row0 + n` of the batch, at positions
+/// `pos0..pos0 + n` of `cache`.
+#[derive(Clone, Copy)]
+pub(crate) struct QueryBlock<'a> {
+    pub cache: &'a KvCache,
+    pub pos0: usize,
+    pub n: usize,
+    pub row0: usize,
+}
+
+/// Causal grouped-query attention of `blocks` blocks of queries (`block(i)`; a session has one,
+/// the batching engine one per sequence) over their caches, into `out` (`[rows, q_dim]`, the
+/// rows of `q`), one dispatch for all; `att` holds one `[n_ctx]` score row per thread. A query's
+/// result depends only on itself and its cache.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_per_query<'a>(
+    pool: &ThreadPool,
+    c: &ModelConfig,
+    layer: usize,
+    blocks: usize,
+    block: impl Fn(usize) -> QueryBlock<'a> + Sync,
+    q: &[f32],
+    att: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, nh, q_dim) = (c.head_dim, c.num_attention_heads, c.q_dim());
     let group = nh / c.num_key_value_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let (kc, vc) = (&cache.k[..], &cache.v[..]);
+    let items: usize = (0..blocks).map(|b| block(b).n * nh).sum();
+    let n_ctx = att.len() / pool.n_threads().max(1);
     let att = SharedMut::new(att);
     let out = SharedMut::new(out);
     pool.run(|ti, nt| {
         // SAFETY: row `ti` of the score buffer belongs to this thread alone.
         let scores_row = unsafe { att.slice(ti * n_ctx..(ti + 1) * n_ctx) };
-        for item in split_range(n * nh, ti, nt, 1) {
-            let (t, head) = (item / nh, item % nh);
+        let range = split_range(items, ti, nt, 1);
+        let (mut b, mut first) = (0, 0);
+        for item in range {
+            // The block holding `item` (blocks are in order; items only grow).
+            while item >= first + block(b).n * nh {
+                first += block(b).n * nh;
+                b += 1;
+            }
+            let QueryBlock { cache, pos0, row0, .. } = block(b);
+            let (t, head) = ((item - first) / nh, (item - first) % nh);
             let pos = pos0 + t;
+            let row = row0 + t;
             let lo = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let base = cache.at(c, layer, head / group, 0);
-            let qv = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+            let qv = &q[row * q_dim + head * hd..row * q_dim + (head + 1) * hd];
             let (keys, values) =
-                (&kc[base + lo * hd..base + (pos + 1) * hd], &vc[base + lo * hd..base + (pos + 1) * hd]);
+                (&cache.k[base + lo * hd..base + (pos + 1) * hd], &cache.v[base + lo * hd..base + (pos + 1) * hd]);
             let scores = &mut scores_row[lo..=pos];
             kernels::matvec_local(MatRef { w: Weights::F32(keys), rows: pos + 1 - lo, cols: hd }, qv, scores);
             scores.iter_mut().for_each(|s| *s *= scale);
             kernels::softmax(scores);
-            // SAFETY: each (token, head) item belongs to one thread; its output slice is disjoint.
-            let o = unsafe { out.slice(t * q_dim + head * hd..t * q_dim + (head + 1) * hd) };
+            // SAFETY: each (row, head) item belongs to one thread; its output slice is disjoint.
+            let o = unsafe { out.slice(row * q_dim + head * hd..row * q_dim + (head + 1) * hd) };
             kernels::weighted_sum(o, scores, values);
         }
     });
@@ -88,7 +120,7 @@ fn attention_per_query(pool: &ThreadPool, inp: &AttentionInput, att: &mut [f32],
 
 /// Buffers of [`attention_batched`] for one KV head: rows are `(token, query head of the group)`.
 #[derive(Default)]
-struct BatchedScratch {
+pub(crate) struct BatchedScratch {
     /// `[rows, head_dim]` the group's queries, gathered
     q: Vec<f32>,
     /// `[rows, keys]` scores, then probabilities
@@ -104,7 +136,7 @@ struct BatchedScratch {
 /// `P·V`. Same result as [`attention_per_query`], but at the matmul kernel's speed: one score per
 /// query and key costs a dot product of `head_dim` either way, and the products waste at most the
 /// masked half.
-fn attention_batched(pool: &ThreadPool, inp: &AttentionInput, s: &mut BatchedScratch, out: &mut [f32]) {
+pub(crate) fn attention_batched(pool: &ThreadPool, inp: &AttentionInput, s: &mut BatchedScratch, out: &mut [f32]) {
     let AttentionInput { c, cache, layer, pos0, n, q } = *inp;
     let (hd, q_dim) = (c.head_dim, c.q_dim());
     let group = c.num_attention_heads / c.num_key_value_heads;
@@ -124,7 +156,9 @@ fn attention_batched(pool: &ThreadPool, inp: &AttentionInput, s: &mut BatchedScr
             s.q[t * width..(t + 1) * width].copy_from_slice(&q[src..src + width]);
         }
         let k_mat = MatRef { w: Weights::F32(keys), rows: keys_n, cols: hd };
-        kernels::matmul(pool, k_mat, &s.q[..rows * hd], rows, &mut s.p[..rows * keys_n]);
+        // Tiled whatever the rows (the engine may pass a single query): a query's result then
+        // depends only on its own position.
+        kernels::matmul_many_path(pool, &[k_mat], &s.q[..rows * hd], rows, &mut [&mut s.p[..rows * keys_n]], Tiled);
         let p = SharedMut::new(&mut s.p[..rows * keys_n]);
         pool.run(|ti, nt| {
             for row in split_range(rows, ti, nt, 1) {
@@ -144,7 +178,7 @@ fn attention_batched(pool: &ThreadPool, inp: &AttentionInput, s: &mut BatchedScr
             }
         }
         let v_mat = MatRef { w: Weights::F32(&s.vt[..hd * keys_n]), rows: hd, cols: keys_n };
-        kernels::matmul(pool, v_mat, &s.p[..rows * keys_n], rows, &mut s.o[..rows * hd]);
+        kernels::matmul_many_path(pool, &[v_mat], &s.p[..rows * keys_n], rows, &mut [&mut s.o[..rows * hd]], Tiled);
         for t in 0..n {
             let dst = t * q_dim + g * width;
             out[dst..dst + width].copy_from_slice(&s.o[t * width..(t + 1) * width]);
@@ -184,7 +218,8 @@ mod tests {
                 let pool = ThreadPool::new(threads);
                 let mut want = vec![0.0; n * c.q_dim()];
                 let mut att = vec![0.0; threads * n_ctx];
-                attention_per_query(&pool, &inp, &mut att, &mut want);
+                let block = QueryBlock { cache: &cache, pos0, n, row0: 0 };
+                attention_per_query(&pool, c, layer, 1, |_| block, &q, &mut att, &mut want);
                 let mut got = vec![f32::NAN; n * c.q_dim()];
                 let mut s = BatchedScratch::default();
                 attention_batched(&pool, &inp, &mut s, &mut got);

@@ -3,7 +3,8 @@
 //! full context.
 
 use crate::error::{Error, Result};
-use crate::sampler::Sampler;
+use crate::model::Model;
+use crate::sampler::{Sampler, SamplingParams};
 use crate::session::Session;
 use crate::tokenizer::TextStream;
 use std::time::{Duration, Instant};
@@ -69,7 +70,7 @@ pub fn generate(
         return Err(Error::Input("the prompt is empty: give at least one token".into()));
     }
     let model = session.model().clone();
-    let tok = model.tokenizer()?;
+    model.tokenizer()?;
     let params = sampler.params.clone();
     sampler.restart_constraint()?;
     let t0 = Instant::now();
@@ -77,48 +78,12 @@ pub fn generate(
     let prefill_time = t0.elapsed();
 
     let t1 = Instant::now();
-    let mut stream = TextStream::new();
-    let mut text = String::new();
-    let mut emitted = 0;
+    let mut reply = Reply::new(params.max_tokens.min(session.n_ctx() - session.tokens().len() + 1));
     let mut stop = StopReason::MaxTokens;
-    // At most what the context can still hold: `max_tokens` may be any number.
-    let mut tokens = Vec::with_capacity(params.max_tokens.min(session.n_ctx() - session.tokens().len() + 1));
     for i in 0..params.max_tokens {
         let next = sampler.next_token(session.logits(), session.tokens())?;
-        tokens.push(next);
-        // A constraint ends only with EOS, and then nothing may follow, ignore_eos or not.
-        if model.is_eos(next) && (!params.ignore_eos || sampler.constraint_complete()) {
-            stop = StopReason::Eos;
-            break;
-        }
-        if let Some(piece) = stream.push(tok, next)? {
-            text.push_str(&piece);
-            if let Some(at) = params
-                .stop
-                .iter()
-                .filter_map(|s| text[emitted.min(text.len())..].find(s.as_str()).map(|p| p + emitted))
-                .min()
-            {
-                text.truncate(at);
-                if at > emitted && !on_text(&text[emitted..]) {
-                    stop = StopReason::Cancelled;
-                    break;
-                }
-                stop = StopReason::StopString;
-                break;
-            }
-            let safe = text.len() - held_back(&text, &params.stop);
-            if safe > emitted {
-                let ok = on_text(&text[emitted..safe]);
-                emitted = safe;
-                if !ok {
-                    stop = StopReason::Cancelled;
-                    break;
-                }
-            }
-        }
-        if sampler.constraint_complete() {
-            stop = StopReason::Eos;
+        if let Some(s) = reply.push(&model, &params, sampler.constraint_complete(), next, &mut on_text)? {
+            stop = s;
             break;
         }
         if i + 1 == params.max_tokens {
@@ -130,15 +95,91 @@ pub fn generate(
         }
         session.eval(&[next])?;
     }
-    if stop != StopReason::StopString && stop != StopReason::Cancelled {
-        if let Some(rest) = stream.finish(tok)? {
-            text.push_str(&rest);
-        }
-        if text.len() > emitted {
-            on_text(&text[emitted..]);
-        }
-    }
+    let (tokens, text) = reply.finish(&model, stop, &mut on_text)?;
     Ok(Generation { tokens, text, stop, prompt_tokens: prompt.len(), prefill_time, decode_time: t1.elapsed() })
+}
+
+/// A reply as its tokens come: the text streamed as it completes, the stop strings, EOS and a
+/// completed constraint. One definition for [`generate`] and the batching engine, which must
+/// end and stream a reply the same way.
+pub(crate) struct Reply {
+    stream: TextStream,
+    tokens: Vec<u32>,
+    text: String,
+    /// Bytes of `text` handed to the callback so far.
+    emitted: usize,
+}
+
+impl Reply {
+    pub(crate) fn new(capacity: usize) -> Reply {
+        Reply { stream: TextStream::new(), tokens: Vec::with_capacity(capacity), text: String::new(), emitted: 0 }
+    }
+
+    /// Takes the sampled token `next`; `Some(reason)` when the reply ends with it (EOS, a
+    /// stop string, the constraint complete, or `on_text` asking to stop). The caller checks
+    /// the token limit and the context.
+    pub(crate) fn push(
+        &mut self,
+        model: &Model,
+        params: &SamplingParams,
+        constraint_complete: bool,
+        next: u32,
+        on_text: &mut impl FnMut(&str) -> bool,
+    ) -> Result<Option<StopReason>> {
+        self.tokens.push(next);
+        // A constraint ends only with EOS, and then nothing may follow, ignore_eos or not.
+        if model.is_eos(next) && (!params.ignore_eos || constraint_complete) {
+            return Ok(Some(StopReason::Eos));
+        }
+        let text = &mut self.text;
+        if let Some(piece) = self.stream.push(model.tokenizer()?, next)? {
+            text.push_str(&piece);
+            let emitted = self.emitted;
+            if let Some(at) = params
+                .stop
+                .iter()
+                .filter_map(|s| text[emitted.min(text.len())..].find(s.as_str()).map(|p| p + emitted))
+                .min()
+            {
+                text.truncate(at);
+                if at > emitted && !on_text(&text[emitted..]) {
+                    return Ok(Some(StopReason::Cancelled));
+                }
+                return Ok(Some(StopReason::StopString));
+            }
+            let safe = text.len() - held_back(text, &params.stop);
+            if safe > emitted {
+                let ok = on_text(&text[emitted..safe]);
+                self.emitted = safe;
+                if !ok {
+                    return Ok(Some(StopReason::Cancelled));
+                }
+            }
+        }
+        if constraint_complete {
+            return Ok(Some(StopReason::Eos));
+        }
+        Ok(None)
+    }
+
+    /// Ends the reply for `stop`: the rest of the text (a held-back start of a stop string, a
+    /// partial character as U+FFFD) goes to `on_text`; returns the tokens and the text.
+    pub(crate) fn finish(
+        mut self,
+        model: &Model,
+        stop: StopReason,
+        on_text: &mut impl FnMut(&str) -> bool,
+    ) -> Result<(Vec<u32>, String)> {
+        if stop != StopReason::StopString && stop != StopReason::Cancelled {
+            if let Some(rest) = self.stream.finish(model.tokenizer()?)? {
+                self.text.push_str(&rest);
+            }
+            if self.text.len() > self.emitted {
+                on_text(&self.text[self.emitted..]);
+            }
+        }
+        Ok((self.tokens, self.text))
+    }
 }
 
 /// Length of the longest end of `text` that is a proper start of some stop string.

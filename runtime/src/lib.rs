@@ -63,6 +63,7 @@ mod attention;
 pub mod batch;
 pub mod config;
 pub mod constraint;
+pub mod engine;
 pub mod error;
 pub mod fsutil;
 pub mod generate;
@@ -84,6 +85,7 @@ pub mod weights;
 
 pub use adapter::Adapter;
 pub use config::ModelConfig;
+pub use engine::{Engine, EngineOptions, Event, Request, RequestId};
 pub use error::{Error, Result};
 pub use generate::{generate, Generation, StopReason};
 pub use model::{LoadOptions, Model};

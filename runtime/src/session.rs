@@ -389,7 +389,7 @@ impl Session {
             rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
             let gate_up = [&layer.gate_proj, &layer.up_proj];
             linear(pool, &mut lora, gate_up, &s.xb[..n * h], n, [&mut s.gate[..n * inter], &mut s.up[..n * inter]]);
-            kernels::act_mul(c.hidden_act, &mut s.gate[..n * inter], &s.up[..n * inter]);
+            act_mul_rows(c.hidden_act, &mut s.gate[..n * inter], &s.up[..n * inter], inter);
             linear(pool, &mut lora, [&layer.down_proj], &s.gate[..n * inter], n, [&mut s.out[..n * h]]);
             kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
         }
@@ -415,9 +415,17 @@ impl Session {
 }
 
 /// RMSNorm of each `w.len()`-wide row of `x`.
-fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+pub(crate) fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     for (o, x) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
         kernels::rmsnorm(o, x, w, eps);
+    }
+}
+
+/// `gate = act(gate) · up`, row by row (`width` wide): a row's values then do not depend on
+/// where it sits in the batch (the kernels' vector tails round differently).
+pub(crate) fn act_mul_rows(act: crate::config::Activation, gate: &mut [f32], up: &[f32], width: usize) {
+    for (g, u) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
+        kernels::act_mul(act, g, u);
     }
 }
 
@@ -436,7 +444,7 @@ pub(crate) fn linear<const N: usize>(
     kernels::matmul_many(pool, &mats, x, n, &mut ys);
     for (lin, y) in lins.iter().zip(ys) {
         if !lora.is_empty() {
-            apply_adapters(pool, lora, lin, x, n, y);
+            apply_adapters(pool, lora, lin, x, n, n, y);
         }
         if let Some(b) = &lin.bias {
             for row in y.chunks_exact_mut(lin.rows) {
@@ -447,7 +455,7 @@ pub(crate) fn linear<const N: usize>(
 }
 
 /// cos and sin of `pos · inv_freq` for positions `pos0..pos0 + n`, computed in f32 as transformers does.
-fn rope_tables(inv_freq: &[f32], pos0: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
+pub(crate) fn rope_tables(inv_freq: &[f32], pos0: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
     let half = inv_freq.len();
     for t in 0..n {
         let p = (pos0 + t) as f32;
@@ -460,7 +468,7 @@ fn rope_tables(inv_freq: &[f32], pos0: usize, n: usize, cos: &mut [f32], sin: &m
 }
 
 /// Rotary embedding of one head, transformers' `rotate_half` layout (pairs `i`, `i + d/2`).
-fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+pub(crate) fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
     let (a, b) = x.split_at_mut(half);
     for i in 0..half {

@@ -77,7 +77,19 @@ impl Lora<'_> {
 /// - DoRA: `y += (g − 1)⊙(x·Wᵀ) + g⊙s·B(A·x)` with `g = m / ‖W + s·B·A‖_row`
 ///   (PEFT's `DoraLinearLayer.forward`; every DoRA term uses the base output `x·Wᵀ`, so the
 ///   base-output factors are applied first, together).
-pub(crate) fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x: &[f32], n: usize, y: &mut [f32]) {
+///
+/// `x` and `y` hold `n` tokens; the products sum as they do for a lone session's batch of
+/// `batch` tokens (see [`small_matmul`]): a session passes `batch = n`, the batching engine the
+/// size of the batch each token would have had in a session.
+pub(crate) fn apply_adapters(
+    pool: &ThreadPool,
+    lora: &mut Lora,
+    lin: &Linear,
+    x: &[f32],
+    n: usize,
+    batch: usize,
+    y: &mut [f32],
+) {
     let rows = lin.rows;
     let active = lora.active;
     let on_layer = || active.iter().filter_map(|(a, w)| a.for_layer(lin).filter(|_| *w != 0.0).map(|lw| (lw, *w)));
@@ -98,10 +110,11 @@ pub(crate) fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x
     for (lw, weight) in on_layer() {
         let s = weight * lw.scale;
         let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * rows]);
-        small_matmul(pool, lw.a_mat(), x, n, u);
-        small_matmul(pool, lw.b_mat(), u, n, v);
+        small_matmul(pool, lw.a_mat(), x, n, batch, u);
+        small_matmul(pool, lw.b_mat(), u, n, batch, v);
         match &lw.dora {
-            None => kernels::axpy(y, s, v),
+            // Row by row: a row's sums then do not depend on where it sits in the batch.
+            None => y.chunks_exact_mut(rows).zip(v.chunks_exact(rows)).for_each(|(y, v)| kernels::axpy(y, s, v)),
             Some(d) => {
                 let g = &mut lora.g[..rows];
                 d.gains(s, g);
@@ -115,16 +128,20 @@ pub(crate) fn apply_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, x
     }
 }
 
-/// `y = x·Wᵀ` for a low-rank factor: on the calling thread when the work is smaller than a
-/// thread-pool dispatch costs (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else
-/// shared out like any projection.
-fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, y: &mut [f32]) {
+/// `y = x·Wᵀ` for a low-rank factor and `n` tokens, summed as for a batch of `batch` tokens: on
+/// the calling thread when that batch's work is smaller than a thread-pool dispatch costs
+/// (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else shared out like any
+/// projection. Either way each token's result depends only on `batch`, not on `n`.
+fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, batch: usize, y: &mut [f32]) {
     const LOCAL_MAX_MACS: usize = 1 << 16;
-    if n * m.rows * m.cols <= LOCAL_MAX_MACS {
+    if batch * m.rows * m.cols <= LOCAL_MAX_MACS && n * m.rows * m.cols <= LOCAL_MAX_MACS {
         for (x, y) in x.chunks_exact(m.cols).zip(y.chunks_exact_mut(m.rows)) {
             kernels::matvec_local(m, x, y);
         }
+    } else if batch * m.rows * m.cols <= LOCAL_MAX_MACS {
+        // The engine's many decode rows: the same dot products, shared out.
+        kernels::matmul_many_path(pool, &[m], x, n, &mut [y], kernels::Path::Dot);
     } else {
-        kernels::matmul(pool, m, x, n, y);
+        kernels::matmul_many_path(pool, &[m], x, n, &mut [y], kernels::Path::for_tokens(batch));
     }
 }

@@ -341,11 +341,54 @@ pub fn matmul_many(pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &m
     matmul_many_isa(isa(), pool, ms, x, n, ys)
 }
 
+/// How a matrix product sums: each token's row of Y as a dot product per output (the decode
+/// kernel, [`matvec`]) or through the tiled GEMM (the prefill kernel, [`matmul`]). Each sums in
+/// its own order, so their results differ in the last bits; within one path, a token's outputs do
+/// not depend on which or how many other tokens share the call. [`matmul_many`] takes `Dot` for
+/// one token and `Tiled` for more; the batching engine picks per token what a lone session would
+/// have used, so that both give the same answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Dot,
+    Tiled,
+}
+
+impl Path {
+    /// The path [`matmul_many`] takes for `n` tokens.
+    pub fn for_tokens(n: usize) -> Path {
+        if n == 1 {
+            Path::Dot
+        } else {
+            Path::Tiled
+        }
+    }
+}
+
+/// [`matmul_many`] along a given [`Path`] whatever the number of tokens.
+///
+/// # Panics
+/// As [`matmul_many`].
+pub fn matmul_many_path(pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &mut [&mut [f32]], path: Path) {
+    matmul_many_isa_path(isa(), pool, ms, x, n, ys, path)
+}
+
 /// [`matmul_many`] with an explicit instruction set.
 ///
 /// # Panics
 /// As [`matmul_many`], and if `isa` is not [available](Isa::is_available) on this CPU.
 pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    matmul_many_isa_path(isa, pool, ms, x, n, ys, Path::for_tokens(n))
+}
+
+fn matmul_many_isa_path(
+    isa: Isa,
+    pool: &ThreadPool,
+    ms: &[MatRef],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+    path: Path,
+) {
     assert!(isa.is_available(), "matmul_many: {isa:?} is not available on this CPU ({:?} is)", crate::kernels::isa());
     assert!(ms.len() <= MAX_MANY && ms.len() == ys.len(), "matmul_many: {} matrices, {} outputs", ms.len(), ys.len());
     let mut outs = [SharedMut(std::ptr::null_mut()); MAX_MANY];
@@ -362,7 +405,10 @@ pub fn matmul_many_isa(isa: Isa, pool: &ThreadPool, ms: &[MatRef], x: &[f32], n:
         Isa::Neon => (neon::entries::TILE_TOKENS, <neon::Neon as simd::Simd>::MR),
         _ => (0, 1),
     };
-    if n == 1 || tile_tokens == 0 {
+    if n == 0 {
+        return;
+    }
+    if path == Path::Dot || tile_tokens == 0 {
         // One token (decode), or no SIMD: row-by-row dot products.
         let chunks = RowChunks::new(ms, pool.n_threads(), 16);
         pool.run(|_, _| {

@@ -455,3 +455,61 @@ fn gelus_match_torch() {
     scalar::gelu_mul(&mut g, &[2.0]);
     assert!((g[0] - 2.0 * 0.841_344_7).abs() < 1e-6);
 }
+
+/// What the batching engine relies on for its answers to equal a lone session's: along either
+/// [`Path`], a token's outputs are bit-for-bit the same whichever tokens share the call, how many
+/// there are (one included) and how many threads run it; and the `Dot` path is `matvec`.
+#[test]
+fn a_tokens_outputs_do_not_depend_on_the_batch_along_either_path() {
+    let mut rng = Rng(29);
+    let pools: Vec<ThreadPool> = [1, 2, 3].map(ThreadPool::new).into();
+    for (rows, cols) in [(33, 64), (96, 576), (7, 48), (200, 130)] {
+        let vals = rng.vec(rows * cols);
+        let dts = AllDtypes::new(&vals);
+        let (packed, absmax) = nf4_data(&mut rng, rows * cols, 64);
+        let nf4 = Nf4 { packed: &packed, absmax: &absmax, blocksize: 64, table: &NF4_TABLE, len: rows * cols };
+        let mut ws = dts.views(0).to_vec();
+        ws.push(Weights::Nf4(nf4));
+        let n = 37;
+        let x = rng.vec(n * cols);
+        for w in ws {
+            let m = MatRef { w, rows, cols };
+            for isa in Isa::available() {
+                for path in [Path::Dot, Path::Tiled] {
+                    let mut all = vec![f32::NAN; n * rows];
+                    matmul_many_isa_path(isa, &pools[0], &[m], &x, n, &mut [&mut all], path);
+                    for pool in &pools {
+                        for (t0, len) in [(0, 1), (5, 1), (36, 1), (3, 5), (16, 17), (0, 37)] {
+                            let mut part = vec![f32::NAN; len * rows];
+                            let xs = &x[t0 * cols..(t0 + len) * cols];
+                            matmul_many_isa_path(isa, pool, &[m], xs, len, &mut [&mut part], path);
+                            let want = &all[t0 * rows..(t0 + len) * rows];
+                            assert!(
+                                part.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{isa:?} {path:?} {rows}x{cols} {}: tokens {t0}..{} alone differ from the batch",
+                                dtype_name(&m.w),
+                                t0 + len
+                            );
+                        }
+                    }
+                    if path == Path::Dot {
+                        for t in [0, 20] {
+                            let mut y = vec![f32::NAN; rows];
+                            matvec_isa(isa, &pools[1], m, &x[t * cols..(t + 1) * cols], &mut y);
+                            assert!(y.iter().zip(&all[t * rows..]).all(|(a, b)| a.to_bits() == b.to_bits()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dtype_name(w: &Weights) -> &'static str {
+    match w {
+        Weights::F32(_) => "f32",
+        Weights::F16(_) => "f16",
+        Weights::BF16(_) => "bf16",
+        Weights::Nf4(_) => "nf4",
+    }
+}
