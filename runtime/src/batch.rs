@@ -4,7 +4,9 @@
 //! an optional `"id"` of any JSON type is copied to the result line. A request may constrain
 //! its reply, in OpenAI's shape — `"response_format": {"type": "json_schema", "json_schema":
 //! {"name": ..., "schema": {...}}}` or `{"type": "json_object"}` (`{"type": "text"}`: none) —
-//! or with a `"grammar"` (Lark) or `"regex"` string; at most one of them.
+//! or with a `"grammar"` (Lark) or `"regex"` string; at most one of them. `"adapters":
+//! ["DIR[:SCALE]", ...]` picks the request's adapters (the `--adapter` flag's syntax; `[]` is
+//! the base alone) instead of the flags'.
 //!
 //! [`parse_request`] turns one line into prompt tokens. It never panics, whatever the line
 //! holds (the fuzz target `batch_request` calls it on arbitrary bytes).
@@ -20,6 +22,8 @@ pub struct BatchRequest {
     pub id: Value,
     pub tokens: Vec<u32>,
     pub constraint: Option<ConstraintSpec>,
+    /// The request's own adapters (`DIR` or `DIR:SCALE` each), if it names any.
+    pub adapters: Option<Vec<String>>,
 }
 
 /// The request's own constraint: `response_format`, `grammar` or `regex` (at most one).
@@ -59,6 +63,16 @@ pub fn parse_request(line: &str, tok: &Tokenizer) -> Result<BatchRequest, String
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
     let id = v.get("id").cloned().unwrap_or(Value::Null);
     let constraint = constraint(&v)?;
+    let adapters = match v.get("adapters") {
+        None => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| x.as_str().map(str::to_string).filter(|s| !s.is_empty()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("\"adapters\" must be an array of non-empty strings, \"DIR\" or \"DIR:SCALE\"")?,
+        ),
+        Some(_) => return Err("\"adapters\" must be an array of strings, \"DIR\" or \"DIR:SCALE\"".into()),
+    };
     let tokens = if let Some(msgs) = v.get("messages") {
         let msgs = msgs.as_array().ok_or("\"messages\" is not an array")?;
         let mut parsed = Vec::with_capacity(msgs.len());
@@ -76,5 +90,5 @@ pub fn parse_request(line: &str, tok: &Tokenizer) -> Result<BatchRequest, String
     if tokens.is_empty() {
         return Err("the prompt is empty".into());
     }
-    Ok(BatchRequest { id, tokens, constraint })
+    Ok(BatchRequest { id, tokens, constraint, adapters })
 }

@@ -232,6 +232,80 @@ fn batch_replies_equal_generate_per_request() {
     }
 }
 
+/// Issue 21: a line picks its own adapters ("adapters", the --adapter syntax; [] = the base
+/// alone), lines without the field take the flags', and `--parallel N` gives the same lines for
+/// any N, each equal to `generate` with those adapters.
+#[test]
+fn batch_lines_pick_adapters_and_parallel_changes_nothing() {
+    let (qv, dora, rs) = (
+        fixture("adapters/llama-qv").display().to_string(),
+        fixture("adapters/llama-dora").display().to_string(),
+        fixture("adapters/llama-all-rslora").display().to_string(),
+    );
+    let sets: Vec<Vec<String>> =
+        vec![vec![qv.clone()], vec![], vec![format!("{dora}:0.7")], vec![format!("{qv}:0.5"), format!("{rs}:0.5")]];
+    let mut requests = String::new();
+    let mut want_adapters: Vec<Vec<String>> = Vec::new();
+    for i in 0..9 {
+        let prompt = ["Hello", "The quick brown", "a", "Once upon a time there was", "x y z"][i % 5];
+        if i % 5 == 4 {
+            // No field: the flag's adapter.
+            requests.push_str(&format!("{{\"id\": {i}, \"prompt\": \"{prompt}\"}}\n"));
+            want_adapters.push(vec![rs.clone()]);
+        } else {
+            let set = &sets[i % sets.len()];
+            let v = serde_json::json!({"id": i, "prompt": prompt, "adapters": set});
+            requests.push_str(&format!("{v}\n"));
+            want_adapters.push(set.clone());
+        }
+    }
+    let flags = ["--max-tokens", "6", "--ignore-eos", "--adapter", rs.as_str()];
+    let mut runs = Vec::new();
+    for parallel in ["1", "4", "16"] {
+        let mut extra = flags.to_vec();
+        extra.extend_from_slice(&["--parallel", parallel]);
+        let (out, results, _dir) = batch(&requests, &extra);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let results = results.unwrap();
+        let strip = |r: &serde_json::Value| {
+            (r["id"].clone(), r["text"].clone(), r["generated_tokens"].clone(), r["stop"].clone())
+        };
+        runs.push(results.iter().map(strip).collect::<Vec<_>>());
+    }
+    assert_eq!(runs[0], runs[1], "--parallel 4 changed the results");
+    assert_eq!(runs[0], runs[2], "--parallel 16 changed the results");
+    for (i, (id, reply, ..)) in runs[0].iter().enumerate() {
+        assert_eq!(id, &serde_json::json!(i));
+        let prompt = ["Hello", "The quick brown", "a", "Once upon a time there was", "x y z"][i % 5];
+        let m = model();
+        let mut a = vec!["generate", "--model", &m, "--max-tokens", "6", "--ignore-eos", "--prompt", prompt];
+        for spec in &want_adapters[i] {
+            a.extend_from_slice(&["--adapter", spec]);
+        }
+        let g = run(&a);
+        assert!(g.status.success(), "{}", text(&g.stderr));
+        assert_eq!(
+            reply.as_str().unwrap(),
+            text(&g.stdout).strip_suffix('\n').unwrap(),
+            "request {i}: {:?}",
+            want_adapters[i]
+        );
+    }
+    // A bad "adapters" field or directory fails the run before any generation, naming the line.
+    for (field, what) in [
+        (r#""adapters": "x""#.to_string(), "array of strings"),
+        (r#""adapters": [3]"#.to_string(), "non-empty strings"),
+        (r#""adapters": ["/nonexistent/adapter"]"#.to_string(), "/nonexistent/adapter"),
+    ] {
+        let requests = format!("{{\"prompt\": \"fine\"}}\n{{\"prompt\": \"hi\", {field}}}\n");
+        let (out, results, _dir) = batch(&requests, &["--parallel", "2"]);
+        assert!(!out.status.success(), "{field}");
+        let err = text(&out.stderr);
+        assert!(err.contains("requests.jsonl line 2") && err.contains(what), "{field}: {err}");
+        assert!(results.is_none(), "{field}: an output file was left");
+    }
+}
+
 #[test]
 fn batch_refuses_a_bad_line_by_number_and_writes_nothing() {
     for (line, what) in [
