@@ -53,6 +53,26 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     c: BenchConstraint,
+    /// Also time the batching engine with N sequences at once (each its own prompt of
+    /// --prompt-tokens, then --gen-tokens greedy tokens): aggregate decode tok/s, time to first
+    /// token (p50/p99) and per-stream decode tok/s. The --adapter flags apply to every sequence.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: Option<u64>,
+    /// With --parallel: adapters dealt out to the sequences in turn (sequence i takes the
+    /// (i mod count)-th), instead of the --adapter flags for all.
+    #[arg(long = "adapters-per-sequence", value_name = "DIR[:SCALE]", num_args = 1.., requires = "parallel")]
+    adapters_per_sequence: Vec<String>,
+}
+
+/// The batching engine's speed with `--parallel` sequences (medians over `--repeat` runs).
+struct ParallelCost {
+    sequences: usize,
+    /// Tokens decoded per second over all sequences, once every sequence has its first token.
+    aggregate_tok_s: f64,
+    ttft_ms_p50: f64,
+    ttft_ms_p99: f64,
+    /// The median sequence's decode tok/s.
+    per_stream_tok_s: f64,
 }
 
 /// Greedy decode speed with and without a constraint, measured in alternating runs.
@@ -69,7 +89,8 @@ struct ConstraintCost {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let Loaded { model, mut session, load_ms, adapter_load_ms } = a.m.load(false)?;
+    // The engine streams text, so it needs the tokenizer; the rest of bench does not.
+    let Loaded { model, mut session, load_ms, adapter_load_ms } = a.m.load(a.parallel.is_some())?;
     let vocab = model.config.vocab_size as u32;
     if a.prompt_tokens == 0 || a.repeat == 0 {
         bail!("--prompt-tokens and --repeat must be at least 1");
@@ -104,6 +125,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let cost = match a.c.args().spec()? {
         Some(_) => Some(constraint_cost(&a, &model, &mut session, &prompt)?),
+        None => None,
+    };
+    let parallel = match a.parallel {
+        Some(n) => Some(parallel_cost(&a, &model, session.adapters(), n as usize, &pick)?),
         None => None,
     };
     let spread = |v: &[f64]| (v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(0.0, f64::max));
@@ -154,6 +179,17 @@ pub fn run(a: Args) -> Result<()> {
                 "steps": c.steps,
             });
         }
+        if let Some(p) = &parallel {
+            v["parallel"] = serde_json::json!({
+                "sequences": p.sequences,
+                "adapters_per_sequence": a.adapters_per_sequence,
+                "aggregate_decode_tok_s": p.aggregate_tok_s,
+                "ttft_ms_p50": p.ttft_ms_p50,
+                "ttft_ms_p99": p.ttft_ms_p99,
+                "per_stream_decode_tok_s": p.per_stream_tok_s,
+                "vs_session_decode": p.aggregate_tok_s / tg_med,
+            });
+        }
         println!("{v}");
     } else {
         println!("model      {}", a.m.model.display());
@@ -182,6 +218,18 @@ pub fn run(a: Args) -> Result<()> {
                 c.constrained_tok_s / c.free_tok_s,
                 c.masked_steps,
                 c.steps
+            );
+        }
+        if let Some(p) = &parallel {
+            println!(
+                "engine     {} sequences: {:.1} tok/s decoded in all ({:.2}x one session), {:.1} tok/s per stream; \
+                 first token p50 {:.0} ms, p99 {:.0} ms",
+                p.sequences,
+                p.aggregate_tok_s,
+                p.aggregate_tok_s / tg_med,
+                p.per_stream_tok_s,
+                p.ttft_ms_p50,
+                p.ttft_ms_p99
             );
         }
         println!("peak RSS   {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
@@ -240,6 +288,92 @@ fn constraint_cost(a: &Args, model: &peftrt::Model, session: &mut Session, promp
     })
 }
 
+/// Runs `n` sequences through the batching engine, all submitted at once, `--repeat` times after
+/// a warm-up: each has its own pseudo-random prompt and decodes `--gen-tokens` greedy tokens
+/// (EOS ignored). Aggregate decode speed counts the tokens sampled after the last sequence got its
+/// first one, over the time from then to the end.
+fn parallel_cost(
+    a: &Args,
+    model: &std::sync::Arc<peftrt::Model>,
+    flag_adapters: &[(std::sync::Arc<peftrt::Adapter>, f32)],
+    n: usize,
+    pick: &dyn Fn(usize, usize) -> u32,
+) -> Result<ParallelCost> {
+    use peftrt::engine::{Engine, EngineOptions, Event, Request};
+    let mut per_seq = Vec::new();
+    for spec in &a.adapters_per_sequence {
+        let (dir, scale) = crate::common::parse_adapter_spec(spec)?;
+        let opts = peftrt::adapter::AdapterOptions {
+            allow_base_mismatch: a.m.allow_base_mismatch,
+            strict_base: a.m.strict_base,
+        };
+        let adapter = peftrt::Adapter::load_with(&dir, model, &opts)
+            .map_err(|e| anyhow::anyhow!("cannot load the adapter in {}: {e}", dir.display()))?;
+        per_seq.push(vec![(std::sync::Arc::new(adapter), scale)]);
+    }
+    let opts = EngineOptions {
+        max_sequences: n,
+        n_ctx: a.prompt_tokens + a.gen_tokens,
+        n_batch: 0,
+        step_tokens: 0,
+        n_threads: a.m.threads,
+    };
+    let mut engine = Engine::new(model.clone(), &opts)?;
+    let params = SamplingParams { max_tokens: a.gen_tokens, ignore_eos: true, ..Default::default() };
+    let (mut agg, mut ttft, mut streams) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..=a.repeat {
+        for i in 0..n {
+            let prompt: Vec<u32> = (0..a.prompt_tokens).map(|j| pick(j + 1000 * i, 7919 + 2 * i)).collect();
+            let adapters = if per_seq.is_empty() { flag_adapters.to_vec() } else { per_seq[i % per_seq.len()].clone() };
+            engine.submit(Request { prompt, adapters, params: params.clone(), constraint: None })?;
+        }
+        let (mut firsts, mut after, mut all_started) = (0, 0usize, None::<Instant>);
+        let mut seen = std::collections::HashSet::new();
+        let mut failed = None;
+        engine.run(|ev| {
+            match ev {
+                Event::Logits { id, .. } => {
+                    if all_started.is_some() {
+                        after += 1;
+                    } else if seen.insert(id) {
+                        firsts += 1;
+                        if firsts == n {
+                            all_started = Some(Instant::now());
+                        }
+                    }
+                }
+                Event::Done { result, .. } => match result {
+                    Ok(g) => {
+                        if r > 0 {
+                            ttft.push(g.prefill_time.as_secs_f64() * 1e3);
+                            streams.push(g.decode_tok_s());
+                        }
+                    }
+                    Err(e) => failed = Some(e),
+                },
+                Event::Text { .. } => {}
+            }
+            true
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        let since = all_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        if r > 0 && since > 0.0 {
+            agg.push(after as f64 / since);
+        }
+    }
+    ttft.sort_by(|x, y| x.total_cmp(y));
+    let p99 = ttft[((ttft.len() as f64 * 0.99).ceil() as usize).clamp(1, ttft.len()) - 1];
+    Ok(ParallelCost {
+        sequences: n,
+        aggregate_tok_s: median(&mut agg),
+        ttft_ms_p50: median(&mut ttft),
+        ttft_ms_p99: p99,
+        per_stream_tok_s: median(&mut streams),
+    })
+}
+
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -251,6 +385,9 @@ fn peak_rss_bytes() -> Option<u64> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
     if n % 2 == 1 {
         v[n / 2]
     } else {
