@@ -128,12 +128,28 @@ pub(crate) fn apply_adapters(
     }
 }
 
+/// The most multiply-adds of a low-rank product [`small_matmul`] runs on the calling thread.
+const LOCAL_MAX_MACS: usize = 1 << 16;
+
+/// Whether [`apply_adapters`] for `n` tokens summed as a batch of `batch` runs every product of
+/// `active`'s adapters on `lin` on the calling thread (it then never uses the pool, and may run
+/// inside a pool job, one sequence per thread).
+pub(crate) fn runs_on_caller(active: &[(Arc<Adapter>, f32)], lin: &Linear, n: usize, batch: usize) -> bool {
+    let fits = |rows: usize, cols: usize| {
+        let macs = rows * cols;
+        batch * macs <= LOCAL_MAX_MACS && n * macs <= LOCAL_MAX_MACS
+    };
+    active.iter().filter_map(|(a, _)| a.for_layer(lin)).all(|lw| {
+        let (am, bm) = (lw.a_mat(), lw.b_mat());
+        fits(am.rows, am.cols) && fits(bm.rows, bm.cols)
+    })
+}
+
 /// `y = x·Wᵀ` for a low-rank factor and `n` tokens, summed as for a batch of `batch` tokens: on
 /// the calling thread when that batch's work is smaller than a thread-pool dispatch costs
 /// (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else shared out like any
 /// projection. Either way each token's result depends only on `batch`, not on `n`.
 fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, batch: usize, y: &mut [f32]) {
-    const LOCAL_MAX_MACS: usize = 1 << 16;
     if batch * m.rows * m.cols <= LOCAL_MAX_MACS && n * m.rows * m.cols <= LOCAL_MAX_MACS {
         for (x, y) in x.chunks_exact(m.cols).zip(y.chunks_exact_mut(m.rows)) {
             kernels::matvec_local(m, x, y);

@@ -9,7 +9,7 @@
 //! attention of all sequences in one parallel job.
 
 use super::Engine;
-use crate::adapter::{apply_adapters, Adapter, LoraScratch};
+use crate::adapter::{apply_adapters, runs_on_caller, Adapter, LoraScratch};
 use crate::attention::{
     attention_batched, attention_per_query, AttentionInput, AttentionScratch, QueryBlock, BATCHED_ATTENTION_MIN,
 };
@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::kernels::{self, Path};
 use crate::model::{Linear, Model};
 use crate::session::{act_mul_rows, rmsnorm_rows, rope, rope_tables, zeroed};
-use crate::threadpool::ThreadPool;
+use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use std::sync::Arc;
 
 /// One sequence's rows in a step.
@@ -55,7 +55,8 @@ pub(super) struct StepScratch {
     last: Vec<f32>,
     /// `[max_logits, vocab]`, in the order of the parts that want them
     pub(super) logits: Vec<f32>,
-    lora: LoraScratch,
+    /// The adapters' scratch: one per thread (sequences' adapters run in parallel).
+    lora: Vec<LoraScratch>,
     rows: usize,
 }
 
@@ -79,7 +80,7 @@ impl StepScratch {
             sin: zeroed("rotary tables", &[rows, half])?,
             last: zeroed("activations", &[max_logits, h])?,
             logits: zeroed("logits", &[max_logits, c.vocab_size])?,
-            lora: LoraScratch::default(),
+            lora: (0..pool.n_threads()).map(|_| LoraScratch::default()).collect(),
             rows,
         };
         kernels::reserve_decode_scratch(pool, h.max(q).max(inter));
@@ -88,7 +89,9 @@ impl StepScratch {
 
     /// Grows the adapters' scratch for a request's set.
     pub(super) fn reserve_adapters(&mut self, adapters: &[(Arc<Adapter>, f32)]) {
-        self.lora.reserve(self.rows, adapters);
+        for l in &mut self.lora {
+            l.reserve(self.rows, adapters);
+        }
     }
 }
 
@@ -200,7 +203,7 @@ pub(super) fn forward(e: &mut Engine) {
     for (j, p) in parts.iter().filter(|p| p.logits).enumerate() {
         let sq = slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
         let (x, y) = (&s.last[j * h..(j + 1) * h], &mut s.logits[j * vocab..(j + 1) * vocab]);
-        add_adapters(pool, &mut s.lora, &sq.adapters, head, x, 1, 1, y);
+        add_adapters(pool, &mut s.lora[0], &sq.adapters, head, x, 1, 1, y);
         add_bias(head, y);
     }
 }
@@ -219,7 +222,7 @@ struct Linears<'a> {
 impl Linears<'_> {
     /// `ys[i] = x·Wᵢᵀ (+ each sequence's adapters on its rows) + bᵢ`, for all rows: the engine's
     /// `session::linear`.
-    fn run<const N: usize>(&self, lora: &mut LoraScratch, lins: [&Linear; N], x: &[f32], mut ys: [&mut [f32]; N]) {
+    fn run<const N: usize>(&self, lora: &mut [LoraScratch], lins: [&Linear; N], x: &[f32], mut ys: [&mut [f32]; N]) {
         let (n, tiled) = (self.n, self.tiled);
         let mats = lins.map(Linear::mat);
         let cols = mats[0].cols;
@@ -238,13 +241,42 @@ impl Linears<'_> {
             kernels::matmul_many_path(self.pool, &mats, &x[tiled * cols..n * cols], n - tiled, &mut tails, Path::Dot);
         }
         for (lin, y) in lins.iter().zip(ys) {
-            for p in self.parts {
-                let sq = self.slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
-                let (xa, xb) = (p.row0 * cols, (p.row0 + p.n) * cols);
-                let (ya, yb) = (p.row0 * lin.rows, (p.row0 + p.n) * lin.rows);
-                add_adapters(self.pool, lora, &sq.adapters, lin, &x[xa..xb], p.n, p.batch, &mut y[ya..yb]);
+            let seq = |p: &Part| self.slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
+            let rows_of = |p: &Part| (p.row0 * cols..(p.row0 + p.n) * cols, p.row0 * lin.rows..(p.row0 + p.n) * lin.rows);
+            // Sequences whose adapter products are small enough for one thread (decode rows):
+            // one sequence per thread at a time, each thread with its own scratch.
+            let on_caller = |p: &Part| {
+                let a = &seq(p).adapters;
+                !a.is_empty() && runs_on_caller(a, lin, p.n, p.batch)
+            };
+            let parallel = self.parts.iter().filter(|p| on_caller(p)).count();
+            if parallel > 1 {
+                let out = SharedMut::new(y);
+                let scratch = SharedMut::new(lora);
+                self.pool.run(|ti, nt| {
+                    // SAFETY: thread `ti` alone uses scratch `ti` (one per pool thread).
+                    let lora = unsafe { &mut scratch.slice(ti..ti + 1)[0] };
+                    let mine = split_range(parallel, ti, nt, 1);
+                    for p in self.parts.iter().filter(|p| on_caller(p)).skip(mine.start).take(mine.len()) {
+                        let (xr, yr) = rows_of(p);
+                        // SAFETY: each part's output rows are disjoint, and each part goes to
+                        // one thread.
+                        let y = unsafe { out.slice(yr) };
+                        add_adapters(self.pool, lora, &seq(p).adapters, lin, &x[xr], p.n, p.batch, y);
+                    }
+                });
+                for p in self.parts.iter().filter(|p| parallel <= 1 || !on_caller(p)) {
+                    let (xr, yr) = rows_of(p);
+                    add_adapters(self.pool, &mut lora[0], &seq(p).adapters, lin, &x[xr], p.n, p.batch, &mut y[yr]);
+                }
+                add_bias(lin, y);
+            } else {
+                for p in self.parts {
+                    let (xr, yr) = rows_of(p);
+                    add_adapters(self.pool, &mut lora[0], &seq(p).adapters, lin, &x[xr], p.n, p.batch, &mut y[yr]);
+                }
+                add_bias(lin, y);
             }
-            add_bias(lin, y);
         }
     }
 }

@@ -414,10 +414,17 @@ fn matmul_many_isa_path(
         pool.run(|_, _| {
             while let Some((i, rows)) = chunks.next() {
                 let m = ms[i];
-                for t in 0..n {
-                    // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
-                    let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
-                    matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+                if n == 1 || isa == Isa::Scalar {
+                    for t in 0..n {
+                        // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
+                        let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
+                        matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+                    }
+                } else {
+                    // SAFETY: `isa` is available (asserted above); the chunk's rows lie inside
+                    // the matrix, `x` is `[n, m.cols]` and `ys[i]` `[n, m.rows]` (`check_mat`);
+                    // the chunk's elements of every token row are this thread's alone.
+                    dispatch!(isa, matvec_rows_multi(m, rows, x, n, outs[i].ptr(), m.rows), unreachable!())
                 }
             }
         });

@@ -349,6 +349,137 @@ unsafe fn matvec_typed<S: Simd, E: Elem>(w: &[E], cols: usize, rows: Range<usize
     }
 }
 
+/// `Y[t, r] = W[r, :] · X[t, :]` for the rows in `rows` and `n` tokens (`x` is `[n, cols]`, `y`
+/// points at `Y[0, 0]` with a token stride of `ldy`): every sum in exactly the order
+/// [`matvec_rows`] uses for that row, so each token's outputs are bit for bit its own matvec's,
+/// but each weight vector is loaded (and widened) once for up to four tokens: the batching
+/// engine's decode rows. NF4 weights go token by token through [`matvec_rows`].
+///
+/// # Safety
+/// As [`matvec_rows`] for each token; `x` holds `n · cols` elements and `y` is valid for writes of
+/// `Y[t, r]` (at `t·ldy + r`), `t < n`, `r` in `rows`, which no other thread touches during the
+/// call. `super::matvec_rows_multi_isa` asserts the shapes (release builds too).
+#[inline(always)]
+pub(crate) unsafe fn matvec_rows_multi<S: Simd>(
+    m: MatRef,
+    rows: Range<usize>,
+    x: &[f32],
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let cols = m.cols;
+    // SAFETY: forwarded; the shapes were checked by the caller.
+    unsafe {
+        match m.w {
+            Weights::F32(w) => multi_typed::<S, f32>(w, cols, rows, x, n, y, ldy),
+            Weights::F16(w) => multi_typed::<S, f16>(w, cols, rows, x, n, y, ldy),
+            Weights::BF16(w) => multi_typed::<S, bf16>(w, cols, rows, x, n, y, ldy),
+            Weights::Nf4(_) => {
+                for t in 0..n {
+                    let y = std::slice::from_raw_parts_mut(y.add(t * ldy + rows.start), rows.len());
+                    matvec_rows::<S>(m, rows.clone(), &x[t * cols..(t + 1) * cols], y);
+                }
+            }
+        }
+    }
+}
+
+/// [`matvec_rows_multi`] for f32/f16/bf16 weights: the rows [`matvec_typed`] takes four at a time
+/// go two at a time here, each with its own even/odd accumulators per token as there; the rest
+/// by [`dot_ptr`], as there.
+///
+/// # Safety
+/// As [`matvec_rows_multi`]: `rows.end * cols <= w.len()`, `x` holds `n · cols`, `y` as there.
+#[inline(always)]
+unsafe fn multi_typed<S: Simd, E: Elem>(
+    w: &[E],
+    cols: usize,
+    rows: Range<usize>,
+    x: &[f32],
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    debug_assert!(rows.end * cols <= w.len() && x.len() >= n * cols);
+    let quads_end = rows.start + rows.len() / 4 * 4;
+    // SAFETY (whole body): every row read is < rows.end, every token < n (caller contract).
+    unsafe {
+        let mut r = rows.start;
+        while r < quads_end {
+            let mut t = 0;
+            while t + 4 <= n {
+                pair_tokens::<S, E, 4>(w.as_ptr(), cols, r, x.as_ptr(), t, y, ldy);
+                t += 4;
+            }
+            while t < n {
+                pair_tokens::<S, E, 1>(w.as_ptr(), cols, r, x.as_ptr(), t, y, ldy);
+                t += 1;
+            }
+            r += 2;
+        }
+        for r in quads_end..rows.end {
+            for t in 0..n {
+                *y.add(t * ldy + r) = dot_ptr::<S, E>(w.as_ptr().add(r * cols), x.as_ptr().add(t * cols), cols);
+            }
+        }
+    }
+}
+
+/// Rows `r` and `r + 1` for tokens `t0..t0 + T`, in [`matvec_typed`]'s order per (row, token).
+///
+/// # Safety
+/// The rows and tokens lie inside `w` (`cols` per row), `x` (`cols` per token) and `y`.
+#[inline(always)]
+unsafe fn pair_tokens<S: Simd, E: Elem, const T: usize>(
+    w: *const E,
+    cols: usize,
+    r: usize,
+    x: *const f32,
+    t0: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let l = S::LANES;
+    // SAFETY (whole body): indices below `cols` of rows `r`, `r + 1` and tokens `t0..t0 + T`.
+    unsafe {
+        let p = [w.add(r * cols), w.add((r + 1) * cols)];
+        let xs: [*const f32; T] = std::array::from_fn(|j| x.add((t0 + j) * cols));
+        let mut a = [[S::zero(); T]; 2];
+        let mut b = [[S::zero(); T]; 2];
+        let mut k = 0;
+        while k + 2 * l <= cols {
+            for i in 0..2 {
+                let w0 = E::load::<S>(p[i].add(k));
+                let w1 = E::load::<S>(p[i].add(k + l));
+                for j in 0..T {
+                    a[i][j] = S::fma(w0, S::load(xs[j].add(k)), a[i][j]);
+                    b[i][j] = S::fma(w1, S::load(xs[j].add(k + l)), b[i][j]);
+                }
+            }
+            k += 2 * l;
+        }
+        if k + l <= cols {
+            for i in 0..2 {
+                let w0 = E::load::<S>(p[i].add(k));
+                for j in 0..T {
+                    a[i][j] = S::fma(w0, S::load(xs[j].add(k)), a[i][j]);
+                }
+            }
+            k += l;
+        }
+        for i in 0..2 {
+            for j in 0..T {
+                let mut s = S::hsum(S::add(a[i][j], b[i][j]));
+                for kk in k..cols {
+                    s += (*p[i].add(kk)).f32() * *xs[j].add(kk);
+                }
+                *y.add((t0 + j) * ldy + r + i) = s;
+            }
+        }
+    }
+}
+
 /// `y += a · x` over the shorter slice's length.
 ///
 /// # Safety
@@ -559,6 +690,17 @@ macro_rules! simd_entries {
         pub(crate) unsafe fn matvec_rows(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
             // SAFETY: forwarded contract.
             unsafe { simd::matvec_rows::<$S>(m, rows, x, y) }
+        }
+
+        /// See [`simd::matvec_rows_multi`].
+        ///
+        /// # Safety
+        /// The CPU supports the features; the pointers and shapes are as
+        /// [`simd::matvec_rows_multi`] requires.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn matvec_rows_multi(m: MatRef, rows: Range<usize>, x: &[f32], n: usize, y: *mut f32, ldy: usize) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::matvec_rows_multi::<$S>(m, rows, x, n, y, ldy) }
         }
 
         /// See [`simd::matmul_rows`].
