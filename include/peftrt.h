@@ -10,6 +10,8 @@
  *   peftrt_adapter  a LoRA/DoRA adapter loaded for one model.
  *   peftrt_session  one conversation: KV cache, activation buffers, thread pool, sampler,
  *                   active adapters with their scales.
+ *   peftrt_engine   many requests at once on one model (continuous batching), each with its
+ *                   own adapters and scales, sampling, constraint and callbacks.
  *
  * Threads
  *   A model and its adapters are read-only once loaded: any number of threads may use them at
@@ -85,6 +87,7 @@ extern "C" {
 typedef struct peftrt_model peftrt_model;
 typedef struct peftrt_adapter peftrt_adapter;
 typedef struct peftrt_session peftrt_session;
+typedef struct peftrt_engine peftrt_engine;
 
 /* A token id: 0 <= id < the model's vocab_size. */
 typedef int32_t peftrt_token;
@@ -356,6 +359,7 @@ peftrt_status peftrt_session_sample(peftrt_session *session, peftrt_token *token
 
 /* What a constraint's text is. */
 typedef enum peftrt_constraint_kind {
+    PEFTRT_CONSTRAINT_NONE = -1,       /* no constraint (peftrt_request only) */
     PEFTRT_CONSTRAINT_JSON_SCHEMA = 0, /* a JSON Schema (draft 2020-12 keywords as llguidance
                                           supports them); the output is JSON valid under it */
     PEFTRT_CONSTRAINT_JSON_OBJECT = 1, /* any JSON object; the text is ignored (may be NULL) */
@@ -430,6 +434,118 @@ peftrt_status peftrt_session_generate(peftrt_session *session, const peftrt_toke
    cancel with nothing running has no effect. Thread-safe: any thread, at any time while the
    session is alive. */
 peftrt_status peftrt_session_cancel(peftrt_session *session);
+
+/* ---------------------------------------------------------------- engine (many requests at once) */
+
+/* An engine serves up to max_sequences requests at once on one model: each step is one
+   forward pass over all of them (each decoding request's next token, and pieces of joining
+   prompts), so the weights are read once for all; each request keeps its own adapters and
+   scales, sampling parameters, constraint and callbacks. Requests join (peftrt_engine_submit)
+   and leave (finished, cancelled) between any two steps.
+   A request's tokens and text are the same as peftrt_session_generate() gives in a session
+   with the same n_batch (peftrt_session_params), adapters, scales and sampling parameters,
+   whatever else runs beside it.
+   Threads: an engine is used by one thread at a time (another call gets PEFTRT_ERR_BUSY;
+   callbacks run on the thread that steps, inside the step, and may not call into the engine
+   except peftrt_engine_cancel()). peftrt_engine_cancel() may be called from any thread at any
+   time. The engine keeps its model and the adapters of its requests alive. (Added after
+   0.1.0.) */
+
+typedef struct peftrt_engine_params {
+    size_t struct_size;     /* sizeof(peftrt_engine_params) */
+    int32_t max_sequences;  /* most requests in progress at once; 0 = 8 */
+    int32_t n_ctx;          /* context of each request in tokens (prompt and reply); 0 = the
+                               model's n_ctx_train, at most 2048. The KV caches of all
+                               max_sequences are allocated up front (zeroed pages, paid for as
+                               they are used). */
+    int32_t n_batch;        /* the session n_batch whose results the engine reproduces; 0 = 128 */
+    int32_t step_tokens;    /* most prompt tokens evaluated per step over all joining requests
+                               (a long prompt is split over steps, so the others' streams go
+                               on); 0 = n_batch */
+    int32_t n_threads;      /* worker threads; 0 = the model params' n_threads */
+} peftrt_engine_params;
+
+/* Defaults: all 0. Thread-safe. */
+peftrt_engine_params peftrt_engine_default_params(void);
+
+/* A new engine over `model`, its caches and buffers allocated (a step allocates nothing).
+   `params` may be NULL. NULL on error: PEFTRT_ERR_INVALID_ARGUMENT (an n_ctx beyond
+   n_ctx_train), PEFTRT_ERR_OUT_OF_MEMORY (caches that cannot be allocated). Thread-safe. */
+peftrt_engine *peftrt_engine_create(const peftrt_model *model, const peftrt_engine_params *params);
+
+/* Frees the engine; requests still in progress end without their done callback. NULL is a
+   no-op; PEFTRT_ERR_BUSY while another call is using it. Any thread. */
+peftrt_status peftrt_engine_free(peftrt_engine *engine);
+
+/* What a request ended with, passed to its done callback. Valid during the callback. */
+typedef struct peftrt_request_result {
+    size_t struct_size;          /* sizeof(peftrt_request_result) */
+    uint64_t request;            /* the id peftrt_engine_submit() gave */
+    peftrt_status status;        /* PEFTRT_OK, or the error that ended the request (e.g.
+                                    PEFTRT_ERR_FORMAT for non-finite logits); message in error */
+    peftrt_stop_reason stop;     /* why it ended (when status is PEFTRT_OK); cancelled by
+                                    peftrt_engine_cancel() or by a text callback returning
+                                    non-zero: PEFTRT_STOP_CALLBACK */
+    const peftrt_token *tokens;  /* the generated tokens (a final EOS included) */
+    int32_t n_tokens;
+    int32_t n_prompt_tokens;
+    double first_token_ms;       /* from submit to the first token (queueing and prefill) */
+    double decode_ms;            /* from the first token to the end */
+    const char *error;           /* "" when status is PEFTRT_OK */
+} peftrt_request_result;
+
+/* Called once when a request ends (finished, cancelled or failed), from inside a step. */
+typedef void (*peftrt_request_done_callback)(const peftrt_request_result *result, void *user_data);
+
+typedef struct peftrt_request {
+    size_t struct_size;                /* sizeof(peftrt_request) */
+    const peftrt_token *prompt;        /* the prompt as n_prompt >= 1 tokens, or NULL and ... */
+    int32_t n_prompt;
+    const peftrt_chat_message *messages; /* ... chat messages, rendered with the model's chat
+                                          template and the assistant turn's start; one of the
+                                          two, not both */
+    size_t n_messages;
+    peftrt_adapter *const *adapters;   /* n_adapters adapters loaded for this model (0 = the
+                                          base alone), each with scales[i] (NULL = all 1) */
+    const float *scales;
+    size_t n_adapters;
+    const peftrt_sampling_params *sampling; /* NULL = defaults (greedy, max_tokens 256) */
+    int32_t constraint_kind;           /* a peftrt_constraint_kind; PEFTRT_CONSTRAINT_NONE = none */
+    const char *constraint;            /* its text, constraint_len bytes of UTF-8 */
+    size_t constraint_len;
+    peftrt_text_callback on_text;      /* the reply's text as it completes (may be NULL);
+                                          non-zero ends this request (PEFTRT_STOP_CALLBACK) */
+    peftrt_request_done_callback on_done; /* may be NULL */
+    void *user_data;                   /* passed to both callbacks */
+} peftrt_request;
+
+/* Defaults: no prompt, no adapters, default sampling, no constraint, no callbacks.
+   Thread-safe. */
+peftrt_request peftrt_request_default(void);
+
+/* Starts a request; it joins at the next step. Everything it points to is copied: it need
+   not outlive the call (user_data excepted). Writes its id to `request_out` (may be NULL).
+   Errors, with nothing started: PEFTRT_ERR_INVALID_ARGUMENT (every slot busy: "too many
+   sequences"; an empty prompt, a token out of range, bad sampling parameters, both or
+   neither of prompt and messages), PEFTRT_ERR_CONTEXT_FULL (a prompt longer than n_ctx),
+   PEFTRT_ERR_ADAPTER_MISMATCH (an adapter loaded for another model handle),
+   PEFTRT_ERR_CONSTRAINT_INVALID, PEFTRT_ERR_TOKENIZER (messages without a chat template).
+   One thread. */
+peftrt_status peftrt_engine_submit(peftrt_engine *engine, const peftrt_request *request, uint64_t *request_out);
+
+/* One step: every request in progress advances (text and done callbacks are called from
+   here). Writes the number of requests still in progress to `active_out` (may be NULL).
+   A request's own error ends that request only (its done callback gets the status).
+   One thread. */
+peftrt_status peftrt_engine_step(peftrt_engine *engine, int32_t *active_out);
+
+/* Steps until no request is in progress. One thread. */
+peftrt_status peftrt_engine_run(peftrt_engine *engine);
+
+/* Ends `request` at the next step (its done callback then gets PEFTRT_STOP_CALLBACK).
+   PEFTRT_ERR_INVALID_ARGUMENT if it is not in progress (already done, or never submitted).
+   Thread-safe: any thread, also from a callback. */
+peftrt_status peftrt_engine_cancel(peftrt_engine *engine, uint64_t request);
 
 #ifdef __cplusplus
 }

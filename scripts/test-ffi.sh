@@ -48,7 +48,7 @@ step "compile the examples and C tests"
 CFLAGS=(-std=c11 -Wall -Wextra -Werror -O1 -g -Iinclude)
 CXXFLAGS=(-std=c++17 -Wall -Wextra -Werror -O1 -g -Iinclude)
 LINK=(-L"$LIB" -Wl,-rpath,"$LIB" -lpeftrt -lpthread)
-for src in examples/c/generate.c examples/c/multi_adapter.c examples/c/threads.c examples/c/json_schema.c \
+for src in examples/c/generate.c examples/c/multi_adapter.c examples/c/threads.c examples/c/json_schema.c examples/c/engine.c \
     ffi/tests/c/bad_input.c ffi/tests/c/free_race.c; do
     $CC "${CFLAGS[@]}" "$src" "${LINK[@]}" -o "$OUT/$(basename "$src" .c)"
 done
@@ -76,6 +76,10 @@ run "${VG[@]}" "$OUT/generate" $F/tiny-llama "Hello there" 16 >/dev/null
 run "${VG[@]}" "$OUT/generate_static" $F/tiny-llama "Hello there" 8 >/dev/null
 run "${VG[@]}" "$OUT/multi_adapter" $F/tiny-llama $F/adapters/llama-qv $F/adapters/llama-dora "Hi" 1 8
 run "${VG[@]}" "$OUT/threads" $F/tiny-llama $F/adapters/llama-qv $F/adapters/llama-all-rslora 4 8
+# The batching engine (issue 21): 8 requests over 4 adapters at once, each request's tokens
+# checked against a lone session's.
+run "${VG[@]}" "$OUT/engine" --check $F/tiny-llama 8 8 $F/adapters/llama-qv $F/adapters/llama-dora \
+    $F/adapters/llama-all-rslora $F/adapters/llama-layers
 printf 'hello\nand again\n' | run "${VG[@]}" "$OUT/chat" $F/tiny-llama $F/adapters/llama-qv:0.5 >/dev/null
 printf 'hello\n' | run "${VG[@]}" "$OUT/chat" --json $F/tiny-llama >/dev/null
 # Constrained decoding (issue 20) under valgrind: a random model rarely completes the order
@@ -102,6 +106,7 @@ if [ -f "$SMOL/config.json" ] && [ -f "$ADAPTERS/qkvo-r16/adapter_config.json" ]
     run "$OUT/generate" "$SMOL" "Name three colours." 32
     run "$OUT/multi_adapter" "$SMOL" "$ADAPTERS/qkvo-r16" "$ADAPTERS/all-linear-r16" "Name three colours." 2 16
     run "$OUT/threads" "$SMOL" "$ADAPTERS/qkvo-r16" "$ADAPTERS/all-linear-r16" 4 16
+    run "$OUT/engine" --check "$SMOL" 8 24 "$ADAPTERS/qkvo-r16" "$ADAPTERS/all-linear-r16"
     run "$OUT/bad_input" "$SMOL" "$ADAPTERS/qkvo-r16" $F/tiny-llama
     printf 'Name a colour.\n' | run "$OUT/chat" "$SMOL"
     # Constrained (issue 20): the C API's reply under a schema is complete, valid by

@@ -20,6 +20,7 @@ pub enum Kind {
     Model,
     Adapter,
     Session,
+    Engine,
 }
 
 impl Kind {
@@ -28,6 +29,7 @@ impl Kind {
             Kind::Model => "peftrt_model",
             Kind::Adapter => "peftrt_adapter",
             Kind::Session => "peftrt_session",
+            Kind::Engine => "peftrt_engine",
         }
     }
 }

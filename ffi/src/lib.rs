@@ -2,12 +2,14 @@
 //!
 //! Builds `libpeftrt.so` and `libpeftrt.a`, whose functions are declared in
 //! `include/peftrt.h` (the contract: ownership, thread safety and errors are documented
-//! there). Three opaque handles wrap the runtime's types:
+//! there). Four opaque handles wrap the runtime's types:
 //! - `peftrt_model` ([`model`]): an `Arc<peftrt::Model>` plus the default thread count;
 //! - `peftrt_adapter` ([`adapter`]): an `Arc<peftrt::Adapter>` and the model it was loaded for;
 //! - `peftrt_session` ([`session`]): a `peftrt::Session` and its sampler behind a mutex (one
 //!   thread at a time; a second gets `PEFTRT_ERR_BUSY`), and the cancel flag the session
-//!   checks between layers.
+//!   checks between layers;
+//! - `peftrt_engine` ([`engine`]): a `peftrt::Engine` and each request's callbacks behind a
+//!   mutex (one thread at a time), and the cancel requests any thread may add.
 //!
 //! Every entry point runs inside [`guard`]: it catches panics (none may unwind into C),
 //! turns errors into a status code or NULL, and records a thread-local message
@@ -21,6 +23,7 @@
 
 pub mod adapter;
 pub mod constraint;
+pub mod engine;
 pub mod handle;
 pub mod model;
 pub mod session;

@@ -120,7 +120,7 @@ fn busy() -> Fail {
 ///
 /// # Safety
 /// `p.stop` is NULL or has `p.n_stop` NUL-terminated strings.
-unsafe fn sampling(p: &peftrt_sampling_params, n_ctx: usize) -> Result<rt::SamplingParams> {
+pub(crate) unsafe fn sampling(p: &peftrt_sampling_params, n_ctx: usize) -> Result<rt::SamplingParams> {
     // SAFETY: forwarded from our caller.
     let stops = unsafe { c_slice(p.stop, p.n_stop, "peftrt_sampling_params.stop") }?;
     let stop = stops
@@ -477,13 +477,7 @@ pub unsafe extern "C" fn peftrt_session_generate(
                 }
                 r.n_tokens = g.tokens.len() as i32;
                 r.n_prompt_tokens = g.prompt_tokens as i32;
-                r.stop = match g.stop {
-                    rt::StopReason::Eos => 0,
-                    rt::StopReason::MaxTokens => 1,
-                    rt::StopReason::StopString => 2,
-                    rt::StopReason::ContextFull => 3,
-                    rt::StopReason::Cancelled => 4,
-                };
+                r.stop = stop_reason(g.stop);
                 r.prefill_ms = g.prefill_time.as_secs_f64() * 1e3;
                 r.decode_ms = g.decode_time.as_secs_f64() * 1e3;
                 // SAFETY: forwarded from our caller.
@@ -492,6 +486,17 @@ pub unsafe extern "C" fn peftrt_session_generate(
             Ok(())
         })
     })
+}
+
+/// `peftrt_stop_reason` of the runtime's reason.
+pub(crate) fn stop_reason(stop: rt::StopReason) -> i32 {
+    match stop {
+        rt::StopReason::Eos => 0,
+        rt::StopReason::MaxTokens => 1,
+        rt::StopReason::StopString => 2,
+        rt::StopReason::ContextFull => 3,
+        rt::StopReason::Cancelled => 4,
+    }
 }
 
 impl peftrt_generation {

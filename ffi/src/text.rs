@@ -70,20 +70,32 @@ pub unsafe extern "C" fn peftrt_chat_apply_template(
     guard_buffer(|| {
         let m = &handle::get(model, "model")?.model;
         // SAFETY: forwarded from our caller.
-        let msgs = unsafe { c_slice(messages, n_messages, "messages") }?;
-        let msgs = msgs
-            .iter()
-            .enumerate()
-            .map(|(i, msg)| {
-                // SAFETY: forwarded from our caller.
-                let role = unsafe { c_str(msg.role, &format!("messages[{i}].role")) }?;
-                // SAFETY: forwarded from our caller.
-                let content = unsafe { c_str(msg.content, &format!("messages[{i}].content")) }?;
-                Ok(rt::Message::new(role, content))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let msgs = unsafe { chat_messages(messages, n_messages, "messages") }?;
         let text = m.tokenizer()?.apply_chat_template(&msgs, add_generation_prompt)?;
         // SAFETY: forwarded from our caller.
         unsafe { fill_text(&text, buf, buf_size) }
     })
+}
+
+/// The runtime's messages from C's `n` messages at `messages` (`what` names them in errors).
+///
+/// # Safety
+/// `messages` is NULL or has `n` messages whose strings are NUL-terminated.
+pub(crate) unsafe fn chat_messages(
+    messages: *const peftrt_chat_message,
+    n: usize,
+    what: &str,
+) -> Result<Vec<rt::Message>> {
+    // SAFETY: forwarded from our caller.
+    let msgs = unsafe { c_slice(messages, n, what) }?;
+    msgs.iter()
+        .enumerate()
+        .map(|(i, msg)| {
+            // SAFETY: forwarded from our caller.
+            let role = unsafe { c_str(msg.role, &format!("{what}[{i}].role")) }?;
+            // SAFETY: forwarded from our caller.
+            let content = unsafe { c_str(msg.content, &format!("{what}[{i}].content")) }?;
+            Ok(rt::Message::new(role, content))
+        })
+        .collect()
 }

@@ -181,6 +181,137 @@ static void test_files(peftrt_model *m) {
 /* Constraints (issue 20): every bad argument is a status with a message; a schema that does
    not compile is CONSTRAINT_INVALID naming the keyword or position, and keeps the constraint
    that was set; a constraint then holds for sample (EOS once the grammar has ended). */
+/* The engine (issue 21): bad requests are refused with nothing started and the others go on;
+   a cancelled request and one whose callback says stop end alone; cancel from a callback;
+   unknown ids; a full engine. */
+typedef struct {
+    int done, stop_after, texts;
+    peftrt_status status;
+    peftrt_stop_reason stop;
+    peftrt_engine *engine;
+    uint64_t cancel_other;
+} engine_req;
+
+static int engine_text(const char *text, size_t len, void *user_data) {
+    engine_req *r = user_data;
+    (void)text;
+    (void)len;
+    r->texts++;
+    if (r->cancel_other) {
+        /* Cancelling another request from inside a step is allowed. */
+        CHECK(peftrt_engine_cancel(r->engine, r->cancel_other) == PEFTRT_OK);
+        r->cancel_other = 0;
+    }
+    /* Calling back into the engine otherwise is refused, not a deadlock. */
+    CHECK(peftrt_engine_step(r->engine, NULL) == PEFTRT_ERR_BUSY);
+    CHECK(peftrt_engine_free(r->engine) == PEFTRT_ERR_BUSY);
+    return r->stop_after && r->texts >= r->stop_after;
+}
+
+static void engine_done(const peftrt_request_result *res, void *user_data) {
+    engine_req *r = user_data;
+    CHECK(res->struct_size == sizeof *res && res->error != NULL);
+    r->done++;
+    r->status = res->status;
+    r->stop = res->stop;
+}
+
+static void test_engine(peftrt_model *m) {
+    peftrt_engine_params ep = peftrt_engine_default_params();
+    CHECK(ep.struct_size == sizeof ep);
+    CHECK(peftrt_request_default().struct_size == sizeof(peftrt_request));
+    EXPECT_NULL(peftrt_engine_create(NULL, NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    ep.n_ctx = 1 << 30;
+    EXPECT_NULL(peftrt_engine_create(m, &ep), PEFTRT_ERR_INVALID_ARGUMENT);
+    ep.n_ctx = -1;
+    EXPECT_NULL(peftrt_engine_create(m, &ep), PEFTRT_ERR_INVALID_ARGUMENT);
+    ep = peftrt_engine_default_params();
+    ep.max_sequences = 2;
+    ep.n_ctx = 48;
+    peftrt_engine *e = peftrt_engine_create(m, &ep);
+    CHECK(e != NULL);
+    if (!e) return;
+
+    peftrt_token prompt[8];
+    int32_t n = peftrt_tokenize(m, "hello there", true, prompt, 8);
+    CHECK(n > 0);
+    peftrt_sampling_params sp = peftrt_sampling_default_params();
+    sp.max_tokens = 6;
+    sp.ignore_eos = true;
+    engine_req a = {.engine = e}, b = {.engine = e, .stop_after = 1}, c = {.engine = e};
+    peftrt_request q = peftrt_request_default();
+    q.sampling = &sp;
+    q.on_text = engine_text;
+    q.on_done = engine_done;
+
+    /* Refused, nothing started. */
+    EXPECT_STATUS(peftrt_engine_submit(NULL, &q, NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(peftrt_engine_submit(e, NULL, NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_INVALID_ARGUMENT); /* no prompt */
+    peftrt_chat_message msg = {.role = "user", .content = "hi"};
+    q.prompt = prompt;
+    q.n_prompt = n;
+    q.messages = &msg;
+    q.n_messages = 1;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_INVALID_ARGUMENT); /* both */
+    q.messages = NULL;
+    q.n_messages = 0;
+    peftrt_token bad = 1 << 20;
+    q.prompt = &bad;
+    q.n_prompt = 1;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    peftrt_token long_prompt[64] = {0};
+    for (int i = 0; i < 64; i++) long_prompt[i] = prompt[0];
+    q.prompt = long_prompt;
+    q.n_prompt = 64;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_CONTEXT_FULL);
+    q.prompt = prompt;
+    q.n_prompt = n;
+    q.constraint_kind = PEFTRT_CONSTRAINT_REGEX;
+    q.constraint = "(ab";
+    q.constraint_len = 3;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_CONSTRAINT_INVALID);
+    q.constraint_kind = PEFTRT_CONSTRAINT_NONE;
+    peftrt_adapter *freed = (peftrt_adapter *)e; /* an engine is not an adapter */
+    q.adapters = &freed;
+    q.n_adapters = 1;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_INVALID_HANDLE);
+    q.adapters = NULL;
+    q.n_adapters = 0;
+    peftrt_sampling_params bad_sp = sp;
+    bad_sp.top_p = 0;
+    q.sampling = &bad_sp;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    q.sampling = &sp;
+    EXPECT_STATUS(peftrt_engine_cancel(e, 999), PEFTRT_ERR_INVALID_ARGUMENT);
+    int32_t active = -1;
+    EXPECT_STATUS(peftrt_engine_step(e, &active), PEFTRT_OK);
+    CHECK(active == 0);
+
+    /* Two requests fill the engine; a third is refused; b's callback stops it after one piece
+       of text, a's callback cancels c, which is submitted once b has made room. */
+    uint64_t ida = 0, idb = 0, idc = 0;
+    q.user_data = &a;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, &ida), PEFTRT_OK);
+    q.user_data = &b;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, &idb), PEFTRT_OK);
+    CHECK(ida != 0 && idb != 0 && ida != idb);
+    q.user_data = &c;
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, NULL), PEFTRT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(peftrt_last_error(), "too many sequences") != NULL);
+    while (!b.done) EXPECT_STATUS(peftrt_engine_step(e, &active), PEFTRT_OK);
+    CHECK(b.status == PEFTRT_OK && b.stop == PEFTRT_STOP_CALLBACK);
+    EXPECT_STATUS(peftrt_engine_submit(e, &q, &idc), PEFTRT_OK);
+    a.cancel_other = idc;
+    EXPECT_STATUS(peftrt_engine_run(e), PEFTRT_OK);
+    CHECK(a.done == 1 && a.status == PEFTRT_OK && a.stop == PEFTRT_STOP_MAX_TOKENS);
+    CHECK(c.done == 1 && c.stop == PEFTRT_STOP_CALLBACK);
+    EXPECT_STATUS(peftrt_engine_cancel(e, ida), PEFTRT_ERR_INVALID_ARGUMENT);
+    EXPECT_STATUS(peftrt_engine_free(e), PEFTRT_OK);
+    EXPECT_STATUS(peftrt_engine_step(e, NULL), PEFTRT_ERR_INVALID_HANDLE);
+    EXPECT_STATUS(peftrt_engine_free(NULL), PEFTRT_OK);
+}
+
 static void test_constraints(peftrt_model *m) {
     peftrt_session *s = small_session(m, 64);
     const char *digits = "[0-9]{2}";
@@ -1027,6 +1158,7 @@ int main(int argc, char **argv) {
     test_files(m);
     test_buffers_and_ranges(m, s);
     test_constraints(m);
+    test_engine(m);
     test_handles(m);
     test_callback_stops(m, prompt, n);
     test_cancel(m, prompt, n);
