@@ -8,6 +8,7 @@
 #                 the C ABI (examples, valgrind, install)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 #   make bench-constraint   decode speed with and without a JSON-schema constraint (NF4, BF16)
+#   make bench-engine       the batching engine: N sequences at once, per-sequence adapters (BF16, NF4)
 #   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
 #   make fuzz FUZZ_SECONDS=N   every fuzz target for N seconds (nightly + cargo-fuzz; docs/fuzzing.md)
@@ -39,7 +40,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run demo test-demo test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-trainer fixtures clean
+.PHONY: all build ffi install venv models run demo test-demo test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-engine bench-trainer fixtures clean
 
 all: build
 
@@ -146,6 +147,11 @@ test: test-rust test-aarch64 test-ffi test-trainer test-demo
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench.py --adapters $(SMOLLM2_ADAPTERS)/qkvo-r16 $(SMOLLM2_ADAPTERS)/all-linear-r16 --rounds 5
+
+# The batching engine: N = 1, 4, 8, 16 sequences, no adapter / one / a different one each,
+# SmolLM2 BF16 and NF4 (reports/bench-engine.json).
+bench-engine: models build $(SMOLLM2_REF)/adapters.done
+	$(PYTHON) scripts/bench_engine.py $(BENCH_ARGS)
 
 # What a JSON-schema constraint costs in decode speed, NF4 and BF16 (reports/bench-constraint.json).
 bench-constraint: models build

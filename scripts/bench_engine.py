@@ -1,0 +1,93 @@
+"""The batching engine's speed (issue 21), on SmolLM2 BF16 and NF4, 2 threads.
+
+For N sequences at once (1, 4, 8, 16 by default) and three adapter setups:
+  (a) none: the base alone;
+  (b) one: the all-linear r=16 adapter on every sequence;
+  (c) per-sequence: a different all-linear r=16 adapter on each sequence (copies of the
+      reference adapter with different lora_alpha, so each is its own set of tensors);
+runs `peftrt bench --parallel N` in a fresh process, which times one session's decode and then
+the engine: aggregate decode tok/s once every sequence has its first token, time to first token
+(p50/p99, all requests submitted at once) and per-stream decode tok/s. Each sequence has its own
+128-token prompt and decodes 64 tokens.
+
+Usage: python scripts/bench_engine.py [--sequences 1,4,8,16] [--models bf16,nf4] [--repeat 2]
+Writes reports/bench-engine.json and prints a table.
+"""
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEFTRT = ROOT / "target/release/peftrt"
+GGUF = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+F32 = ROOT / "models/smollm2-135m-instruct"
+MODELS = {"bf16": ROOT / "models/bench/smollm2-bf16", "nf4": ROOT / "models/bench/smollm2-nf4"}
+ADAPTER = ROOT / "models/reference/adapters/all-linear-r16"
+VARIANTS = ROOT / "models/bench/adapters"
+
+
+def ensure_models(peftrt):
+    if not (MODELS["bf16"] / "config.json").exists():
+        subprocess.run([peftrt, "import", GGUF, MODELS["bf16"], "--dtype", "bf16"], check=True)
+    if not (MODELS["nf4"] / "config.json").exists():
+        subprocess.run([peftrt, "quantize", "--model", F32, "--out", MODELS["nf4"]], check=True)
+
+
+def variants(n):
+    """n different all-linear r=16 adapters: the reference one with lora_alpha 8, 9, ..."""
+    cfg = json.loads((ADAPTER / "adapter_config.json").read_text())
+    dirs = []
+    for i in range(n):
+        d = VARIANTS / f"all-linear-r16-alpha{8 + i}"
+        if not (d / "adapter_config.json").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "adapter_model.safetensors").write_bytes((ADAPTER / "adapter_model.safetensors").read_bytes())
+            (d / "adapter_config.json").write_text(json.dumps(dict(cfg, lora_alpha=8 + i)))
+        dirs.append(str(d))
+    return dirs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sequences", default="1,4,8,16")
+    ap.add_argument("--models", default="bf16,nf4")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peftrt", type=Path, default=PEFTRT)
+    a = ap.parse_args()
+    ensure_models(a.peftrt)
+    seqs = [int(s) for s in a.sequences.split(",")]
+    rows = []
+    for model in a.models.split(","):
+        for n in seqs:
+            for setup in ["none", "one", "per-sequence"]:
+                cmd = [str(a.peftrt), "bench", "--model", str(MODELS[model]), "--threads", str(a.threads),
+                       "--prompt-tokens", "128", "--gen-tokens", "64", "--repeat", str(a.repeat), "--json",
+                       "--parallel", str(n)]
+                if setup == "one":
+                    cmd += ["--adapter", str(ADAPTER)]
+                elif setup == "per-sequence":
+                    cmd += ["--adapters-per-sequence"] + variants(n)
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                v = json.loads(out)
+                p = v["parallel"]
+                row = {"model": model, "sequences": n, "adapters": setup, "session_decode_tok_s": v["decode_tok_s"],
+                       **{k: p[k] for k in ["aggregate_decode_tok_s", "ttft_ms_p50", "ttft_ms_p99",
+                                            "per_stream_decode_tok_s", "vs_session_decode"]}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out = ROOT / "reports/bench-engine.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"threads": a.threads, "prompt_tokens": 128, "gen_tokens": 64, "rows": rows}, indent=1))
+    print()
+    print("| model | N | adapters | session tok/s | engine tok/s in all | x session | per stream | TTFT p50 ms | TTFT p99 ms |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['sequences']} | {r['adapters']} | {r['session_decode_tok_s']:.1f} | "
+              f"{r['aggregate_decode_tok_s']:.1f} | {r['vs_session_decode']:.2f} | {r['per_stream_decode_tok_s']:.1f} | "
+              f"{r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
