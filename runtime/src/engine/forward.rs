@@ -242,7 +242,8 @@ impl Linears<'_> {
         }
         for (lin, y) in lins.iter().zip(ys) {
             let seq = |p: &Part| self.slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
-            let rows_of = |p: &Part| (p.row0 * cols..(p.row0 + p.n) * cols, p.row0 * lin.rows..(p.row0 + p.n) * lin.rows);
+            let rows_of =
+                |p: &Part| (p.row0 * cols..(p.row0 + p.n) * cols, p.row0 * lin.rows..(p.row0 + p.n) * lin.rows);
             // Sequences whose adapter products are small enough for one thread (decode rows):
             // one sequence per thread at a time, each thread with its own scratch.
             let on_caller = |p: &Part| {

@@ -698,7 +698,14 @@ macro_rules! simd_entries {
         /// The CPU supports the features; the pointers and shapes are as
         /// [`simd::matvec_rows_multi`] requires.
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn matvec_rows_multi(m: MatRef, rows: Range<usize>, x: &[f32], n: usize, y: *mut f32, ldy: usize) {
+        pub(crate) unsafe fn matvec_rows_multi(
+            m: MatRef,
+            rows: Range<usize>,
+            x: &[f32],
+            n: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
             // SAFETY: forwarded contract.
             unsafe { simd::matvec_rows_multi::<$S>(m, rows, x, n, y, ldy) }
         }
