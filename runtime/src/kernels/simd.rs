@@ -65,6 +65,21 @@ pub(crate) trait Simd {
     unsafe fn matvec_nf4_native(_w: Nf4, _cols: usize, _rows: Range<usize>, _x: &[f32], _y: &mut [f32]) -> bool {
         false
     }
+    /// [`Simd::matvec_nf4_native`] for `n` tokens (`x` is `[n, cols]`; `Y[t, r]` at
+    /// `y + t·ldy + r`), each token's sums in exactly that kernel's order; `false` leaves them
+    /// to be done token by token.
+    #[inline(always)]
+    unsafe fn matvec_nf4_native_multi(
+        _w: Nf4,
+        _cols: usize,
+        _rows: Range<usize>,
+        _x: &[f32],
+        _n: usize,
+        _y: *mut f32,
+        _ldy: usize,
+    ) -> bool {
+        false
+    }
     /// `4·LANES` codes from `2·LANES` bytes: [`Simd::load_nf4`] four times, or one wide load
     /// where the instruction set has one.
     #[inline(always)]
@@ -353,7 +368,8 @@ unsafe fn matvec_typed<S: Simd, E: Elem>(w: &[E], cols: usize, rows: Range<usize
 /// points at `Y[0, 0]` with a token stride of `ldy`): every sum in exactly the order
 /// [`matvec_rows`] uses for that row, so each token's outputs are bit for bit its own matvec's,
 /// but each weight vector is loaded (and widened) once for up to four tokens: the batching
-/// engine's decode rows. NF4 weights go token by token through [`matvec_rows`].
+/// engine's decode rows. NF4 weights take the instruction set's own multi-token kernel where it
+/// has one (AVX-512), else go token by token through [`matvec_rows`].
 ///
 /// # Safety
 /// As [`matvec_rows`] for each token; `x` holds `n · cols` elements and `y` is valid for writes of
@@ -375,6 +391,7 @@ pub(crate) unsafe fn matvec_rows_multi<S: Simd>(
             Weights::F32(w) => multi_typed::<S, f32>(w, cols, rows, x, n, y, ldy),
             Weights::F16(w) => multi_typed::<S, f16>(w, cols, rows, x, n, y, ldy),
             Weights::BF16(w) => multi_typed::<S, bf16>(w, cols, rows, x, n, y, ldy),
+            Weights::Nf4(w) if w.simd_ok(cols) && S::matvec_nf4_native_multi(w, cols, rows.clone(), x, n, y, ldy) => {}
             Weights::Nf4(_) => {
                 for t in 0..n {
                     let y = std::slice::from_raw_parts_mut(y.add(t * ldy + rows.start), rows.len());

@@ -255,6 +255,23 @@ impl Simd for Avx512 {
         true
     }
     #[inline(always)]
+    unsafe fn matvec_nf4_native_multi(
+        w: Nf4,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        n: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) -> bool {
+        if !(w.blocksize == 64 || w.blocksize.is_multiple_of(128)) {
+            return false;
+        }
+        // SAFETY: as in `matvec_nf4_native`; `x` holds `n` tokens and `y` the caller's outputs.
+        unsafe { nf4_strided_multi(w, cols, rows, x, n, y, ldy) };
+        true
+    }
+    #[inline(always)]
     unsafe fn load_nf4_x4(p: *const u8, lut: __m512) -> [__m512; 4] {
         // SAFETY: `p` valid for 32 bytes. One load of 64 codes; the byte unpacks interleave
         // within 128-bit lanes: `lo` holds codes 0–15 | 32–47, `hi` codes 16–31 | 48–63.
@@ -456,4 +473,185 @@ unsafe fn nf4_strided(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], y: &mu
         }
     }
     X_STRIDED.with(|v| *v.borrow_mut() = xs);
+}
+
+/// [`nf4_strided`] for `n` tokens: the row pairs' codes are loaded and looked up once for two
+/// tokens, and each (row, token) is summed in exactly [`nf4_strided`]'s order (a pair's
+/// rows as its pair path, a last odd row as its single-row path), so every token's outputs are
+/// bit for bit its own matvec's.
+///
+/// # Safety
+/// As [`nf4_strided`] for each token; `x` holds `n · cols` elements; `y` is valid for writes of
+/// `Y[t, r]` at `t·ldy + r`, `t < n`, `r` in `rows`, which no other thread touches meanwhile.
+#[inline(always)]
+unsafe fn nf4_strided_multi(w: Nf4, cols: usize, rows: Range<usize>, x: &[f32], n: usize, y: *mut f32, ldy: usize) {
+    let (bs, chunks, tail) = (w.blocksize, cols / 128, cols % 128);
+    debug_assert!(bs.is_multiple_of(64) && cols.is_multiple_of(bs) && (tail == 0 || (tail == 64 && bs == 64)));
+    debug_assert!(x.len() >= n * cols);
+    let stride = chunks * 128;
+    let mut xs = X_STRIDED.with(|v| std::mem::take(&mut *v.borrow_mut()));
+    xs.resize(n * stride, 0.0);
+    const E: [usize; 8] = [1, 0, 3, 2, 5, 4, 7, 6];
+    for t in 0..n {
+        for ch in 0..chunks {
+            for (c, e) in E.iter().enumerate() {
+                for j in 0..16 {
+                    xs[t * stride + ch * 128 + c * 16 + j] = x[t * cols + ch * 128 + 8 * j + e];
+                }
+            }
+        }
+    }
+    // SAFETY (whole block): as in `nf4_strided` (AVX-512F/BW available; codes, scales and x of
+    // the rows and tokens computed lie in their buffers: the `assert!`s of
+    // `matvec_rows_multi_isa` and `check_mat`); `xs` holds `n · stride` values; `y` per the
+    // caller's contract.
+    unsafe {
+        let lut = _mm512_loadu_ps(w.table.as_ptr());
+        let blocks_per_chunk = (128 / bs).max(1);
+        let scale_idx = _mm512_set_epi32(
+            (120 / bs) as i32,
+            (112 / bs) as i32,
+            (104 / bs) as i32,
+            (96 / bs) as i32,
+            (88 / bs) as i32,
+            (80 / bs) as i32,
+            (72 / bs) as i32,
+            (64 / bs) as i32,
+            (56 / bs) as i32,
+            (48 / bs) as i32,
+            (40 / bs) as i32,
+            (32 / bs) as i32,
+            (24 / bs) as i32,
+            (16 / bs) as i32,
+            (8 / bs) as i32,
+            0,
+        );
+        let scale_mask: __mmask16 = (1u16 << blocks_per_chunk) - 1;
+        let mut rr = rows.start;
+        while rr + 2 <= rows.end {
+            let mut t = 0;
+            // Two tokens at a time: the 12 accumulators, 4 looked-up vectors and x stay in the
+            // 32 registers (four tokens spill).
+            while t + 2 <= n {
+                nf4_pair_tokens::<2>(w, cols, rr, x, &xs, stride, t, y, ldy, lut, scale_idx, scale_mask);
+                t += 2;
+            }
+            while t < n {
+                nf4_pair_tokens::<1>(w, cols, rr, x, &xs, stride, t, y, ldy, lut, scale_idx, scale_mask);
+                t += 1;
+            }
+            rr += 2;
+        }
+        X_STRIDED.with(|v| *v.borrow_mut() = std::mem::take(&mut xs));
+        // A last odd row: the single-row path of `nf4_strided`, token by token.
+        for r in rr..rows.end {
+            for t in 0..n {
+                let mut out = [0.0f32];
+                nf4_strided(w, cols, r..r + 1, &x[t * cols..(t + 1) * cols], &mut out);
+                *y.add(t * ldy + r) = out[0];
+            }
+        }
+    }
+    if !xs.is_empty() {
+        X_STRIDED.with(|v| *v.borrow_mut() = xs);
+    }
+}
+
+/// Rows `r`, `r + 1` for tokens `t0..t0 + T`: [`nf4_strided`]'s pair path, each look-up shared
+/// by the `T` tokens.
+///
+/// # Safety
+/// As [`nf4_strided_multi`]; `xs` holds the tokens' strided x at `stride` per token.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn nf4_pair_tokens<const T: usize>(
+    w: Nf4,
+    cols: usize,
+    r: usize,
+    x: &[f32],
+    xs: &[f32],
+    stride: usize,
+    t0: usize,
+    y: *mut f32,
+    ldy: usize,
+    lut: __m512,
+    scale_idx: __m512i,
+    scale_mask: __mmask16,
+) {
+    let (bs, chunks, tail) = (w.blocksize, cols / 128, cols % 128);
+    // SAFETY (whole body): the caller's contract.
+    unsafe {
+        let (p0, p1) = (w.packed.as_ptr().add(r * cols / 2), w.packed.as_ptr().add((r + 1) * cols / 2));
+        let (a0, a1) = (w.absmax.as_ptr().add(r * cols / bs), w.absmax.as_ptr().add((r + 1) * cols / bs));
+        let mut acc0 = [_mm512_setzero_ps(); T];
+        let mut acc1 = [_mm512_setzero_ps(); T];
+        macro_rules! look {
+            ($d:expr, $k:literal) => {
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<$k>($d), lut)
+            };
+        }
+        for ch in 0..chunks {
+            let d0 = _mm512_loadu_si512(p0.add(ch * 64).cast());
+            let d1 = _mm512_loadu_si512(p1.add(ch * 64).cast());
+            let xc: [*const f32; T] = std::array::from_fn(|j| xs.as_ptr().add((t0 + j) * stride + ch * 128));
+            let (mut s0, mut s1) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
+            let (mut u0, mut u1) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
+            // The order of `nf4_strided` per row and token: s0 = l0·x0, s1 = l4·x1, then
+            // s0 += l8·x2, s1 += l12·x3, ... (u for the second row).
+            let (l0, m0) = (look!(d0, 0), look!(d1, 0));
+            let (l1, m1) = (look!(d0, 4), look!(d1, 4));
+            for j in 0..T {
+                let x0 = _mm512_loadu_ps(xc[j]);
+                let x1 = _mm512_loadu_ps(xc[j].add(16));
+                s0[j] = _mm512_mul_ps(l0, x0);
+                u0[j] = _mm512_mul_ps(m0, x0);
+                s1[j] = _mm512_mul_ps(l1, x1);
+                u1[j] = _mm512_mul_ps(m1, x1);
+            }
+            macro_rules! step {
+                ($k0:literal, $k1:literal, $off0:literal, $off1:literal) => {
+                    let (l0, m0) = (look!(d0, $k0), look!(d1, $k0));
+                    let (l1, m1) = (look!(d0, $k1), look!(d1, $k1));
+                    for j in 0..T {
+                        let x0 = _mm512_loadu_ps(xc[j].add($off0));
+                        let x1 = _mm512_loadu_ps(xc[j].add($off1));
+                        s0[j] = _mm512_fmadd_ps(l0, x0, s0[j]);
+                        u0[j] = _mm512_fmadd_ps(m0, x0, u0[j]);
+                        s1[j] = _mm512_fmadd_ps(l1, x1, s1[j]);
+                        u1[j] = _mm512_fmadd_ps(m1, x1, u1[j]);
+                    }
+                };
+            }
+            step!(8, 12, 32, 48);
+            step!(16, 20, 64, 80);
+            step!(24, 28, 96, 112);
+            let sc0 = _mm512_permutexvar_ps(scale_idx, _mm512_maskz_loadu_ps(scale_mask, a0.add(ch * 128 / bs)));
+            let sc1 = _mm512_permutexvar_ps(scale_idx, _mm512_maskz_loadu_ps(scale_mask, a1.add(ch * 128 / bs)));
+            for j in 0..T {
+                acc0[j] = _mm512_fmadd_ps(_mm512_add_ps(s0[j], s1[j]), sc0, acc0[j]);
+                acc1[j] = _mm512_fmadd_ps(_mm512_add_ps(u0[j], u1[j]), sc1, acc1[j]);
+            }
+        }
+        if tail == 64 {
+            let base = chunks * 128;
+            let v0 = Avx512::load_nf4_x4(p0.add(base / 2), lut);
+            let v1 = Avx512::load_nf4_x4(p1.add(base / 2), lut);
+            let (sa0, sa1) = (_mm512_set1_ps(*a0.add(base / bs)), _mm512_set1_ps(*a1.add(base / bs)));
+            for j in 0..T {
+                let xt = x.as_ptr().add((t0 + j) * cols + base);
+                let (mut s, mut u) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for (k, (v0k, v1k)) in v0.iter().zip(&v1).enumerate() {
+                    let xv = _mm512_loadu_ps(xt.add(16 * k));
+                    s = _mm512_fmadd_ps(*v0k, xv, s);
+                    u = _mm512_fmadd_ps(*v1k, xv, u);
+                }
+                acc0[j] = _mm512_fmadd_ps(s, sa0, acc0[j]);
+                acc1[j] = _mm512_fmadd_ps(u, sa1, acc1[j]);
+            }
+        }
+        for j in 0..T {
+            *y.add((t0 + j) * ldy + r) = _mm512_reduce_add_ps(acc0[j]);
+            *y.add((t0 + j) * ldy + r + 1) = _mm512_reduce_add_ps(acc1[j]);
+        }
+    }
 }
