@@ -236,3 +236,12 @@ fn bad_requests_are_refused_and_the_others_go_on() {
     assert_eq!(ends[&b], want.1);
     assert_eq!(e.active(), 0);
 }
+
+/// QLoRA serving: an NF4 base with its adapter, the base alone and a half-scale mix.
+#[test]
+fn batched_tokens_equal_a_lone_sessions_on_an_nf4_base() {
+    let dir = fixtures().join("nf4");
+    let m = Arc::new(Model::load(&dir.join("tiny-llama-nf4"), &LoadOptions::default()).unwrap());
+    let a = Arc::new(Adapter::load(&dir.join("llama-nf4-qvd"), &m).unwrap());
+    check(&m, &[vec![(a.clone(), 1.0)], vec![], vec![(a, 0.5)]]);
+}
