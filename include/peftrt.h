@@ -445,6 +445,9 @@ peftrt_status peftrt_session_cancel(peftrt_session *session);
    A request's tokens and text are the same as peftrt_session_generate() gives in a session
    with the same n_batch (peftrt_session_params), adapters, scales and sampling parameters,
    whatever else runs beside it.
+   Prefix reuse: a request whose prompt starts with the same tokens as an earlier request's
+   (with the same adapters and scales) keeps the keys and values of the whole n_batch batches
+   they share, kept by the earlier request's slot once it is free, instead of evaluating them.
    Threads: an engine is used by one thread at a time (another call gets PEFTRT_ERR_BUSY;
    callbacks run on the thread that steps, inside the step, and may not call into the engine
    except peftrt_engine_cancel()). peftrt_engine_cancel() may be called from any thread at any

@@ -245,3 +245,68 @@ fn batched_tokens_equal_a_lone_sessions_on_an_nf4_base() {
     let a = Arc::new(Adapter::load(&dir.join("llama-nf4-qvd"), &m).unwrap());
     check(&m, &[vec![(a.clone(), 1.0)], vec![], vec![(a, 0.5)]]);
 }
+
+/// Prefix reuse: requests sharing a prompt start (and adapters) keep the earlier request's keys
+/// and values for whole n_batch batches instead of evaluating them, and every logit stays the
+/// lone session's; another adapter set, or a prompt that is all prefix, is handled too.
+#[test]
+fn a_shared_prompt_start_is_reused_with_the_same_answers() {
+    let m = model("tiny-llama");
+    let qv = adapter(&m, "llama-qv");
+    let prefix: Vec<u32> = (0..150).map(|j| 1 + (j * 13) % 399).collect();
+    let with_tail = |tail: u32, len: usize| {
+        let mut p = prefix.clone();
+        p.extend((0..len as u32).map(|j| 1 + (tail + j * 5) % 399));
+        p
+    };
+    let greedy = |max_tokens| SamplingParams { max_tokens, ..Default::default() };
+    let cases = [
+        Case { prompt: with_tail(3, 10), adapters: vec![], params: greedy(8) },
+        Case { prompt: with_tail(7, 40), adapters: vec![], params: greedy(5) },
+        Case { prompt: with_tail(9, 1), adapters: vec![(qv.clone(), 1.0)], params: greedy(6) },
+        Case { prompt: with_tail(11, 20), adapters: vec![(qv.clone(), 1.0)], params: greedy(6) },
+        Case { prompt: with_tail(11, 20), adapters: vec![(qv, 0.5)], params: greedy(6) },
+        Case { prompt: prefix[..128].to_vec(), adapters: vec![], params: greedy(4) },
+        Case { prompt: with_tail(3, 10), adapters: vec![], params: greedy(8) },
+        Case { prompt: prefix[..128].to_vec(), adapters: vec![], params: greedy(4) },
+    ];
+    let opts = EngineOptions { max_sequences: 2, n_ctx: N_CTX, n_batch: N_BATCH, step_tokens: 64, n_threads: 2 };
+    let mut e = Engine::new(m.clone(), &opts).unwrap();
+    for (i, c) in cases.iter().enumerate() {
+        let before = e.reused_tokens();
+        let req = Request {
+            prompt: c.prompt.clone(),
+            adapters: c.adapters.clone(),
+            params: c.params.clone(),
+            constraint: None,
+        };
+        e.submit(req).unwrap();
+        let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+        e.run(|ev| {
+            match ev {
+                Event::Logits { logits: l, .. } => logits.push(l.to_vec()),
+                Event::Done { result, .. } => tokens = result.unwrap().tokens,
+                Event::Text { .. } => {}
+            }
+            true
+        });
+        let (want_tokens, _, want_logits) = alone_with_logits(&m, c);
+        assert_eq!(tokens, want_tokens, "request {i}");
+        assert!(
+            logits.len() == want_logits.len()
+                && logits
+                    .iter()
+                    .zip(&want_logits)
+                    .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())),
+            "request {i}: logits differ from the lone session's"
+        );
+        let reused = e.reused_tokens() - before;
+        // What each request can keep: two whole 64-token batches of the shared start, when a
+        // free slot holds them with the same adapters and scales. Two slots, least recently used
+        // taken first: request 4 (scale 0.5) takes the slot of requests 0-1, so request 5 finds
+        // no base prefix; request 6 keeps request 5's; the 128-token prompt of request 7 keeps
+        // one batch, so that its last one is evaluated for the logits.
+        let want = [0, 128, 0, 128, 0, 0, 128, 64][i];
+        assert_eq!(reused, want, "request {i}: {reused} prompt tokens reused");
+    }
+}

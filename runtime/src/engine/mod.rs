@@ -18,6 +18,12 @@
 //! ([`crate::kernels::Path`]). So each row carries the size of the batch it would have had in the
 //! session, and each operation takes the path that size implies.
 //!
+//! **Prefix reuse.** A slot keeps its last prompt's keys and values when the request ends; a
+//! new request with the same adapters and scales goes to the free slot sharing the longest
+//! start with its prompt, in whole `n_batch` batches (keyed by the tokens and the adapter set; a slot's kept prefix is overwritten when
+//! the slot takes a request, least recently used first among equals), and skips evaluating
+//! them: a common system prompt or few-shot examples are read once per slot.
+//!
 //! Memory: the caches (`max_sequences × n_ctx` positions) and activation buffers are allocated
 //! when the engine is made (zeroed pages, paid for as they are used); a step allocates nothing.
 //! A request's sampler is allocated when it is submitted.
@@ -104,6 +110,13 @@ struct Seq {
 struct Slot {
     cache: KvCache,
     seq: Option<Seq>,
+    /// While the slot is free: the prompt tokens at the start of its cache whose keys and
+    /// values a new request with the same start may keep (whole `n_batch` batches only).
+    cached: Vec<u32>,
+    /// The adapters and scales those keys and values were computed with (they change them).
+    cached_adapters: ActiveAdapters,
+    /// When the slot last took a request (a step count), to pick the least recently used.
+    last_used: u64,
 }
 
 /// The batching engine: see the module documentation.
@@ -115,6 +128,10 @@ pub struct Engine {
     step_tokens: usize,
     slots: Vec<Slot>,
     next_id: RequestId,
+    /// Steps run so far.
+    steps: u64,
+    /// Prompt tokens whose keys and values were kept from an earlier request.
+    reused_tokens: u64,
     /// This step's rows, one part per sequence (reused).
     parts: Vec<Part>,
     /// Slot numbers in the order their requests came (reused).
@@ -154,7 +171,13 @@ impl Engine {
         };
         let mut slots = Vec::with_capacity(max_sequences);
         for _ in 0..max_sequences {
-            slots.push(Slot { cache: KvCache::new(c, n_ctx)?, seq: None });
+            slots.push(Slot {
+                cache: KvCache::new(c, n_ctx)?,
+                seq: None,
+                cached: Vec::new(),
+                cached_adapters: Vec::new(),
+                last_used: 0,
+            });
         }
         let pool = ThreadPool::new(n_threads);
         let s = StepScratch::new(&model, &pool, step_tokens + max_sequences, max_sequences, n_ctx)?;
@@ -166,6 +189,8 @@ impl Engine {
             step_tokens,
             slots,
             next_id: 1,
+            steps: 0,
+            reused_tokens: 0,
             parts: Vec::with_capacity(max_sequences),
             order: Vec::with_capacity(max_sequences),
             s,
@@ -188,6 +213,12 @@ impl Engine {
 
     pub fn n_threads(&self) -> usize {
         self.pool.n_threads()
+    }
+
+    /// Prompt tokens so far whose keys and values were kept from an earlier request instead of
+    /// evaluated (prefix reuse).
+    pub fn reused_tokens(&self) -> u64 {
+        self.reused_tokens
     }
 
     /// Requests in progress (submitted, not yet reported done).
@@ -223,7 +254,35 @@ impl Engine {
             check_scale(&a.name, *scale)?;
         }
         self.model.tokenizer()?;
-        let Some(slot) = self.slots.iter().position(|s| s.seq.is_none()) else {
+        // Prefix reuse: a free slot keeps the keys and values of its last prompt's whole
+        // `n_batch` batches; the request goes to the free slot that shares the longest such
+        // start with its prompt (then the least recently used), and those positions are not
+        // evaluated again. They hold what a lone session computes for them (a whole batch of
+        // `n_batch` tokens from position 0 sums the same way whatever follows), so the answers
+        // stay the same. At least the prompt's last batch is evaluated, for its logits.
+        let nb = self.n_batch;
+        let same_adapters = |kept: &ActiveAdapters| {
+            kept.len() == req.adapters.len()
+                && kept
+                    .iter()
+                    .zip(&req.adapters)
+                    .all(|((a, s), (b, t))| Arc::ptr_eq(a, b) && s.to_bits() == t.to_bits())
+        };
+        let reusable = |slot: &Slot| {
+            if !same_adapters(&slot.cached_adapters) {
+                return 0;
+            }
+            let common = slot.cached.iter().zip(&req.prompt).take_while(|(a, b)| a == b).count();
+            (common / nb * nb).min((req.prompt.len() - 1) / nb * nb)
+        };
+        let slot = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.seq.is_none())
+            .max_by_key(|(_, s)| (reusable(s), std::cmp::Reverse(s.last_used)))
+            .map(|(i, _)| i);
+        let Some(slot) = slot else {
             return Err(Error::Input(format!(
                 "too many sequences: all {} of the engine's slots are busy; wait for a request to finish \
                  or make the engine with a larger max_sequences",
@@ -240,6 +299,12 @@ impl Engine {
         history
             .try_reserve_exact(self.n_ctx)
             .map_err(|_| Error::out_of_memory::<u32>("the token history", self.n_ctx))?;
+        let reuse = reusable(&self.slots[slot]);
+        history.extend_from_slice(&req.prompt[..reuse]);
+        self.reused_tokens += reuse as u64;
+        self.slots[slot].cached.clear();
+        self.slots[slot].cached_adapters.clear();
+        self.slots[slot].last_used = self.steps;
         self.slots[slot].seq = Some(Seq {
             id,
             reply: Reply::new(max_tokens.min(self.n_ctx - req.prompt.len() + 1)),
@@ -273,10 +338,12 @@ impl Engine {
     /// text of each request (returning `false` cancels that request) and every request that
     /// ended. Returns the number of requests still in progress.
     pub fn step(&mut self, mut on_event: impl FnMut(Event) -> bool) -> usize {
+        self.steps += 1;
         // Cancelled requests leave first.
         for slot in &mut self.slots {
             if slot.seq.as_ref().is_some_and(|s| s.cancelled) {
                 let seq = slot.seq.take().expect("checked");
+                keep_prefix(slot, &seq, self.n_batch);
                 finish(&self.model, seq, StopReason::Cancelled, &mut on_event);
             }
         }
@@ -292,7 +359,10 @@ impl Engine {
             let logits = &self.s.logits[j * self.model.config.vocab_size..(j + 1) * self.model.config.vocab_size];
             match sample(&self.model, &mut seq, logits, self.n_ctx, &mut on_event) {
                 Ok(None) => slot.seq = Some(seq),
-                Ok(Some(stop)) => finish(&self.model, seq, stop, &mut on_event),
+                Ok(Some(stop)) => {
+                    keep_prefix(slot, &seq, self.n_batch);
+                    finish(&self.model, seq, stop, &mut on_event)
+                }
                 Err(e) => {
                     on_event(Event::Done { id: seq.id, result: Err(e) });
                 }
@@ -385,6 +455,15 @@ fn sample(
     }
     seq.pending = Some(next);
     Ok(None)
+}
+
+/// What a freed slot keeps for prefix reuse: the prompt's whole `n_batch` batches that were
+/// evaluated (a batch cut short by the prompt's end sums differently, and is not kept).
+fn keep_prefix(slot: &mut Slot, seq: &Seq, n_batch: usize) {
+    let evaluated = seq.history.len().min(seq.prompt.len());
+    slot.cached.clear();
+    slot.cached.extend_from_slice(&seq.prompt[..evaluated / n_batch * n_batch]);
+    slot.cached_adapters.clone_from(&seq.adapters);
 }
 
 /// Reports a sequence's end.
