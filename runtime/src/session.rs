@@ -63,31 +63,61 @@ pub(crate) fn zeroed(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
     Ok(unsafe { Vec::from_raw_parts(p, n, n) })
 }
 
-/// Activation buffers for one batch of up to `n_batch` tokens.
-struct Scratch {
-    /// `[n_batch, hidden]` residual stream
-    x: Vec<f32>,
-    /// `[n_batch, hidden]` normalised input of a sub-layer
-    xb: Vec<f32>,
-    /// `[n_batch, n_heads * head_dim]`
-    q: Vec<f32>,
-    /// `[n_batch, n_kv_heads * head_dim]`
-    k: Vec<f32>,
-    /// `[n_batch, n_kv_heads * head_dim]`
-    v: Vec<f32>,
-    /// `[n_batch, n_heads * head_dim]` attention output before o_proj
-    att_out: Vec<f32>,
+/// Activation buffers for a batch of up to `rows` tokens, the same for a session's batch and
+/// the batching engine's step.
+pub(crate) struct Activations {
+    /// `[rows, hidden]` residual stream
+    pub(crate) x: Vec<f32>,
+    /// `[rows, hidden]` normalised input of a sub-layer
+    pub(crate) xb: Vec<f32>,
+    /// `[rows, n_heads * head_dim]`
+    pub(crate) q: Vec<f32>,
+    /// `[rows, n_kv_heads * head_dim]`
+    pub(crate) k: Vec<f32>,
+    /// `[rows, n_kv_heads * head_dim]`
+    pub(crate) v: Vec<f32>,
+    /// `[rows, n_heads * head_dim]` attention output before o_proj
+    pub(crate) att_out: Vec<f32>,
     /// Attention's score buffers: see [`AttentionScratch`].
-    attention: AttentionScratch,
-    /// `[n_batch, intermediate]`
-    gate: Vec<f32>,
-    /// `[n_batch, intermediate]`
-    up: Vec<f32>,
-    /// `[n_batch, hidden]` output of o_proj / down_proj before the residual add
-    out: Vec<f32>,
-    /// `[n_batch, head_dim / 2]` rotary cos and sin for the batch's positions
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    pub(crate) attention: AttentionScratch,
+    /// `[rows, intermediate]`
+    pub(crate) gate: Vec<f32>,
+    /// `[rows, intermediate]`
+    pub(crate) up: Vec<f32>,
+    /// `[rows, hidden]` output of o_proj / down_proj before the residual add
+    pub(crate) out: Vec<f32>,
+    /// `[rows, head_dim / 2]` rotary cos and sin for the rows' positions
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+}
+
+impl Activations {
+    /// Every buffer for `rows` rows of model `c`, attention scores for `n_threads` threads and
+    /// a context of `n_ctx`; allocated fallibly (an error, not an abort, when they do not fit).
+    pub(crate) fn new(c: &crate::config::ModelConfig, rows: usize, n_threads: usize, n_ctx: usize) -> Result<Self> {
+        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let half = c.head_dim / 2;
+        Ok(Activations {
+            x: zeroed("activations", &[rows, h])?,
+            xb: zeroed("activations", &[rows, h])?,
+            q: zeroed("activations", &[rows, q])?,
+            k: zeroed("activations", &[rows, kv])?,
+            v: zeroed("activations", &[rows, kv])?,
+            att_out: zeroed("activations", &[rows, q])?,
+            attention: AttentionScratch::new(n_threads, n_ctx)?,
+            gate: zeroed("activations", &[rows, inter])?,
+            up: zeroed("activations", &[rows, inter])?,
+            out: zeroed("activations", &[rows, h])?,
+            cos: zeroed("rotary tables", &[rows, half])?,
+            sin: zeroed("rotary tables", &[rows, half])?,
+        })
+    }
+}
+
+/// A session's buffers: activations for a batch of up to `n_batch` tokens, the logits and the
+/// adapters' scratch.
+struct Scratch {
+    act: Activations,
     /// `[vocab]` logits of the last evaluated token
     logits: Vec<f32>,
     /// The active adapters' low-rank products, sized in [`Session::set_adapters`].
@@ -163,29 +193,16 @@ impl Session {
         };
         // Sized by the caller's n_ctx and the config's claims: every buffer is allocated
         // fallibly, so a context that does not fit is an error, not an abort (issue #18).
-        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let half = c.head_dim / 2;
         let cache = KvCache::new(c, n_ctx)?;
         let mut tokens = Vec::new();
         tokens.try_reserve_exact(n_ctx).map_err(|_| Error::out_of_memory::<u32>("the token history", n_ctx))?;
         let s = Scratch {
-            x: zeroed("activations", &[n_batch, h])?,
-            xb: zeroed("activations", &[n_batch, h])?,
-            q: zeroed("activations", &[n_batch, q])?,
-            k: zeroed("activations", &[n_batch, kv])?,
-            v: zeroed("activations", &[n_batch, kv])?,
-            att_out: zeroed("activations", &[n_batch, q])?,
-            attention: AttentionScratch::new(n_threads, n_ctx)?,
-            gate: zeroed("activations", &[n_batch, inter])?,
-            up: zeroed("activations", &[n_batch, inter])?,
-            out: zeroed("activations", &[n_batch, h])?,
-            cos: zeroed("rotary tables", &[n_batch, half])?,
-            sin: zeroed("rotary tables", &[n_batch, half])?,
+            act: Activations::new(c, n_batch, n_threads, n_ctx)?,
             logits: zeroed("logits", &[c.vocab_size])?,
             lora: LoraScratch::default(),
         };
         let pool = ThreadPool::new(n_threads);
-        kernels::reserve_decode_scratch(&pool, h.max(q).max(inter));
+        kernels::reserve_decode_scratch(&pool, c.hidden_size.max(c.q_dim()).max(c.intermediate_size));
         Ok(Session { pool, n_batch, tokens, cache, s, adapters: Vec::new(), cancel: None, model })
     }
 
@@ -350,48 +367,55 @@ impl Session {
         // Embeddings.
         let emb = model.embed_tokens.weights();
         for (t, &tok) in tokens.iter().enumerate() {
-            emb.to_f32(tok as usize * h, &mut s.x[t * h..(t + 1) * h]);
+            emb.to_f32(tok as usize * h, &mut s.act.x[t * h..(t + 1) * h]);
         }
         history.extend_from_slice(tokens);
-        rope_tables(&model.rope_inv_freq, pos0, n, &mut s.cos, &mut s.sin);
+        rope_tables(&model.rope_inv_freq, pos0, n, &mut s.act.cos, &mut s.act.sin);
 
         for (li, layer) in model.layers.iter().enumerate() {
             if cancelled() {
                 return false;
             }
             // Attention block.
-            rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.input_norm, eps);
+            rmsnorm_rows(&mut s.act.xb[..n * h], &s.act.x[..n * h], &layer.input_norm, eps);
             let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
             linear(
                 pool,
                 &mut lora,
                 qkv,
-                &s.xb[..n * h],
+                &s.act.xb[..n * h],
                 n,
-                [&mut s.q[..n * q_dim], &mut s.k[..n * kv_dim], &mut s.v[..n * kv_dim]],
+                [&mut s.act.q[..n * q_dim], &mut s.act.k[..n * kv_dim], &mut s.act.v[..n * kv_dim]],
             );
             for t in 0..n {
-                let (cos, sin) = (&s.cos[t * half..(t + 1) * half], &s.sin[t * half..(t + 1) * half]);
-                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(c.head_dim) {
+                let (cos, sin) = (&s.act.cos[t * half..(t + 1) * half], &s.act.sin[t * half..(t + 1) * half]);
+                for head in s.act.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(c.head_dim) {
                     rope(head, cos, sin);
                 }
-                for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
+                for head in s.act.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
                     rope(head, cos, sin);
                 }
             }
-            cache.store(c, li, pos0, n, &s.k, &s.v);
-            let inp = AttentionInput { c, cache, layer: li, pos0, n, q: &s.q };
-            attention(pool, &inp, &mut s.attention, &mut s.att_out);
-            linear(pool, &mut lora, [&layer.o_proj], &s.att_out[..n * q_dim], n, [&mut s.out[..n * h]]);
-            kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
+            cache.store(c, li, pos0, n, &s.act.k, &s.act.v);
+            let inp = AttentionInput { c, cache, layer: li, pos0, n, q: &s.act.q };
+            attention(pool, &inp, &mut s.act.attention, &mut s.act.att_out);
+            linear(pool, &mut lora, [&layer.o_proj], &s.act.att_out[..n * q_dim], n, [&mut s.act.out[..n * h]]);
+            kernels::add(&mut s.act.x[..n * h], &s.act.out[..n * h]);
 
             // MLP block.
-            rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
+            rmsnorm_rows(&mut s.act.xb[..n * h], &s.act.x[..n * h], &layer.post_attention_norm, eps);
             let gate_up = [&layer.gate_proj, &layer.up_proj];
-            linear(pool, &mut lora, gate_up, &s.xb[..n * h], n, [&mut s.gate[..n * inter], &mut s.up[..n * inter]]);
-            act_mul_rows(c.hidden_act, &mut s.gate[..n * inter], &s.up[..n * inter], inter);
-            linear(pool, &mut lora, [&layer.down_proj], &s.gate[..n * inter], n, [&mut s.out[..n * h]]);
-            kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
+            linear(
+                pool,
+                &mut lora,
+                gate_up,
+                &s.act.xb[..n * h],
+                n,
+                [&mut s.act.gate[..n * inter], &mut s.act.up[..n * inter]],
+            );
+            act_mul_rows(c.hidden_act, &mut s.act.gate[..n * inter], &s.act.up[..n * inter], inter);
+            linear(pool, &mut lora, [&layer.down_proj], &s.act.gate[..n * inter], n, [&mut s.act.out[..n * h]]);
+            kernels::add(&mut s.act.x[..n * h], &s.act.out[..n * h]);
         }
 
         // Final norm and the output head.
@@ -399,14 +423,14 @@ impl Session {
         match want {
             Want::Last => {
                 let last = (n - 1) * h;
-                kernels::rmsnorm(&mut s.xb[..h], &s.x[last..last + h], &model.norm, eps);
-                linear(pool, &mut lora, [&model.lm_head], &s.xb[..h], 1, [&mut s.logits]);
+                kernels::rmsnorm(&mut s.act.xb[..h], &s.act.x[last..last + h], &model.norm, eps);
+                linear(pool, &mut lora, [&model.lm_head], &s.act.xb[..h], 1, [&mut s.logits]);
             }
             Want::All(out) => {
-                rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &model.norm, eps);
+                rmsnorm_rows(&mut s.act.xb[..n * h], &s.act.x[..n * h], &model.norm, eps);
                 let start = out.len();
                 out.resize(start + n * vocab, 0.0);
-                linear(pool, &mut lora, [&model.lm_head], &s.xb[..n * h], n, [&mut out[start..]]);
+                linear(pool, &mut lora, [&model.lm_head], &s.act.xb[..n * h], n, [&mut out[start..]]);
                 s.logits.copy_from_slice(&out[start + (n - 1) * vocab..]);
             }
         }

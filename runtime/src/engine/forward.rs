@@ -10,13 +10,11 @@
 
 use super::Engine;
 use crate::adapter::{apply_adapters, runs_on_caller, Adapter, LoraScratch};
-use crate::attention::{
-    attention_batched, attention_per_query, AttentionInput, AttentionScratch, QueryBlock, BATCHED_ATTENTION_MIN,
-};
+use crate::attention::{attention_batched, attention_per_query, AttentionInput, QueryBlock, BATCHED_ATTENTION_MIN};
 use crate::error::Result;
 use crate::kernels::{self, Path};
 use crate::model::{Linear, Model};
-use crate::session::{act_mul_rows, rmsnorm_rows, rope, rope_tables, zeroed};
+use crate::session::{act_mul_rows, rmsnorm_rows, rope, rope_tables, zeroed, Activations};
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use std::sync::Arc;
 
@@ -39,18 +37,7 @@ pub(super) struct Part {
 
 /// The step's activation buffers, sized for `rows` rows and `max_logits` rows of logits.
 pub(super) struct StepScratch {
-    x: Vec<f32>,
-    xb: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att_out: Vec<f32>,
-    attention: AttentionScratch,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    out: Vec<f32>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    act: Activations,
     /// `[max_logits, hidden]` the final-normed last rows of parts that want logits
     last: Vec<f32>,
     /// `[max_logits, vocab]`, in the order of the parts that want them
@@ -63,27 +50,14 @@ pub(super) struct StepScratch {
 impl StepScratch {
     pub(super) fn new(model: &Model, pool: &ThreadPool, rows: usize, max_logits: usize, n_ctx: usize) -> Result<Self> {
         let c = &model.config;
-        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let half = c.head_dim / 2;
         let s = StepScratch {
-            x: zeroed("activations", &[rows, h])?,
-            xb: zeroed("activations", &[rows, h])?,
-            q: zeroed("activations", &[rows, q])?,
-            k: zeroed("activations", &[rows, kv])?,
-            v: zeroed("activations", &[rows, kv])?,
-            att_out: zeroed("activations", &[rows, q])?,
-            attention: AttentionScratch::new(pool.n_threads(), n_ctx)?,
-            gate: zeroed("activations", &[rows, inter])?,
-            up: zeroed("activations", &[rows, inter])?,
-            out: zeroed("activations", &[rows, h])?,
-            cos: zeroed("rotary tables", &[rows, half])?,
-            sin: zeroed("rotary tables", &[rows, half])?,
-            last: zeroed("activations", &[max_logits, h])?,
+            act: Activations::new(c, rows, pool.n_threads(), n_ctx)?,
+            last: zeroed("activations", &[max_logits, c.hidden_size])?,
             logits: zeroed("logits", &[max_logits, c.vocab_size])?,
             lora: (0..pool.n_threads()).map(|_| LoraScratch::default()).collect(),
             rows,
         };
-        kernels::reserve_decode_scratch(pool, h.max(q).max(inter));
+        kernels::reserve_decode_scratch(pool, c.hidden_size.max(c.q_dim()).max(c.intermediate_size));
         Ok(s)
     }
 
@@ -117,8 +91,8 @@ pub(super) fn forward(e: &mut Engine) {
                 None => sq.prompt[pos],
             };
             let row = p.row0 + t;
-            emb.to_f32(tok as usize * h, &mut s.x[row * h..(row + 1) * h]);
-            rope_tables(&model.rope_inv_freq, pos, 1, &mut s.cos[row * half..], &mut s.sin[row * half..]);
+            emb.to_f32(tok as usize * h, &mut s.act.x[row * h..(row + 1) * h]);
+            rope_tables(&model.rope_inv_freq, pos, 1, &mut s.act.cos[row * half..], &mut s.act.sin[row * half..]);
         }
     }
     // The tokens join their sequences' histories (a part's tokens are all evaluated below).
@@ -132,33 +106,34 @@ pub(super) fn forward(e: &mut Engine) {
 
     for (li, layer) in model.layers.iter().enumerate() {
         // Attention block.
-        rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.input_norm, eps);
+        rmsnorm_rows(&mut s.act.xb[..n * h], &s.act.x[..n * h], &layer.input_norm, eps);
         let lin = Linears { pool, slots, parts, n, tiled };
         lin.run(
             &mut s.lora,
             [&layer.q_proj, &layer.k_proj, &layer.v_proj],
-            &s.xb[..n * h],
-            [&mut s.q[..n * q_dim], &mut s.k[..n * kv_dim], &mut s.v[..n * kv_dim]],
+            &s.act.xb[..n * h],
+            [&mut s.act.q[..n * q_dim], &mut s.act.k[..n * kv_dim], &mut s.act.v[..n * kv_dim]],
         );
         for row in 0..n {
-            let (cos, sin) = (&s.cos[row * half..(row + 1) * half], &s.sin[row * half..(row + 1) * half]);
-            for head in s.q[row * q_dim..(row + 1) * q_dim].chunks_exact_mut(c.head_dim) {
+            let (cos, sin) = (&s.act.cos[row * half..(row + 1) * half], &s.act.sin[row * half..(row + 1) * half]);
+            for head in s.act.q[row * q_dim..(row + 1) * q_dim].chunks_exact_mut(c.head_dim) {
                 rope(head, cos, sin);
             }
-            for head in s.k[row * kv_dim..(row + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
+            for head in s.act.k[row * kv_dim..(row + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
                 rope(head, cos, sin);
             }
         }
         for p in parts {
             let (a, b) = (p.row0 * kv_dim, (p.row0 + p.n) * kv_dim);
-            slots[p.slot].cache.store(c, li, p.pos0, p.n, &s.k[a..b], &s.v[a..b]);
+            slots[p.slot].cache.store(c, li, p.pos0, p.n, &s.act.k[a..b], &s.act.v[a..b]);
         }
         // Long prompt pieces as matrix products, one sequence at a time; every other query in
         // one job. (`attention` of a session decides by the same batch size.)
         for p in parts.iter().filter(|p| p.batch >= BATCHED_ATTENTION_MIN) {
             let (a, b) = (p.row0 * q_dim, (p.row0 + p.n) * q_dim);
-            let inp = AttentionInput { c, cache: &slots[p.slot].cache, layer: li, pos0: p.pos0, n: p.n, q: &s.q[a..b] };
-            attention_batched(pool, &inp, &mut s.attention.batched, &mut s.att_out[a..b]);
+            let inp =
+                AttentionInput { c, cache: &slots[p.slot].cache, layer: li, pos0: p.pos0, n: p.n, q: &s.act.q[a..b] };
+            attention_batched(pool, &inp, &mut s.act.attention.batched, &mut s.act.att_out[a..b]);
         }
         let blocks = parts.iter().filter(|p| p.batch < BATCHED_ATTENTION_MIN).count();
         if blocks > 0 {
@@ -166,23 +141,32 @@ pub(super) fn forward(e: &mut Engine) {
                 let p = parts.iter().filter(|p| p.batch < BATCHED_ATTENTION_MIN).nth(i).expect("i < blocks");
                 QueryBlock { cache: &slots[p.slot].cache, pos0: p.pos0, n: p.n, row0: p.row0 }
             };
-            attention_per_query(pool, c, li, blocks, block, &s.q[..n * q_dim], &mut s.attention.scores, &mut s.att_out);
+            attention_per_query(
+                pool,
+                c,
+                li,
+                blocks,
+                block,
+                &s.act.q[..n * q_dim],
+                &mut s.act.attention.scores,
+                &mut s.act.att_out,
+            );
         }
         let lin = Linears { pool, slots, parts, n, tiled };
-        lin.run(&mut s.lora, [&layer.o_proj], &s.att_out[..n * q_dim], [&mut s.out[..n * h]]);
-        kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
+        lin.run(&mut s.lora, [&layer.o_proj], &s.act.att_out[..n * q_dim], [&mut s.act.out[..n * h]]);
+        kernels::add(&mut s.act.x[..n * h], &s.act.out[..n * h]);
 
         // MLP block.
-        rmsnorm_rows(&mut s.xb[..n * h], &s.x[..n * h], &layer.post_attention_norm, eps);
+        rmsnorm_rows(&mut s.act.xb[..n * h], &s.act.x[..n * h], &layer.post_attention_norm, eps);
         lin.run(
             &mut s.lora,
             [&layer.gate_proj, &layer.up_proj],
-            &s.xb[..n * h],
-            [&mut s.gate[..n * inter], &mut s.up[..n * inter]],
+            &s.act.xb[..n * h],
+            [&mut s.act.gate[..n * inter], &mut s.act.up[..n * inter]],
         );
-        act_mul_rows(c.hidden_act, &mut s.gate[..n * inter], &s.up[..n * inter], inter);
-        lin.run(&mut s.lora, [&layer.down_proj], &s.gate[..n * inter], [&mut s.out[..n * h]]);
-        kernels::add(&mut s.x[..n * h], &s.out[..n * h]);
+        act_mul_rows(c.hidden_act, &mut s.act.gate[..n * inter], &s.act.up[..n * inter], inter);
+        lin.run(&mut s.lora, [&layer.down_proj], &s.act.gate[..n * inter], [&mut s.act.out[..n * h]]);
+        kernels::add(&mut s.act.x[..n * h], &s.act.out[..n * h]);
     }
 
     // Final norm and the output head, for the last row of each part that wants logits: a
@@ -190,7 +174,7 @@ pub(super) fn forward(e: &mut Engine) {
     let mut m = 0;
     for p in parts.iter().filter(|p| p.logits) {
         let row = p.row0 + p.n - 1;
-        kernels::rmsnorm(&mut s.last[m * h..(m + 1) * h], &s.x[row * h..(row + 1) * h], &model.norm, eps);
+        kernels::rmsnorm(&mut s.last[m * h..(m + 1) * h], &s.act.x[row * h..(row + 1) * h], &model.norm, eps);
         m += 1;
     }
     if m == 0 {
