@@ -10,13 +10,23 @@ session decoding the first request alone (its prompt and adapters) and the engin
 (p50/p99, all requests submitted at once) and per-stream decode tok/s. Each sequence has its own
 128-token prompt and decodes 64 tokens.
 
-Usage: python scripts/bench_engine.py [--sequences 1,4,8,16] [--models bf16,nf4] [--repeat 2]
+With --llamacpp, each row is followed by llama.cpp's `llama-server -np N -cb` (scripts/llamacpp_server.py)
+on the same requests: the same prompt tokens, 64 greedy tokens with EOS ignored, the same adapters
+converted to GGUF, picked per request with `"lora": [{"id", "scale"}]`, the same rounds (one
+warm-up, then --repeat); its base is the same Q4_1 file requantised by llama.cpp to BF16, and to
+Q4_0 beside peftrt's NF4.
+
+Usage: python scripts/bench_engine.py [--sequences 1,4,8,16] [--models bf16,nf4] [--repeat 2] [--llamacpp]
 Writes reports/bench-engine.json and prints a table.
 """
 import argparse
+import contextlib
 import json
+import statistics
 import subprocess
 from pathlib import Path
+
+import llamacpp_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PEFTRT = ROOT / "target/release/peftrt"
@@ -55,31 +65,44 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peftrt", type=Path, default=PEFTRT)
+    ap.add_argument("--llamacpp", action="store_true", help="also time llama.cpp's llama-server on the same requests")
     a = ap.parse_args()
     ensure_models(a.peftrt)
     seqs = [int(s) for s in a.sequences.split(",")]
     rows = []
+    vocab = json.loads((F32 / "config.json").read_text())["vocab_size"]
     for model in a.models.split(","):
         for n in seqs:
-            for setup in ["none", "one", "per-sequence"]:
-                cmd = [str(a.peftrt), "bench", "--model", str(MODELS[model]), "--threads", str(a.threads),
-                       "--prompt-tokens", "128", "--gen-tokens", "64", "--repeat", str(a.repeat), "--json",
-                       "--parallel", str(n)]
-                if setup == "one":
-                    cmd += ["--adapter", str(ADAPTER)]
-                elif setup == "per-sequence":
-                    cmd += ["--adapters-per-sequence"] + variants(n)
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                v = json.loads(out)
-                p = v["parallel"]
-                row = {"model": model, "sequences": n, "adapters": setup,
-                       **{k: p[k] for k in ["session_decode_tok_s", "aggregate_decode_tok_s", "ttft_ms_p50",
-                                            "ttft_ms_p99", "per_stream_decode_tok_s", "vs_session_decode"]}}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            server = contextlib.nullcontext()
+            if a.llamacpp:
+                loras = [llamacpp_server.lora_gguf(d) for d in [ADAPTER, *variants(n)]]
+                server = llamacpp_server.Server(llamacpp_server.base_gguf(model), n, 256, loras, a.threads)
+            with server as srv:
+                for setup in ["none", "one", "per-sequence"]:
+                    cmd = [str(a.peftrt), "bench", "--model", str(MODELS[model]), "--threads", str(a.threads),
+                           "--prompt-tokens", "128", "--gen-tokens", "64", "--repeat", str(a.repeat), "--json",
+                           "--parallel", str(n)]
+                    if setup == "one":
+                        cmd += ["--adapter", str(ADAPTER)]
+                    elif setup == "per-sequence":
+                        cmd += ["--adapters-per-sequence"] + variants(n)
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    v = json.loads(out)
+                    p = v["parallel"]
+                    row = {"model": model, "sequences": n, "adapters": setup,
+                           **{k: p[k] for k in ["session_decode_tok_s", "aggregate_decode_tok_s", "ttft_ms_p50",
+                                                "ttft_ms_p99", "per_stream_decode_tok_s", "vs_session_decode"]}}
+                    if srv is not None:
+                        row["llamacpp"] = llamacpp_rows(srv, n, setup, a.repeat, vocab)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     out = ROOT / "reports/bench-engine.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"threads": a.threads, "prompt_tokens": 128, "gen_tokens": 64, "rows": rows}, indent=1))
+    meta = {"threads": a.threads, "prompt_tokens": 128, "gen_tokens": 64}
+    if a.llamacpp:
+        meta["llama_cpp"] = {"llama_cpp_python_sdist": llamacpp_server.pinned_version(),
+                             "commit": llamacpp_server.commit_of(llamacpp_server.source_dir())}
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print()
     print("| model | N | adapters | session tok/s | engine tok/s in all | x session | per stream | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -87,6 +110,43 @@ def main():
         print(f"| {r['model']} | {r['sequences']} | {r['adapters']} | {r['session_decode_tok_s']:.1f} | "
               f"{r['aggregate_decode_tok_s']:.1f} | {r['vs_session_decode']:.2f} | {r['per_stream_decode_tok_s']:.1f} | "
               f"{r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} |")
+    if a.llamacpp:
+        print()
+        print("| model | N | adapters | peftrt engine tok/s | llama-server tok/s | peftrt / llama.cpp | llama.cpp TTFT p50 ms |")
+        print("|---|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            l = r["llamacpp"]
+            print(f"| {r['model']} | {r['sequences']} | {r['adapters']} | {r['aggregate_decode_tok_s']:.1f} | "
+                  f"{l['aggregate_decode_tok_s']:.1f} | {r['aggregate_decode_tok_s'] / l['aggregate_decode_tok_s']:.2f} | "
+                  f"{l['ttft_ms_p50']:.0f} |")
+
+
+def prompt(vocab, r, i, tokens=128):
+    """Request i's prompt in round r, exactly as `peftrt bench --parallel` makes it."""
+    mul = 7919 + 2 * i
+    return [((j + 1000 * i + 100_000 * r) * mul & 0xFFFFFFFF) % max(vocab - 200, 1) + min(100, vocab - 1)
+            for j in range(tokens)]
+
+
+def llamacpp_rows(srv, n, setup, repeat, vocab):
+    """llama-server on the requests `peftrt bench --parallel n` makes: adapter 0 is the reference
+    all-linear adapter, adapter 1 + i the i-th per-sequence variant."""
+    def loras_of(i):
+        chosen = {"none": None, "one": 0, "per-sequence": 1 + i}[setup]
+        return [] if chosen is None else [{"id": chosen, "scale": 1.0}]
+    agg, ttft, streams = [], [], []
+    for r in range(repeat + 1):
+        res = llamacpp_server.run_round(srv.port, [prompt(vocab, r, i) for i in range(n)], loras_of, 64)
+        if any(t != 64 for t in res["tokens"]):
+            raise RuntimeError(f"llama-server returned {res['tokens']} tokens, not 64 each")
+        if r > 0:
+            agg.append(res["aggregate_tok_s"])
+            ttft += res["ttft_ms"]
+            streams += res["per_stream_tok_s"]
+    ttft.sort()
+    return {"aggregate_decode_tok_s": statistics.median(agg), "ttft_ms_p50": statistics.median(ttft),
+            "ttft_ms_p99": ttft[min(len(ttft) - 1, max(0, -(-len(ttft) * 99 // 100) - 1))],
+            "per_stream_decode_tok_s": statistics.median(streams)}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 //! (`kv_cache.rs`) and attention (`attention.rs`) have files of their own; every projection
 //! goes through `linear`, which adds the active adapters (`adapter/apply.rs`).
 
-use crate::adapter::{apply_adapters, Adapter, Lora, LoraScratch};
+use crate::adapter::{apply_adapters, finish_adapters, Adapter, Lora, LoraScratch};
 use crate::attention::{attention, AttentionInput, AttentionScratch};
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -462,18 +462,72 @@ pub(crate) fn linear<const N: usize>(
     lins: [&Linear; N],
     x: &[f32],
     n: usize,
+    ys: [&mut [f32]; N],
+) {
+    linear_path(pool, lora, lins, x, n, n, kernels::Path::for_tokens(n), ys)
+}
+
+/// [`linear`] for `n` tokens that sum as a session's batch of `batch` along `path` (the batching
+/// engine's rows of one sequence). The adapters' down-projections `A·x` share the base
+/// products' parallel pass (same input, same kernels, so the same sums as on their own); their
+/// up-projections follow, per projection.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_path<const N: usize>(
+    pool: &ThreadPool,
+    lora: &mut Lora,
+    lins: [&Linear; N],
+    x: &[f32],
+    n: usize,
+    batch: usize,
+    path: kernels::Path,
     mut ys: [&mut [f32]; N],
 ) {
+    const { assert!(N <= crate::adapter::MAX_GROUP) };
     let mats = lins.map(Linear::mat);
-    kernels::matmul_many(pool, &mats, x, n, &mut ys);
-    for (lin, y) in lins.iter().zip(ys) {
-        if !lora.is_empty() {
-            apply_adapters(pool, lora, lin, x, n, n, y);
-        }
-        if let Some(b) = &lin.bias {
-            for row in y.chunks_exact_mut(lin.rows) {
-                kernels::add(row, b);
+    let downs: usize = lins.iter().map(|lin| crate::adapter::on_layer(lora.active(), lin).count()).sum();
+    if lora.is_empty() || N + downs > kernels::MAX_MANY {
+        kernels::matmul_many_path(pool, &mats, x, n, &mut ys, path);
+        for (lin, y) in lins.iter().zip(ys) {
+            if !lora.is_empty() {
+                apply_adapters(pool, lora, lin, x, n, batch, y);
             }
+            add_bias(lin, y);
+        }
+        return;
+    }
+    let active = lora.active();
+    let mut u0 = [0; N];
+    {
+        let mut ms = [mats[0]; kernels::MAX_MANY];
+        let mut outs: [&mut [f32]; kernels::MAX_MANY] = std::array::from_fn(|_| &mut [][..]);
+        let mut k = 0;
+        for (y, m) in ys.iter_mut().zip(&mats) {
+            (ms[k], outs[k]) = (*m, &mut y[..]);
+            k += 1;
+        }
+        let mut rest = &mut lora.down_scratch()[..];
+        let mut off = 0;
+        for (i, lin) in lins.iter().enumerate() {
+            u0[i] = off;
+            for (lw, _) in crate::adapter::on_layer(active, lin) {
+                let (u, tail) = std::mem::take(&mut rest).split_at_mut(n * lw.rank);
+                (ms[k], outs[k], rest) = (lw.a_mat(), u, tail);
+                off += n * lw.rank;
+                k += 1;
+            }
+        }
+        kernels::matmul_many_path(pool, &ms[..k], x, n, &mut outs[..k], path);
+    }
+    for ((lin, y), u0) in lins.iter().zip(ys).zip(u0) {
+        finish_adapters(pool, lora, lin, u0, n, batch, y);
+        add_bias(lin, y);
+    }
+}
+
+fn add_bias(lin: &Linear, y: &mut [f32]) {
+    if let Some(b) = &lin.bias {
+        for row in y.chunks_exact_mut(lin.rows) {
+            kernels::add(row, b);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! How the active adapters change a projection's output (LoRA and DoRA, unmerged), called
 //! from `session::linear`, and the range of scales a session or merge accepts.
 
-use super::Adapter;
+use super::{Adapter, LoraWeights};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::model::Linear;
@@ -23,10 +23,13 @@ pub fn check_scale(adapter: &str, scale: f32) -> Result<()> {
     Ok(())
 }
 
+/// The most projections that share an input in one `session::linear` call (q, k and v).
+pub(crate) const MAX_GROUP: usize = 3;
+
 /// The scratch of [`apply_adapters`], sized for the active set by [`LoraScratch::reserve`].
 #[derive(Default)]
 pub(crate) struct LoraScratch {
-    /// `[n_batch, max rank]` adapters' `A·x`
+    /// `[MAX_GROUP, n_batch, Σ ranks]` the adapters' `A·x`
     u: Vec<f32>,
     /// `[n_batch, max out]` adapters' `B·(A·x)`
     y: Vec<f32>,
@@ -37,10 +40,11 @@ pub(crate) struct LoraScratch {
 impl LoraScratch {
     /// Grows the buffers (never shrinks them) for batches of `n_batch` tokens through `adapters`.
     pub(crate) fn reserve(&mut self, n_batch: usize, adapters: &[(Arc<Adapter>, f32)]) {
-        let rank = adapters.iter().map(|(a, _)| a.max_rank).max().unwrap_or(0);
+        // `u` holds every adapter's `A·x` for each projection of a group (`session::linear`).
+        let ranks: usize = adapters.iter().map(|(a, _)| a.max_rank).sum();
         let out = adapters.iter().map(|(a, _)| a.max_out).max().unwrap_or(0);
-        if self.u.len() < n_batch * rank {
-            self.u.resize(n_batch * rank, 0.0);
+        if self.u.len() < n_batch * ranks * MAX_GROUP {
+            self.u.resize(n_batch * ranks * MAX_GROUP, 0.0);
         }
         if self.y.len() < n_batch * out {
             self.y.resize(n_batch * out, 0.0);
@@ -90,14 +94,55 @@ pub(crate) fn apply_adapters(
     batch: usize,
     y: &mut [f32],
 ) {
+    let mut off = 0;
+    for (lw, _) in on_layer(lora.active, lin) {
+        let u = &mut lora.u[off..off + n * lw.rank];
+        small_matmul(pool, lw.a_mat(), x, n, batch, u);
+        off += n * lw.rank;
+    }
+    finish_adapters(pool, lora, lin, 0, n, batch, y);
+}
+
+/// The active adapters that act on `lin`, with their weights in the active set, in the order
+/// [`finish_adapters`] reads their `A·x`.
+pub(crate) fn on_layer<'a>(
+    active: &'a [(Arc<Adapter>, f32)],
+    lin: &'a Linear,
+) -> impl Iterator<Item = (&'a LoraWeights, f32)> + 'a {
+    active.iter().filter_map(|(a, w)| a.for_layer(lin).filter(|_| *w != 0.0).map(|lw| (lw, *w)))
+}
+
+impl<'a> Lora<'a> {
+    /// The active set.
+    pub(crate) fn active(&self) -> &'a [(Arc<Adapter>, f32)] {
+        self.active
+    }
+
+    /// The scratch for the adapters' `A·x` (see [`finish_adapters`] for its layout).
+    pub(crate) fn down_scratch(&mut self) -> &mut [f32] {
+        self.u
+    }
+}
+
+/// The rest of [`apply_adapters`] once every active adapter's `A·x` on `lin` is in the down
+/// scratch from float `u0` on, one after the other in [`on_layer`] order (`[n, rank]` each) —
+/// which lets `session::linear` compute them in the same pass as the base products.
+pub(crate) fn finish_adapters(
+    pool: &ThreadPool,
+    lora: &mut Lora,
+    lin: &Linear,
+    u0: usize,
+    n: usize,
+    batch: usize,
+    y: &mut [f32],
+) {
     let rows = lin.rows;
     let active = lora.active;
-    let on_layer = || active.iter().filter_map(|(a, w)| a.for_layer(lin).filter(|_| *w != 0.0).map(|lw| (lw, *w)));
-    if on_layer().any(|(lw, _)| lw.dora.is_some()) {
+    if on_layer(active, lin).any(|(lw, _)| lw.dora.is_some()) {
         // factor = 1 + Σ (g − 1) over the DoRA adapters, built in `y`'s scratch row `lora.y[..rows]`.
         let (f, g) = (&mut lora.y[..rows], &mut lora.g[..rows]);
         f.fill(1.0);
-        for (lw, w) in on_layer() {
+        for (lw, w) in on_layer(active, lin) {
             if let Some(d) = &lw.dora {
                 d.gains(w * lw.scale, g);
                 f.iter_mut().zip(g.iter()).for_each(|(f, g)| *f += g - 1.0);
@@ -107,10 +152,11 @@ pub(crate) fn apply_adapters(
             row.iter_mut().zip(f.iter()).for_each(|(y, f)| *y *= f);
         }
     }
-    for (lw, weight) in on_layer() {
+    let mut off = u0;
+    for (lw, weight) in on_layer(active, lin) {
         let s = weight * lw.scale;
-        let (u, v) = (&mut lora.u[..n * lw.rank], &mut lora.y[..n * rows]);
-        small_matmul(pool, lw.a_mat(), x, n, batch, u);
+        let (u, v) = (&lora.u[off..off + n * lw.rank], &mut lora.y[..n * rows]);
+        off += n * lw.rank;
         small_matmul(pool, lw.b_mat(), u, n, batch, v);
         match &lw.dora {
             // Row by row: a row's sums then do not depend on where it sits in the batch.
@@ -135,29 +181,26 @@ const LOCAL_MAX_MACS: usize = 1 << 16;
 /// `active`'s adapters on `lin` on the calling thread (it then never uses the pool, and may run
 /// inside a pool job, one sequence per thread).
 pub(crate) fn runs_on_caller(active: &[(Arc<Adapter>, f32)], lin: &Linear, n: usize, batch: usize) -> bool {
-    let fits = |rows: usize, cols: usize| {
-        let macs = rows * cols;
-        batch * macs <= LOCAL_MAX_MACS && n * macs <= LOCAL_MAX_MACS
-    };
-    active.iter().filter_map(|(a, _)| a.for_layer(lin)).all(|lw| {
-        let (am, bm) = (lw.a_mat(), lw.b_mat());
-        fits(am.rows, am.cols) && fits(bm.rows, bm.cols)
-    })
+    kernels::Path::for_tokens(batch) == kernels::Path::Dot
+        && on_layer(active, lin).all(|(lw, _)| {
+            let (am, bm) = (lw.a_mat(), lw.b_mat());
+            n * am.rows * am.cols <= LOCAL_MAX_MACS && n * bm.rows * bm.cols <= LOCAL_MAX_MACS
+        })
 }
 
-/// `y = x·Wᵀ` for a low-rank factor and `n` tokens, summed as for a batch of `batch` tokens: on
-/// the calling thread when that batch's work is smaller than a thread-pool dispatch costs
-/// (decode: an r=16 `A·x` is ~10k multiply-adds, a few µs), else shared out like any
-/// projection. Either way each token's result depends only on `batch`, not on `n`.
+/// `y = x·Wᵀ` for a low-rank factor and `n` tokens, summed as for a batch of `batch` tokens,
+/// along the [`Path`](kernels::Path) the base products of that batch take (so that a product
+/// sums the same here as beside them in `session::linear`'s single pass): on the calling thread
+/// when the batch's work is smaller than a thread-pool dispatch costs (decode: an r=16 `A·x` is
+/// ~10k multiply-adds, a few µs), else shared out like any projection. Either way each token's
+/// result depends only on `batch`, not on `n`.
 fn small_matmul(pool: &ThreadPool, m: kernels::MatRef, x: &[f32], n: usize, batch: usize, y: &mut [f32]) {
-    if batch * m.rows * m.cols <= LOCAL_MAX_MACS && n * m.rows * m.cols <= LOCAL_MAX_MACS {
+    let path = kernels::Path::for_tokens(batch);
+    if path == kernels::Path::Dot && n * m.rows * m.cols <= LOCAL_MAX_MACS {
         for (x, y) in x.chunks_exact(m.cols).zip(y.chunks_exact_mut(m.rows)) {
             kernels::matvec_local(m, x, y);
         }
-    } else if batch * m.rows * m.cols <= LOCAL_MAX_MACS {
-        // The engine's many decode rows: the same dot products, shared out.
-        kernels::matmul_many_path(pool, &[m], x, n, &mut [y], kernels::Path::Dot);
     } else {
-        kernels::matmul_many_path(pool, &[m], x, n, &mut [y], kernels::Path::for_tokens(batch));
+        kernels::matmul_many_path(pool, &[m], x, n, &mut [y], path);
     }
 }

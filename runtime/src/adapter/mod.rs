@@ -35,7 +35,7 @@ mod file;
 mod fingerprint;
 mod registry;
 
-pub(crate) use apply::{apply_adapters, runs_on_caller, Lora, LoraScratch};
+pub(crate) use apply::{apply_adapters, finish_adapters, on_layer, runs_on_caller, Lora, LoraScratch, MAX_GROUP};
 pub use apply::{check_scale, MAX_SCALE};
 pub use bind::{Adapter, AdapterOptions, Dora, LoraWeights};
 pub(crate) use config::suffix_match;

@@ -210,6 +210,14 @@ impl Linears<'_> {
         let (n, tiled) = (self.n, self.tiled);
         let mats = lins.map(Linear::mat);
         let cols = mats[0].cols;
+        if let [p] = self.parts {
+            // One sequence: its rows all take one path, as in its session.
+            let seq = self.slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
+            let path = if tiled > 0 { Path::Tiled } else { Path::Dot };
+            let mut lora = lora[0].with(&seq.adapters);
+            crate::session::linear_path(self.pool, &mut lora, lins, &x[..n * cols], n, p.batch, path, ys);
+            return;
+        }
         if tiled > 0 {
             let mut heads: [&mut [f32]; N] = std::array::from_fn(|_| &mut [][..]);
             for (i, (y, m)) in ys.iter_mut().zip(&mats).enumerate() {

@@ -267,7 +267,7 @@ pub fn matvec_isa(isa: Isa, pool: &ThreadPool, m: MatRef, x: &[f32], y: &mut [f3
 }
 
 /// The most matrices one [`matmul_many`] call takes.
-pub const MAX_MANY: usize = 4;
+pub const MAX_MANY: usize = 12;
 
 /// Rows of up to [`MAX_MANY`] matrices handed out in chunks on demand (one atomic counter),
 /// about 4 per thread and matrix: a thread that was descheduled (a busy machine, or a slow

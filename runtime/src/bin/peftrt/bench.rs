@@ -331,7 +331,11 @@ fn parallel_cost(
     let mut lone = Vec::new();
     let params = SamplingParams { max_tokens: a.gen_tokens, ignore_eos: true, ..Default::default() };
     let (mut agg, mut ttft, mut streams) = (Vec::new(), Vec::new(), Vec::new());
-    let prompt_of = |i: usize| -> Vec<u32> { (0..a.prompt_tokens).map(|j| pick(j + 1000 * i, 7919 + 2 * i)).collect() };
+    // Each round its own prompts, so that no round reuses the KV blocks of the one before
+    // (prefix reuse would otherwise skip the prefill the first-token times are meant to show).
+    let prompt_of = |r: usize, i: usize| -> Vec<u32> {
+        (0..a.prompt_tokens).map(|j| pick(j + 1000 * i + 100_000 * r, 7919 + 2 * i)).collect()
+    };
     let adapters_of =
         |i: usize| if per_seq.is_empty() { flag_adapters.to_vec() } else { per_seq[i % per_seq.len()].clone() };
     for r in 0..=a.repeat {
@@ -339,7 +343,7 @@ fn parallel_cost(
         session.set_adapters(&adapters_of(0))?;
         session.reset();
         let mut sampler = peftrt::Sampler::new(params.clone(), model.config.vocab_size)?;
-        session.eval(&prompt_of(0))?;
+        session.eval(&prompt_of(r, 0))?;
         let t = Instant::now();
         for _ in 1..a.gen_tokens {
             let next = sampler.next_token(session.logits(), session.tokens())?;
@@ -349,7 +353,7 @@ fn parallel_cost(
             lone.push((a.gen_tokens - 1) as f64 / t.elapsed().as_secs_f64());
         }
         for i in 0..n {
-            let prompt = prompt_of(i);
+            let prompt = prompt_of(r, i);
             let adapters = adapters_of(i);
             engine.submit(Request { prompt, adapters, params: params.clone(), constraint: None })?;
         }
