@@ -35,6 +35,8 @@ pub(crate) struct LoraScratch {
     y: Vec<f32>,
     /// `[max out]` DoRA's per-row gains
     g: Vec<f32>,
+    /// `[MAX_GROUP, Σ outs]` one token's `B·u` of every adapter of a group
+    v: Vec<f32>,
 }
 
 impl LoraScratch {
@@ -52,11 +54,15 @@ impl LoraScratch {
         if self.g.len() < out {
             self.g.resize(out, 0.0);
         }
+        let outs: usize = adapters.iter().map(|(a, _)| a.max_out).sum();
+        if self.v.len() < outs * MAX_GROUP {
+            self.v.resize(outs * MAX_GROUP, 0.0);
+        }
     }
 
     /// What [`apply_adapters`] needs for one forward pass through `active`.
     pub(crate) fn with<'a>(&'a mut self, active: &'a [(Arc<Adapter>, f32)]) -> Lora<'a> {
-        Lora { active, u: &mut self.u, y: &mut self.y, g: &mut self.g }
+        Lora { active, u: &mut self.u, y: &mut self.y, g: &mut self.g, v: &mut self.v }
     }
 }
 
@@ -66,6 +72,7 @@ pub(crate) struct Lora<'a> {
     u: &'a mut [f32],
     y: &'a mut [f32],
     g: &'a mut [f32],
+    v: &'a mut [f32],
 }
 
 impl Lora<'_> {
@@ -121,6 +128,11 @@ impl<'a> Lora<'a> {
     /// The scratch for the adapters' `A·x` (see [`finish_adapters`] for its layout).
     pub(crate) fn down_scratch(&mut self) -> &mut [f32] {
         self.u
+    }
+
+    /// The adapters' `A·x` (read) and the scratch for one token's `B·u` of a group (written).
+    pub(crate) fn up_scratch(&mut self) -> (&[f32], &mut [f32]) {
+        (self.u, self.v)
     }
 }
 

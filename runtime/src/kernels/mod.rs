@@ -346,6 +346,36 @@ pub fn matmul_many(pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &m
     matmul_many_isa(isa(), pool, ms, x, n, ys)
 }
 
+/// `ys[i] = ms[i]·xs[i]` for one token, each matrix with its own input, in one parallel pass:
+/// the same dot products per row as [`matvec_local`] (the adapters' up-projections `B·u` of a
+/// decode step, each on its own `u`).
+///
+/// # Panics
+/// If more than [`MAX_MANY`] matrices are given, the counts differ, or a shape does not match.
+pub fn matvec_many_inputs(pool: &ThreadPool, ms: &[MatRef], xs: &[&[f32]], ys: &mut [&mut [f32]]) {
+    let isa = isa();
+    assert!(
+        ms.len() <= MAX_MANY && ms.len() == ys.len() && ms.len() == xs.len(),
+        "matvec_many_inputs: {} matrices, {} inputs, {} outputs",
+        ms.len(),
+        xs.len(),
+        ys.len()
+    );
+    let mut outs = [SharedMut(std::ptr::null_mut()); MAX_MANY];
+    for (((m, x), y), o) in ms.iter().zip(xs).zip(ys.iter_mut()).zip(outs.iter_mut()) {
+        check_mat(m, x.len(), 1, y.len());
+        *o = SharedMut::new(y);
+    }
+    let chunks = RowChunks::new(ms, pool.n_threads(), 16);
+    pool.run(|_, _| {
+        while let Some((i, rows)) = chunks.next() {
+            // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
+            let y = unsafe { outs[i].slice(rows.clone()) };
+            matvec_rows_isa(isa, ms[i], rows, xs[i], y);
+        }
+    });
+}
+
 /// How a matrix product sums: each token's row of Y as a dot product per output (the decode
 /// kernel, [`matvec`]) or through the tiled GEMM (the prefill kernel, [`matmul`]). Each sums in
 /// its own order, so their results differ in the last bits; within one path, a token's outputs do

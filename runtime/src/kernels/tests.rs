@@ -335,6 +335,49 @@ fn matmul_many_matches_separate_matrices() {
     }
 }
 
+/// Up to MAX_MANY matrices, each on its own input, in one job: bit for bit what
+/// `matvec_local` gives for each alone (the adapters' `B·u` must sum as in `finish_adapters`),
+/// and close to f64, for every thread count.
+#[test]
+fn matvec_many_inputs_matches_matvec_local() {
+    let mut rng = Rng(11);
+    let shapes: Vec<(usize, usize)> = (0..MAX_MANY).map(|i| (3 + 37 * i % 101, 1 + 5 * i)).collect();
+    let data: Vec<AllDtypes> = shapes.iter().map(|&(r, c)| AllDtypes::new(&rng.vec(r * c))).collect();
+    let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| rng.vec(c)).collect();
+    for dtype in 0..3 {
+        let ms: Vec<MatRef> =
+            shapes.iter().zip(&data).map(|(&(rows, cols), d)| MatRef { w: d.views(0)[dtype], rows, cols }).collect();
+        let want: Vec<Vec<f32>> = ms
+            .iter()
+            .zip(&xs)
+            .map(|(m, x)| {
+                let mut y = vec![0.0; m.rows];
+                matvec_local(*m, x, &mut y);
+                y
+            })
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![f32::NAN; m.rows]).collect();
+            let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            matvec_many_inputs(&pool, &ms, &inputs, &mut ys);
+            for (i, ((m, out), want)) in ms.iter().zip(&outs).zip(&want).enumerate() {
+                let what = format!("{} matrix {i} threads={threads}", dtype_name(&m.w));
+                assert_eq!(
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{what}"
+                );
+                for (r, &got) in out.iter().enumerate() {
+                    let (w, scale) = row_f64(m, r, &xs[i]);
+                    assert_close(got, w, scale, &what);
+                }
+            }
+        }
+    }
+}
+
 /// Attention's weighted sum of value rows, every instruction set against the scalar reference.
 #[test]
 fn weighted_sum_matches_scalar() {
