@@ -119,8 +119,8 @@ class Server:
         cmd = [server, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
                "-tb", str(threads), "-np", str(slots), "-cb", "-c", str(slots * ctx_per_slot), "--no-webui",
                "--cache-reuse", "0", "--lora-init-without-apply"]
-        for lora in loras:
-            cmd += ["--lora", lora]
+        if loras:
+            cmd += ["--lora", ",".join(map(str, loras))]
         self.log = open(WORK / "llama-server.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
@@ -162,19 +162,21 @@ def stream_one(port, body, arrivals, out, t0):
     if r.status != 200:
         out["error"] = f"HTTP {r.status}: {r.read()[:300]!r}"
         return
-    first = None
+    first, seen = None, 0
     for line in r:
         if not line.startswith(b"data: "):
             continue
         chunk = json.loads(line[6:])
         now = time.perf_counter()
-        n = len(chunk.get("tokens", []))
-        if n:
+        # `tokens_predicted` counts the request's tokens so far (a chunk may carry several).
+        n = chunk.get("tokens_predicted", seen) - seen
+        if n > 0:
             arrivals.append((now, n))
+            seen += n
             first = first or now
         if chunk.get("stop"):
             out["ttft_ms"] = ((first or now) - t0) * 1e3
-            out["tokens"] = sum(k for _, k in arrivals)
+            out["tokens"] = seen
             break
 
 
@@ -186,7 +188,7 @@ def run_round(port, prompts, loras_of, gen_tokens):
     threads = []
     for i, p in enumerate(prompts):
         body = {"prompt": p, "n_predict": gen_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-                "return_tokens": True, "cache_prompt": False, "lora": loras_of(i)}
+                "cache_prompt": False, "lora": loras_of(i)}
         th = threading.Thread(target=stream_one, args=(port, body, arrivals[i], outs[i], t0))
         th.start()
         threads.append(th)
