@@ -392,12 +392,89 @@ pub(crate) unsafe fn matvec_rows_multi<S: Simd>(
             Weights::F16(w) => multi_typed::<S, f16>(w, cols, rows, x, n, y, ldy),
             Weights::BF16(w) => multi_typed::<S, bf16>(w, cols, rows, x, n, y, ldy),
             Weights::Nf4(w) if w.simd_ok(cols) && S::matvec_nf4_native_multi(w, cols, rows.clone(), x, n, y, ldy) => {}
+            Weights::Nf4(w) if w.simd_ok(cols) && n > 1 => {
+                let pairs_end = rows.start + rows.len() / 2 * 2;
+                let mut r = rows.start;
+                while r < pairs_end {
+                    let mut t = 0;
+                    while t + 2 <= n {
+                        nf4_pair_tokens::<S, 2>(w, cols, r, x, t, y, ldy);
+                        t += 2;
+                    }
+                    if t < n {
+                        nf4_pair_tokens::<S, 1>(w, cols, r, x, t, y, ldy);
+                    }
+                    r += 2;
+                }
+                if pairs_end < rows.end {
+                    for t in 0..n {
+                        let y = std::slice::from_raw_parts_mut(y.add(t * ldy + pairs_end), 1);
+                        matvec_rows::<S>(m, pairs_end..rows.end, &x[t * cols..(t + 1) * cols], y);
+                    }
+                }
+            }
             Weights::Nf4(_) => {
                 for t in 0..n {
                     let y = std::slice::from_raw_parts_mut(y.add(t * ldy + rows.start), rows.len());
                     matvec_rows::<S>(m, rows.clone(), &x[t * cols..(t + 1) * cols], y);
                 }
             }
+        }
+    }
+}
+
+/// Rows `r`, `r + 1` of NF4 weights for the `T` tokens from `t0`: each group of codes looked up
+/// once for all `T`, and each (row, token) summed exactly as [`matvec_nf4`] sums it (two chains
+/// per block over alternate groups of LANES codes, then `acc += absmax · (s0 + s1)`): the
+/// multi-token NF4 kernel of the instruction sets without a native one (AVX2, NEON).
+///
+/// # Safety
+/// As [`matvec_nf4`] for rows `r..r + 2` (`w.simd_ok(cols)`, inside the matrix); `x` holds
+/// tokens `t0..t0 + T` of `cols` values; `y` is valid for `y[t · ldy + r + i]`, those tokens and
+/// rows, and written by this call alone.
+#[inline(always)]
+unsafe fn nf4_pair_tokens<S: Simd, const T: usize>(
+    w: Nf4,
+    cols: usize,
+    r: usize,
+    x: &[f32],
+    t0: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    debug_assert!(w.simd_ok(cols) && (r + 2) * cols <= w.len && x.len() >= (t0 + T) * cols);
+    let (l, bs) = (S::LANES, w.blocksize);
+    let blocks = cols / bs;
+    // SAFETY (whole body): as `matvec_nf4`, for two rows and `T` tokens of `x` (caller contract).
+    unsafe {
+        let lut = S::lut(w.table);
+        let (p0, p1) = (w.packed.as_ptr().add(r * cols / 2), w.packed.as_ptr().add((r + 1) * cols / 2));
+        let (a0, a1) = (w.absmax.as_ptr().add(r * blocks), w.absmax.as_ptr().add((r + 1) * blocks));
+        let xp: [*const f32; T] = std::array::from_fn(|t| x.as_ptr().add((t0 + t) * cols));
+        let (mut acc0, mut acc1) = ([S::zero(); T], [S::zero(); T]);
+        for b in 0..blocks {
+            let (mut s0, mut s1, mut u0, mut u1) = ([S::zero(); T], [S::zero(); T], [S::zero(); T], [S::zero(); T]);
+            let mut i = b * bs;
+            while i < (b + 1) * bs {
+                let (w00, w01) = (S::load_nf4(p0.add(i / 2), lut), S::load_nf4(p0.add((i + l) / 2), lut));
+                let (w10, w11) = (S::load_nf4(p1.add(i / 2), lut), S::load_nf4(p1.add((i + l) / 2), lut));
+                for t in 0..T {
+                    let (x0, x1) = (S::load(xp[t].add(i)), S::load(xp[t].add(i + l)));
+                    s0[t] = S::fma(w00, x0, s0[t]);
+                    s1[t] = S::fma(w01, x1, s1[t]);
+                    u0[t] = S::fma(w10, x0, u0[t]);
+                    u1[t] = S::fma(w11, x1, u1[t]);
+                }
+                i += 2 * l;
+            }
+            for t in 0..T {
+                acc0[t] = S::fma(S::splat(*a0.add(b)), S::add(s0[t], s1[t]), acc0[t]);
+                acc1[t] = S::fma(S::splat(*a1.add(b)), S::add(u0[t], u1[t]), acc1[t]);
+            }
+        }
+        for t in 0..T {
+            *y.add((t0 + t) * ldy + r) = S::hsum(acc0[t]);
+            *y.add((t0 + t) * ldy + r + 1) = S::hsum(acc1[t]);
         }
     }
 }
