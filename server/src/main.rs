@@ -95,27 +95,40 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn signal() {
-    let ctrl_c = async {
+/// SIGINT and SIGTERM, watched from the moment this is made (the handlers are installed here,
+/// not when first awaited, so that a Ctrl-C during loading is caught).
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Resolves when SIGINT or SIGTERM arrives.
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
     }
 }
 
@@ -136,7 +149,7 @@ async fn run(a: Args) -> Result<()> {
         adapter_options: AdapterOptions { allow_base_mismatch: a.allow_base_mismatch, strict_base: a.strict_base },
     };
     // Signals are watched from the start: Ctrl-C while the model loads ends the process at once.
-    let mut stop = Box::pin(signal());
+    let mut stop = Box::pin(Signals::new()?.recv());
     eprintln!("peftrt-server: loading {}", a.model.display());
     let load = tokio::task::spawn_blocking(move || AppState::start(&opts));
     let state = tokio::select! {
