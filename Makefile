@@ -10,6 +10,7 @@
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 #   make bench-constraint   decode speed with and without a JSON-schema constraint (NF4, BF16)
 #   make bench-engine       the batching engine: N sequences at once, per-sequence adapters (BF16, NF4)
+#   make bench-serve        the same engine through the HTTP API (peftrt serve) beside its own figures
 #   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
 #   make fuzz FUZZ_SECONDS=N   every fuzz target for N seconds (nightly + cargo-fuzz; docs/fuzzing.md)
@@ -41,7 +42,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run serve demo test-demo test test-rust test-serve test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-engine bench-trainer fixtures clean
+.PHONY: all build ffi install venv models run serve demo test-demo test test-rust test-serve test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-engine bench-serve bench-trainer fixtures clean
 
 all: build
 
@@ -131,6 +132,10 @@ test-ffi: models $(SMOLLM2_REF)/adapters.done
 # SERVE_LOAD_SECONDS with 32 clients (scripts/test_serve.py).
 SERVE_LOAD_SECONDS ?= 60
 test-serve: venv models build $(SMOLLM2_REF)/adapters.done
+	@# The runtime and libpeftrt link no async runtime: only peftrt-server does.
+	mkdir -p target
+	$(CARGO) tree -p peftrt -p peftrt-ffi -e normal --prefix none > target/runtime-deps.txt
+	! grep -E '^(tokio|axum|hyper) ' target/runtime-deps.txt
 	$(PY) scripts/test_serve.py --peftrt $(PEFTRT) --smollm2 $(SMOLLM2_DIR) --adapters $(SMOLLM2_ADAPTERS) \
 	  --load-seconds $(SERVE_LOAD_SECONDS)
 
@@ -166,6 +171,10 @@ bench: models venv $(SMOLLM2_REF)/adapters.done
 # SmolLM2 BF16 and NF4 (reports/bench-engine.json).
 bench-engine: models build $(SMOLLM2_REF)/adapters.done
 	$(PYTHON) scripts/bench_engine.py $(BENCH_ARGS)
+
+# The engine through the HTTP API (peftrt serve) beside its own figures (reports/bench-serve.json).
+bench-serve: models build venv $(SMOLLM2_REF)/adapters.done
+	$(PY) scripts/bench_serve.py $(BENCH_ARGS)
 
 # What a JSON-schema constraint costs in decode speed, NF4 and BF16 (reports/bench-constraint.json).
 bench-constraint: models build

@@ -360,31 +360,34 @@ def smollm2_tests(a, tmp):
             check(f"smollm2: load test, 32 clients for {a.load_seconds} s, no 5xx", lambda: load_test(s, a.load_seconds))
 
         def graceful():
+            # 10 long requests on 8 slots: 8 run and 2 wait when SIGINT comes.
             out = {}
 
-            def long_request():
+            def long_request(i):
                 try:
                     c.chat.completions.create(model="qkvo", max_tokens=1500, temperature=0, messages=[
-                        {"role": "user", "content": "Write a very long story about the sea."}])
-                    out["r"] = "finished"
+                        {"role": "user", "content": f"Write a very long story about the sea, number {i}."}])
+                    out[i] = "finished"
                 except openai.APIStatusError as e:
-                    out["r"] = e.status_code
+                    out[i] = e.status_code
                 except openai.APIConnectionError as e:
-                    out["r"] = f"connection: {e}"
-            th = threading.Thread(target=long_request)
-            th.start()
+                    out[i] = f"connection: {e}"
+            ths = [threading.Thread(target=long_request, args=(i,)) for i in range(10)]
+            for th in ths:
+                th.start()
             t = time.time()
-            while metric(s, "peftrt_active_sequences") < 1:
-                assert time.time() - t < 30
+            while metric(s, "peftrt_active_sequences") < 8 or metric(s, "peftrt_queue_depth") < 2:
+                assert time.time() - t < 30, "the 10 requests did not all arrive"
                 time.sleep(0.05)
             rc, secs = s.stop(signal.SIGINT, timeout=30)
-            th.join(30)
+            for th in ths:
+                th.join(30)
             assert rc == 0, f"exit status {rc}"
             assert secs < 3 + 6, f"took {secs:.1f} s with --shutdown-timeout 3"
-            # Cancelled at the end of the grace period (503), unless it finished before.
-            assert out.get("r") in ("finished", 503), out
-            print(f"     stopped in {secs:.1f} s; the running request: {out.get('r')}")
-        check("smollm2: SIGINT with a request running: bounded stop, exit status 0", graceful)
+            # Cancelled at the end of the grace period (503), unless they finished before.
+            assert len(out) == 10 and all(r in ("finished", 503) for r in out.values()), out
+            print(f"     stopped in {secs:.1f} s; the 10 requests: {sorted(map(str, out.values()))}")
+        check("smollm2: SIGINT with 8 requests running and 2 waiting: bounded stop, exit status 0", graceful)
     finally:
         s.kill()
 

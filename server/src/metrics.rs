@@ -101,7 +101,7 @@ impl Metrics {
         let g = |v: &AtomicU64| v.load(Relaxed);
         let _ = writeln!(
             out,
-            "# HELP peftrt_requests_total Completion requests that ended, by outcome.\n\
+            "# HELP peftrt_requests_total Completion requests handed to the engine that ended, by outcome (requests refused before, with 4xx, are not counted).\n\
              # TYPE peftrt_requests_total counter\n\
              peftrt_requests_total{{outcome=\"ok\"}} {}\n\
              peftrt_requests_total{{outcome=\"error\"}} {}\n\

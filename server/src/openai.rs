@@ -58,6 +58,7 @@ struct Common {
     top_k: Option<u32>,
     min_p: Option<f32>,
     repetition_penalty: Option<f32>,
+    ignore_eos: Option<bool>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     stop: Option<Stop>,
@@ -252,6 +253,7 @@ pub fn parse(kind: Kind, body: Value, base: &str, adapters: &Adapters) -> Result
         seed: c.seed.map_or_else(random_seed, |s| s as u64),
         max_tokens: 0, // set once the prompt's length is known
         stop,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
         ..Default::default()
     };
     params.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What a request's handler receives.
@@ -94,7 +94,17 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, metrics: Arc<Metrics>, i
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: HashMap<RequestId, Running> = HashMap::new();
     let mut stopping = false;
-    let cancelled = || Out::Done(Err(peftrt::Error::Input("cancelled: the server is shutting down".into())));
+    // A waiting request cancelled by a shutdown ends as a running one does: stop `Cancelled`.
+    let cancelled = |job: &Job| {
+        Out::Done(Ok(Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            stop: StopReason::Cancelled,
+            prompt_tokens: job.request.prompt.len(),
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        }))
+    };
     loop {
         let idle = engine.active() == 0 && waiting.is_empty();
         if idle && stopping {
@@ -112,15 +122,17 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, metrics: Arc<Metrics>, i
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
                 Command::Submit(job) if stopping => {
-                    let _ = job.events.send(cancelled());
+                    let _ = job.events.send(cancelled(&job));
                     in_flight.fetch_sub(1, Relaxed);
+                    metrics.requests_cancelled.fetch_add(1, Relaxed);
                 }
                 Command::Submit(job) => waiting.push_back(job),
                 Command::CancelAll | Command::Stop => {
                     stopping |= matches!(cmd, Command::Stop);
                     for job in waiting.drain(..) {
-                        let _ = job.events.send(cancelled());
+                        let _ = job.events.send(cancelled(&job));
                         in_flight.fetch_sub(1, Relaxed);
+                        metrics.requests_cancelled.fetch_add(1, Relaxed);
                     }
                     for &id in running.keys() {
                         let _ = engine.cancel(id);
