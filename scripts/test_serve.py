@@ -305,11 +305,17 @@ def smollm2_tests(a, tmp):
             msgs = [{"role": "user", "content": "Name three colours."}]
             r = c.chat.completions.create(model="a12", messages=msgs, max_tokens=16, temperature=0)
             assert r.choices[0].message.content == generate_alone(a, [(adir / "a12", 1.0)], msgs[0]["content"], 16)
-            st, _, body = raw(s, "POST", "/v1/unload_lora_adapter", b'{"lora_name": "a12"}')
-            assert st == 200, body
+            # Unloaded while a request streams with it: that request keeps it to the end.
+            st = c.chat.completions.create(model="a12", messages=msgs, max_tokens=48, temperature=0, stream=True)
+            it = iter(st)
+            first = next(it)
+            st_, _, body = raw(s, "POST", "/v1/unload_lora_adapter", b'{"lora_name": "a12"}')
+            assert st_ == 200, body
+            text = stream_text([first, *it])[0]
+            assert text == generate_alone(a, [(adir / "a12", 1.0)], msgs[0]["content"], 48), text
             expect_error(404, lambda: c.chat.completions.create(model="a12", messages=msgs, max_tokens=4))
             assert "a12" not in [m.id for m in c.models.list().data]
-        check("smollm2: load, use, unload an adapter", load_use_unload)
+        check("smollm2: load, use, unload an adapter (a request running with it keeps it)", load_use_unload)
 
         def killed_client():
             code = ("import openai, sys\n"

@@ -31,7 +31,8 @@ pub struct Job {
 }
 
 pub enum Command {
-    Submit(Job),
+    /// Boxed: a job (its compiled constraint) is large beside the other commands.
+    Submit(Box<Job>),
     /// Cancel every request, running or waiting (a shutdown whose grace period ran out).
     CancelAll,
     /// Cancel everything and end the thread.
@@ -61,7 +62,7 @@ impl Worker {
     /// Hands a job to the engine thread, its place already taken in `in_flight`
     /// ([`crate::AppState::reserve_slot`]); `false` (and the place given back) if the thread has ended.
     pub fn submit(&self, job: Job) -> bool {
-        let sent = self.tx.send(Command::Submit(job)).is_ok();
+        let sent = self.tx.send(Command::Submit(Box::new(job))).is_ok();
         if !sent {
             self.in_flight.fetch_sub(1, Relaxed);
         }
@@ -91,7 +92,7 @@ struct Running {
 }
 
 fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, metrics: Arc<Metrics>, in_flight: Arc<AtomicUsize>) {
-    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
     let mut running: HashMap<RequestId, Running> = HashMap::new();
     let mut stopping = false;
     // A waiting request cancelled by a shutdown ends as a running one does: stop `Cancelled`.
@@ -157,7 +158,7 @@ fn run(mut engine: Engine, rx: mpsc::Receiver<Command>, metrics: Arc<Metrics>, i
         // Admit waiting requests, oldest first, into free slots.
         while engine.active() < engine.max_sequences() {
             let Some(job) = waiting.pop_front() else { break };
-            let Job { request, events, arrived } = job;
+            let Job { request, events, arrived } = *job;
             let prompt = request.prompt.len();
             match engine.submit(request) {
                 Ok(id) => {
