@@ -275,7 +275,8 @@ pub fn parse(kind: Kind, body: Value, base: &str, adapters: &Adapters) -> Result
     })
 }
 
-fn model_not_found(name: &str, param: &'static str) -> ApiError {
+/// 404 for a model id that is neither the base nor a served adapter.
+pub fn model_not_found(name: &str, param: &'static str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!("the model {name:?} does not exist on this server; GET /v1/models lists the base model and adapters"),

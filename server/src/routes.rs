@@ -8,7 +8,7 @@ use crate::worker::{Job, Out};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -34,6 +34,7 @@ pub fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/load_lora_adapter", post(load_adapter))
@@ -111,11 +112,23 @@ async fn metrics(State(st): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render(n, bytes)).into_response()
 }
 
+/// OpenAI's model object: the base, or an adapter whose parent is the base.
+fn model_card(st: &AppState, id: &str) -> Value {
+    let parent = (id != st.base_name).then_some(st.base_name.as_str());
+    json!({"id": id, "object": "model", "created": st.created, "owned_by": "peftrt", "root": st.base_name, "parent": parent})
+}
+
 async fn models(State(st): State<Shared>) -> Json<Value> {
-    let card = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": st.created, "owned_by": "peftrt", "root": st.base_name, "parent": parent});
-    let mut data = vec![card(&st.base_name, None)];
-    data.extend(st.adapters.names().iter().map(|n| card(n, Some(&st.base_name))));
+    let mut data = vec![model_card(&st, &st.base_name)];
+    data.extend(st.adapters.names().iter().map(|n| model_card(&st, n)));
     Json(json!({"object": "list", "data": data}))
+}
+
+async fn model(State(st): State<Shared>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if id != st.base_name && st.adapters.get(&id).is_none() {
+        return Err(openai::model_not_found(&id, "model"));
+    }
+    Ok(Json(model_card(&st, &id)))
 }
 
 async fn chat(State(st): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {

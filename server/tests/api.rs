@@ -92,6 +92,9 @@ async fn replies_equal_a_lone_session_streamed_or_not() {
     let models = call(&app, "GET", "/v1/models", "", None).await.json();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["tiny-llama", "qv"]);
+    let card = call(&app, "GET", "/v1/models/qv", "", None).await.json();
+    assert_eq!((card["id"].as_str(), card["parent"].as_str()), (Some("qv"), Some("tiny-llama")));
+    call(&app, "GET", "/v1/models/nope", "", None).await.error(StatusCode::NOT_FOUND);
     let qv = st.adapters.get("qv").unwrap().adapter.clone();
     for (model, adapters) in [("tiny-llama", vec![]), ("qv", vec![(qv.clone(), 1.0)])] {
         let r = post(&app, "/v1/chat/completions", chat(model, "hello there", 12)).await;
