@@ -294,3 +294,88 @@ async fn adapters_load_only_from_under_adapter_dir() {
     assert!(m.contains("peftrt_loaded_adapters 1"), "{m}");
     st.worker.stop();
 }
+
+/// Hostile bodies: every field with a wrong type, null, out-of-range or odd value. Each gets a
+/// 4xx with OpenAI's error JSON or a reply; none a 5xx or a panic (the server keeps answering).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_never_get_a_5xx() {
+    let (st, app) = start(|o| o.ctx_size = 64);
+    let odd = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(1e308),
+        json!(18446744073709551616u128 as f64),
+        json!("x"),
+        json!(""),
+        json!([]),
+        json!([null]),
+        json!({}),
+        json!({"type": null}),
+        json!("\u{0}\u{ffff}"),
+        json!([[1, 2], [3]]),
+        json!([{"name": "qv", "scale": 1e30}]),
+        json!([{"name": "qv", "scale": "big"}]),
+        json!({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "("}}}),
+    ];
+    let fields = [
+        "model",
+        "messages",
+        "prompt",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "ignore_eos",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "seed",
+        "n",
+        "response_format",
+        "adapters",
+        "logprobs",
+        "tools",
+        "suffix",
+        "echo",
+        "best_of",
+    ];
+    let mut statuses = std::collections::BTreeMap::new();
+    for (uri, base) in [
+        ("/v1/chat/completions", chat("qv", "hi", 3)),
+        ("/v1/completions", json!({"model": "qv", "prompt": "hi", "max_tokens": 3, "temperature": 0})),
+    ] {
+        for f in fields {
+            for v in &odd {
+                let mut req = base.clone();
+                req[f] = v.clone();
+                let r = post(&app, uri, req.clone()).await;
+                assert!(!r.status.is_server_error(), "{uri} {req}: {} {}", r.status, r.text);
+                if !r.status.is_success() {
+                    r.error(r.status);
+                }
+                *statuses.entry(r.status.as_u16()).or_insert(0) += 1;
+            }
+        }
+        for raw in ["", "[]", "null", "{\"model\": \"qv\", \"messages\": [", "\u{feff}{}", "{\"a\":1}{\"b\":2}"] {
+            let r = call(&app, "POST", uri, raw, None).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{raw:?}: {}", r.text);
+        }
+    }
+    for body in [json!(null), json!({"lora_name": 1, "lora_path": []}), json!({"lora_name": "", "lora_path": ""})] {
+        let r = post(&app, "/v1/load_lora_adapter", body.clone()).await;
+        assert!(r.status.is_client_error(), "{body}: {}", r.text);
+        let r = post(&app, "/v1/unload_lora_adapter", body.clone()).await;
+        assert!(r.status.is_client_error(), "{body}: {}", r.text);
+    }
+    // Still serving, and nothing left running.
+    let r = post(&app, "/v1/chat/completions", chat("qv", "hi", 3)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    eprintln!("statuses: {statuses:?}");
+    assert!(statuses.contains_key(&200) && statuses.contains_key(&400) && statuses.contains_key(&404));
+    st.worker.stop();
+}
