@@ -334,7 +334,23 @@ def smollm2_tests(a, tmp):
                 assert time.time() - t < 10, "a killed client's sequence is still active after 10 s"
                 time.sleep(0.1)
             assert metric(s, 'peftrt_requests_total{outcome="cancelled"}') >= 1
-        check("smollm2: a client killed mid-stream leaves no active sequence", killed_client)
+            # Not streamed: a client killed while it waits for the whole reply cancels it too.
+            code = ("import openai\n"
+                    f"c = openai.OpenAI(base_url={s.url + '/v1'!r}, api_key={KEY!r}, max_retries=0)\n"
+                    "c.chat.completions.create(model='all', max_tokens=1500, temperature=0,"
+                    " messages=[{'role': 'user', 'content': 'Write a very long story about the sea.'}])\n")
+            p = subprocess.Popen([sys.executable, "-c", code])
+            t = time.time()
+            while metric(s, "peftrt_active_sequences") < 1:
+                assert time.time() - t < 30, "the request did not start"
+                time.sleep(0.05)
+            p.kill()
+            p.wait()
+            t = time.time()
+            while metric(s, "peftrt_active_sequences") != 0:
+                assert time.time() - t < 10, "a killed client's sequence is still active after 10 s"
+                time.sleep(0.1)
+        check("smollm2: a client killed mid-stream (or mid-wait) leaves no active sequence", killed_client)
 
         def queue_full():
             # 8 running + 24 waiting is the limit: the 33rd request gets 429 with Retry-After.
