@@ -100,11 +100,16 @@ fn stopping(st: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// 200 while the server takes requests; 503 while it stops, or if its engine thread has died.
 async fn health(State(st): State<Shared>) -> Response {
-    if st.stopping.load(Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping"}))).into_response();
-    }
-    Json(json!({"status": "ok"})).into_response()
+    let status = if st.stopping.load(Relaxed) {
+        "stopping"
+    } else if !st.worker.alive() {
+        "engine stopped"
+    } else {
+        return Json(json!({"status": "ok"})).into_response();
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": status}))).into_response()
 }
 
 async fn metrics(State(st): State<Shared>) -> Response {

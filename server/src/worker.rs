@@ -69,6 +69,11 @@ impl Worker {
         sent
     }
 
+    /// Whether the engine thread still runs (it ends only on [`Worker::stop`], or by a panic).
+    pub fn alive(&self) -> bool {
+        self.thread.lock().ok().is_some_and(|t| t.as_ref().is_some_and(|h| !h.is_finished()))
+    }
+
     pub fn cancel_all(&self) {
         let _ = self.tx.send(Command::CancelAll);
     }

@@ -144,6 +144,9 @@ async fn replies_equal_a_lone_session_streamed_or_not() {
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
     st.worker.stop();
+    // Without its engine thread the server says so, and refuses work with 503.
+    assert_eq!(call(&app, "GET", "/health", "", None).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    post(&app, "/v1/chat/completions", chat("qv", "hi", 2)).await.error(StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +214,7 @@ async fn bad_requests_get_their_status_and_openai_errors() {
 async fn api_key_guards_every_route_but_health() {
     let (st, app) = start(|o| o.api_key = Some("s3cret".into()));
     assert_eq!(call(&app, "GET", "/health", "", None).await.status, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/health", "", Some("wrong")).await.status, StatusCode::OK);
     let r = call(&app, "GET", "/v1/models", "", None).await;
     assert_eq!(r.headers["www-authenticate"], "Bearer");
     assert_eq!(r.error(StatusCode::UNAUTHORIZED)["code"], "invalid_api_key");
