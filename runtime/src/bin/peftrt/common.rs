@@ -1,7 +1,7 @@
 //! Options and helpers shared by several subcommands: loading a model with adapters, sampling,
 //! output dtypes.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use peftrt::adapter::AdapterOptions;
 use peftrt::constraint::{Constraint, ConstraintSpec};
@@ -67,17 +67,9 @@ impl ModelArgs {
     }
 }
 
-/// `DIR` or `DIR:SCALE` (a trailing `:number` is the scale; directories may contain colons).
+/// `DIR` or `DIR:SCALE` ([`peftrt::adapter::parse_spec`], shared with `peftrt-server`).
 pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f32)> {
-    if let Some((dir, scale)) = spec.rsplit_once(':') {
-        if let Ok(s) = scale.parse::<f32>() {
-            if !s.is_finite() {
-                bail!("--adapter {spec}: the scale must be a finite number");
-            }
-            return Ok((PathBuf::from(dir), s));
-        }
-    }
-    Ok((PathBuf::from(spec), 1.0))
+    peftrt::adapter::parse_spec(spec).map_err(|e| anyhow::anyhow!("--adapter {e}"))
 }
 
 /// Decoding options shared by `generate` and `batch`.

@@ -54,6 +54,9 @@ subcommands! {
     /// Judge replies (JSON Lines, e.g. `batch`'s results) by the project's rule for valid JSON,
     /// and against a JSON Schema: one verdict per line on stdout, totals on stderr.
     EvalJson => eval_json,
+    /// Serve the model over the OpenAI HTTP API, each adapter as a model id (runs the
+    /// peftrt-server program; `peftrt serve --help` lists its options).
+    Serve => serve,
 }
 
 #[derive(Parser)]
