@@ -12,8 +12,12 @@ token per request (for HTTP from sending the request to its first text chunk, so
 the HTTP, tokenizer and queueing path; bench's from submit to the first sampled token).
 Median over rounds; writes reports/bench-serve.json.
 
+With --llamacpp, each round also sends the same requests to llama.cpp's `llama-server -np N -cb`
+(scripts/llamacpp_server.py: the same weights requantised by llama.cpp, the adapters converted to
+GGUF and picked per request) and times them the same way, client side.
+
 Usage: scripts/bench_serve.py [--sequences 1,8] [--setups none,per-sequence] [--rounds 3] [--model f32]
-(`make bench-serve BENCH_ARGS=...`). llama.cpp's llama-server on the same requests is not run yet.
+[--llamacpp] (`make bench-serve BENCH_ARGS=...`).
 """
 
 import argparse
@@ -27,27 +31,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import MODELS, ensure_models, variants  # noqa: E402
+import llamacpp_server  # noqa: E402
+from bench_engine import ADAPTER, MODELS, ensure_models, prompt, variants  # noqa: E402
 from test_serve import Server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS, GEN_TOKENS = 128, 64
 
 
-def prompt_of(i, vocab):
-    """`peftrt bench --parallel`'s prompt of request i (runtime/src/bin/peftrt/bench.rs)."""
-    pick = lambda j, mul: ((j * mul) % max(vocab - 200, 1)) + min(100, vocab - 1)
-    return [pick(j + 1000 * i, 7919 + 2 * i) for j in range(PROMPT_TOKENS)]
-
-
-def http_round(server, n, model_of, vocab):
-    """N streamed completions at once: (aggregate tok/s, [ttft ms])."""
+def http_round(server, n, model_of, vocab, r):
+    """N streamed completions at once, round r's prompts: (aggregate tok/s, [ttft ms])."""
     events = [[] for _ in range(n)]  # (time, pieces) per request
     starts = [0.0] * n
     errors = []
 
     def one(i):
-        body = json.dumps({"model": model_of(i), "prompt": prompt_of(i, vocab), "max_tokens": GEN_TOKENS,
+        body = json.dumps({"model": model_of(i), "prompt": prompt(vocab, r, i), "max_tokens": GEN_TOKENS,
                            "temperature": 0, "ignore_eos": True, "stream": True})
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
         starts[i] = time.perf_counter()
@@ -104,6 +103,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peftrt", type=Path, default=ROOT / "target/release/peftrt")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/bench-serve.json")
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp's llama-server on the same requests")
     a = ap.parse_args()
     if a.model == "f32":
         model = ROOT / "models/smollm2-135m-instruct"
@@ -122,14 +122,28 @@ def main():
             s = Server(a.peftrt, args)
             base = s.url and json.loads(http_get(s, "/v1/models"))["data"][0]["id"]
             model_of = (lambda i: f"a{i}") if adapters else (lambda i: base)
-            eng, web = [], []
+            eng, web, lcp = [], [], []
+            peer = None
             try:
-                http_round(s, n, model_of, vocab)  # warm-up
-                for _ in range(a.rounds):
+                if a.llamacpp:
+                    loras = [llamacpp_server.lora_gguf(d) for d in [ADAPTER, *adapters]] if adapters else []
+                    peer = llamacpp_server.Server(llamacpp_server.base_gguf(a.model), n, PROMPT_TOKENS + GEN_TOKENS + 64,
+                                                  loras, a.threads)
+                    lora_of = (lambda i: [{"id": 1 + i, "scale": 1.0}]) if adapters else (lambda i: [])
+                    llamacpp_server.run_round(peer.port, [prompt(vocab, 0, i) for i in range(n)], lora_of, GEN_TOKENS)
+                # Each round its own prompts (as bench's rounds), so that no prefix is reused.
+                http_round(s, n, model_of, vocab, 0)  # warm-up
+                for k in range(1, a.rounds + 1):
                     eng.append(engine_round(a, model, n, adapters))
-                    web.append(http_round(s, n, model_of, vocab))
+                    web.append(http_round(s, n, model_of, vocab, k))
+                    if peer:
+                        res = llamacpp_server.run_round(peer.port, [prompt(vocab, k, i) for i in range(n)], lora_of,
+                                                        GEN_TOKENS)
+                        lcp.append((res["aggregate_tok_s"], res["ttft_ms"]))
             finally:
                 s.stop()
+                if peer:
+                    peer.close()
             ttfts = [t for _, ts in web for t in ts]
             row = {
                 "model": a.model, "sequences": n, "adapters": setup,
@@ -140,6 +154,10 @@ def main():
                 "http_ttft_ms_p50": statistics.median(ttfts), "http_ttft_ms_p99": p99(ttfts),
             }
             row["http_vs_engine"] = row["http_tok_s"] / row["engine_tok_s"]
+            if lcp:
+                lt = [t for _, ts in lcp for t in ts]
+                row["llamacpp_tok_s"] = statistics.median(x for x, _ in lcp)
+                row["llamacpp_ttft_ms_p50"], row["llamacpp_ttft_ms_p99"] = statistics.median(lt), p99(lt)
             rows.append(row)
             print(json.dumps(row), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +168,13 @@ def main():
         print(f"| {r['model']} | {r['sequences']} | {r['adapters']} | {r['engine_tok_s']:.1f} | {r['http_tok_s']:.1f} "
               f"| {r['http_vs_engine']:.2f} | {r['engine_ttft_ms_p50']:.0f} / {r['engine_ttft_ms_p99']:.0f} "
               f"| {r['http_ttft_ms_p50']:.0f} / {r['http_ttft_ms_p99']:.0f} |")
+    if a.llamacpp:
+        print("\n| model | N | adapters | peftrt HTTP tok/s | llama-server tok/s | peftrt / llama.cpp "
+              "| llama-server first token p50 / p99 ms |\n|---|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['model']} | {r['sequences']} | {r['adapters']} | {r['http_tok_s']:.1f} | "
+                  f"{r['llamacpp_tok_s']:.1f} | {r['http_tok_s'] / r['llamacpp_tok_s']:.2f} | "
+                  f"{r['llamacpp_ttft_ms_p50']:.0f} / {r['llamacpp_ttft_ms_p99']:.0f} |")
 
 
 def http_get(s, path):

@@ -14,7 +14,7 @@
   Aggregate decode tok/s counts the tokens that arrived after the last request got its first
   one, over the time from then to the end: the same rule as `peftrt bench --parallel`.
 
-Used by scripts/bench_engine.py --llamacpp; `python scripts/llamacpp_server.py --build` only builds.
+Used by scripts/bench_engine.py and scripts/bench_serve.py with --llamacpp; `python scripts/llamacpp_server.py --build` only builds.
 """
 import http.client
 import json
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "models/bench/llama.cpp"
 SOURCE_GGUF = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_HF = ROOT / "models/smollm2-135m-instruct"  # config.json for the LoRA converter
-QUANT = {"bf16": "BF16", "nf4": "Q4_0"}
+QUANT = {"f32": "F32", "bf16": "BF16", "nf4": "Q4_0"}
 
 
 def pinned_version():
