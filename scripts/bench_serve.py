@@ -39,14 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS, GEN_TOKENS = 128, 64
 
 
-def http_round(server, n, model_of, vocab, r):
-    """N streamed completions at once, round r's prompts: (aggregate tok/s, [ttft ms])."""
+def http_round(server, n, model_of, vocab, rnd):
+    """N streamed completions at once, round `rnd`'s prompts: (aggregate tok/s, [ttft ms])."""
     events = [[] for _ in range(n)]  # (time, pieces) per request
     starts = [0.0] * n
     errors = []
 
     def one(i):
-        body = json.dumps({"model": model_of(i), "prompt": prompt(vocab, r, i), "max_tokens": GEN_TOKENS,
+        body = json.dumps({"model": model_of(i), "prompt": prompt(vocab, rnd, i), "max_tokens": GEN_TOKENS,
                            "temperature": 0, "ignore_eos": True, "stream": True})
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
         starts[i] = time.perf_counter()
