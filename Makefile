@@ -9,7 +9,8 @@
 #   make serve    the OpenAI-compatible server on SmolLM2 with the reference adapters (127.0.0.1:8080)
 #   make bench    peftrt beside llama.cpp on the same weights; LoRA adapter overhead
 #   make bench-constraint   decode speed with and without a JSON-schema constraint (NF4, BF16)
-#   make bench-engine       the batching engine: N sequences at once, per-sequence adapters (BF16, NF4)
+#   make bench-engine       the batching engine: N sequences at once, per-sequence adapters (BF16, NF4);
+#                           BENCH_ARGS=--llamacpp: beside llama.cpp's llama-server on the same requests
 #   make bench-serve        the same engine through the HTTP API (peftrt serve) beside its own figures
 #   make bench-trainer   the trainer's LoRA tokens/s and peak RSS beside transformers+peft (CPU)
 #   make build-trainer / test-trainer   the trainer (libtorch from the venv's PyPI torch)
@@ -168,11 +169,13 @@ bench: models venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench.py --adapters $(SMOLLM2_ADAPTERS)/qkvo-r16 $(SMOLLM2_ADAPTERS)/all-linear-r16 --rounds 5
 
 # The batching engine: N = 1, 4, 8, 16 sequences, no adapter / one / a different one each,
-# SmolLM2 BF16 and NF4 (reports/bench-engine.json).
-bench-engine: models build $(SMOLLM2_REF)/adapters.done
-	$(PYTHON) scripts/bench_engine.py $(BENCH_ARGS)
+# SmolLM2 BF16 and NF4 (reports/bench-engine.json). BENCH_ARGS=--llamacpp adds llama.cpp's
+# llama-server on the same requests (built from the llama-cpp-python sdist: scripts/llamacpp_server.py).
+bench-engine: models build venv $(SMOLLM2_REF)/adapters.done
+	$(PY) scripts/bench_engine.py $(BENCH_ARGS)
 
-# The engine through the HTTP API (peftrt serve) beside its own figures (reports/bench-serve.json).
+# The engine through the HTTP API (peftrt serve) beside its own figures (reports/bench-serve.json);
+# BENCH_ARGS="--model bf16 --llamacpp" adds llama-server.
 bench-serve: models build venv $(SMOLLM2_REF)/adapters.done
 	$(PY) scripts/bench_serve.py $(BENCH_ARGS)
 
