@@ -17,7 +17,7 @@ corpus=${PEFTRT_FUZZ_CORPUS:-$HOME/.cache/peftrt-fuzz/corpus}
 log_dir=$(dirname "$corpus")
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(safetensors gguf config adapter chat_template ffi_text batch)
+  targets=(safetensors gguf config adapter chat_template ffi_text batch openai_request)
 fi
 
 bash fuzz/seed.sh "$corpus" >/dev/null

@@ -89,4 +89,11 @@ done < <(head -n 4 $fx/trainer/chat.jsonl; echo 'ünïcödé <|im_start|>user hi
 { byte 3; u32 0x3f4ccccd; byte 24; byte 72; byte 3; byte 7; u32 0x3f666666; u32 0x3d4ccccd; u32 0x3f8ccccd
   byte 1; byte 0; byte 0; byte 0; for i in 1 7 9 30; do u32 $i; done; } | seed ffi_text
 
+# openai_request: mode byte (even: chat, odd: completion) + a request body as clients send them.
+{ byte 0; printf '{"model":"base","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}],"max_tokens":8,"temperature":0.7,"top_p":0.9,"stop":["\n"],"seed":3,"stream":true,"stream_options":{"include_usage":true}}'; } | seed openai_request
+{ byte 0; printf '{"model":"base","messages":[{"role":"user","content":[{"type":"text","text":"JSON please"}]}],"max_completion_tokens":16,"response_format":{"type":"json_schema","json_schema":{"name":"o","schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}}}}'; } | seed openai_request
+{ byte 0; printf '{"model":"base","messages":[{"role":"user","content":"x"}],"adapters":[{"name":"a","scale":0.5}],"response_format":{"type":"json_object"},"n":1}'; } | seed openai_request
+{ byte 1; printf '{"model":"base","prompt":"Once upon a time","max_tokens":4,"temperature":0,"stop":"."}'; } | seed openai_request
+{ byte 1; printf '{"model":"base","prompt":[1,2,3,4],"max_tokens":4,"ignore_eos":true,"stream":true}'; } | seed openai_request
+
 for t in "$corpus"/*; do echo "$(basename "$t"): $(find "$t" -type f | wc -l) inputs"; done

@@ -16,7 +16,7 @@ With --llamacpp, each round also sends the same requests to llama.cpp's `llama-s
 (scripts/llamacpp_server.py: the same weights requantised by llama.cpp, the adapters converted to
 GGUF and picked per request) and times them the same way, client side.
 
-Usage: scripts/bench_serve.py [--sequences 1,8] [--setups none,per-sequence] [--rounds 3] [--model f32]
+Usage: scripts/bench_serve.py [--sequences 1,8] [--setups none,one,per-sequence] [--rounds 3] [--model f32]
 [--llamacpp] (`make bench-serve BENCH_ARGS=...`).
 """
 
@@ -96,7 +96,7 @@ def p99(v):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequences", default="1,8")
-    ap.add_argument("--setups", default="none,per-sequence")
+    ap.add_argument("--setups", default="none,one,per-sequence")
     ap.add_argument("--model", default="f32", choices=["f32", *sorted(MODELS)],
                     help="f32: models/smollm2-135m-instruct; bf16/nf4: made as bench_engine.py makes them")
     ap.add_argument("--rounds", type=int, default=3)
@@ -114,22 +114,27 @@ def main():
     rows = []
     for n in [int(x) for x in a.sequences.split(",")]:
         for setup in a.setups.split(","):
-            adapters = variants(n) if setup == "per-sequence" else []
+            if setup not in ("none", "one", "per-sequence"):
+                sys.exit(f"unknown setup {setup!r}: none, one or per-sequence")
+            # "one": the reference all-linear adapter on every request (served as a0), as bench's
+            # --adapter; "per-sequence": request i on variant i (a0, a1, ...).
+            adapters = variants(n) if setup == "per-sequence" else [str(ADAPTER)] if setup == "one" else []
             args = ["--model", model, "--threads", a.threads, "--max-sequences", n,
                     "--ctx-size", PROMPT_TOKENS + GEN_TOKENS]
             for i, d in enumerate(adapters):
                 args += ["--adapter", f"a{i}={d}"]
             s = Server(a.peftrt, args)
             base = s.url and json.loads(http_get(s, "/v1/models"))["data"][0]["id"]
-            model_of = (lambda i: f"a{i}") if adapters else (lambda i: base)
+            model_of = (lambda i: f"a{i}" if setup == "per-sequence" else "a0") if adapters else (lambda i: base)
             eng, web, lcp = [], [], []
             peer = None
             try:
                 if a.llamacpp:
-                    loras = [llamacpp_server.lora_gguf(d) for d in [ADAPTER, *adapters]] if adapters else []
+                    loras = [llamacpp_server.lora_gguf(d) for d in [ADAPTER, *variants(n)]] if adapters else []
                     peer = llamacpp_server.Server(llamacpp_server.base_gguf(a.model), n, PROMPT_TOKENS + GEN_TOKENS + 64,
                                                   loras, a.threads)
-                    lora_of = (lambda i: [{"id": 1 + i, "scale": 1.0}]) if adapters else (lambda i: [])
+                    lora_of = ((lambda i: [{"id": 1 + i, "scale": 1.0}]) if setup == "per-sequence"
+                               else (lambda i: [{"id": 0, "scale": 1.0}]) if adapters else (lambda i: []))
                     llamacpp_server.run_round(peer.port, [prompt(vocab, 0, i) for i in range(n)], lora_of, GEN_TOKENS)
                 # Each round its own prompts (as bench's rounds), so that no prefix is reused.
                 http_round(s, n, model_of, vocab, 0)  # warm-up
