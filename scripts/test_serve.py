@@ -151,6 +151,15 @@ def metric(server, name):
     return float(m.group(1))
 
 
+def wait_idle(server, seconds, what, queue=False):
+    """Waits until /metrics shows no active sequence (and, with `queue`, no queued request);
+    fails with `what` after `seconds`."""
+    t = time.time()
+    while metric(server, "peftrt_active_sequences") != 0 or (queue and metric(server, "peftrt_queue_depth") != 0):
+        assert time.time() - t < seconds, what
+        time.sleep(0.1)
+
+
 def generate_alone(a, adapters, prompt, max_tokens):
     """The reply of `peftrt generate --chat` (greedy) with `adapters` [(dir, scale)]."""
     cmd = [str(a.peftrt), "generate", "--model", str(a.smollm2), "--chat", "--prompt", prompt,
@@ -329,10 +338,7 @@ def smollm2_tests(a, tmp):
             assert metric(s, "peftrt_active_sequences") >= 1, "the stream is not running"
             p.kill()
             p.wait()
-            t = time.time()
-            while metric(s, "peftrt_active_sequences") != 0:
-                assert time.time() - t < 10, "a killed client's sequence is still active after 10 s"
-                time.sleep(0.1)
+            wait_idle(s, 10, "a killed client's sequence is still active after 10 s")
             assert metric(s, 'peftrt_requests_total{outcome="cancelled"}') >= 1
             # Not streamed: a client killed while it waits for the whole reply cancels it too.
             code = ("import openai\n"
@@ -346,10 +352,7 @@ def smollm2_tests(a, tmp):
                 time.sleep(0.05)
             p.kill()
             p.wait()
-            t = time.time()
-            while metric(s, "peftrt_active_sequences") != 0:
-                assert time.time() - t < 10, "a killed client's sequence is still active after 10 s"
-                time.sleep(0.1)
+            wait_idle(s, 10, "a killed client's sequence is still active after 10 s")
         check("smollm2: a client killed mid-stream (or mid-wait) leaves no active sequence", killed_client)
 
         def queue_full():
@@ -372,10 +375,7 @@ def smollm2_tests(a, tmp):
                 for k in conns:
                     k.sock.close() if k.sock else None
                     k.close()
-            t = time.time()
-            while metric(s, "peftrt_active_sequences") != 0 or metric(s, "peftrt_queue_depth") != 0:
-                assert time.time() - t < 15, "closed clients' requests are still running or queued"
-                time.sleep(0.1)
+            wait_idle(s, 15, "closed clients' requests are still running or queued", queue=True)
         check("smollm2: full queue -> 429 with Retry-After; closed clients free every slot", queue_full)
 
         if a.load_seconds > 0:
