@@ -230,6 +230,8 @@ impl std::fmt::Display for GgmlType {
 
 /// Elements in a k-quant super-block.
 pub const QK_K: usize = 256;
+/// The largest block of any type (`QK_K`): a stack buffer of this size holds any one block.
+pub const MAX_BLOCK: usize = QK_K;
 /// Elements in a legacy quant block.
 pub const QK: usize = 32;
 

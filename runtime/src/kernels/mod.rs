@@ -27,6 +27,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
+use crate::gguf::quants::{self, GgmlType};
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use half::{bf16, f16};
 use std::sync::OnceLock;
@@ -39,6 +40,43 @@ pub enum Weights<'a> {
     BF16(&'a [bf16]),
     /// 4-bit NormalFloat codes with per-block scales (bitsandbytes' layout).
     Nf4(Nf4<'a>),
+    /// ggml block-quantised data (a GGUF tensor used in place).
+    Quant(Quant<'a>),
+}
+
+/// A GGUF tensor in one of ggml's block layouts (`Q4_0`, `Q8_0`, `Q4_K`, …), borrowed from the
+/// memory map: element `i` (row-major) is in block `i / ty.block_size()`, whose
+/// `ty.type_size()` bytes start at `data[(i / block_size) * type_size]`. Rows hold whole
+/// blocks (`cols` a multiple of the block size), checked when the model is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct Quant<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    /// Number of elements.
+    pub len: usize,
+}
+
+impl Quant<'_> {
+    /// The bytes of the `len` elements from `start` (both multiples of the block size).
+    #[inline(always)]
+    pub fn blocks(&self, start: usize, len: usize) -> &[u8] {
+        let (bs, ts) = (self.ty.block_size(), self.ty.type_size());
+        debug_assert!(start.is_multiple_of(bs) && len.is_multiple_of(bs));
+        &self.data[start / bs * ts..(start + len) / bs * ts]
+    }
+
+    /// Dequantises whole blocks (`start`, `out.len()` multiples of the block size): ggml's
+    /// `dequantize_row_*` exactly ([`crate::gguf::quants`]).
+    pub fn dequantize(&self, start: usize, out: &mut [f32]) {
+        // The type and the byte count were checked when the model was loaded.
+        let r = quants::dequantize(self.ty, self.blocks(start, out.len()), out);
+        debug_assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// Whether `ty` is a type the kernels take: one with a ggml dequantiser.
+    pub fn supports(ty: GgmlType) -> bool {
+        ty.can_dequantize()
+    }
 }
 
 /// 4-bit weights as bitsandbytes stores them: element `i` (row-major) is
@@ -85,6 +123,7 @@ impl Weights<'_> {
             Weights::F16(w) => w.len(),
             Weights::BF16(w) => w.len(),
             Weights::Nf4(w) => w.len,
+            Weights::Quant(w) => w.len,
         }
     }
 
@@ -102,6 +141,10 @@ impl Weights<'_> {
                     && w.packed.len() >= n.div_ceil(2)
                     && (n == 0 || (w.blocksize > 0 && w.absmax.len() >= n.div_ceil(w.blocksize)))
             }
+            Weights::Quant(w) => {
+                let bs = w.ty.block_size();
+                w.len >= n && n.is_multiple_of(bs) && w.data.len() >= n / bs * w.ty.type_size()
+            }
             _ => self.len() >= n,
         }
     }
@@ -114,6 +157,19 @@ impl Weights<'_> {
             Weights::F16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
             Weights::BF16(w) => w[start..end].iter().zip(out).for_each(|(s, d)| *d = s.to_f32()),
             Weights::Nf4(w) => (start..end).zip(out).for_each(|(i, d)| *d = w.get(i)),
+            Weights::Quant(w) => {
+                // Whole blocks around the range, one at a time.
+                let bs = w.ty.block_size();
+                let mut block = [0f32; quants::MAX_BLOCK];
+                let mut i = start;
+                while i < end {
+                    let b0 = i / bs * bs;
+                    w.dequantize(b0, &mut block[..bs]);
+                    let take = (b0 + bs).min(end) - i;
+                    out[i - start..i - start + take].copy_from_slice(&block[i - b0..i - b0 + take]);
+                    i += take;
+                }
+            }
         }
     }
 }
@@ -217,6 +273,16 @@ fn check_mat(m: &MatRef, x_len: usize, n: usize, y_len: usize) {
         m.rows,
         m.cols
     );
+    if let Weights::Quant(w) = &m.w {
+        assert!(
+            m.cols.is_multiple_of(w.ty.block_size()) && m.w.backs(m.rows * m.cols),
+            "{} weights: {} bytes do not back {}x{} elements in whole blocks per row",
+            w.ty,
+            w.data.len(),
+            m.rows,
+            m.cols
+        );
+    }
     if let Weights::Nf4(w) = &m.w {
         assert!(
             m.w.backs(m.rows * m.cols),

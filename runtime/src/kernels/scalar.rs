@@ -13,8 +13,22 @@ pub fn matvec_rows(m: MatRef, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
             Weights::F16(w) => w[s..s + c].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
             Weights::BF16(w) => w[s..s + c].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
             Weights::Nf4(w) => (s..s + c).zip(x).map(|(i, x)| w.get(i) * x).sum(),
+            Weights::Quant(w) => quant_dot(w, s, c, x),
         };
     }
+}
+
+/// Row `W[s .. s + c]` of block-quantised weights · `x`: each block dequantised (ggml's
+/// values exactly) and its products summed in order.
+pub fn quant_dot(w: super::Quant, s: usize, c: usize, x: &[f32]) -> f32 {
+    let bs = w.ty.block_size();
+    let mut block = [0f32; crate::gguf::quants::MAX_BLOCK];
+    let mut sum = 0.0;
+    for (b, x) in (s..s + c).step_by(bs).zip(x.chunks_exact(bs)) {
+        w.dequantize(b, &mut block[..bs]);
+        sum += block[..bs].iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
+    }
+    sum
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -203,7 +203,7 @@ pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f3
                     matvec_nf4::<S>(w, m.cols, rows, x, y)
                 }
             }
-            Weights::Nf4(_) => super::scalar::matvec_rows(m, rows, x, y),
+            Weights::Nf4(_) | Weights::Quant(_) => super::scalar::matvec_rows(m, rows, x, y),
         }
     }
 }
@@ -413,7 +413,7 @@ pub(crate) unsafe fn matvec_rows_multi<S: Simd>(
                     }
                 }
             }
-            Weights::Nf4(_) => {
+            Weights::Nf4(_) | Weights::Quant(_) => {
                 for t in 0..n {
                     let y = std::slice::from_raw_parts_mut(y.add(t * ldy + rows.start), rows.len());
                     matvec_rows::<S>(m, rows.clone(), &x[t * cols..(t + 1) * cols], y);

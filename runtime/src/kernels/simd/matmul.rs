@@ -116,6 +116,14 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
                 // SAFETY: the range lies inside the matrix (checked by the caller).
                 unsafe { widen_nf4::<S>(w, group.start * k, nrows * k, k, &mut wide) }
             }
+            Weights::Quant(w) => {
+                if wide.len() < nrows * k {
+                    wide.resize(nrows * k, 0.0);
+                }
+                // Rows hold whole blocks (checked by the caller).
+                w.dequantize(group.start * k, &mut wide[..nrows * k]);
+                wide.as_ptr()
+            }
         };
         // k is cut into chunks whose slice of the packed X tile stays in L1 while every row block
         // passes over it; partial sums wait in `acc` (`nv` vectors per row) between chunks.
