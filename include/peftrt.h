@@ -177,8 +177,10 @@ typedef struct peftrt_model_params {
 peftrt_model_params peftrt_model_default_params(void);
 
 /* Loads a Hugging Face model directory (config.json, *.safetensors, tokenizer.json,
-   tokenizer_config.json); F32/F16/BF16 or bitsandbytes NF4 weights. The weights are
-   memory-mapped: the files must not be modified while the model is alive. `params` may be
+   tokenizer_config.json; F32/F16/BF16 or bitsandbytes NF4 weights), or a GGUF file (llama,
+   mistral, qwen2; F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K tensors used in
+   place, configuration and tokenizer from its metadata). The weights are memory-mapped: the
+   files must not be modified while the model is alive. `params` may be
    NULL (defaults). Returns NULL on error: PEFTRT_ERR_IO for a missing path or required file,
    PEFTRT_ERR_FORMAT / PEFTRT_ERR_UNSUPPORTED for its content (see Errors above).
    Thread-safe. */

@@ -99,6 +99,10 @@ pub struct ModelConfig {
     /// `_name_or_path`: the hub id or path transformers saved the model from, if recorded
     /// (adapters naming another base are told apart by it, see `adapter::names_another_model`).
     pub name_or_path: Option<String>,
+    /// The Q/K weights' rows pair each head's rotary dimensions as `2i, 2i + 1` (llama.cpp's
+    /// order, as a `llama`/`mistral` GGUF stores them) rather than transformers' `i, i + d/2`:
+    /// rotary embedding then rotates adjacent pairs. Never set by a `config.json`.
+    pub rope_interleaved: bool,
 }
 
 fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -332,6 +336,7 @@ impl ModelConfig {
             bos_token_id: token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: token_ids("eos_token_id")?,
             name_or_path: get(v, "_name_or_path").and_then(Value::as_str).map(str::to_string),
+            rope_interleaved: false,
         };
         Ok(cfg)
     }
@@ -344,7 +349,12 @@ impl ModelConfig {
         }
         let text = crate::fsutil::read_text_file(path, crate::fsutil::MAX_JSON_BYTES)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let ids = parse_token_ids(get(&v, "eos_token_id"), "eos_token_id", path)?;
+        self.add_generation_eos_json(&v, path)
+    }
+
+    /// [`ModelConfig::add_generation_eos`] from a `generation_config.json` already parsed.
+    pub fn add_generation_eos_json(&mut self, v: &Value, path: &Path) -> Result<()> {
+        let ids = parse_token_ids(get(v, "eos_token_id"), "eos_token_id", path)?;
         check_in_vocab(&ids, self.vocab_size, "eos_token_id", path)?;
         for id in ids {
             if !self.eos_token_ids.contains(&id) {

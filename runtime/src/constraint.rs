@@ -12,7 +12,6 @@
 //! first, so that temperature, top-k, top-p and min-p act on the allowed tokens only.
 
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::model::Model;
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
@@ -84,9 +83,7 @@ pub(crate) struct Vocabulary {
 impl Vocabulary {
     fn build(model: &Model) -> Result<Arc<ParserFactory>, String> {
         let path = model.dir.join("tokenizer.json");
-        let text = fsutil::read_text_file(&path, fsutil::MAX_TOKENIZER_BYTES).map_err(|e| e.to_string())?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        let json = model.tokenizer_json().map_err(|e| e.to_string())?;
         let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
             .map_err(|e| format!("{}: cannot read the token bytes: {e}", path.display()))?;
         let vocab = model.config.vocab_size.max(words.len());

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::model::{LoadOptions, Model};
 use crate::nf4::Nf4Weight;
-use crate::output::{copy_model_files, write_dir_atomically, write_safetensors};
+use crate::output::{copy_model_files, write_dir_atomically, write_model_files, write_safetensors};
 use crate::weights::DType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,7 +57,12 @@ pub fn merge(
             "an adapter on lm_head cannot be merged into a model whose lm_head is tied to the embeddings".into(),
         ));
     }
-    let dtype = opts.dtype.unwrap_or(model.embed_tokens.dtype);
+    // A GGUF's block-quantised base is merged into its dequantised values and written as F32
+    // (those values exactly, plus the adapters' deltas).
+    let dtype = opts.dtype.unwrap_or(match model.embed_tokens.dtype {
+        DType::Quant(_) => DType::F32,
+        d => d,
+    });
     let linears: HashMap<String, &crate::model::Linear> =
         model.linears().map(|l| (format!("{}.weight", l.name), l)).collect();
     // An NF4 base is merged into its dequantised values (what a QLoRA adapter was trained
@@ -72,7 +77,7 @@ pub fn merge(
     let list: Vec<(String, Vec<usize>)> = tensors
         .iter()
         .map(|t| match linears.get(&t.name) {
-            Some(l) if l.nf4.is_some() => (t.name.clone(), vec![l.rows, l.cols]),
+            Some(l) if l.nf4.is_some() || matches!(t.dtype, DType::Quant(_)) => (t.name.clone(), vec![l.rows, l.cols]),
             _ => (t.name.clone(), t.shape.clone()),
         })
         .collect();
@@ -109,13 +114,17 @@ pub fn merge(
                 }
                 merged_layers += usize::from(changed);
             }
+            // A GGUF's Q/K rows go back to the Hugging Face order.
+            if let Some(heads) = linears.get(&t.name).and_then(|l| l.interleaved_heads) {
+                w = crate::gguf::import::unpermute_rows(&w, heads, t.shape[1]);
+            }
             // A NaN in the base, or an adapter scaled past the dtype's range, is refused by name
             // rather than written into a model that can only produce NaN.
             dtype.check_encodable(&t.name, &w)?;
             Ok(w)
         })?;
         let from_nf4 = model.linears().any(|l| l.nf4.is_some());
-        copy_model_files(model_dir, tmp, |v| {
+        let edit = |v: &mut serde_json::Value| {
             v["torch_dtype"] = dtype.torch_name().into();
             if v.get("dtype").is_some() {
                 v["dtype"] = dtype.torch_name().into();
@@ -127,7 +136,11 @@ pub fn merge(
                 // `peftrt quantize` warns before rounding these merged weights to 4 bits again.
                 v[MERGED_FROM_NF4_KEY] = true.into();
             }
-        })
+        };
+        match model.gguf_files() {
+            Some(files) => write_model_files(files, tmp, edit),
+            None => copy_model_files(model_dir, tmp, edit),
+        }
     })?;
     Ok(MergeSummary { merged_layers, n_tensors: list.len(), dtype })
 }

@@ -10,7 +10,9 @@ use crate::kernels::MatRef;
 use crate::nf4::Nf4Weight;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{DType, Tensor, WeightStore};
+use crate::gguf::import::ModelFiles;
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,6 +40,11 @@ pub struct Linear {
     /// Index among the model's linear layers ([`Model::linears`] order): adapters keep their
     /// weights in a table indexed by it, so finding a layer's adapter costs nothing.
     pub id: usize,
+    /// For a GGUF's Q/K weights stored in llama.cpp's rotary order ([`ModelConfig::rope_interleaved`]):
+    /// the number of heads. Row `h·d + 2i + j` of the weight is then row `h·d + j·d/2 + i` of
+    /// the Hugging Face model's (`d` the head size); adapters' rows are reordered to match when
+    /// they are bound, and `peftrt merge` writes the Hugging Face order back.
+    pub interleaved_heads: Option<usize>,
 }
 
 impl Linear {
@@ -61,7 +68,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, nf4, bias, rows, cols, name: name.to_string(), id: usize::MAX })
+        Ok(Linear { weight, nf4, bias, rows, cols, name: name.to_string(), id: usize::MAX, interleaved_heads: None })
     }
 
     pub fn mat(&self) -> MatRef<'_> {
@@ -134,8 +141,12 @@ pub struct Model {
     /// `[head_dim / 2]` rotary inverse frequencies (scaling applied).
     pub rope_inv_freq: Vec<f32>,
     pub tokenizer: Option<Tokenizer>,
+    /// The model directory, or the GGUF file.
     pub dir: PathBuf,
     store: WeightStore,
+    /// For a GGUF: the config and tokenizer files made from its metadata (a directory has them
+    /// on disk).
+    files: Option<Arc<ModelFiles>>,
     /// Unique in the process: see [`Model::id`].
     id: u64,
     /// The vocabulary as constrained decoding sees it, built on first use.
@@ -148,19 +159,62 @@ static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(0);
 impl Model {
     /// Loads a Hugging Face model directory (`config.json`, safetensors weights, tokenizer).
     ///
+    /// Or a GGUF file (`llama`, `mistral`, `qwen2`), used as it is: its tensors stay in the
+    /// file's map in their own types (no dequantised copy; [`crate::kernels::Quant`]), the
+    /// configuration and tokenizer come from its metadata, as `peftrt import` would write them.
+    ///
     /// Weights are memory-mapped: the files must not be modified while the model is alive
     /// (replacing them by a rename, as downloaders and `peftrt import` do, is fine).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        if dir.is_file() && is_gguf(dir) {
+            return Self::load_gguf(dir, opts);
+        }
         if !dir.is_dir() {
             return Err(Error::not_a_directory(
                 dir,
-                "not a directory; pass a Hugging Face model directory (GGUF files: `peftrt import` first)",
+                "neither a directory nor a GGUF file; pass a Hugging Face model directory or a .gguf file",
             ));
         }
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
         config.add_generation_eos(&dir.join("generation_config.json"))?;
         // SAFETY: documented above: the caller keeps the files unmodified while the model lives.
         let store = unsafe { WeightStore::open(dir)? };
+        let tokenizer = || if opts.no_tokenizer { Ok(None) } else { Tokenizer::from_dir(dir).map(Some) };
+        Self::assemble(config, store, tokenizer, dir, None)
+    }
+
+    /// [`Model::load`] of a GGUF file.
+    fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        // SAFETY: documented on `load`: the file is not modified while the model lives (the map
+        // is kept alive by the tensors).
+        let g = unsafe { crate::gguf::GgufFile::open(path)? };
+        let (files, tensors) = crate::gguf::import::prepare_native(&g)?;
+        let mut config = ModelConfig::from_json(&files.config, path)?;
+        config.add_generation_eos_json(&files.generation, path)?;
+        config.rope_interleaved = tensors.iter().any(|t| t.interleaved_heads.is_some());
+        let store = WeightStore::from_gguf(&g, &tensors)?;
+        drop(tensors);
+        drop(g); // the tensors hold the map
+        let files = Arc::new(files);
+        let f = files.clone();
+        let tokenizer = move || {
+            if opts.no_tokenizer {
+                Ok(None)
+            } else {
+                Tokenizer::from_json(&f.tokenizer, &f.tokenizer_config, path).map(Some)
+            }
+        };
+        Self::assemble(config, store, tokenizer, path, Some(files))
+    }
+
+    /// The model from its configuration and weights (a directory's or a GGUF's).
+    fn assemble(
+        config: ModelConfig,
+        store: WeightStore,
+        tokenizer: impl FnOnce() -> Result<Option<Tokenizer>>,
+        dir: &Path,
+        files: Option<Arc<ModelFiles>>,
+    ) -> Result<Model> {
         let c = &config;
         check_layer_count(c, &store, dir)?;
         let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -191,6 +245,11 @@ impl Model {
                 up_proj: lin("mlp.up_proj", inter, h, c.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", h, inter, c.mlp_bias)?,
             });
+            if c.rope_interleaved {
+                let l = layers.last_mut().expect("pushed above");
+                l.q_proj.interleaved_heads = Some(c.num_attention_heads);
+                l.k_proj.interleaved_heads = Some(c.num_key_value_heads);
+            }
         }
         let lm_head = if store.contains("lm_head.weight") && !c.tie_word_embeddings {
             Linear::load(&store, "lm_head", c.vocab_size, h, false)?
@@ -203,6 +262,7 @@ impl Model {
                 cols: h,
                 name: "lm_head".into(),
                 id: usize::MAX,
+                interleaved_heads: None,
             }
         } else {
             return Err(Error::tensor(
@@ -214,7 +274,7 @@ impl Model {
         for (i, lin) in layers.iter_mut().flat_map(Layer::linears_mut).chain([&mut lm_head]).enumerate() {
             lin.id = i;
         }
-        let tokenizer = if opts.no_tokenizer { None } else { Some(Tokenizer::from_dir(dir)?) };
+        let tokenizer = tokenizer()?;
         let final_norm = norm("model.norm.weight")?;
         warn_unused(&store, &layers, &lm_head, c, dir);
         Ok(Model {
@@ -227,6 +287,7 @@ impl Model {
             tokenizer,
             dir: dir.to_path_buf(),
             store,
+            files,
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             grammar_vocab: std::sync::OnceLock::new(),
         })
@@ -248,6 +309,22 @@ impl Model {
         self.layers.iter().flat_map(Layer::linears).chain([&self.lm_head])
     }
 
+    /// For a model loaded from a GGUF file: the `config.json`, `tokenizer.json`… contents made
+    /// from its metadata (what `peftrt import` writes).
+    pub fn gguf_files(&self) -> Option<&ModelFiles> {
+        self.files.as_deref()
+    }
+
+    /// The contents of the model's `tokenizer.json` (made from the vocabulary for a GGUF).
+    pub(crate) fn tokenizer_json(&self) -> Result<serde_json::Value> {
+        if let Some(f) = &self.files {
+            return Ok(f.tokenizer.clone());
+        }
+        let path = self.dir.join("tokenizer.json");
+        let text = crate::fsutil::read_text_file(&path, crate::fsutil::MAX_TOKENIZER_BYTES)?;
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))
+    }
+
     /// The weight store (all tensors by name).
     pub fn store(&self) -> &WeightStore {
         &self.store
@@ -257,6 +334,13 @@ impl Model {
     pub fn is_eos(&self, token: u32) -> bool {
         self.config.eos_token_ids.contains(&token)
     }
+}
+
+/// Whether the file starts with GGUF's magic.
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
 /// The decoder layers the weights hold (`model.layers.N.…`), checked against `num_hidden_layers`

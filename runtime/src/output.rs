@@ -396,5 +396,17 @@ pub fn copy_model_files(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) -
     Ok(())
 }
 
+/// [`copy_model_files`] for a model loaded from a GGUF file: writes the `config.json`,
+/// `generation_config.json`, `tokenizer.json` and `tokenizer_config.json` made from its metadata
+/// (what `peftrt import` writes), letting `edit` change `config.json`.
+pub fn write_model_files(files: &crate::gguf::import::ModelFiles, to: &Path, edit: impl FnOnce(&mut Value)) -> Result<()> {
+    let mut config = files.config.clone();
+    edit(&mut config);
+    write_json(&to.join("config.json"), &config)?;
+    write_json(&to.join("generation_config.json"), &files.generation)?;
+    write_json(&to.join("tokenizer.json"), &files.tokenizer)?;
+    write_json(&to.join("tokenizer_config.json"), &files.tokenizer_config)
+}
+
 #[cfg(test)]
 mod tests;

@@ -390,10 +390,10 @@ impl Session {
             for t in 0..n {
                 let (cos, sin) = (&s.act.cos[t * half..(t + 1) * half], &s.act.sin[t * half..(t + 1) * half]);
                 for head in s.act.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(c.head_dim) {
-                    rope(head, cos, sin);
+                    rope_any(head, cos, sin, c.rope_interleaved);
                 }
                 for head in s.act.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
-                    rope(head, cos, sin);
+                    rope_any(head, cos, sin, c.rope_interleaved);
                 }
             }
             cache.store(c, li, pos0, n, &s.act.k, &s.act.v);
@@ -570,6 +570,22 @@ pub(crate) fn rope_tables(inv_freq: &[f32], pos0: usize, n: usize, cos: &mut [f3
             cos[t * half + i] = a.cos();
             sin[t * half + i] = a.sin();
         }
+    }
+}
+
+/// Rotary embedding of one head: transformers' `rotate_half` layout (pairs `i`, `i + d/2`), or
+/// with `interleaved` llama.cpp's (pairs `2i`, `2i + 1`, for Q/K rows in a GGUF's order). Pair
+/// `i` gets the same arithmetic either way, so both give the same values, in their own order.
+#[inline]
+pub(crate) fn rope_any(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    if interleaved {
+        for (p, (&c, &s)) in x.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+            let (x1, x2) = (p[0], p[1]);
+            p[0] = x1 * c - x2 * s;
+            p[1] = x2 * c + x1 * s;
+        }
+    } else {
+        rope(x, cos, sin)
     }
 }
 

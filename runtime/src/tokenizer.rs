@@ -81,18 +81,7 @@ impl Tokenizer {
             let text = read_text_file(&cfg_path, fsutil::MAX_JSON_BYTES)?;
             let cfg: Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
-            tok.bos_token = token_string(cfg.get("bos_token"));
-            tok.eos_token = token_string(cfg.get("eos_token"));
-            tok.chat_template = match cfg.get("chat_template") {
-                Some(Value::String(s)) => Some(s.clone()),
-                // A list of named templates: take "default".
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-                _ => None,
-            };
-            tok.template_source = cfg_path;
+            tok.apply_config(&cfg, cfg_path);
         }
         let jinja = dir.join("chat_template.jinja");
         if is_present(&jinja) {
@@ -100,6 +89,34 @@ impl Tokenizer {
             tok.template_source = jinja;
         }
         Ok(tok)
+    }
+
+    /// A tokenizer from `tokenizer.json` and `tokenizer_config.json` contents held in memory
+    /// (a GGUF's vocabulary, converted); `origin` names them in errors.
+    pub fn from_json(tokenizer: &Value, config: &Value, origin: &Path) -> Result<Self> {
+        let bytes = serde_json::to_vec(tokenizer).map_err(|e| Error::format(origin, format!("tokenizer: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::format(origin, format!("cannot load the tokenizer made from its vocabulary: {e}")))?;
+        let mut tok =
+            Tokenizer { inner, chat_template: None, template_source: PathBuf::new(), bos_token: None, eos_token: None };
+        tok.apply_config(config, origin.to_path_buf());
+        Ok(tok)
+    }
+
+    /// Takes the BOS/EOS strings and the chat template from a `tokenizer_config.json`.
+    fn apply_config(&mut self, cfg: &Value, source: PathBuf) {
+        self.bos_token = token_string(cfg.get("bos_token"));
+        self.eos_token = token_string(cfg.get("eos_token"));
+        self.chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        self.template_source = source;
     }
 
     /// Tokens of `text`; `add_special` adds what the tokenizer's post-processor adds (e.g. BOS).

@@ -3,6 +3,7 @@
 //! from the page cache; nothing is copied unless a tensor is misaligned for its type.
 
 use crate::error::{Error, Result};
+use crate::gguf::{GgmlType, GgufFile};
 use crate::kernels::{MatRef, Weights};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -18,6 +19,9 @@ pub enum DType {
     BF16,
     /// Raw bytes: packed 4-bit codes and their quantisation state (never a float weight).
     U8,
+    /// ggml blocks of a GGUF tensor used in place ([`Weights::Quant`]): weights, though not
+    /// one value per element.
+    Quant(GgmlType),
 }
 
 impl DType {
@@ -26,15 +30,18 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::U8 => 1,
+            // Bytes per element is not a whole number: whole blocks are counted instead.
+            DType::Quant(_) => 1,
         }
     }
-    /// The safetensors dtype name.
+    /// The safetensors dtype name (the ggml type's name for a GGUF tensor).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::U8 => "U8",
+            DType::Quant(t) => t.name(),
         }
     }
 
@@ -43,14 +50,14 @@ impl DType {
             DType::F32 => "float32",
             DType::F16 => "float16",
             DType::BF16 => "bfloat16",
-            DType::U8 => "uint8",
+            DType::U8 | DType::Quant(_) => "uint8",
         }
     }
 
     /// Whether the finite `v` becomes infinite when rounded to this dtype (F16: from 65520 on).
     pub fn overflows(self, v: f32) -> bool {
         match self {
-            DType::F32 | DType::U8 => false,
+            DType::F32 | DType::U8 | DType::Quant(_) => false,
             DType::F16 => half::f16::from_f32(v).is_infinite(),
             DType::BF16 => half::bf16::from_f32(v).is_infinite(),
         }
@@ -85,6 +92,7 @@ impl DType {
             DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
             DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
             DType::U8 => out.extend(values.iter().map(|&v| v as u8)),
+            DType::Quant(t) => unreachable!("values are never encoded as {t}: writers pick a float dtype"),
         }
     }
 }
@@ -112,6 +120,13 @@ enum Storage {
 }
 
 impl Tensor {
+    /// An F32 tensor holding `values` (a copy made at load time, e.g. an adapter's rows
+    /// reordered for a GGUF base).
+    pub(crate) fn owned_f32(name: String, shape: Vec<usize>, file: Arc<PathBuf>, values: &[f32]) -> Tensor {
+        let words: Arc<[u32]> = values.iter().map(|v| v.to_bits()).collect();
+        Tensor { name, dtype: DType::F32, shape, file, storage: Storage::Owned(words, values.len() * 4) }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -178,6 +193,7 @@ impl Tensor {
                 DType::F32 => Weights::F32(std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), n)),
                 DType::F16 => Weights::F16(std::slice::from_raw_parts(b.as_ptr().cast::<f16>(), n)),
                 DType::BF16 => Weights::BF16(std::slice::from_raw_parts(b.as_ptr().cast::<bf16>(), n)),
+                DType::Quant(ty) => Weights::Quant(crate::kernels::Quant { ty, data: b, len: n }),
                 DType::U8 => panic!("tensor {} is U8, not float weights (a loader missed expect_float)", self.name),
             }
         }
@@ -270,6 +286,63 @@ impl WeightStore {
         let (list, metadata) = unsafe { open_file(path)? };
         let tensors = list.into_iter().map(|t| (t.name.clone(), t)).collect();
         Ok(WeightStore { tensors, dir: path.to_path_buf(), metadata })
+    }
+
+    /// The tensors of a GGUF model under their Hugging Face names, used in place from the file's
+    /// map (a GGUF read into memory instead is copied tensor by tensor). F32/F16/BF16 tensors
+    /// get those dtypes, block-quantised ones [`DType::Quant`]; each tensor's byte size was
+    /// checked against its type and shape when the file was parsed, and rows must hold whole
+    /// blocks.
+    pub(crate) fn from_gguf(g: &GgufFile, tensors: &[crate::gguf::import::NativeTensor<'_>]) -> Result<Self> {
+        let file = Arc::new(g.path().to_path_buf());
+        let mut out = HashMap::new();
+        for t in tensors {
+            let info = t.info;
+            let dtype = match info.ggml_type {
+                GgmlType::F32 => DType::F32,
+                GgmlType::F16 => DType::F16,
+                GgmlType::BF16 => DType::BF16,
+                ty if crate::kernels::Quant::supports(ty) => DType::Quant(ty),
+                ty => {
+                    return Err(Error::unsupported_tensor(
+                        &info.name,
+                        format!(
+                            "in {}: type {ty} has no kernel in peftrt (supported: F32, F16, BF16, Q4_0, Q4_1, \
+                             Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K); re-quantise it with llama-quantize",
+                            g.path().display()
+                        ),
+                    ))
+                }
+            };
+            let shape = info.torch_shape();
+            let row = shape.last().copied().unwrap_or(1);
+            let bs = info.ggml_type.block_size();
+            if !row.is_multiple_of(bs) {
+                return Err(Error::tensor(
+                    &info.name,
+                    format!("in {}: rows of {row} elements do not hold whole {} blocks of {bs}", g.path().display(), info.ggml_type),
+                ));
+            }
+            let storage = match g.mapped_tensor(info)? {
+                Some((map, start, len)) if (map.as_ptr() as usize + start).is_multiple_of(dtype.size().max(1)) => {
+                    Storage::Mapped { map, start, len }
+                }
+                _ => {
+                    let bytes = g.tensor_data(info)?;
+                    let mut words = vec![0u32; bytes.len().div_ceil(4)];
+                    // SAFETY: `words` holds at least `bytes.len()` bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast::<u8>(), bytes.len())
+                    };
+                    Storage::Owned(words.into(), bytes.len())
+                }
+            };
+            let tensor = Tensor { name: t.hf_name.clone(), dtype, shape, file: file.clone(), storage };
+            if out.insert(t.hf_name.clone(), tensor).is_some() {
+                return Err(Error::tensor(&info.name, format!("in {}: appears twice", g.path().display())));
+            }
+        }
+        Ok(WeightStore { tensors: out, dir: g.path().to_path_buf(), metadata: HashMap::new() })
     }
 
     /// The safetensors header's `__metadata__` strings.

@@ -13,7 +13,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "peftrt serve", version)]
 struct Args {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// The base model's id in the API (default: the model directory's name).

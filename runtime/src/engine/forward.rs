@@ -14,7 +14,7 @@ use crate::attention::{attention_batched, attention_per_query, AttentionInput, Q
 use crate::error::Result;
 use crate::kernels::{self, Path};
 use crate::model::{Linear, Model};
-use crate::session::{act_mul_rows, rmsnorm_rows, rope, rope_tables, zeroed, Activations};
+use crate::session::{act_mul_rows, rmsnorm_rows, rope_any, rope_tables, zeroed, Activations};
 use crate::threadpool::{split_range, SharedMut, ThreadPool};
 use std::sync::Arc;
 
@@ -117,10 +117,10 @@ pub(super) fn forward(e: &mut Engine) {
         for row in 0..n {
             let (cos, sin) = (&s.act.cos[row * half..(row + 1) * half], &s.act.sin[row * half..(row + 1) * half]);
             for head in s.act.q[row * q_dim..(row + 1) * q_dim].chunks_exact_mut(c.head_dim) {
-                rope(head, cos, sin);
+                rope_any(head, cos, sin, c.rope_interleaved);
             }
             for head in s.act.k[row * kv_dim..(row + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
-                rope(head, cos, sin);
+                rope_any(head, cos, sin, c.rope_interleaved);
             }
         }
         for p in parts {

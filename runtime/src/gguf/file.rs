@@ -216,7 +216,8 @@ impl TensorInfo {
 }
 
 enum Storage {
-    Mmap(memmap2::Mmap),
+    /// Shared with the tensors of a natively loaded model ([`GgufFile::mapped_tensor`]).
+    Mmap(std::sync::Arc<memmap2::Mmap>),
     Owned(Vec<u8>),
 }
 
@@ -272,7 +273,7 @@ impl GgufFile {
         }
         // SAFETY: the caller guarantees the file is not modified while mapped (see `# Safety`).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path.to_path_buf(), Storage::Mmap(mmap))
+        Self::parse(path.to_path_buf(), Storage::Mmap(std::sync::Arc::new(mmap)))
     }
 
     /// Reads a whole GGUF file into memory and parses it. Safe, but costs a copy of the file.
@@ -515,6 +516,16 @@ impl GgufFile {
             (Some(s), Some(e)) if e <= buf.len() as u64 => Ok(&buf[s as usize..e as usize]),
             _ => Err(Error::format(&self.path, format!("tensor `{}`: data lies outside the file", info.name))),
         }
+    }
+
+    /// The map a tensor's bytes live in and their range in it, for a mapped file (`None` for
+    /// one read into memory): a natively loaded model keeps the map alive through its tensors.
+    pub(crate) fn mapped_tensor(&self, info: &TensorInfo) -> Result<Option<(std::sync::Arc<memmap2::Mmap>, usize, usize)>> {
+        let data = self.tensor_data(info)?;
+        Ok(match &self.storage {
+            Storage::Mmap(m) => Some((m.clone(), data.as_ptr() as usize - m.as_ptr() as usize, data.len())),
+            Storage::Owned(_) => None,
+        })
     }
 
     /// The tensor dequantised to `f32`, in ggml element order (row-major over the torch shape).

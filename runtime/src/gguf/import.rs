@@ -64,6 +64,73 @@ pub struct ImportSummary {
     pub tied_embeddings: bool,
 }
 
+/// What a Hugging Face model directory would hold besides its weights, made from a GGUF's
+/// metadata: `peftrt import` writes these files, and a GGUF loaded natively
+/// ([`Model::load`] on a `.gguf` file) keeps them in memory.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    pub config: Json,
+    pub generation: Json,
+    pub tokenizer: Json,
+    pub tokenizer_config: Json,
+    /// True when the GGUF has no `output.weight` (the LM head is the embedding matrix).
+    pub tied: bool,
+}
+
+/// One GGUF tensor under its Hugging Face name; `interleaved_heads` is set for the Q/K
+/// weights whose rows convert_hf_to_gguf.py permuted (`llama`, `mistral`): their number of heads.
+pub(crate) struct NativeTensor<'a> {
+    pub hf_name: String,
+    pub info: &'a TensorInfo,
+    pub interleaved_heads: Option<usize>,
+}
+
+/// Checks a GGUF model (architecture, hyper-parameters, every tensor's name, type and shape)
+/// and makes its [`ModelFiles`]: the steps shared by [`import`] and native loading.
+fn prepare(g: &GgufFile, dtype: DType) -> Result<(&'static Arch, Vec<Planned<'_>>, ModelFiles)> {
+    let arch_name = g.architecture()?;
+    let arch = ARCHES.iter().find(|a| a.name == arch_name).ok_or_else(|| {
+        Error::Unsupported(format!("{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)", g.path().display()))
+    })?;
+    let hp = hparams(g, arch)?;
+    let plan = plan_tensors(g, arch, &hp)?;
+    let tied = g.tensor("output.weight").is_none();
+    let vocab = Vocab::from_gguf(g)?;
+    let tokenizer = vocab.tokenizer_json(g.path())?;
+    let chat_template = g.get_str("tokenizer.chat_template")?;
+    let tokenizer_config = vocab.tokenizer_config_json(chat_template, hp.context);
+    let config = config_json(g, arch, &hp, &vocab, tied, dtype)?;
+    let mut generation = Map::new();
+    generation.insert("_from_model_config".into(), json!(true));
+    for (k, t) in [
+        ("bos_token_id", &vocab.special.bos),
+        ("eos_token_id", &vocab.special.eos),
+        ("pad_token_id", &vocab.special.pad),
+    ] {
+        if let Some((id, _)) = t {
+            generation.insert(k.into(), json!(id));
+        }
+    }
+    let files = ModelFiles { config, generation: Json::Object(generation), tokenizer, tokenizer_config, tied };
+    Ok((arch, plan, files))
+}
+
+/// The model files and tensors of a GGUF loaded natively: every tensor under its HF name, in
+/// place (Q/K rows stay in the file's order, see [`NativeTensor`]). `torch_dtype` in the
+/// config says `float32`: what `peftrt merge` writes from it by default.
+pub(crate) fn prepare_native(g: &GgufFile) -> Result<(ModelFiles, Vec<NativeTensor<'_>>)> {
+    let (_, plan, files) = prepare(g, DType::F32)?;
+    let tensors = plan
+        .into_iter()
+        .map(|p| NativeTensor {
+            hf_name: p.hf_name,
+            info: p.info,
+            interleaved_heads: p.unpermute_heads.map(|h| h as usize),
+        })
+        .collect();
+    Ok((files, tensors))
+}
+
 /// Per-architecture facts.
 struct Arch {
     /// The GGUF architecture name and key prefix (`llama`).
@@ -147,34 +214,14 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
     // SAFETY: the file is only read, and the documented contract of `import` is that it is not
     // modified while the import runs.
     let g = unsafe { GgufFile::open(gguf) }?;
-    let arch_name = g.architecture()?;
-    let arch = ARCHES.iter().find(|a| a.name == arch_name).ok_or_else(|| {
-        Error::Unsupported(format!("{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)", gguf.display()))
-    })?;
-    let hp = hparams(&g, arch)?;
-    let plan = plan_tensors(&g, arch, &hp)?;
-    let tied = g.tensor("output.weight").is_none();
-    let vocab = Vocab::from_gguf(&g)?;
-    let tokenizer = vocab.tokenizer_json(gguf)?;
-    let chat_template = g.get_str("tokenizer.chat_template")?;
-    let tokenizer_config = vocab.tokenizer_config_json(chat_template, hp.context);
-    let config = config_json(&g, arch, &hp, &vocab, tied, opts.dtype)?;
-    let mut generation = Map::new();
-    generation.insert("_from_model_config".into(), json!(true));
-    for (k, t) in [
-        ("bos_token_id", &vocab.special.bos),
-        ("eos_token_id", &vocab.special.eos),
-        ("pad_token_id", &vocab.special.pad),
-    ] {
-        if let Some((id, _)) = t {
-            generation.insert(k.into(), json!(id));
-        }
-    }
+    let (arch, plan, files) = prepare(&g, opts.dtype)?;
+    let tied = files.tied;
+    let ModelFiles { config, generation, tokenizer, tokenizer_config, .. } = files;
 
     let n_parameters = write_dir_atomically_with(out_dir, replace, |tmp| {
         let n_params = write_safetensors(&g, &plan, opts, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config)?;
-        write_json(&tmp.join("generation_config.json"), &Json::Object(generation))?;
+        write_json(&tmp.join("generation_config.json"), &generation)?;
         write_json(&tmp.join("tokenizer.json"), &tokenizer)?;
         write_json(&tmp.join("tokenizer_config.json"), &tokenizer_config)?;
         // What is reported done must load: anything the checks above missed fails here.

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a GGUF
+    /// file (used as it is: its quantised tensors run in place).
     #[arg(long)]
     pub model: PathBuf,
     /// Threads (default: all cores).

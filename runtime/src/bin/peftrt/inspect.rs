@@ -34,15 +34,51 @@ pub fn run(a: Args) -> Result<()> {
         for t in tensors {
             println!("  {:<56} {:<5} {:?}", t.name, t.dtype.name(), t.shape);
         }
+        print_decode_bytes(&model);
         Ok(())
     } else if path.is_file() {
         // SAFETY: the file is only read while this command runs; nobody is expected to modify it.
         let gguf = unsafe { GgufFile::open(path)? };
         print!("{}", gguf.describe());
+        let mut types: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+        for t in gguf.tensors() {
+            let e = types.entry(t.ggml_type.name()).or_default();
+            e.0 += 1;
+            e.1 += t.n_bytes;
+        }
+        println!("types:");
+        for (name, (n, bytes)) in types {
+            println!("  {name:<6} {n:>4} tensors {:>9.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+        }
+        match Model::load(path, &LoadOptions { no_tokenizer: true }) {
+            Ok(model) => {
+                println!("runs natively      yes (peftrt generate --model {})", path.display());
+                print_decode_bytes(&model);
+            }
+            Err(e) => println!("runs natively      no: {e}"),
+        }
         Ok(())
     } else {
         bail!("{} is neither a model directory nor a GGUF file", path.display())
     }
+}
+
+/// The weight bytes one decoded token reads: every linear layer (the head included) and one
+/// embedding row.
+fn print_decode_bytes(model: &Model) {
+    let lin_bytes = |l: &peftrt::model::Linear| -> u64 {
+        match l.mat().w {
+            peftrt::kernels::Weights::Nf4(w) => (w.packed.len() + 4 * w.absmax.len()) as u64,
+            _ => l.weight.bytes().len() as u64,
+        }
+    };
+    let linears: u64 = model.linears().map(lin_bytes).sum();
+    let emb = model.embed_tokens.bytes().len() as u64 / model.config.vocab_size.max(1) as u64;
+    println!(
+        "decode reads       {:.1} MiB of weights per token ({} linear layers, head included, and one embedding row)",
+        (linears + emb) as f64 / (1024.0 * 1024.0),
+        model.linears().count()
+    );
 }
 
 fn inspect_adapter(dir: &Path) -> Result<()> {
