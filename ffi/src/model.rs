@@ -107,7 +107,10 @@ pub unsafe extern "C" fn peftrt_model_load(
             if !dir.exists() {
                 return Err(Fail::new(
                     Status::Io,
-                    format!("{}: no such file or directory; pass a Hugging Face model directory or a GGUF file", dir.display()),
+                    format!(
+                        "{}: no such file or directory; pass a Hugging Face model directory or a GGUF file",
+                        dir.display()
+                    ),
                 ));
             }
             let opts = rt::LoadOptions { no_tokenizer: p.no_tokenizer != 0 };

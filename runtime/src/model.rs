@@ -6,15 +6,15 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::gguf::import::ModelFiles;
 use crate::kernels::MatRef;
 use crate::nf4::Nf4Weight;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{DType, Tensor, WeightStore};
-use crate::gguf::import::ModelFiles;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Options for [`Model::load`].
 #[derive(Clone, Debug, Default)]

@@ -399,7 +399,11 @@ pub fn copy_model_files(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) -
 /// [`copy_model_files`] for a model loaded from a GGUF file: writes the `config.json`,
 /// `generation_config.json`, `tokenizer.json` and `tokenizer_config.json` made from its metadata
 /// (what `peftrt import` writes), letting `edit` change `config.json`.
-pub fn write_model_files(files: &crate::gguf::import::ModelFiles, to: &Path, edit: impl FnOnce(&mut Value)) -> Result<()> {
+pub fn write_model_files(
+    files: &crate::gguf::import::ModelFiles,
+    to: &Path,
+    edit: impl FnOnce(&mut Value),
+) -> Result<()> {
     let mut config = files.config.clone();
     edit(&mut config);
     write_json(&to.join("config.json"), &config)?;

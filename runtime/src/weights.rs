@@ -320,7 +320,11 @@ impl WeightStore {
             if !row.is_multiple_of(bs) {
                 return Err(Error::tensor(
                     &info.name,
-                    format!("in {}: rows of {row} elements do not hold whole {} blocks of {bs}", g.path().display(), info.ggml_type),
+                    format!(
+                        "in {}: rows of {row} elements do not hold whole {} blocks of {bs}",
+                        g.path().display(),
+                        info.ggml_type
+                    ),
                 ));
             }
             let storage = match g.mapped_tensor(info)? {

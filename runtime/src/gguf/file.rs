@@ -520,7 +520,10 @@ impl GgufFile {
 
     /// The map a tensor's bytes live in and their range in it, for a mapped file (`None` for
     /// one read into memory): a natively loaded model keeps the map alive through its tensors.
-    pub(crate) fn mapped_tensor(&self, info: &TensorInfo) -> Result<Option<(std::sync::Arc<memmap2::Mmap>, usize, usize)>> {
+    pub(crate) fn mapped_tensor(
+        &self,
+        info: &TensorInfo,
+    ) -> Result<Option<(std::sync::Arc<memmap2::Mmap>, usize, usize)>> {
         let data = self.tensor_data(info)?;
         Ok(match &self.storage {
             Storage::Mmap(m) => Some((m.clone(), data.as_ptr() as usize - m.as_ptr() as usize, data.len())),

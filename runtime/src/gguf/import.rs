@@ -90,7 +90,10 @@ pub(crate) struct NativeTensor<'a> {
 fn prepare(g: &GgufFile, dtype: DType) -> Result<(&'static Arch, Vec<Planned<'_>>, ModelFiles)> {
     let arch_name = g.architecture()?;
     let arch = ARCHES.iter().find(|a| a.name == arch_name).ok_or_else(|| {
-        Error::Unsupported(format!("{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)", g.path().display()))
+        Error::Unsupported(format!(
+            "{}: architecture `{arch_name}` (supported: llama, mistral, qwen2)",
+            g.path().display()
+        ))
     })?;
     let hp = hparams(g, arch)?;
     let plan = plan_tensors(g, arch, &hp)?;

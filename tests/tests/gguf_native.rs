@@ -1,0 +1,183 @@
+//! A GGUF file run as it is (`Model::load` on the `.gguf`: tensors in place, in their own ggml
+//! types, Q/K rows in llama.cpp's rotary order) against the same file imported to F32 by
+//! `peftrt import` (dequantised, un-permuted): the same model, summed in another order, so the
+//! logits agree within a tolerance, and so do adapters (LoRA and DoRA, whose Q/K rows are
+//! reordered for the native base), `peftrt merge` onto the GGUF, and the base fingerprint.
+//!
+//! Inputs: `runtime/tests/data/gguf/tiny_llama.gguf` (committed; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+//! F16, BF16 and F32 tensors, written by `scripts/gguf_fixtures.py`), and the real SmolLM2 Q4_1
+//! GGUF with its F32 import from `make models` (skipped when absent unless
+//! `PEFTRT_REQUIRE_MODELS=1`).
+
+use peftrt::adapter::BaseFingerprint;
+use peftrt::gguf::{import, DType, ImportOptions};
+use peftrt::merge::{merge, MergeOptions};
+use peftrt::output::write_safetensors;
+use peftrt::{Adapter, LoadOptions, Model, Session, SessionOptions};
+use peftrt_conformance::{max_abs_diff, real_model_path, repo_root};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Native quantised kernels sum in another order than the F32 path (and the attention scores
+/// of a head in another order of its dimensions): logits agree to this fraction of their
+/// largest magnitude.
+const TOL: f32 = 2e-3;
+
+fn tiny_gguf() -> PathBuf {
+    repo_root().join("runtime/tests/data/gguf/tiny_llama.gguf")
+}
+
+fn load(path: &Path) -> Arc<Model> {
+    Arc::new(
+        Model::load(path, &LoadOptions { no_tokenizer: true }).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+}
+
+/// Logits at every position of `tokens`, evaluated `n_batch` tokens at a time (1: the decode
+/// kernels; more: the prefill ones).
+fn logits(model: &Arc<Model>, adapters: &[(Arc<Adapter>, f32)], tokens: &[u32], n_batch: usize) -> Vec<f32> {
+    let opts = SessionOptions { n_ctx: 128, n_batch, n_threads: 2 };
+    let mut s = Session::new(model.clone(), &opts).unwrap();
+    s.set_adapters(adapters).unwrap();
+    let mut out = Vec::new();
+    s.eval_all(tokens, &mut out).unwrap();
+    out
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let (d, m) = max_abs_diff(got, want);
+    eprintln!("{what}: max |Δ| = {d:.3e}, max |logit| = {m:.3}, ratio {:.2e}", d / m);
+    assert!(d.is_finite() && d <= tol * m, "{what}: max |Δlogit| {d} exceeds {tol} × {m}");
+}
+
+fn import_f32(gguf: &Path, dir: &Path) -> Arc<Model> {
+    import(gguf, dir, &ImportOptions::new(DType::F32)).unwrap();
+    load(dir)
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// A PEFT adapter on every linear layer of the decoder blocks of `model` (rank 4, alpha 8),
+/// with DoRA magnitudes when `dora`.
+fn write_adapter(model: &Model, dir: &Path, dora: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let r = 4;
+    let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+    for l in model.layers.iter().flat_map(|l| l.linears()) {
+        let p = format!("base_model.model.{}", l.name);
+        tensors.push((format!("{p}.lora_A.weight"), vec![r, l.cols]));
+        tensors.push((format!("{p}.lora_B.weight"), vec![l.rows, r]));
+        if dora {
+            tensors.push((format!("{p}.lora_magnitude_vector"), vec![l.rows]));
+        }
+    }
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, DType::F32, |i| {
+        let (name, shape) = &tensors[i];
+        let n = shape.iter().product();
+        Ok(if name.ends_with("lora_magnitude_vector") {
+            values(n, i as u64, 0.5).iter().map(|v| 1.0 + v).collect()
+        } else {
+            values(n, i as u64, 0.3)
+        })
+    })
+    .unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "use_dora": dora,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+const TOKENS: [u32; 37] = [
+    1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 260, 3, 99, 200, 45, 12, 7, 250, 31, 64, 128, 5, 9,
+    17, 33, 65, 129, 257, 2, 40, 80, 160, 240,
+];
+
+#[test]
+fn tiny_gguf_runs_natively_with_its_import_s_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let native = load(&tiny_gguf());
+    assert!(native.config.rope_interleaved, "a llama GGUF keeps llama.cpp's Q/K row order");
+    let imported = import_f32(&tiny_gguf(), &tmp.path().join("f32"));
+    let toks = &TOKENS[..];
+    for n_batch in [1, 16] {
+        let want = logits(&imported, &[], toks, n_batch);
+        assert_close(&format!("batches of {n_batch}"), &logits(&native, &[], toks, n_batch), &want, TOL);
+    }
+    // One identity for adapters across the two copies.
+    BaseFingerprint::of(&imported).check(&BaseFingerprint::of(&native)).unwrap();
+}
+
+#[test]
+fn adapters_on_a_native_gguf_match_them_on_its_import_and_merge_onto_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let native = load(&tiny_gguf());
+    let imported = import_f32(&tiny_gguf(), &tmp.path().join("f32"));
+    for dora in [false, true] {
+        let dir = tmp.path().join(if dora { "dora" } else { "lora" });
+        write_adapter(&imported, &dir, dora);
+        let on_native = Arc::new(Adapter::load(&dir, &native).unwrap());
+        let on_imported = Arc::new(Adapter::load(&dir, &imported).unwrap());
+        for n_batch in [1, 16] {
+            let want = logits(&imported, &[(on_imported.clone(), 1.0)], &TOKENS, n_batch);
+            let got = logits(&native, &[(on_native.clone(), 1.0)], &TOKENS, n_batch);
+            assert_close(&format!("dora {dora}, batches of {n_batch}"), &got, &want, TOL);
+            // The adapter changes the output (the comparison is not of two bases).
+            let (d, _) = max_abs_diff(&got, &logits(&native, &[], &TOKENS, n_batch));
+            assert!(d > 1e-2, "the adapter changed nothing ({d})");
+        }
+        // Merged onto the GGUF: a float model in Hugging Face order, equal to the adapter
+        // applied unmerged.
+        let merged_dir = tmp.path().join(if dora { "merged-dora" } else { "merged-lora" });
+        let summary = merge(&tiny_gguf(), &[(dir.clone(), 1.0)], &merged_dir, &MergeOptions::default()).unwrap();
+        assert_eq!(summary.dtype, DType::F32);
+        assert_eq!(summary.merged_layers, 14);
+        let merged = load(&merged_dir);
+        assert!(!merged.config.rope_interleaved);
+        let want = logits(&imported, &[(on_imported.clone(), 1.0)], &TOKENS, 16);
+        assert_close(&format!("merged (dora {dora})"), &logits(&merged, &[], &TOKENS, 16), &want, TOL);
+    }
+}
+
+#[test]
+fn a_gguf_is_refused_by_quantize_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = peftrt::quantize::quantize_model(&tiny_gguf(), &tmp.path().join("q"), &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("peftrt import"), "{e}");
+    assert!(!tmp.path().join("q").exists());
+}
+
+/// The real model: SmolLM2-135M-Instruct's Q4_1 GGUF (Q8_0 embeddings/head) natively, against
+/// its F32 import from `make models`; greedy text from the chat prompt alike.
+#[test]
+fn smollm2_q4_1_gguf_runs_natively_like_its_f32_import() {
+    let Some(gguf) = real_model_path("PEFTRT_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(dir) = real_model_path("PEFTRT_SMOLLM2_DIR", "smollm2-135m-instruct") else { return };
+    let native = Arc::new(Model::load(&gguf, &LoadOptions::default()).unwrap());
+    let imported = Arc::new(Model::load(&dir, &LoadOptions::default()).unwrap());
+    let tok = native.tokenizer().unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. Rust is a systems programming language";
+    let ids = tok.encode(text, true).unwrap();
+    assert_eq!(ids, imported.tokenizer().unwrap().encode(text, true).unwrap());
+    for n_batch in [1, 16] {
+        let want = logits(&imported, &[], &ids, n_batch);
+        assert_close(&format!("SmolLM2 batches of {n_batch}"), &logits(&native, &[], &ids, n_batch), &want, TOL);
+    }
+    BaseFingerprint::of(&imported).check(&BaseFingerprint::of(&native)).unwrap();
+}
