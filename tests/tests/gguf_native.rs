@@ -181,3 +181,21 @@ fn smollm2_q4_1_gguf_runs_natively_like_its_f32_import() {
     }
     BaseFingerprint::of(&imported).check(&BaseFingerprint::of(&native)).unwrap();
 }
+
+/// A GGUF cut short anywhere (header, metadata, tensor infos, data) is an error naming the
+/// file, never a panic or a read past the map.
+#[test]
+fn a_truncated_gguf_is_refused_natively_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(tiny_gguf()).unwrap();
+    let path = tmp.path().join("cut.gguf");
+    // (The last 31 bytes may be alignment padding after the last tensor.)
+    for len in [4, 24, 100, 1000, bytes.len() / 2, bytes.len() - 100] {
+        std::fs::write(&path, &bytes[..len]).unwrap();
+        let e = match Model::load(&path, &LoadOptions::default()) {
+            Ok(_) => panic!("{len} of {} bytes loaded", bytes.len()),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("cut.gguf"), "{len} bytes: {e}");
+    }
+}
