@@ -2,6 +2,7 @@
 //! prompts rendered from the model's own Jinja chat template (`minijinja`), the way
 //! transformers' `apply_chat_template` renders them.
 
+use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, is_present, read_regular_file, read_text_file};
 use serde_json::Value;
@@ -94,8 +95,8 @@ impl Tokenizer {
     /// A tokenizer from `tokenizer.json` and `tokenizer_config.json` contents held in memory
     /// (a GGUF's vocabulary, converted); `origin` names them in errors.
     pub fn from_json(tokenizer: &Value, config: &Value, origin: &Path) -> Result<Self> {
-        let bytes = serde_json::to_vec(tokenizer).map_err(|e| Error::format(origin, format!("tokenizer: {e}")))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        // Straight from the JSON value (no text in between).
+        let inner = tokenizers::Tokenizer::deserialize(tokenizer)
             .map_err(|e| Error::format(origin, format!("cannot load the tokenizer made from its vocabulary: {e}")))?;
         let mut tok =
             Tokenizer { inner, chat_template: None, template_source: PathBuf::new(), bos_token: None, eos_token: None };
