@@ -4,6 +4,8 @@
 1. For each ggml type peftrt dequantises: `<TYPE>.bin`, a few random-but-valid blocks (random
    bytes with finite f16 scales), and `<TYPE>.f32`, their dequantisation by gguf-py
    (`gguf.quants.dequantize`, which follows ggml-quants.c bit for bit) as little-endian f32.
+3. `tiny_llama_k.gguf`: a 1-layer llama of width 256 whose weights are K-quants (Q2_K..Q6_K;
+   random valid blocks, since gguf-py cannot quantise to them), for the native kernels' tests.
 2. `tiny_llama.gguf`: a 2-layer llama with a 270-token byte-level BPE vocabulary, written with
    gguf-py's GGUFWriter the way convert_hf_to_gguf.py writes a llama (Q and K rows permuted for
    rotary embeddings), with several tensor types; and `tiny_llama.expected.json` (name -> shape
@@ -82,16 +84,14 @@ def permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama():
-    hidden, inter, n_layer, n_head, n_kv = 64, 64, 2, 4, 2
+def tiny_llama_writer(path, hidden, inter, n_layer, n_head, n_kv):
+    """A GGUFWriter with a tiny llama's metadata and byte-level vocabulary; returns (writer, vocab size)."""
     head_dim = hidden // n_head
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "1 2", "Ġ 1"]
     tokens = specials + list(bytes_to_unicode().values()) + ["".join(m.split()) for m in merges]
     types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - len(specials))
-    vocab = len(tokens)
-
-    w = gguf.GGUFWriter(str(OUT / "tiny_llama.gguf"), "llama")
+    w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny llama fixture")
     w.add_block_count(n_layer)
     w.add_context_length(256)
@@ -101,7 +101,7 @@ def write_tiny_llama():
     w.add_head_count_kv(n_kv)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
+    w.add_vocab_size(len(tokens))
     w.add_rope_dimension_count(head_dim)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
@@ -112,6 +112,52 @@ def write_tiny_llama():
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
+    return w, len(tokens)
+
+
+def write_tiny_llama_k():
+    """K-quant weights: random bytes with small finite f16 scales (a random but valid model)."""
+    krng = np.random.default_rng(20261207)
+    hidden, inter, n_head, n_kv = 256, 256, 4, 2
+    head_dim = hidden // n_head
+    w, vocab = tiny_llama_writer(OUT / "tiny_llama_k.gguf", hidden, inter, 1, n_head, n_kv)
+
+    def kquant(rows, cols, qtype):
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        n = rows * cols // block
+        raw = krng.integers(0, 256, size=(n, size), dtype=np.uint8)
+        for off in F16_FIELDS[qtype]:
+            raw[:, off:off + 2] = (krng.standard_normal(n) * 0.0005).astype("<f2").view(np.uint8).reshape(n, 2)
+        return raw.reshape(rows, cols // block * size)
+
+    def add(name, rows, cols, qtype):
+        if qtype == T.F32:
+            w.add_tensor(name, (1 + krng.standard_normal(rows) * 0.1).astype(np.float32))
+        else:
+            w.add_tensor(name, kquant(rows, cols, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", vocab, hidden, T.Q4_K)
+    add("blk.0.attn_norm.weight", hidden, 1, T.F32)
+    add("blk.0.attn_q.weight", n_head * head_dim, hidden, T.Q4_K)
+    add("blk.0.attn_k.weight", n_kv * head_dim, hidden, T.Q5_K)
+    add("blk.0.attn_v.weight", n_kv * head_dim, hidden, T.Q6_K)
+    add("blk.0.attn_output.weight", hidden, hidden, T.Q2_K)
+    add("blk.0.ffn_norm.weight", hidden, 1, T.F32)
+    add("blk.0.ffn_gate.weight", inter, hidden, T.Q3_K)
+    add("blk.0.ffn_up.weight", inter, hidden, T.Q4_K)
+    add("blk.0.ffn_down.weight", hidden, inter, T.Q6_K)
+    add("output_norm.weight", hidden, 1, T.F32)
+    add("output.weight", vocab, hidden, T.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tiny_llama():
+    hidden, inter, n_layer, n_head, n_kv = 64, 64, 2, 4, 2
+    head_dim = hidden // n_head
+    w, vocab = tiny_llama_writer(OUT / "tiny_llama.gguf", hidden, inter, n_layer, n_head, n_kv)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
 
     expected = {}
@@ -172,5 +218,6 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     write_blobs()
     write_tiny_llama()
+    write_tiny_llama_k()
     total = sum(p.stat().st_size for p in OUT.iterdir())
     print(f"wrote {len(list(OUT.iterdir()))} files, {total} bytes, to {OUT}")

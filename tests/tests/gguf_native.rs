@@ -5,7 +5,8 @@
 //! reordered for the native base), `peftrt merge` onto the GGUF, and the base fingerprint.
 //!
 //! Inputs: `runtime/tests/data/gguf/tiny_llama.gguf` (committed; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-//! F16, BF16 and F32 tensors, written by `scripts/gguf_fixtures.py`), and the real SmolLM2 Q4_1
+//! F16, BF16 and F32 tensors) and `tiny_llama_k.gguf` (Q2_K..Q6_K), written by
+//! `scripts/gguf_fixtures.py`, and the real SmolLM2 Q4_1
 //! GGUF with its F32 import from `make models` (skipped when absent unless
 //! `PEFTRT_REQUIRE_MODELS=1`).
 
@@ -122,6 +123,20 @@ fn tiny_gguf_runs_natively_with_its_import_s_logits() {
     }
     // One identity for adapters across the two copies.
     BaseFingerprint::of(&imported).check(&BaseFingerprint::of(&native)).unwrap();
+}
+
+/// Q2_K..Q6_K weights (`tiny_llama_k.gguf`, random valid blocks) natively against the import.
+#[test]
+fn k_quants_run_natively_with_their_import_s_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = repo_root().join("runtime/tests/data/gguf/tiny_llama_k.gguf");
+    let native = load(&path);
+    let imported = import_f32(&path, &tmp.path().join("f32"));
+    let toks = &TOKENS[..];
+    for n_batch in [1, 16] {
+        let want = logits(&imported, &[], toks, n_batch);
+        assert_close(&format!("K-quants, batches of {n_batch}"), &logits(&native, &[], toks, n_batch), &want, TOL);
+    }
 }
 
 #[test]
