@@ -34,6 +34,11 @@ PROMPT_TOKENS, GEN_TOKENS, REPEAT = 128, 64, 3
 # "nf4h" is NF4 with the output head quantised too (`peftrt quantize --quantize-head`).
 DTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "nf4": "LLAMA_FTYPE_MOSTLY_Q4_0",
           "nf4h": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+# GGUF files both run as they are (peftrt natively, no import): the SmolLM2 Q4_1 file itself, and
+# llama.cpp's requantisations of it. Same file on both sides.
+GGUF_DTYPES = {"q4_1": None, "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+               "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+DTYPES.update(GGUF_DTYPES)
 
 
 def llamacpp_bench(path, threads):
@@ -93,6 +98,13 @@ def ensure_llama_cpp():
 
 def prepare(dtype, llamacpp=True):
     """The llama.cpp GGUF and the peftrt directory for one dtype, both from SOURCE (cached)."""
+    if dtype in GGUF_DTYPES:  # one file for both
+        gguf = SOURCE if GGUF_DTYPES[dtype] is None else OUT_DIR / f"smollm2-{dtype}.gguf"
+        if not gguf.exists():
+            tmp = gguf.with_suffix(".gguf.tmp")
+            run_json([sys.executable, __file__, "--llamacpp-quantize", str(SOURCE), str(tmp), DTYPES[dtype]])
+            tmp.rename(gguf)
+        return gguf, gguf
     # Both NF4 variants are timed beside the same llama.cpp Q4_0 model.
     gguf, pdir = OUT_DIR / f"smollm2-{'nf4' if dtype == 'nf4h' else dtype}.gguf", OUT_DIR / f"smollm2-{dtype}"
     if llamacpp and not gguf.exists():
