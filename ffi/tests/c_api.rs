@@ -7,7 +7,7 @@
 //! The library must be built first, so the test is ignored by plain `cargo test`;
 //! `make test-ffi` builds it and runs this with `PEFTRT_FFI_LIB_DIR` and `--include-ignored`.
 
-use peftrt_conformance::{fixture, real_model_path};
+use peftrt_conformance::{fixture, real_model_path, repo_root};
 use rt::{Adapter, LoadOptions, Message, Model, Sampler, SamplingParams, Session, SessionOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -136,6 +136,9 @@ fn c_api_matches_rust_api_on_tiny_fixtures() {
     );
     check(&exe, &fixture("tiny-qwen2"), prompt, &[(fixture("adapters/qwen2-qkvo"), 1.0)]);
     check(&exe, &fixture("nf4/tiny-llama-nf4"), prompt, &[(fixture("nf4/llama-nf4-qvd"), 1.0)]);
+    // A GGUF file, run as it is (its quantised tensors in place).
+    let gguf = repo_root().join("runtime/tests/data/gguf/tiny_llama.gguf");
+    check(&exe, &gguf, prompt, &[]);
 }
 
 #[test]
@@ -147,4 +150,7 @@ fn c_api_matches_rust_api_on_smollm2() {
     let prompt = "Write a haiku about a lighthouse.";
     check(&exe, &dir, prompt, &[]);
     check(&exe, &dir, prompt, &[(adapters.join("qkvo-r16"), 1.0), (adapters.join("all-linear-r16"), 0.5)]);
+    // The GGUF the directory was imported from, run natively, with the same adapters.
+    let Some(gguf) = real_model_path("PEFTRT_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    check(&exe, &gguf, prompt, &[(adapters.join("qkvo-r16"), 1.0), (adapters.join("all-linear-r16"), 0.5)]);
 }
