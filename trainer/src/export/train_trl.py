@@ -28,7 +28,8 @@ Run:
     python train_trl.py                                             # one process (GPU or CPU)
     accelerate launch --config_file accelerate_config.yaml train_trl.py          # DDP, all GPUs
     accelerate launch --config_file accelerate_deepspeed_zero3.yaml train_trl.py # ZeRO-3
-Options override job.json: --base, --data, --output, --overwrite, --max-steps, --device.
+Options override job.json: --base, --data, --output, --overwrite, --max-steps, --device;
+--engine transformers runs the same job on transformers' Trainer without trl and datasets.
 Needs torch, transformers, peft, trl, datasets and accelerate (scripts/requirements.txt of peftrt
 pins versions that are tested together); bitsandbytes for QLoRA.
 """
@@ -261,6 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--device", help="auto | cpu | cuda (default: the job's)")
+    p.add_argument("--engine", choices=["trl", "transformers"], default="trl",
+                   help="trl: TRL's SFTTrainer (default); transformers: transformers' Trainer alone, same job")
     return p.parse_args(argv)
 
 
@@ -276,13 +279,14 @@ def main(argv=None) -> None:
         job["max_steps"] = args.max_steps
 
     import torch
-    import datasets
     import peft
     import transformers
-    import trl
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    if args.engine == "trl":
+        import datasets
+        import trl
+        from trl import SFTConfig, SFTTrainer
 
     output = Path(job["output"])
     if output.exists() and not job["overwrite"]:
@@ -304,8 +308,10 @@ def main(argv=None) -> None:
         train_ex, eval_ex = split_eval(train_ex, job["eval_split"], job["seed"])
 
     def as_dataset(examples):
-        return datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
-                                           "labels": [labels_of(ids, tr) for ids, tr in examples]})
+        rows = {"input_ids": [ids for ids, _ in examples], "labels": [labels_of(ids, tr) for ids, tr in examples]}
+        if args.engine == "trl":
+            return datasets.Dataset.from_dict(rows)
+        return [{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])]
 
     # The trainer's frozen base is bf16 on CUDA (LoRA, norms and logits f32), f32 on a CPU.
     dtype = torch.bfloat16 if use_cuda else torch.float32
@@ -346,7 +352,7 @@ def main(argv=None) -> None:
     total = job["max_steps"] or max(1, math.ceil(job["epochs"] * n_micro / job["grad_accum"]))
     eval_every = job["eval_every"] or max(total // 10, 1)
     work = Path(job["checkpoint_dir"])
-    config = SFTConfig(
+    common = dict(
         output_dir=str(work),
         per_device_train_batch_size=job["batch_size"],
         per_device_eval_batch_size=job["batch_size"],
@@ -365,8 +371,6 @@ def main(argv=None) -> None:
         gradient_checkpointing=job["grad_checkpoint"],
         bf16=use_cuda,
         use_cpu=not use_cuda,
-        max_length=job["max_seq_len"],
-        packing=False,
         logging_steps=1,
         logging_strategy="steps",
         eval_strategy="steps" if eval_ex else "no",
@@ -391,10 +395,34 @@ def main(argv=None) -> None:
             if "eval_loss" in logs and metrics:
                 metrics[-1]["eval_loss"] = logs["eval_loss"]
 
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=as_dataset(train_ex),
-        eval_dataset=as_dataset(eval_ex) if eval_ex else None,
-        processing_class=tok, peft_config=peft_config, callbacks=[Metrics()])
+    train_ds, eval_ds = as_dataset(train_ex), (as_dataset(eval_ex) if eval_ex else None)
+    if args.engine == "trl":
+        config = SFTConfig(**common, max_length=job["max_seq_len"], packing=False)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, peft_config=peft_config, callbacks=[Metrics()])
+        engine = f"trl {trl.__version__} + "
+    else:
+        # The same job on transformers' Trainer alone (no trl/datasets: e.g. a machine that has
+        # only torch, transformers, peft and accelerate): the records are tokenised already, so
+        # SFTTrainer would add nothing but its padding collator, written out here.
+        if peft_config is not None:
+            if job["qlora"]:
+                model = peft.prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=job["grad_checkpoint"])
+            model = peft.get_peft_model(model, peft_config)
+        pad_id = tok.pad_token_id
+
+        def collate(rows):
+            n = max(len(r["input_ids"]) for r in rows)
+            ids = [r["input_ids"] + [pad_id] * (n - len(r["input_ids"])) for r in rows]
+            labels = [r["labels"] + [IGNORE] * (n - len(r["labels"])) for r in rows]
+            mask = [[1] * len(r["input_ids"]) + [0] * (n - len(r["input_ids"])) for r in rows]
+            return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+        config = transformers.TrainingArguments(**common, remove_unused_columns=False)
+        trainer = transformers.Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                                       data_collator=collate, callbacks=[Metrics()])
+        engine = "transformers Trainer + "
     trainer.train()
 
     # Save: PEFT's adapter (gathered under ZeRO-3 / FSDP by save_model), then the trainer's form.
@@ -403,11 +431,11 @@ def main(argv=None) -> None:
     if not trainer.accelerator.is_main_process:
         return
     write_adapter(job, data, len(train_ex), trainer.state.global_step, metrics, staging, output,
-                  versions={"trl": trl.__version__, "peft": peft.__version__,
-                            "transformers": transformers.__version__, "torch": torch.__version__})
+                  engine=f"{engine}peft {peft.__version__} (transformers {transformers.__version__}, "
+                         f"torch {torch.__version__})")
 
 
-def write_adapter(job, data, n_examples, steps, metrics, staging: Path, output: Path, versions) -> None:
+def write_adapter(job, data, n_examples, steps, metrics, staging: Path, output: Path, engine: str) -> None:
     """`staging` (PEFT's save) → `output` with the trainer's files: F32 tensors with the
     provenance in the safetensors header, peftrt_provenance.json, training_metrics.jsonl."""
     from safetensors.torch import load_file, save_file
@@ -417,7 +445,6 @@ def write_adapter(job, data, n_examples, steps, metrics, staging: Path, output: 
     hyper = dict(prov["hyperparameters"], steps=steps)
     dataset = {"sha256": data["sha256"], "file": Path(job["data"]).name, "version": job["dataset_version"],
                "format": data["format"], "examples": n_examples, "truncated": data["truncated"]}
-    engine = "trl {trl} + peft {peft} (transformers {transformers}, torch {torch})".format(**versions)
     trainer_field = f"{engine}; job exported by {job['exported_by']}"
     metadata = {"format": "pt", "peftrt.base_model": prov["base_model"], "peftrt.dataset": json.dumps(dataset),
                 "peftrt.hyperparameters": json.dumps(hyper), "peftrt.trainer": trainer_field}
