@@ -262,6 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--device", help="auto | cpu | cuda (default: the job's)")
+    p.add_argument("--stats", help="write the run's wall time, tokens and peak GPU memory here (JSON)")
     p.add_argument("--engine", choices=["trl", "transformers"], default="trl",
                    help="trl: TRL's SFTTrainer (default); transformers: transformers' Trainer alone, same job")
     return p.parse_args(argv)
@@ -423,7 +424,20 @@ def main(argv=None) -> None:
         trainer = transformers.Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                                        data_collator=collate, callbacks=[Metrics()])
         engine = "transformers Trainer + "
+    import time
+    started = time.perf_counter()
     trainer.train()
+    train_s = time.perf_counter() - started
+    if args.stats:
+        # Unpadded tokens of the examples the steps took (whole epochs: every example once each).
+        per_step = job["batch_size"] * job["grad_accum"]
+        seen = trainer.state.global_step * per_step
+        lens = [len(ids) for ids, _ in train_ex]
+        tokens = sum(lens) * (seen // len(lens)) + sum(lens[: seen % len(lens)])
+        stats = {"engine": args.engine, "steps": trainer.state.global_step, "train_s": train_s, "tokens": tokens,
+                 "tokens_per_s": tokens / train_s,
+                 "peak_gpu_bytes": torch.cuda.max_memory_allocated() if use_cuda else None}
+        Path(args.stats).write_text(json.dumps(stats, indent=2) + "\n")
 
     # Save: PEFT's adapter (gathered under ZeRO-3 / FSDP by save_model), then the trainer's form.
     staging = Path(str(output) + ".trl-tmp")
