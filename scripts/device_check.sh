@@ -39,7 +39,9 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 TRAINER="$(cd "$(dirname "$TRAINER")" && pwd)/$(basename "$TRAINER")"
 [[ -d "$BNB_DIR" ]] && export PYTHONPATH="$(cd "$BNB_DIR" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-torch_lib="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+# The trainer's libtorch: the python's torch/lib, or TORCH_LIB (e.g. the dry run of a binary built
+# for another torch than the python's: .cache/device-torch-2.11.0/torch/lib).
+torch_lib="${TORCH_LIB:-$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')}"
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [[ "$DEVICE" == cpu ]]; then TOL=1e-4; export CUDA_VISIBLE_DEVICES=""; else TOL=1e-3; fi
@@ -73,13 +75,15 @@ case_args() {  # case base data
 
 # trainer train ARGS vs the exported job run by PEFT; NAME for the files under $OUT/NAME.
 train_both() {  # name engine extra-args...
-    local name="$1" engine="$2" tol="$TOL"; shift 2
+    local name="$1" engine="$2" tol="$TOL" only=(); shift 2
     [[ " $* " == *" --qlora "* ]] && tol="$QTOL"
+    # A fresh adapter: PEFT draws another lora_A, so only the first loss (lora_B = 0) compares.
+    [[ " $* " == *" --init-adapter "* ]] || only=(--first-loss-only)
     local d="$OUT/$name"; rm -rf "$d"; mkdir -p "$d"
     "$TRAINER" train --quiet "$@" --output "$d/trainer" --metrics "$d/trainer-metrics.jsonl"
     "$TRAINER" export --to trl "$d/job" "$@" --output "$d/peft" --metrics "$d/peft-metrics.jsonl"
     "$PY" "$d/job/train_trl.py" --engine "$engine" --stats "$d/peft-stats.json"
-    "$PY" scripts/device_compare.py metrics "$d/trainer-metrics.jsonl" "$d/peft-metrics.jsonl" --tol "$tol" \
+    "$PY" scripts/device_compare.py metrics "$d/trainer-metrics.jsonl" "$d/peft-metrics.jsonl" --tol "$tol" "${only[@]}" \
         --json "$d/compare.json"
 }
 
@@ -101,6 +105,8 @@ except Exception as e:
 EOF
     "$TRAINER" --version
     ldd "$TRAINER" | grep -E "torch|c10|not found" || true
+    # Without libtorch_cuda in its NEEDED entries the trainer cannot see the GPU (trainer/build.rs).
+    readelf -d "$TRAINER" | grep -q 'libtorch_cuda' || { echo "the trainer does not link libtorch_cuda"; return 1; }
 }
 
 s_forward() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python side of scripts/device_check.sh (issue #24): PEFT on the same device as the trainer.
 
-  device_compare.py metrics TRAINER.jsonl PEFT.jsonl --tol REL [--json OUT]
+  device_compare.py metrics TRAINER.jsonl PEFT.jsonl --tol REL [--first-loss-only] [--json OUT]
       per-step loss, grad_norm and lr of the trainer's metrics against the exported job's
       (train_trl.py), max relative difference per key; exit 1 above --tol.
   device_compare.py forward --job JOBDIR --base DIR --adapter DIR --data FILE --device D
@@ -32,6 +32,8 @@ def cmd_metrics(a) -> int:
     worst = {}
     for x, y in zip(ours, theirs):
         for k in ("loss", "grad_norm", "lr"):
+            if a.first_loss_only and (k != "loss" or x["step"] != 1):
+                continue
             if x.get(k) is None or y.get(k) is None:
                 continue
             r = rel(x[k], y[k]) if abs(y[k]) > 1e-12 else abs(x[k] - y[k])
@@ -100,6 +102,8 @@ def main() -> int:
     m.add_argument("trainer")
     m.add_argument("peft")
     m.add_argument("--tol", type=float, required=True)
+    m.add_argument("--first-loss-only", action="store_true",
+                   help="fresh adapters (another random lora_A): compare the first step's loss only")
     m.add_argument("--json")
     f = sub.add_parser("forward")
     for k in ("--job", "--base", "--data", "--device", "--trainer-json"):
