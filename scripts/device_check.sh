@@ -112,14 +112,15 @@ EOF
 s_forward() {
     local d="$OUT/forward"; mkdir -p "$d"
     for qlora in "" --qlora; do
-        local tag="float${qlora:+-nf4}"
+        local tag="float${qlora:+-nf4}" tol="$TOL"
+        [[ -n "$qlora" ]] && tol="$QTOL"
         "$TRAINER" eval --base "$F/tiny-llama" --adapter "$F/adapters/llama-qv" --data "$F/trainer/chat.jsonl" \
             --device "$DEVICE" --max-seq-len 100 $qlora > "$d/trainer-$tag.json"
         "$TRAINER" export --to trl "$d/job" --base "$F/tiny-llama" --data "$F/trainer/chat.jsonl" \
             --output "$d/unused" --max-seq-len 100 --overwrite > /dev/null
         "$PY" scripts/device_compare.py forward --job "$d/job" --base "$F/tiny-llama" --adapter "$F/adapters/llama-qv" \
             --data "$F/trainer/chat.jsonl" --device "$DEVICE" --trainer-json "$d/trainer-$tag.json" \
-            --tol "${qlora:+$QTOL}${qlora:-$TOL}" --json "$d/compare-$tag.json" $qlora
+            --tol "$tol" --json "$d/compare-$tag.json" $qlora
     done
 }
 
