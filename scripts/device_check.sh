@@ -106,7 +106,7 @@ EOF
     "$TRAINER" --version
     ldd "$TRAINER" | grep -E "torch|c10|not found" || true
     # Without libtorch_cuda in its NEEDED entries the trainer cannot see the GPU (trainer/build.rs).
-    readelf -d "$TRAINER" | grep -q 'libtorch_cuda' || { echo "the trainer does not link libtorch_cuda"; return 1; }
+    ldd "$TRAINER" | grep -q 'libtorch_cuda' || { echo "the trainer does not link libtorch_cuda"; return 1; }
 }
 
 s_forward() {
