@@ -37,7 +37,7 @@ if [[ ! -d "$cache/torch/lib" ]]; then
     wheel="$(ls "$repo/.cache/pip"/torch-"$version"-*.whl | head -1)"
     unzip -q -o "$wheel" 'torch/lib/*' 'torch/include/*' 'torch/version.py' -d "$cache"
 fi
-echo "build_device_trainer: libtorch $(grep __version__ "$cache/torch/version.py" | cut -d"'" -f2), tch $tch" >&2
+echo "build_device_trainer: libtorch $(grep '^__version__' "$cache/torch/version.py" | cut -d"'" -f2), tch $tch" >&2
 
 scratch="$repo/target/device-build"
 rm -rf "$scratch/src" && mkdir -p "$scratch/src"

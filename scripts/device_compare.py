@@ -63,7 +63,7 @@ def cmd_forward(a) -> int:
         from transformers import BitsAndBytesConfig
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
         kw["device_map"] = {"": 0 if cuda else "cpu"}
     tok = AutoTokenizer.from_pretrained(a.base)
     model = AutoModelForCausalLM.from_pretrained(a.base, **kw)
