@@ -43,7 +43,7 @@ export PEFTRT_SMOLLM2_ADAPTERS_DIR := $(abspath $(SMOLLM2_ADAPTERS))
 # Tests that check files against transformers run this Python (tests/tests/nf4.rs).
 export PEFTRT_PYTHON          := $(abspath $(PY))
 
-.PHONY: all build ffi install venv models run serve demo test-demo test test-rust test-serve test-aarch64 test-ffi test-trainer build-trainer trainer bench bench-constraint bench-engine bench-serve bench-trainer fixtures clean
+.PHONY: all build ffi install venv models run serve demo test-demo test test-rust test-serve test-aarch64 test-ffi test-trainer build-trainer trainer device-bundle device-check-cpu bench bench-constraint bench-engine bench-serve bench-trainer fixtures clean
 
 all: build
 
@@ -120,6 +120,24 @@ test-trainer: venv models $(SMOLLM2_REF)/.done $(SMOLLM2_REF)/adapters.done
 # Run the trainer with the environment it needs: make trainer ARGS="train --base ... --data ... --output ..."
 trainer: build-trainer
 	$(TRAINER_ENV) $(TRAINER) $(ARGS)
+
+# Issue #24, for the GPU machine (torch 2.11.0+cu130, no Rust, no bitsandbytes): the trainer built
+# with tch 0.24 against that torch's libtorch, bitsandbytes' CUDA 13.0 libraries, the demo's
+# training data (TIMED_DATA), all under target/device (carried with the tree); then the device
+# check's dry run on this machine's CPU through the same script.
+DEMO_JSON_TRAIN ?= runs/demo/data/json_train.jsonl
+device-bundle: venv
+	bash scripts/build_device_trainer.sh 2.11.0 target/device/trainer
+	bash scripts/device_bundle.sh
+	mkdir -p target/device/data
+	[ ! -f $(DEMO_JSON_TRAIN) ] || cp $(DEMO_JSON_TRAIN) target/device/data/json_train.jsonl
+	du -sh target/device
+
+device-check-cpu: build-trainer
+	rm -rf target/device-check-cpu
+	OUT=target/device-check-cpu DEVICE=cpu PY=$(abspath $(PY)) TRAINER=$(TRAINER) SMOLLM2=$(SMOLLM2_DIR) \
+		TIMED_DATA=target/device/data/json_train.jsonl TIMED_MAX_STEPS=3 TIMED_REPEATS=1 \
+		bash scripts/device_check.sh
 
 test-aarch64:
 	bash scripts/test-aarch64.sh

@@ -10,6 +10,13 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not report the libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
     );
+    // libtorch_cuda registers libtorch's CUDA backend when it is loaded, but nothing here calls
+    // it by name, so the linker's --as-needed (Ubuntu's default) drops the library torch-sys asks
+    // for and `tch::Cuda::is_available()` is false on a GPU machine (torch-sys build.rs says as
+    // much). Keep it whenever the libtorch has it (issue #24). One argument, so the order holds.
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     // Where torch-sys looks for the headers: LIBTORCH_INCLUDE, else beside the library.
     let include = match std::env::var_os("LIBTORCH_INCLUDE") {

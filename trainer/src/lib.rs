@@ -17,6 +17,8 @@
 //!   [`metrics`]: the metrics JSONL, progress bar and overfitting warning; [`save`]: the PEFT
 //!   adapter directory with provenance.
 //! - [`eval::evaluate`]: loss, perplexity and JSON/schema validity of generated responses.
+//! - [`export::export_trl`]: the same job as a TRL + PEFT script with `accelerate`
+//!   configurations (DDP, DeepSpeed ZeRO, FSDP), for training past one GPU.
 //!
 //! ```no_run
 //! use peftrt_trainer::train::{train, TrainOptions};
@@ -35,6 +37,7 @@ pub mod device;
 pub mod dropout;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod fused;
 pub mod lora;
 pub mod loss;

@@ -34,7 +34,7 @@ impl Init {
     }
 
     /// The value PEFT records in `adapter_config.json`.
-    fn peft_value(self) -> Value {
+    pub(crate) fn peft_value(self) -> Value {
         match self {
             Init::Kaiming => json!(true),
             Init::Gaussian => json!("gaussian"),

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use peftrt_trainer::data::Format;
 use peftrt_trainer::device::{device_name, parse_device};
 use peftrt_trainer::eval::{evaluate, EvalOptions};
+use peftrt_trainer::export::{export_trl, Engine};
 use peftrt_trainer::lora::{Init, LoraOptions};
 use peftrt_trainer::optim::{AdamWConfig, Schedule};
 use peftrt_trainer::train::{train, TrainOptions};
@@ -29,6 +30,20 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Loss and perplexity on JSONL data; with generation, JSON and schema validity (JSON on stdout).
     Eval(EvalArgs),
+    /// Write the training job given by the train options as a TRL SFTTrainer + PEFT script with
+    /// accelerate configurations (DDP; DeepSpeed ZeRO-2/3, FSDP), for training past one GPU.
+    Export(Box<ExportArgs>),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The engine: trl (TRL's SFTTrainer with PEFT, launched by accelerate).
+    #[arg(long)]
+    to: String,
+    /// Directory for the script, job.json and the accelerate configurations.
+    dir: PathBuf,
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -203,7 +218,9 @@ struct TrainArgs {
     no_prefix_cache: bool,
 }
 
-fn train_options(a: TrainArgs) -> Result<TrainOptions> {
+/// `resolve_device`: check `--device` here (train); an export keeps it as given for the machine
+/// that runs the job.
+fn train_options(a: TrainArgs, resolve_device: bool) -> Result<TrainOptions> {
     let [beta1, beta2] = a.betas[..] else {
         anyhow::bail!("--betas: expected two numbers, e.g. 0.9,0.999");
     };
@@ -233,7 +250,9 @@ fn train_options(a: TrainArgs) -> Result<TrainOptions> {
     o.max_grad_norm = (a.max_grad_norm > 0.0).then_some(a.max_grad_norm);
     o.seed = a.seed;
     o.shuffle = !a.no_shuffle;
-    o.device = parse_device(&a.device)?;
+    if resolve_device {
+        o.device = parse_device(&a.device)?;
+    }
     o.dataset_version = a.dataset_version;
     o.checkpoint_every = a.checkpoint_every;
     o.checkpoint_dir = a.checkpoint_dir;
@@ -279,8 +298,21 @@ fn main() -> Result<()> {
             let r = evaluate(&eval_options(args)?)?;
             println!("{}", serde_json::to_string_pretty(&r.to_json())?);
         }
+        Command::Export(args) => {
+            let ExportArgs { to, dir, train } = *args;
+            let Engine::Trl = Engine::parse(&to)?;
+            let device = train.device.clone();
+            let opts = train_options(train, false)?;
+            for p in export_trl(&opts, &device, &dir)? {
+                println!("{}", p.display());
+            }
+            eprintln!(
+                "run it: python {0}/train_trl.py, or accelerate launch --config_file {0}/accelerate_config.yaml {0}/train_trl.py",
+                dir.display()
+            );
+        }
         Command::Train(args) => {
-            let mut opts = train_options(*args)?;
+            let mut opts = train_options(*args, true)?;
             // Ctrl-C: finish the step, write a checkpoint, stop; a second Ctrl-C exits at once.
             let flag = Arc::new(AtomicBool::new(false));
             let handler_flag = flag.clone();

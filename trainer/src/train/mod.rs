@@ -197,7 +197,7 @@ impl<'a> Run<'a> {
                 "examples": examples.plan.len(),
                 "truncated": data.n_truncated,
             }),
-            hyperparameters: opts.hyperparameters(&lora, total_steps),
+            hyperparameters: opts.hyperparameters(&lora.spec.config, total_steps),
         };
         let agreement = json!({
             "hyperparameters": prov.hyperparameters,

@@ -3,8 +3,9 @@
 
 use crate::data::Format;
 use crate::error::{Error, Result};
-use crate::lora::{LoraOptions, LoraSet};
+use crate::lora::LoraOptions;
 use crate::optim::{AdamWConfig, Schedule};
+use peftrt::adapter::AdapterConfig;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -147,7 +148,7 @@ impl TrainOptions {
         })
     }
 
-    pub(super) fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 {
             return Err(Error::Input("--batch-size and --grad-accum must be at least 1".into()));
         }
@@ -173,9 +174,9 @@ impl TrainOptions {
         Ok(())
     }
 
-    /// The hyper-parameters recorded in the provenance.
-    pub(super) fn hyperparameters(&self, lora: &LoraSet, steps: u64) -> serde_json::Value {
-        let c = &lora.spec.config;
+    /// The hyper-parameters recorded in the provenance (`c`: the LoRA configuration the run
+    /// trains, from the options or `--init-adapter`). `trainer export` records the same.
+    pub(crate) fn hyperparameters(&self, c: &AdapterConfig, steps: u64) -> serde_json::Value {
         json!({
             "r": c.r, "lora_alpha": c.alpha, "lora_dropout": self.lora.dropout, "use_rslora": c.rslora,
             "target_modules": c.target_modules.to_string(), "layers_to_transform": c.layers,
