@@ -4,6 +4,7 @@
 //! detection in `super::isa`) that the CPU supports them.
 
 mod nf4;
+pub(crate) mod quant;
 
 pub(crate) use super::simd::simd_entries;
 use super::simd::Simd;

@@ -1,0 +1,155 @@
+//! [`QSimd`] for x86-64: AVX2 (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's `mul_sum_us8_pairs_float`)
+//! and AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, one instruction for both), 8 i32 lanes of
+//! partial sums per block (lane `j` sums bytes `4j..4j + 3`).
+
+use crate::gguf::quants::GgmlType;
+use crate::kernels::quant::dot::{self, QSimd};
+use crate::kernels::quant::QBlock;
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+/// AVX2 + FMA + F16C.
+pub(crate) struct Avx2Q;
+/// AVX-512 VNNI (+VL) on 256-bit vectors.
+pub(crate) struct VnniQ;
+
+/// Whether the CPU has AVX-512 VNNI and VL (detected once).
+pub(crate) fn vnni() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
+}
+
+macro_rules! impl_qsimd {
+    ($T:ty, |$w:ident, $x:ident| $dot_u:expr) => {
+        impl QSimd for $T {
+            type B = __m256i;
+            type I = __m256i;
+            type F = __m256;
+            #[inline(always)]
+            unsafe fn load32(p: *const u8) -> __m256i {
+                // SAFETY: `p` valid for 32 bytes (trait contract); unaligned load.
+                unsafe { _mm256_loadu_si256(p.cast()) }
+            }
+            #[inline(always)]
+            unsafe fn nibbles16(p: *const u8) -> __m256i {
+                // SAFETY: `p` valid for 16 bytes; low nibbles in the low half, high in the high.
+                unsafe {
+                    let q = _mm_loadu_si128(p.cast());
+                    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), _mm256_set1_epi8(15))
+                }
+            }
+            #[inline(always)]
+            unsafe fn srl_and(b: __m256i, shift: u32, mask: u8) -> __m256i {
+                // SAFETY: AVX2; bits shifted in from the next byte are masked off.
+                unsafe { _mm256_and_si256(_mm256_srl_epi16(b, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi8(mask as i8)) }
+            }
+            #[inline(always)]
+            unsafe fn shl4(b: __m256i) -> __m256i {
+                // SAFETY: AVX2; bytes below 16 stay inside their byte.
+                unsafe { _mm256_slli_epi16::<4>(b) }
+            }
+            #[inline(always)]
+            unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
+                // SAFETY: AVX2.
+                unsafe { _mm256_or_si256(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn sub(b: __m256i, v: u8) -> __m256i {
+                // SAFETY: AVX2.
+                unsafe { _mm256_sub_epi8(b, _mm256_set1_epi8(v as i8)) }
+            }
+            #[inline(always)]
+            unsafe fn dot_u($w: __m256i, $x: __m256i) -> __m256i {
+                // SAFETY: the instruction set of this type (trait contract). `vpmaddubsw` does not
+                // saturate: two products of at most 128·127 fit i16.
+                unsafe { $dot_u }
+            }
+            #[inline(always)]
+            unsafe fn dot_s(w: __m256i, x: __m256i) -> __m256i {
+                // SAFETY: AVX2. |w| (128 for −128, as unsigned) times x with w's sign.
+                unsafe { Self::dot_u(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
+            }
+            #[inline(always)]
+            unsafe fn dot_s_scaled(w: __m256i, x: __m256i, sa: i32, sb: i32) -> __m256i {
+                // SAFETY: AVX2; lanes 0–3 hold bytes 0–15.
+                unsafe { _mm256_mullo_epi32(Self::dot_s(w, x), _mm256_setr_epi32(sa, sa, sa, sa, sb, sb, sb, sb)) }
+            }
+            #[inline(always)]
+            unsafe fn zero() -> __m256 {
+                // SAFETY: AVX.
+                unsafe { _mm256_setzero_ps() }
+            }
+            #[inline(always)]
+            unsafe fn cvt_fma(i: __m256i, s: f32, acc: __m256) -> __m256 {
+                // SAFETY: AVX2 + FMA.
+                unsafe { _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s), acc) }
+            }
+            #[inline(always)]
+            unsafe fn add(a: __m256, b: __m256) -> __m256 {
+                // SAFETY: AVX.
+                unsafe { _mm256_add_ps(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn hsum(v: __m256) -> f32 {
+                // SAFETY: AVX; the same reduction as `Avx2::hsum`.
+                unsafe {
+                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                    _mm_cvtss_f32(s)
+                }
+            }
+            #[inline(always)]
+            unsafe fn f16(p: *const u8) -> f32 {
+                // SAFETY: `p` valid for 2 bytes; F16C.
+                unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))) }
+            }
+        }
+    };
+}
+
+impl_qsimd!(Avx2Q, |w, x| _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+impl_qsimd!(VnniQ, |w, x| _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
+
+/// [`dot::rows`] compiled for AVX2 + FMA + F16C.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; the rest as [`dot::rows`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows_avx2(
+    ty: GgmlType,
+    w: *const u8,
+    row_bytes: usize,
+    rows: Range<usize>,
+    xq: *const QBlock,
+    nb: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { dot::rows::<Avx2Q>(ty, w, row_bytes, rows, xq, nb, n, y, ldy) }
+}
+
+/// [`dot::rows`] compiled for AVX-512 VNNI.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C, AVX-512F/VL/VNNI ([`vnni`] and `Isa::Avx512`); the rest as
+/// [`dot::rows`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows_vnni(
+    ty: GgmlType,
+    w: *const u8,
+    row_bytes: usize,
+    rows: Range<usize>,
+    xq: *const QBlock,
+    nb: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { dot::rows::<VnniQ>(ty, w, row_bytes, rows, xq, nb, n, y, ldy) }
+}
