@@ -531,29 +531,31 @@ fn matmul_many_isa_path(
         let int_dot = |m: &MatRef| isa != Isa::Scalar && matches!(m.w, Weights::Quant(w) if quant::has_kernel(w.ty));
         let xq_needed = ms.iter().any(int_dot);
         let chunks = RowChunks::new(ms, pool.n_threads(), 16);
-        let job = |xq: &[quant::QBlock]| pool.run(|_, _| {
-            while let Some((i, rows)) = chunks.next() {
-                let m = ms[i];
-                if let (true, Weights::Quant(w)) = (int_dot(&m), m.w) {
-                    // SAFETY: `isa` is available (asserted above) and `has_kernel(w.ty)`; the
-                    // chunk's rows lie inside the matrix, whose blocks `w.data` backs and whose
-                    // rows hold whole blocks (`check_mat`); `xq` is all `n` tokens of `x`
-                    // quantised; the chunk's elements of every token row of `ys[i]` are ours.
-                    unsafe { quant::rows_multi_isa(isa, w, m.cols, rows, xq, n, outs[i].ptr(), m.rows) }
-                } else if n == 1 || isa == Isa::Scalar {
-                    for t in 0..n {
-                        // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
-                        let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
-                        matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+        let job = |xq: &[quant::QBlock]| {
+            pool.run(|_, _| {
+                while let Some((i, rows)) = chunks.next() {
+                    let m = ms[i];
+                    if let (true, Weights::Quant(w)) = (int_dot(&m), m.w) {
+                        // SAFETY: `isa` is available (asserted above) and `has_kernel(w.ty)`; the
+                        // chunk's rows lie inside the matrix, whose blocks `w.data` backs and whose
+                        // rows hold whole blocks (`check_mat`); `xq` is all `n` tokens of `x`
+                        // quantised; the chunk's elements of every token row of `ys[i]` are ours.
+                        unsafe { quant::rows_multi_isa(isa, w, m.cols, rows, xq, n, outs[i].ptr(), m.rows) }
+                    } else if n == 1 || isa == Isa::Scalar {
+                        for t in 0..n {
+                            // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
+                            let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
+                            matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+                        }
+                    } else {
+                        // SAFETY: `isa` is available (asserted above); the chunk's rows lie inside
+                        // the matrix, `x` is `[n, m.cols]` and `ys[i]` `[n, m.rows]` (`check_mat`);
+                        // the chunk's elements of every token row are this thread's alone.
+                        dispatch!(isa, matvec_rows_multi(m, rows, x, n, outs[i].ptr(), m.rows), unreachable!())
                     }
-                } else {
-                    // SAFETY: `isa` is available (asserted above); the chunk's rows lie inside
-                    // the matrix, `x` is `[n, m.cols]` and `ys[i]` `[n, m.rows]` (`check_mat`);
-                    // the chunk's elements of every token row are this thread's alone.
-                    dispatch!(isa, matvec_rows_multi(m, rows, x, n, outs[i].ptr(), m.rows), unreachable!())
                 }
-            }
-        });
+            })
+        };
         if xq_needed {
             quant::with_quantized(true, x, job);
         } else {

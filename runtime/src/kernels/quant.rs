@@ -167,7 +167,11 @@ pub(crate) unsafe fn rows_multi_isa(
     y: *mut f32,
     ldy: usize,
 ) {
-    debug_assert!(has_kernel(w.ty) && xq.len() >= n * cols / QK && w.data.len() >= rows.end * cols / w.ty.block_size() * w.ty.type_size());
+    debug_assert!(
+        has_kernel(w.ty)
+            && xq.len() >= n * cols / QK
+            && w.data.len() >= rows.end * cols / w.ty.block_size() * w.ty.type_size()
+    );
     let row_bytes = cols / w.ty.block_size() * w.ty.type_size();
     let nb = cols / QK;
     // SAFETY: the caller's contract; the kernels read row `r`'s `row_bytes` and token `t`'s `nb`
@@ -229,3 +233,6 @@ pub(crate) fn reserve(cols: usize) {
         key.with(|c| c.set(v));
     }
 }
+
+#[cfg(test)]
+mod tests;

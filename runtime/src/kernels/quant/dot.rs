@@ -193,7 +193,12 @@ impl Kind for Q6K {
                 let hi = Q::srl_and(Q::load32(b.add(128 + 32 * n)), 2 * i as u32, 3);
                 let q = Q::sub(Q::or(lo, Q::shl4(hi)), 32);
                 let sc = b.add(192 + 8 * n + 2 * i);
-                let p = Q::dot_s_scaled(q, Q::load32(x.qs.as_ptr().cast()), i32::from(*sc as i8), i32::from(*sc.add(1) as i8));
+                let p = Q::dot_s_scaled(
+                    q,
+                    Q::load32(x.qs.as_ptr().cast()),
+                    i32::from(*sc as i8),
+                    i32::from(*sc.add(1) as i8),
+                );
                 *acc = Q::cvt_fma(p, Q::f16(b.add(208)) * x.d, *acc);
             })
         }

@@ -41,7 +41,9 @@ macro_rules! impl_qsimd {
             #[inline(always)]
             unsafe fn srl_and(b: __m256i, shift: u32, mask: u8) -> __m256i {
                 // SAFETY: AVX2; bits shifted in from the next byte are masked off.
-                unsafe { _mm256_and_si256(_mm256_srl_epi16(b, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi8(mask as i8)) }
+                unsafe {
+                    _mm256_and_si256(_mm256_srl_epi16(b, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi8(mask as i8))
+                }
             }
             #[inline(always)]
             unsafe fn shl4(b: __m256i) -> __m256i {
