@@ -71,28 +71,31 @@ struct Q8_0;
 struct Q4K;
 struct Q6K;
 
-/// Two f32 accumulators taken in turn (blocks alternate between them) to hide the FMA latency.
+/// Two f32 accumulators (and two scalar ones, `$mins`, for the block minimums) taken in turn,
+/// blocks alternating between them, to hide the add latency; `$s` is the sum of the vector
+/// ones, `$m` of the scalar ones.
 macro_rules! two_acc {
-    ($Q:ty, $count:expr, |$i:ident, $acc:ident| $body:block) => {{
+    ($Q:ty, $count:expr, |$i:ident, $acc:ident, $mins:ident| $body:block) => {{
         let (mut a0, mut a1) = (<$Q>::zero(), <$Q>::zero());
+        let (mut m0, mut m1) = (0f32, 0f32);
         let mut $i = 0;
         while $i + 2 <= $count {
             {
-                let $acc = &mut a0;
+                let ($acc, $mins) = (&mut a0, &mut m0);
                 $body
             }
             $i += 1;
             {
-                let $acc = &mut a1;
+                let ($acc, $mins) = (&mut a1, &mut m1);
                 $body
             }
             $i += 1;
         }
         if $i < $count {
-            let $acc = &mut a0;
+            let ($acc, $mins) = (&mut a0, &mut m0);
             $body
         }
-        <$Q>::hsum(<$Q>::add(a0, a1))
+        (<$Q>::hsum(<$Q>::add(a0, a1)), m0 + m1)
     }};
 }
 
@@ -104,11 +107,12 @@ impl Kind for Q4_0 {
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
         // SAFETY: block `i < nb` of the row and of `xq` (caller).
         unsafe {
-            two_acc!(Q, nb, |i, acc| {
+            two_acc!(Q, nb, |i, acc, _mins| {
                 let (b, x) = (w.add(18 * i), &*xq.add(i));
                 let p = Q::dot_s(Q::sub(Q::nibbles16(b.add(2)), 8), Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
             })
+            .0
         }
     }
 }
@@ -119,14 +123,13 @@ impl Kind for Q4_1 {
     // x86/quants.c: ggml_vec_dot_q4_1_q8_1 (the minimum times the activation block's sum)
     #[inline(always)]
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
-        let mut mins = 0f32;
         // SAFETY: block `i < nb` of the row and of `xq` (caller).
-        let s = unsafe {
-            two_acc!(Q, nb, |i, acc| {
+        let (s, mins) = unsafe {
+            two_acc!(Q, nb, |i, acc, mins| {
                 let (b, x) = (w.add(20 * i), &*xq.add(i));
                 let p = Q::dot_u(Q::nibbles16(b.add(4)), Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
-                mins += Q::f16(b.add(2)) * x.s;
+                *mins += Q::f16(b.add(2)) * x.s;
             })
         };
         s + mins
@@ -141,11 +144,12 @@ impl Kind for Q8_0 {
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
         // SAFETY: block `i < nb` of the row and of `xq` (caller).
         unsafe {
-            two_acc!(Q, nb, |i, acc| {
+            two_acc!(Q, nb, |i, acc, _mins| {
                 let (b, x) = (w.add(34 * i), &*xq.add(i));
                 let p = Q::dot_s(Q::load32(b.add(2)), Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
             })
+            .0
         }
     }
 }
@@ -156,11 +160,10 @@ impl Kind for Q4K {
     // x86/quants.c: ggml_vec_dot_q4_K_q8_K, one activation scale per 32 (sub-block)
     #[inline(always)]
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
-        let mut mins = 0f32;
         // SAFETY: sub-block `j < nb` (block `j / 8`) of the row and of `xq` (caller).
-        let s = unsafe {
+        let (s, mins) = unsafe {
             let (mut d, mut dmin, mut sc) = (0f32, 0f32, [0u8; 12]);
-            two_acc!(Q, nb, |j, acc| {
+            two_acc!(Q, nb, |j, acc, mins| {
                 let b = w.add(144 * (j / 8));
                 if j % 8 == 0 {
                     (d, dmin) = (Q::f16(b), Q::f16(b.add(2)));
@@ -171,7 +174,7 @@ impl Kind for Q4K {
                 let q = Q::srl_and(Q::load32(b.add(16 + 32 * (j % 8 / 2))), 4 * (j % 2) as u32, 0xF);
                 let p = Q::dot_u(q, Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, d * f32::from(s) * x.d, *acc);
-                mins += dmin * f32::from(m) * x.s;
+                *mins += dmin * f32::from(m) * x.s;
             })
         };
         s - mins
@@ -186,7 +189,7 @@ impl Kind for Q6K {
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
         // SAFETY: sub-block `jj < nb` (block `jj / 8`) of the row and of `xq` (caller).
         unsafe {
-            two_acc!(Q, nb, |jj, acc| {
+            two_acc!(Q, nb, |jj, acc, _mins| {
                 let (b, j, x) = (w.add(210 * (jj / 8)), jj % 8, &*xq.add(jj));
                 let (n, i) = (j / 4, j % 4);
                 let lo = Q::srl_and(Q::load32(b.add(64 * n + 32 * (i % 2))), 4 * (i / 2) as u32, 0xF);
@@ -201,6 +204,7 @@ impl Kind for Q6K {
                 );
                 *acc = Q::cvt_fma(p, Q::f16(b.add(208)) * x.d, *acc);
             })
+            .0
         }
     }
 }
