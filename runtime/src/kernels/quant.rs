@@ -11,8 +11,9 @@
 //! - [`rows_multi_isa`]: rows × tokens, every (row, token) through the same row kernel, so a
 //!   token's outputs do not depend on the others in the call (the [`super::Path`] invariant).
 //!
-//! Types with kernels here: [`has_kernel`]. The others (Q5_x, Q2_K, Q3_K, Q5_K) keep the exact
-//! scalar path (`scalar::quant_dot`), as does [`super::Isa::Scalar`].
+//! Types with kernels here: [`has_kernel`] (every legacy and k-quant ggml type the dequantisers
+//! know). The others keep the exact scalar path (`scalar::quant_dot`), as does
+//! [`super::Isa::Scalar`].
 //!
 //! Error of the 8-bit activation (tested in `kernels/tests.rs`): each `x` element is off by at
 //! most `d/2` of its block, so `|y − W·x| ≤ Σ_blocks d_b/2 · Σ_{k∈b} |w_k|` plus f32 rounding.
@@ -53,7 +54,8 @@ pub(crate) fn quantize_x(x: &[f32], out: &mut [QBlock]) {
 
 /// Whether the types has integer-dot decode kernels (otherwise the exact scalar path runs).
 pub(crate) fn has_kernel(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+    use GgmlType::*;
+    matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K)
 }
 
 #[inline(always)]
@@ -69,6 +71,17 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     } else {
         ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
+}
+
+/// The 16 6-bit scales of a Q3_K block, minus 32 (the kmask unpacking of
+/// ggml-quants.c: dequantize_row_q3_K).
+#[inline(always)]
+pub(crate) fn scales_q3k(q: &[u8; 12]) -> [i32; 16] {
+    std::array::from_fn(|j| {
+        let lo = if j < 8 { q[j] & 0xF } else { q[j - 8] >> 4 };
+        let hi = (q[8 + j % 4] >> (2 * (j / 4))) & 3;
+        i32::from(lo | (hi << 4)) - 32
+    })
 }
 
 /// The 32 codes of sub-block `j` (0..8) of a Q6_K block, minus 32, and the sub-block's two
@@ -109,6 +122,73 @@ pub(crate) fn dot_ref(ty: GgmlType, blocks: &[u8], xq: &[QBlock]) -> f32 {
             for (b, x) in blocks.chunks_exact(ts).zip(xq) {
                 let q = (0..32).map(|l| i32::from((b[4 + l % 16] >> (4 * (l / 16))) & 0xF));
                 sum += (f16_at(b, 0) * x.d) * idot(q, &x.qs) as f32 + f16_at(b, 2) * x.s;
+            }
+        }
+        // ggml_vec_dot_q5_0_q8_0
+        GgmlType::Q5_0 => {
+            for (b, x) in blocks.chunks_exact(ts).zip(xq) {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let q = (0..32)
+                    .map(|l| i32::from((b[6 + l % 16] >> (4 * (l / 16))) & 0xF) + 16 * ((qh >> l) & 1) as i32 - 16);
+                sum += (f16_at(b, 0) * x.d) * idot(q, &x.qs) as f32;
+            }
+        }
+        // ggml_vec_dot_q5_1_q8_1
+        GgmlType::Q5_1 => {
+            for (b, x) in blocks.chunks_exact(ts).zip(xq) {
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let q =
+                    (0..32).map(|l| i32::from((b[8 + l % 16] >> (4 * (l / 16))) & 0xF) + 16 * ((qh >> l) & 1) as i32);
+                sum += (f16_at(b, 0) * x.d) * idot(q, &x.qs) as f32 + f16_at(b, 2) * x.s;
+            }
+        }
+        // ggml_vec_dot_q2_K_q8_K, with a scale per 32 activations: sub-block `4c + s` is bits
+        // `2s` of bytes `32c..32c + 32`, with scale/min nibbles `8c + 2s` and `8c + 2s + 1`
+        GgmlType::Q2_K => {
+            for (b, x) in blocks.chunks_exact(ts).zip(xq.chunks_exact(8)) {
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                for (j, x) in x.iter().enumerate() {
+                    let (c, s) = (j / 4, j % 4);
+                    let q: Vec<i32> = (0..32).map(|l| i32::from((b[16 + 32 * c + l] >> (2 * s)) & 3)).collect();
+                    let (sa, sb) = (b[8 * c + 2 * s], b[8 * c + 2 * s + 1]);
+                    let (lo, hi) =
+                        (idot(q[..16].iter().copied(), &x.qs[..16]), idot(q[16..].iter().copied(), &x.qs[16..]));
+                    let xs = |r: Range<usize>| x.qs[r].iter().map(|&v| i32::from(v)).sum::<i32>();
+                    let isum = i32::from(sa & 15) * lo + i32::from(sb & 15) * hi;
+                    let msum = i32::from(sa >> 4) * xs(0..16) + i32::from(sb >> 4) * xs(16..32);
+                    sum += (d * x.d) * isum as f32 - (dmin * x.d) * msum as f32;
+                }
+            }
+        }
+        // ggml_vec_dot_q3_K_q8_K, with a scale per 32 activations (sub-block `4c + s`)
+        GgmlType::Q3_K => {
+            for (b, x) in blocks.chunks_exact(ts).zip(xq.chunks_exact(8)) {
+                let (d, sc) = (f16_at(b, 108), scales_q3k(b[96..108].try_into().unwrap()));
+                for (j, x) in x.iter().enumerate() {
+                    let (c, s) = (j / 4, j % 4);
+                    let q: Vec<i32> = (0..32)
+                        .map(|l| {
+                            i32::from((b[32 + 32 * c + l] >> (2 * s)) & 3)
+                                - if b[l] >> (4 * c + s) & 1 != 0 { 0 } else { 4 }
+                        })
+                        .collect();
+                    let (lo, hi) =
+                        (idot(q[..16].iter().copied(), &x.qs[..16]), idot(q[16..].iter().copied(), &x.qs[16..]));
+                    sum += (d * x.d) * (sc[8 * c + 2 * s] * lo + sc[8 * c + 2 * s + 1] * hi) as f32;
+                }
+            }
+        }
+        // ggml_vec_dot_q5_K_q8_K, with a scale per 32 activations instead of per 256
+        GgmlType::Q5_K => {
+            for (b, x) in blocks.chunks_exact(ts).zip(xq.chunks_exact(8)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                for (j, x) in x.iter().enumerate() {
+                    let (sc, m) = scale_min_k4(j, &b[4..16]);
+                    let qs = &b[48 + 32 * (j / 2)..];
+                    let q = (0..32)
+                        .map(|l| i32::from((qs[l] >> (4 * (j % 2))) & 0xF) + 16 * i32::from((b[16 + l] >> j) & 1));
+                    sum += (d * f32::from(sc) * x.d) * idot(q, &x.qs) as f32 - dmin * f32::from(m) * x.s;
+                }
             }
         }
         // ggml_vec_dot_q8_0_q8_0

@@ -52,6 +52,30 @@ impl QSimd for NeonQ {
         unsafe { (vshlq_n_s8::<4>(b.0), vshlq_n_s8::<4>(b.1)) }
     }
     #[inline(always)]
+    unsafe fn shl2(b: Self::B) -> Self::B {
+        // SAFETY: NEON.
+        unsafe { (vshlq_n_s8::<2>(b.0), vshlq_n_s8::<2>(b.1)) }
+    }
+    #[inline(always)]
+    unsafe fn splat8(v: u8) -> Self::B {
+        // SAFETY: NEON.
+        unsafe { (vdupq_n_s8(v as i8), vdupq_n_s8(v as i8)) }
+    }
+    #[inline(always)]
+    unsafe fn bits32(bits: u32) -> Self::B {
+        // SAFETY: NEON. Byte `i` gets byte `i / 8` of `bits` (a table lookup), tested against
+        // bit `i % 8`.
+        unsafe {
+            let v = vreinterpretq_u8_u32(vdupq_n_u32(bits));
+            let m = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+            let f = |idx: [u8; 16]| {
+                let t = vtstq_u8(vqtbl1q_u8(v, vld1q_u8(idx.as_ptr())), m);
+                vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(0x10)))
+            };
+            (f([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]), f([2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3]))
+        }
+    }
+    #[inline(always)]
     unsafe fn or(a: Self::B, b: Self::B) -> Self::B {
         // SAFETY: NEON.
         unsafe { (vorrq_s8(a.0, b.0), vorrq_s8(a.1, b.1)) }

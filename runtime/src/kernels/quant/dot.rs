@@ -30,6 +30,12 @@ pub(crate) trait QSimd {
     unsafe fn srl_and(b: Self::B, shift: u32, mask: u8) -> Self::B;
     /// `b << 4` per byte (`b < 16`).
     unsafe fn shl4(b: Self::B) -> Self::B;
+    /// `b << 2` per byte (`b < 64`).
+    unsafe fn shl2(b: Self::B) -> Self::B;
+    /// 32 bytes of `v`.
+    unsafe fn splat8(v: u8) -> Self::B;
+    /// Byte `i` is `0x10` where bit `i` of `bits` is set, else 0 (Q5's fifth bits in place).
+    unsafe fn bits32(bits: u32) -> Self::B;
     unsafe fn or(a: Self::B, b: Self::B) -> Self::B;
     /// `b - v` per byte (wrapping).
     unsafe fn sub(b: Self::B, v: u8) -> Self::B;
@@ -68,7 +74,12 @@ trait Kind {
 struct Q4_0;
 struct Q4_1;
 struct Q8_0;
+struct Q5_0;
+struct Q5_1;
+struct Q2K;
+struct Q3K;
 struct Q4K;
+struct Q5K;
 struct Q6K;
 
 /// Two f32 accumulators (and two scalar ones, `$mins`, for the block minimums) taken in turn,
@@ -151,6 +162,125 @@ impl Kind for Q8_0 {
             })
             .0
         }
+    }
+}
+
+impl Kind for Q5_0 {
+    const BYTES: usize = 22;
+    const XBLOCKS: usize = 1;
+    // x86/quants.c: ggml_vec_dot_q5_0_q8_0 (codes with their fifth bit, − 16)
+    #[inline(always)]
+    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
+        // SAFETY: block `i < nb` of the row and of `xq` (caller).
+        unsafe {
+            two_acc!(Q, nb, |i, acc, _mins| {
+                let (b, x) = (w.add(22 * i), &*xq.add(i));
+                let q = Q::sub(Q::or(Q::nibbles16(b.add(6)), Q::bits32(b.add(2).cast::<u32>().read_unaligned())), 16);
+                let p = Q::dot_s(q, Q::load32(x.qs.as_ptr().cast()));
+                *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
+            })
+            .0
+        }
+    }
+}
+
+impl Kind for Q5_1 {
+    const BYTES: usize = 24;
+    const XBLOCKS: usize = 1;
+    // x86/quants.c: ggml_vec_dot_q5_1_q8_1
+    #[inline(always)]
+    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
+        // SAFETY: block `i < nb` of the row and of `xq` (caller).
+        let (s, mins) = unsafe {
+            two_acc!(Q, nb, |i, acc, mins| {
+                let (b, x) = (w.add(24 * i), &*xq.add(i));
+                let q = Q::or(Q::nibbles16(b.add(8)), Q::bits32(b.add(4).cast::<u32>().read_unaligned()));
+                let p = Q::dot_u(q, Q::load32(x.qs.as_ptr().cast()));
+                *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
+                *mins += Q::f16(b.add(2)) * x.s;
+            })
+        };
+        s + mins
+    }
+}
+
+impl Kind for Q2K {
+    const BYTES: usize = 84;
+    const XBLOCKS: usize = 8;
+    // x86/quants.c: ggml_vec_dot_q2_K_q8_K, one activation scale per 32 (sub-block `4c + s`:
+    // bits `2s` of bytes `32c..32c + 32`, two 4-bit scale/min pairs per 32)
+    #[inline(always)]
+    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
+        // SAFETY: sub-block `jj < nb` (block `jj / 8`) of the row and of `xq` (caller).
+        unsafe {
+            two_acc!(Q, nb, |jj, acc, _mins| {
+                let (b, j, x) = (w.add(84 * (jj / 8)), jj % 8, &*xq.add(jj));
+                let (c, s) = (j / 4, j % 4);
+                let q = Q::srl_and(Q::load32(b.add(16 + 32 * c)), 2 * s as u32, 3);
+                let (sa, sb) = (*b.add(8 * c + 2 * s), *b.add(8 * c + 2 * s + 1));
+                let xv = Q::load32(x.qs.as_ptr().cast());
+                let p = Q::dot_s_scaled(q, xv, i32::from(sa & 15), i32::from(sb & 15));
+                let pm = Q::dot_s_scaled(Q::splat8(1), xv, i32::from(sa >> 4), i32::from(sb >> 4));
+                *acc = Q::cvt_fma(p, Q::f16(b.add(80)) * x.d, *acc);
+                *acc = Q::cvt_fma(pm, -(Q::f16(b.add(82)) * x.d), *acc);
+            })
+            .0
+        }
+    }
+}
+
+impl Kind for Q3K {
+    const BYTES: usize = 110;
+    const XBLOCKS: usize = 8;
+    // x86/quants.c: ggml_vec_dot_q3_K_q8_K, one activation scale per 32 (sub-block `4c + s`)
+    #[inline(always)]
+    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
+        // SAFETY: sub-block `jj < nb` (block `jj / 8`) of the row and of `xq` (caller).
+        unsafe {
+            let mut sc = [0i32; 16];
+            two_acc!(Q, nb, |jj, acc, _mins| {
+                let (b, j, x) = (w.add(110 * (jj / 8)), jj % 8, &*xq.add(jj));
+                if j == 0 {
+                    sc = super::scales_q3k(&*b.add(96).cast::<[u8; 12]>());
+                }
+                let (c, s) = (j / 4, j % 4);
+                let low = Q::srl_and(Q::load32(b.add(32 + 32 * c)), 2 * s as u32, 3);
+                let high = Q::srl_and(Q::load32(b), (4 * c + s) as u32, 1);
+                let q = Q::sub(Q::or(low, Q::shl2(high)), 4);
+                let (sa, sb) = (sc[8 * c + 2 * s], sc[8 * c + 2 * s + 1]);
+                let p = Q::dot_s_scaled(q, Q::load32(x.qs.as_ptr().cast()), sa, sb);
+                *acc = Q::cvt_fma(p, Q::f16(b.add(108)) * x.d, *acc);
+            })
+            .0
+        }
+    }
+}
+
+impl Kind for Q5K {
+    const BYTES: usize = 176;
+    const XBLOCKS: usize = 8;
+    // x86/quants.c: ggml_vec_dot_q5_K_q8_K, one activation scale per 32 (sub-block)
+    #[inline(always)]
+    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
+        // SAFETY: sub-block `j < nb` (block `j / 8`) of the row and of `xq` (caller).
+        let (s, mins) = unsafe {
+            let (mut d, mut dmin, mut sc) = (0f32, 0f32, [0u8; 12]);
+            two_acc!(Q, nb, |j, acc, mins| {
+                let b = w.add(176 * (j / 8));
+                if j % 8 == 0 {
+                    (d, dmin) = (Q::f16(b), Q::f16(b.add(2)));
+                    sc = *b.add(4).cast::<[u8; 12]>();
+                }
+                let x = &*xq.add(j);
+                let (s, m) = super::scale_min_k4(j % 8, &sc);
+                let low = Q::srl_and(Q::load32(b.add(48 + 32 * (j % 8 / 2))), 4 * (j % 2) as u32, 0xF);
+                let high = Q::srl_and(Q::load32(b.add(16)), (j % 8) as u32, 1);
+                let p = Q::dot_u(Q::or(low, Q::shl4(high)), Q::load32(x.qs.as_ptr().cast()));
+                *acc = Q::cvt_fma(p, d * f32::from(s) * x.d, *acc);
+                *mins += dmin * f32::from(m) * x.s;
+            })
+        };
+        s - mins
     }
 }
 
@@ -269,7 +399,12 @@ pub(crate) unsafe fn rows<Q: QSimd>(
             GgmlType::Q4_0 => rows_kind::<Q, Q4_0>(w, row_bytes, rows, xq, nb, n, y, ldy),
             GgmlType::Q4_1 => rows_kind::<Q, Q4_1>(w, row_bytes, rows, xq, nb, n, y, ldy),
             GgmlType::Q8_0 => rows_kind::<Q, Q8_0>(w, row_bytes, rows, xq, nb, n, y, ldy),
+            GgmlType::Q5_0 => rows_kind::<Q, Q5_0>(w, row_bytes, rows, xq, nb, n, y, ldy),
+            GgmlType::Q5_1 => rows_kind::<Q, Q5_1>(w, row_bytes, rows, xq, nb, n, y, ldy),
+            GgmlType::Q2_K => rows_kind::<Q, Q2K>(w, row_bytes, rows, xq, nb, n, y, ldy),
+            GgmlType::Q3_K => rows_kind::<Q, Q3K>(w, row_bytes, rows, xq, nb, n, y, ldy),
             GgmlType::Q4_K => rows_kind::<Q, Q4K>(w, row_bytes, rows, xq, nb, n, y, ldy),
+            GgmlType::Q5_K => rows_kind::<Q, Q5K>(w, row_bytes, rows, xq, nb, n, y, ldy),
             GgmlType::Q6_K => rows_kind::<Q, Q6K>(w, row_bytes, rows, xq, nb, n, y, ldy),
             _ => unreachable!("no integer dot for {ty}"),
         }

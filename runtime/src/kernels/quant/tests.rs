@@ -32,7 +32,18 @@ impl Rng {
     }
 }
 
-const TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
+const TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
 
 /// `n` valid random blocks of `ty`: finite f16 scales (mins of either sign), random codes.
 fn blocks(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
@@ -40,12 +51,17 @@ fn blocks(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
     for _ in 0..n {
         let mut b: Vec<u8> = (0..ty.type_size()).map(|_| rng.byte()).collect();
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&rng.f16(1e-3, 2e-2)),
-            GgmlType::Q4_1 => {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&rng.f16(1e-3, 2e-2)),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
                 b[..2].copy_from_slice(&rng.f16(1e-3, 2e-2));
                 b[2..4].copy_from_slice(&rng.f16(-0.2, 0.1));
             }
-            GgmlType::Q4_K => {
+            GgmlType::Q2_K => {
+                b[80..82].copy_from_slice(&rng.f16(1e-4, 2e-3));
+                b[82..84].copy_from_slice(&rng.f16(1e-4, 2e-3));
+            }
+            GgmlType::Q3_K => b[108..110].copy_from_slice(&rng.f16(1e-4, 2e-3)),
+            GgmlType::Q4_K | GgmlType::Q5_K => {
                 b[..2].copy_from_slice(&rng.f16(1e-4, 2e-3));
                 b[2..4].copy_from_slice(&rng.f16(1e-4, 2e-3));
             }
@@ -227,7 +243,7 @@ fn a_tokens_outputs_do_not_depend_on_the_batch() {
     let mut rng = Rng(4);
     let pools: Vec<ThreadPool> = [1, 2, 3].map(ThreadPool::new).into();
     let cols = 512;
-    let rows = [33, 8, 70, 5, 16];
+    let rows = [33, 8, 70, 5, 16, 3, 9, 21, 4, 17];
     let datas: Vec<Vec<u8>> =
         TYPES.iter().zip(rows).map(|(&ty, r)| blocks(ty, r * cols / ty.block_size(), &mut rng)).collect();
     let f32w: Vec<f32> = (0..9 * cols).map(|_| rng.f32()).collect();

@@ -51,6 +51,30 @@ macro_rules! impl_qsimd {
                 unsafe { _mm256_slli_epi16::<4>(b) }
             }
             #[inline(always)]
+            unsafe fn shl2(b: __m256i) -> __m256i {
+                // SAFETY: AVX2; bytes below 64 stay inside their byte.
+                unsafe { _mm256_slli_epi16::<2>(b) }
+            }
+            #[inline(always)]
+            unsafe fn splat8(v: u8) -> __m256i {
+                // SAFETY: AVX.
+                unsafe { _mm256_set1_epi8(v as i8) }
+            }
+            #[inline(always)]
+            unsafe fn bits32(bits: u32) -> __m256i {
+                // SAFETY: AVX2. llama.cpp's `bytes_from_bits_32`: byte `i` gets byte `i / 8` of
+                // `bits`, all its bits but bit `i % 8` are set, and it compares equal to 0xff
+                // exactly when that bit is set too.
+                unsafe {
+                    let b = _mm256_shuffle_epi8(
+                        _mm256_set1_epi32(bits as i32),
+                        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+                    );
+                    let b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+                    _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10))
+                }
+            }
+            #[inline(always)]
             unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
                 // SAFETY: AVX2.
                 unsafe { _mm256_or_si256(a, b) }
