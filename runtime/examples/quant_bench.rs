@@ -16,8 +16,13 @@ use peftrt::threadpool::ThreadPool;
 use std::time::Instant;
 
 /// (name, out_features, in_features)
-const SHAPES: &[(&str, usize, usize)] =
-    &[("gate/up 1536x576", 1536, 576), ("down 576x1536", 576, 1536), ("lm_head 49152x576", 49152, 576)];
+const SHAPES: &[(&str, usize, usize)] = &[
+    ("gate/up 1536x576", 1536, 576),
+    ("down 576x1536", 576, 1536),
+    ("lm_head 49152x576", 49152, 576),
+    ("q/o 576x576", 576, 576),
+    ("k/v 192x576", 192, 576),
+];
 
 const TYPES: &[&str] = &["F32", "BF16", "Q8_0", "Q4_1", "Q4_0", "Q4_K", "Q6_K"];
 
@@ -118,6 +123,8 @@ fn main() {
         "{:<19} {:>5} {:>19} {:>19} {:>19}",
         "shape", "type", "SIMD 1 thread", "SIMD 2 threads", "scalar 1 thread"
     );
+    // Seconds per call: (shape, type) -> [SIMD 1, SIMD 2, scalar 1].
+    let mut secs = std::collections::HashMap::new();
     for &(name, rows, cols) in SHAPES {
         let len = rows * cols;
         // K-quants need rows of whole 256-element blocks (llama.cpp gives 576-wide rows other types).
@@ -161,7 +168,30 @@ fn main() {
             let gb = d.bytes(len) as f64 / 1e9;
             let cell = |s: f64| format!("{:>8.1} µs {:>5.1} GB/s", s * 1e6, gb / s);
             println!("{name:<19} {:>5} {} {} {}", types[ti], cell(best[ti][0]), cell(best[ti][1]), cell(best[ti][2]));
+            secs.insert((rows, cols, types[ti]), best[ti]);
         }
+    }
+
+    // One decode step's projections: 30 × (q, o: 576x576; k, v: 192x576; gate, up: 1536x576;
+    // down: 576x1536) + lm_head, as SmolLM2-135M-Instruct.Q4_1.gguf stores them (layers Q4_1,
+    // the tied embedding Q8_0) beside all-F32 and all-BF16.
+    println!("\nall projections of one SmolLM2-135M decode step, tokens/s (an upper bound of decode):");
+    for (label, layer, head) in [("F32", "F32", "F32"), ("BF16", "BF16", "BF16"), ("Q4_1 + Q8_0 head", "Q4_1", "Q8_0")]
+    {
+        let step = |v: usize| {
+            let s = |r: usize, c: usize, t: &str| secs[&(r, c, t)][v];
+            30.0 * (2.0 * s(576, 576, layer)
+                + 2.0 * s(192, 576, layer)
+                + 2.0 * s(1536, 576, layer)
+                + s(576, 1536, layer))
+                + s(49152, 576, head)
+        };
+        println!(
+            "{label:>17}: SIMD 1 thread {:>6.1}, SIMD 2 threads {:>6.1}, scalar 1 thread {:>6.1}",
+            1.0 / step(0),
+            1.0 / step(1),
+            1.0 / step(2)
+        );
     }
 
     println!("\nmatmul (prefill, 128 tokens), GFLOP/s, 1 thread; best of {rounds} rounds");

@@ -12,11 +12,15 @@
 //! - [`matmul`] (prefill) is compute-bound: X is packed into tiles of tokens, and a register
 //!   tile of weight rows × tokens does outer-product FMAs; each weight row block is read from
 //!   memory once per call and reused for all tokens.
+//! - GGUF block-quantised weights ([`Quant`]) decode through integer dot products with `x`
+//!   quantised to 8 bits once per call (`quant.rs`, llama.cpp's scheme); their prefill
+//!   dequantises row groups into the f32 GEMM.
 //!
 //! One file of about 560 lines: the safe entry point of every kernel with the shape checks the
 //! unsafe ones rely on, the instruction-set dispatch, and how the two matrix paths ([`Path`])
 //! share rows out over the threads; the kernels themselves are in `simd.rs` (with
-//! `simd/matmul.rs`), `x86.rs` (with `x86/nf4.rs`), `neon.rs` and `scalar.rs`.
+//! `simd/matmul.rs`), `x86.rs` (with `x86/nf4.rs`), `neon.rs` and `scalar.rs`; the quantised
+//! decode kernels in `quant.rs` (with `quant/dot.rs`, `x86/quant.rs`, `neon/quant.rs`).
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
