@@ -194,25 +194,26 @@ fn main() {
         );
     }
 
-    println!("\nmatmul (prefill, 128 tokens), GFLOP/s, 1 thread; best of {rounds} rounds");
-    let n = 128;
-    for &(name, rows, cols) in &SHAPES[..2] {
-        let len = rows * cols;
-        let types: Vec<&str> =
-            TYPES.iter().copied().filter(|t| ggml(t).is_none_or(|g| cols % g.block_size() == 0)).collect();
-        let datas: Vec<Data> = types.iter().map(|ty| Data::new(ty, len, 1, &mut rng)).collect();
-        let x: Vec<f32> = (0..n * cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
-        let mut y = vec![0.0; n * rows];
-        let flop = 2.0 * (n * len) as f64;
-        let reps = ((1e9 / flop) as usize).max(2) / if quick { 4 } else { 1 };
-        let mut best = vec![f64::MAX; types.len()];
-        for _ in 0..rounds {
-            for (ti, d) in datas.iter().enumerate() {
-                let m = MatRef { w: d.weights(0, len), rows, cols };
-                best[ti] = best[ti].min(time(reps.max(1), || kernels::matmul(&pools[0], m, &x, n, &mut y)));
+    for n in [16, 128] {
+        println!("\nmatmul (prefill, {n} tokens), GFLOP/s, 1 thread; best of {rounds} rounds");
+        for &(name, rows, cols) in &SHAPES[..2] {
+            let len = rows * cols;
+            let types: Vec<&str> =
+                TYPES.iter().copied().filter(|t| ggml(t).is_none_or(|g| cols % g.block_size() == 0)).collect();
+            let datas: Vec<Data> = types.iter().map(|ty| Data::new(ty, len, 1, &mut rng)).collect();
+            let x: Vec<f32> = (0..n * cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let mut y = vec![0.0; n * rows];
+            let flop = 2.0 * (n * len) as f64;
+            let reps = ((1e9 / flop) as usize).max(2) / if quick { 4 } else { 1 };
+            let mut best = vec![f64::MAX; types.len()];
+            for _ in 0..rounds {
+                for (ti, d) in datas.iter().enumerate() {
+                    let m = MatRef { w: d.weights(0, len), rows, cols };
+                    best[ti] = best[ti].min(time(reps.max(1), || kernels::matmul(&pools[0], m, &x, n, &mut y)));
+                }
             }
+            let row: Vec<String> = types.iter().zip(&best).map(|(t, s)| format!("{t} {:.1}", flop / s / 1e9)).collect();
+            println!("{name:<19} {}", row.join("  "));
         }
-        let row: Vec<String> = types.iter().zip(&best).map(|(t, s)| format!("{t} {:.1}", flop / s / 1e9)).collect();
-        println!("{name:<19} {}", row.join("  "));
     }
 }
