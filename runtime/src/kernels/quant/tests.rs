@@ -290,3 +290,26 @@ fn a_tokens_outputs_do_not_depend_on_the_batch() {
         }
     }
 }
+
+/// The prefill GEMM's SIMD dequantisers give `gguf::quants`' values bit for bit (the tiled path
+/// must sum exactly ggml's dequantised weights whichever instruction set widens them).
+#[test]
+fn simd_dequantisers_are_bit_exact() {
+    let mut rng = Rng(5);
+    for ty in TYPES {
+        let data = blocks(ty, 24, &mut rng);
+        let len = 24 * ty.block_size();
+        let want = dequant(ty, &data, len);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.is_available() {
+            use crate::kernels::simd::Simd;
+            let mut got = vec![f32::NAN; len];
+            // SAFETY: AVX2 and F16C are available (checked above).
+            if unsafe { crate::kernels::x86::Avx2::dequantize_native(ty, &data, &mut got) } {
+                assert_eq!(bits(&got), bits(&want), "{ty}");
+            }
+        }
+        let _ = (&want, bits);
+    }
+}

@@ -179,3 +179,84 @@ pub(crate) unsafe fn rows_vnni(
     // SAFETY: forwarded contract.
     unsafe { dot::rows::<VnniQ>(ty, w, row_bytes, rows, xq, nb, n, y, ldy) }
 }
+
+/// Dequantises whole Q4_0/Q4_1/Q8_0 blocks (`data`) into `out` 8 values at a time, bit for bit
+/// ggml's `dequantize_row_*` (the same multiply, then add, in f32; no FMA); `false` for other
+/// types, left to `gguf::quants`. The prefill GEMM's widening of quantised row groups.
+///
+/// # Safety
+/// AVX2 and F16C available (the caller is inlined into an AVX2 or AVX-512 entry point).
+#[inline(always)]
+pub(crate) unsafe fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> bool {
+    let (off, min) = match ty {
+        GgmlType::Q4_0 => (2, false),
+        GgmlType::Q4_1 => (4, true),
+        GgmlType::Q8_0 => (2, false),
+        _ => return false,
+    };
+    let ts = ty.type_size();
+    // SAFETY: each block's `ts` bytes are a chunk of `data`, its 32 values a chunk of `out`.
+    unsafe {
+        for (b, y) in data.chunks_exact(ts).zip(out.chunks_exact_mut(32)) {
+            let (b, y) = (b.as_ptr(), y.as_mut_ptr());
+            let d = splat_f16(b);
+            // The 32 codes as 4 × 8 i32, in element order.
+            let q: [__m256i; 4] = if ty == GgmlType::Q8_0 {
+                let v = _mm256_loadu_si256(b.add(off).cast());
+                let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                [
+                    _mm256_cvtepi8_epi32(lo),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo)),
+                    _mm256_cvtepi8_epi32(hi),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi)),
+                ]
+            } else {
+                let v = _mm_loadu_si128(b.add(off).cast());
+                let m = _mm_set1_epi8(15);
+                let (lo, hi) = (_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16::<4>(v), m));
+                let q4_0 = ty == GgmlType::Q4_0;
+                [
+                    widen4(lo, q4_0),
+                    widen4(_mm_srli_si128::<8>(lo), q4_0),
+                    widen4(hi, q4_0),
+                    widen4(_mm_srli_si128::<8>(hi), q4_0),
+                ]
+            };
+            let m = if min { splat_f16(b.add(2)) } else { _mm256_setzero_ps() };
+            for (k, q) in q.into_iter().enumerate() {
+                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                _mm256_storeu_ps(y.add(8 * k), if min { _mm256_add_ps(v, m) } else { v });
+            }
+        }
+    }
+    true
+}
+
+/// The f16 at `p`, in all 8 lanes.
+///
+/// # Safety
+/// F16C and AVX; `p` valid for 2 bytes. (Functions, not closures, so that the intrinsics inline.)
+#[inline(always)]
+unsafe fn splat_f16(p: *const u8) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))))
+    }
+}
+
+/// The 8 low bytes of `v` (4-bit codes) as i32, minus 8 for Q4_0.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn widen4(v: __m128i, minus8: bool) -> __m256i {
+    // SAFETY: AVX2 (caller).
+    unsafe {
+        let q = _mm256_cvtepu8_epi32(v);
+        if minus8 {
+            _mm256_sub_epi32(q, _mm256_set1_epi32(8))
+        } else {
+            q
+        }
+    }
+}
