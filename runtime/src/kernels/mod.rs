@@ -12,14 +12,19 @@
 //! - [`matmul`] (prefill) is compute-bound: X is packed into tiles of tokens, and a register
 //!   tile of weight rows × tokens does outer-product FMAs; each weight row block is read from
 //!   memory once per call and reused for all tokens.
+//! - GGUF block-quantised weights ([`Quant`]) decode through integer dot products with `x`
+//!   quantised to 8 bits once per call (`quant.rs`, llama.cpp's scheme); their prefill
+//!   dequantises row groups into the f32 GEMM.
 //!
 //! One file of about 560 lines: the safe entry point of every kernel with the shape checks the
 //! unsafe ones rely on, the instruction-set dispatch, and how the two matrix paths ([`Path`])
 //! share rows out over the threads; the kernels themselves are in `simd.rs` (with
-//! `simd/matmul.rs`), `x86.rs` (with `x86/nf4.rs`), `neon.rs` and `scalar.rs`.
+//! `simd/matmul.rs`), `x86.rs` (with `x86/nf4.rs`), `neon.rs` and `scalar.rs`; the quantised
+//! decode kernels in `quant.rs` (with `quant/dot.rs`, `x86/quant.rs`, `neon/quant.rs`).
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
+pub(crate) mod quant;
 pub mod scalar;
 pub(crate) mod simd;
 #[cfg(test)]
@@ -311,6 +316,21 @@ pub(crate) fn matvec_rows_isa(isa: Isa, m: MatRef, rows: std::ops::Range<usize>,
             && x.len() >= m.cols
             && m.rows.checked_mul(m.cols).is_some_and(|len| m.w.backs(len))
     );
+    if let Weights::Quant(w) = m.w {
+        if isa != Isa::Scalar && quant::has_kernel(w.ty) && m.cols.is_multiple_of(w.ty.block_size()) {
+            // The rows as a matrix of their own, so that row `j` is written at `y[j]`.
+            let row_bytes = m.cols / w.ty.block_size() * w.ty.type_size();
+            let data = &w.data[rows.start * row_bytes..rows.end * row_bytes];
+            let w = Quant { data, len: rows.len() * m.cols, ..w };
+            return quant::with_quantized(false, &x[..m.cols], |xq| {
+                // SAFETY: `isa` is one of `Isa::available` (this function's contract) and
+                // `has_kernel(w.ty)`; `data` holds the whole blocks of `rows.len()` rows of
+                // `m.cols` (sliced with bounds checks); `xq` is `x` quantised; `y` holds
+                // `rows.len()` values (asserted above).
+                unsafe { quant::rows_multi_isa(isa, w, m.cols, 0..rows.len(), xq, 1, y.as_mut_ptr(), 0) }
+            });
+        }
+    }
     dispatch!(isa, matvec_rows(m, rows.clone(), x, y), scalar::matvec_rows(m, rows, x, y))
 }
 
@@ -376,8 +396,8 @@ impl RowChunks {
 pub fn reserve_decode_scratch(pool: &ThreadPool, max_cols: usize) {
     #[cfg(target_arch = "x86_64")]
     pool.run(|_, _| x86::reserve_strided(max_cols));
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (pool, max_cols);
+    pool.run(|_, _| quant::reserve(max_cols));
+    quant::reserve(max_cols);
 }
 
 thread_local! {
@@ -510,25 +530,41 @@ fn matmul_many_isa_path(
         return;
     }
     if path == Path::Dot || tile_tokens == 0 {
-        // One token (decode), or no SIMD: row-by-row dot products.
+        // One token (decode), or no SIMD: row-by-row dot products. Block-quantised weights with
+        // integer kernels take `x` quantised to 8 bits, once for all matrices and rows.
+        let int_dot = |m: &MatRef| isa != Isa::Scalar && matches!(m.w, Weights::Quant(w) if quant::has_kernel(w.ty));
+        let xq_needed = ms.iter().any(int_dot);
         let chunks = RowChunks::new(ms, pool.n_threads(), 16);
-        pool.run(|_, _| {
-            while let Some((i, rows)) = chunks.next() {
-                let m = ms[i];
-                if n == 1 || isa == Isa::Scalar {
-                    for t in 0..n {
-                        // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
-                        let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
-                        matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+        let job = |xq: &[quant::QBlock]| {
+            pool.run(|_, _| {
+                while let Some((i, rows)) = chunks.next() {
+                    let m = ms[i];
+                    if let (true, Weights::Quant(w)) = (int_dot(&m), m.w) {
+                        // SAFETY: `isa` is available (asserted above) and `has_kernel(w.ty)`; the
+                        // chunk's rows lie inside the matrix, whose blocks `w.data` backs and whose
+                        // rows hold whole blocks (`check_mat`); `xq` is all `n` tokens of `x`
+                        // quantised; the chunk's elements of every token row of `ys[i]` are ours.
+                        unsafe { quant::rows_multi_isa(isa, w, m.cols, rows, xq, n, outs[i].ptr(), m.rows) }
+                    } else if n == 1 || isa == Isa::Scalar {
+                        for t in 0..n {
+                            // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
+                            let y = unsafe { outs[i].slice(t * m.rows + rows.start..t * m.rows + rows.end) };
+                            matvec_rows_isa(isa, m, rows.clone(), &x[t * m.cols..(t + 1) * m.cols], y);
+                        }
+                    } else {
+                        // SAFETY: `isa` is available (asserted above); the chunk's rows lie inside
+                        // the matrix, `x` is `[n, m.cols]` and `ys[i]` `[n, m.rows]` (`check_mat`);
+                        // the chunk's elements of every token row are this thread's alone.
+                        dispatch!(isa, matvec_rows_multi(m, rows, x, n, outs[i].ptr(), m.rows), unreachable!())
                     }
-                } else {
-                    // SAFETY: `isa` is available (asserted above); the chunk's rows lie inside
-                    // the matrix, `x` is `[n, m.cols]` and `ys[i]` `[n, m.rows]` (`check_mat`);
-                    // the chunk's elements of every token row are this thread's alone.
-                    dispatch!(isa, matvec_rows_multi(m, rows, x, n, outs[i].ptr(), m.rows), unreachable!())
                 }
-            }
-        });
+            })
+        };
+        if xq_needed {
+            quant::with_quantized(true, x, job);
+        } else {
+            job(&[]);
+        }
         return;
     }
     PACKED_X.with(|packed| {

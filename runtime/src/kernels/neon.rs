@@ -4,6 +4,8 @@
 //! shifted into f32 position and scaled by 2^112 give normals and subnormals exactly; inf/NaN
 //! get the f32 all-ones exponent. bf16 is the high half of an f32 (shift left 16).
 
+pub(crate) mod quant;
+
 pub(crate) use super::simd::simd_entries;
 use super::simd::Simd;
 use std::arch::aarch64::*;

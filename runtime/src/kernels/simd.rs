@@ -80,6 +80,13 @@ pub(crate) trait Simd {
     ) -> bool {
         false
     }
+    /// Dequantises whole ggml blocks `data` of type `ty` into `out` (exactly `gguf::quants`'
+    /// values) where this instruction set has a kernel for `ty`; `false` leaves them to
+    /// `gguf::quants`.
+    #[inline(always)]
+    unsafe fn dequantize_native(_ty: crate::gguf::quants::GgmlType, _data: &[u8], _out: &mut [f32]) -> bool {
+        false
+    }
     /// `4·LANES` codes from `2·LANES` bytes: [`Simd::load_nf4`] four times, or one wide load
     /// where the instruction set has one.
     #[inline(always)]

@@ -4,6 +4,7 @@
 //! detection in `super::isa`) that the CPU supports them.
 
 mod nf4;
+pub(crate) mod quant;
 
 pub(crate) use super::simd::simd_entries;
 use super::simd::Simd;
@@ -114,6 +115,11 @@ impl Simd for Avx2 {
             let s = _mm_max_ss(s, _mm_movehdup_ps(s));
             _mm_cvtss_f32(s)
         }
+    }
+    #[inline(always)]
+    unsafe fn dequantize_native(ty: crate::gguf::quants::GgmlType, data: &[u8], out: &mut [f32]) -> bool {
+        // SAFETY: AVX2 and F16C available (trait contract).
+        unsafe { quant::dequantize(ty, data, out) }
     }
     type Lut = (__m256, __m256);
     #[inline(always)]
@@ -227,6 +233,11 @@ impl Simd for Avx512 {
     unsafe fn hmax(v: __m512) -> f32 {
         // SAFETY: AVX-512F available.
         unsafe { _mm512_reduce_max_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn dequantize_native(ty: crate::gguf::quants::GgmlType, data: &[u8], out: &mut [f32]) -> bool {
+        // SAFETY: AVX2 and F16C available (trait contract).
+        unsafe { quant::dequantize(ty, data, out) }
     }
     type Lut = __m512;
     #[inline(always)]

@@ -121,7 +121,11 @@ pub(crate) unsafe fn matmul_rows<S: Simd>(
                     wide.resize(nrows * k, 0.0);
                 }
                 // Rows hold whole blocks (checked by the caller).
-                w.dequantize(group.start * k, &mut wide[..nrows * k]);
+                let (start, out) = (group.start * k, &mut wide[..nrows * k]);
+                // SAFETY: the instruction set is available (this function's contract).
+                if !unsafe { S::dequantize_native(w.ty, w.blocks(start, out.len()), out) } {
+                    w.dequantize(start, out);
+                }
                 wide.as_ptr()
             }
         };
