@@ -542,6 +542,9 @@ fn matmul_many_isa_path(
                 }
             });
             let (xp, xp_bf16): (&[f32], &[u32]) = (&packed[..len], &packed_bf16[..len_bf16]);
+            // Only x86-64 has bf16 pairs to pack and read (`want_pairs` is false elsewhere).
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (&dst_bf16, xp_bf16, want_pairs);
             let chunks = RowChunks::new(ms, pool.n_threads(), mr);
             pool.run(|_, _| {
                 while let Some((i, rows)) = chunks.next() {
