@@ -4,6 +4,11 @@
 //! AVX-512 on x86-64, NEON on aarch64) are chosen at run time and tested against it.
 //! Matrix kernels split output rows across the [`ThreadPool`].
 //!
+//! On CPUs with AVX512-BF16 ([`Isa::Avx512Bf16`]) BF16 weights take `vdpbf16ps`: the activations
+//! are rounded to bf16 and the weights are never widened (`x86/bf16.rs`; its reference is
+//! [`scalar::matvec_rows_bf16_dot`]). `PEFTRT_NO_BF16_DOT=1` in the environment keeps the widening
+//! kernels of [`Isa::Avx512`] (read once, at the first kernel call).
+//!
 //! The instruction set is detected once ([`isa`]); every public kernel dispatches on it. The
 //! SIMD kernels are written once over a small vector trait (`simd.rs`) and instantiated for
 //! AVX2 and AVX-512 (`x86.rs`) and NEON (`neon.rs`).
@@ -195,18 +200,27 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512F/BW (+ AVX2, FMA, F16C).
     Avx512,
+    /// [`Isa::Avx512`] with AVX512-BF16: BF16 weights by `vdpbf16ps`, the activations rounded to
+    /// bf16 ([`scalar::matvec_rows_bf16_dot`] is the reference); all else as [`Isa::Avx512`].
+    /// Detected unless the environment sets `PEFTRT_NO_BF16_DOT=1`.
+    Avx512Bf16,
     /// aarch64 Advanced SIMD.
     Neon,
 }
 
 impl Isa {
-    /// The best instruction set this CPU supports.
+    /// The best instruction set this CPU supports ([`Isa::Avx512`], not [`Isa::Avx512Bf16`], when
+    /// the environment sets `PEFTRT_NO_BF16_DOT` to anything but `0` or nothing).
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 =
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                let no_bf16_dot = std::env::var("PEFTRT_NO_BF16_DOT").is_ok_and(|v| !v.is_empty() && v != "0");
+                if is_x86_feature_detected!("avx512bf16") && !no_bf16_dot {
+                    return Isa::Avx512Bf16;
+                }
                 return Isa::Avx512;
             }
             if avx2 {
@@ -225,14 +239,28 @@ impl Isa {
     /// Every instruction set usable here, scalar first and the best last (for tests and
     /// benchmarks).
     pub fn available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon].into_iter().filter(|i| i.is_available()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon]
+            .into_iter()
+            .filter(|i| i.is_available())
+            .collect()
     }
 
     /// Whether the kernels can run with this instruction set on this CPU: scalar, the best one
-    /// ([`isa`]), and AVX2 where AVX-512 is (every AVX-512 CPU has AVX2, FMA and F16C).
+    /// ([`isa`]), AVX2 where AVX-512 is (every AVX-512 CPU has AVX2, FMA and F16C), and AVX-512
+    /// where AVX512-BF16 is. With `PEFTRT_NO_BF16_DOT=1`, [`Isa::Avx512Bf16`] is not available.
     pub fn is_available(self) -> bool {
         let best = isa();
-        self == Isa::Scalar || self == best || (self == Isa::Avx2 && best == Isa::Avx512)
+        self == Isa::Scalar
+            || self == best
+            || (self == Isa::Avx2 && matches!(best, Isa::Avx512 | Isa::Avx512Bf16))
+            || (self == Isa::Avx512 && best == Isa::Avx512Bf16)
+    }
+
+    /// Whether BF16 weights take native bf16 dot products with this instruction set, the
+    /// activations rounded to bf16 ([`scalar::matvec_rows_bf16_dot`]), rather than being widened
+    /// to f32 ([`scalar::matvec_rows`]).
+    pub fn bf16_dot(self) -> bool {
+        self == Isa::Avx512Bf16
     }
 }
 
@@ -255,6 +283,9 @@ macro_rules! dispatch {
             // SAFETY: `$isa` is available (see above): the CPU has AVX-512F/BW, AVX2, FMA, F16C.
             // The kernel's other preconditions are the shape checks its caller made.
             Isa::Avx512 => unsafe { x86::avx512::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `$isa` is available (see above): as `Avx512`, and the CPU has AVX512-BF16.
+            Isa::Avx512Bf16 => unsafe { x86::avx512bf16::$f($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `$isa` is available (see above): the CPU has AVX2, FMA and F16C.
             Isa::Avx2 => unsafe { x86::avx2::$f($($arg),*) },
@@ -395,7 +426,12 @@ impl RowChunks {
 /// when a thread first meets the widest matrix late (rows are shared out dynamically).
 pub fn reserve_decode_scratch(pool: &ThreadPool, max_cols: usize) {
     #[cfg(target_arch = "x86_64")]
-    pool.run(|_, _| x86::reserve_strided(max_cols));
+    pool.run(|_, _| {
+        x86::reserve_strided(max_cols);
+        if isa().bf16_dot() {
+            x86::bf16::reserve(max_cols);
+        }
+    });
     pool.run(|_, _| quant::reserve(max_cols));
     quant::reserve(max_cols);
 }
@@ -403,6 +439,8 @@ pub fn reserve_decode_scratch(pool: &ThreadPool, max_cols: usize) {
 thread_local! {
     /// The caller's scratch for X packed into token tiles (grows once, then reused).
     static PACKED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The same as bf16 pairs, for BF16 weights with [`Isa::Avx512Bf16`] (`x86::bf16::pack_x`).
+    static PACKED_X_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `Y[t, r] = Σ_k W[r, k] · X[t, k]`: `n` tokens through a linear layer (prefill).
@@ -521,6 +559,8 @@ fn matmul_many_isa_path(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => (x86::avx512::TILE_TOKENS, <x86::Avx512 as simd::Simd>::MR),
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => (x86::avx512bf16::TILE_TOKENS, <x86::Avx512Bf16 as simd::Simd>::MR),
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => (x86::avx2::TILE_TOKENS, <x86::Avx2 as simd::Simd>::MR),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => (neon::entries::TILE_TOKENS, <neon::Neon as simd::Simd>::MR),
@@ -567,33 +607,68 @@ fn matmul_many_isa_path(
         }
         return;
     }
+    // BF16 matrices with AVX512-BF16 read X packed as bf16 pairs (`x86::bf16`), the others as f32.
+    let bf16_dot = |m: &MatRef| isa.bf16_dot() && matches!(m.w, Weights::BF16(_));
+    let (want_f32, want_pairs) = (!ms.iter().all(bf16_dot), ms.iter().any(bf16_dot));
+    #[cfg(target_arch = "x86_64")]
+    debug_assert_eq!(x86::bf16::TILE_TOKENS, tile_tokens);
     PACKED_X.with(|packed| {
-        let mut packed = packed.borrow_mut();
-        let k = ms[0].cols;
-        let len = n.div_ceil(tile_tokens) * k * tile_tokens;
-        if packed.len() < len {
-            packed.resize(len, 0.0);
-        }
-        // Packing is a transpose of all of X: the threads share it out by columns.
-        let dst = SharedMut::new(&mut packed[..len]);
-        pool.run(|ti, nt| {
-            // SAFETY: each thread packs its own columns (`split_range` of `0..k`) into `packed`,
-            // which holds `len` floats, the size `pack_x` writes for `n` tokens of `x` (`[n, k]`,
-            // checked by `check_mat` for every matrix, so all have `k` columns).
-            unsafe { simd::pack_x(x, n, k, tile_tokens, split_range(k, ti, nt, 1), dst.ptr()) }
-        });
-        let xp: &[f32] = &packed[..len];
-        let chunks = RowChunks::new(ms, pool.n_threads(), mr);
-        pool.run(|_, _| {
-            while let Some((i, rows)) = chunks.next() {
-                let m = ms[i];
-                // SAFETY: `isa` is available (asserted above); each chunk of rows (inside
-                // `0..m.rows`) goes to one thread; `ys[i]` is `[n, m.rows]` and the weights back
-                // `m.rows × m.cols` elements (`check_mat`); `xp` is `x` packed for this `isa`'s
-                // `tile_tokens`.
-                dispatch!(isa, matmul_rows(m, rows, xp, n, outs[i].ptr(), m.rows), unreachable!())
+        PACKED_X_BF16.with(|packed_bf16| {
+            let (mut packed, mut packed_bf16) = (packed.borrow_mut(), packed_bf16.borrow_mut());
+            let k = ms[0].cols;
+            let tiles = n.div_ceil(tile_tokens);
+            let len = if want_f32 { tiles * k * tile_tokens } else { 0 };
+            let len_bf16 = if want_pairs { tiles * k.div_ceil(2) * tile_tokens } else { 0 };
+            if packed.len() < len {
+                packed.resize(len, 0.0);
             }
-        });
+            if packed_bf16.len() < len_bf16 {
+                packed_bf16.resize(len_bf16, 0);
+            }
+            // Packing is a transpose of all of X: the threads share it out by columns (pairs).
+            let dst = SharedMut::new(&mut packed[..len]);
+            let dst_bf16 = SharedMut::new(&mut packed_bf16[..len_bf16]);
+            pool.run(|ti, nt| {
+                if want_f32 {
+                    // SAFETY: each thread packs its own columns (`split_range` of `0..k`) into
+                    // `packed`, which holds `len` floats, the size `pack_x` writes for `n` tokens of
+                    // `x` (`[n, k]`, checked by `check_mat` for every matrix, so all have `k`
+                    // columns).
+                    unsafe { simd::pack_x(x, n, k, tile_tokens, split_range(k, ti, nt, 1), dst.ptr()) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                if want_pairs {
+                    // SAFETY: as above, each thread its own pairs of columns, `len_bf16` u32 being
+                    // what `bf16::pack_x` writes for `n` tokens of `k` columns.
+                    unsafe { x86::bf16::pack_x(x, n, k, split_range(k.div_ceil(2), ti, nt, 1), dst_bf16.ptr()) }
+                }
+            });
+            let (xp, xp_bf16): (&[f32], &[u32]) = (&packed[..len], &packed_bf16[..len_bf16]);
+            // Only x86-64 has bf16 pairs to pack and read (`want_pairs` is false elsewhere).
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (&dst_bf16, xp_bf16, want_pairs);
+            let chunks = RowChunks::new(ms, pool.n_threads(), mr);
+            pool.run(|_, _| {
+                while let Some((i, rows)) = chunks.next() {
+                    let m = ms[i];
+                    match m.w {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `isa` is available (asserted above) and has AVX512-BF16; the chunk's
+                        // rows lie inside the matrix, whose weights back `m.rows × m.cols` (`check_mat`);
+                        // `xp_bf16` is `x` packed by `bf16::pack_x`; `ys[i]` is `[n, m.rows]` and the
+                        // chunk's elements of it are this thread's alone.
+                        Weights::BF16(w) if isa.bf16_dot() => unsafe {
+                            x86::bf16::matmul_rows(w, m.cols, rows, xp_bf16, n, outs[i].ptr(), m.rows)
+                        },
+                        // SAFETY: `isa` is available (asserted above); each chunk of rows (inside
+                        // `0..m.rows`) goes to one thread; `ys[i]` is `[n, m.rows]` and the weights
+                        // back `m.rows × m.cols` elements (`check_mat`); `xp` is `x` packed for this
+                        // `isa`'s `tile_tokens`.
+                        _ => dispatch!(isa, matmul_rows(m, rows, xp, n, outs[i].ptr(), m.rows), unreachable!()),
+                    }
+                }
+            });
+        })
     });
 }
 

@@ -259,11 +259,11 @@ pub(crate) unsafe fn rows_multi_isa(
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if super::x86::quant::vnni() => {
+            Isa::Avx512 | Isa::Avx512Bf16 if super::x86::quant::vnni() => {
                 super::x86::quant::rows_vnni(w.ty, w.data.as_ptr(), row_bytes, rows, xq.as_ptr(), nb, n, y, ldy)
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx2 => {
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Avx2 => {
                 super::x86::quant::rows_avx2(w.ty, w.data.as_ptr(), row_bytes, rows, xq.as_ptr(), nb, n, y, ldy)
             }
             #[cfg(target_arch = "aarch64")]

@@ -97,3 +97,29 @@ pub fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
         axpy(y, pj, &v[j * d..(j + 1) * d]);
     }
 }
+
+/// `x` rounded to bf16 (as bits) the way AVX512-BF16's `vcvtne2ps2bf16` rounds it: to nearest,
+/// ties to even; subnormal inputs become zero of the same sign; a NaN stays a (quiet) NaN.
+/// Unlike `half::bf16::from_f32`, which keeps subnormals.
+pub fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) as u16) | 0x40
+    } else if x.is_subnormal() {
+        ((b >> 16) & 0x8000) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// `y[j] = Σ_k W[rows.start + j, k] · x̃[k]` with `x̃` = `x` rounded to bf16 ([`round_bf16`]),
+/// each product exact in f32 and the sum in f32, element by element: the definition the BF16
+/// kernels of `Isa::Avx512Bf16` (`vdpbf16ps`) compute, up to the order of the sum. Subnormal
+/// weights count as zero there too.
+pub fn matvec_rows_bf16_dot(w: &[half::bf16], cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) {
+    let daz = |v: f32| if v.is_subnormal() { 0.0 } else { v };
+    let xb: Vec<f32> = x[..cols].iter().map(|&v| f32::from_bits(u32::from(round_bf16(v)) << 16)).collect();
+    for (r, y) in rows.zip(y) {
+        *y = w[r * cols..(r + 1) * cols].iter().zip(&xb).map(|(w, x)| daz(w.to_f32()) * x).sum();
+    }
+}

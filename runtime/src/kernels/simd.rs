@@ -80,6 +80,28 @@ pub(crate) trait Simd {
     ) -> bool {
         false
     }
+    /// A BF16 matvec by the instruction set's own bf16 dot products, if it has them (AVX512-BF16:
+    /// `x` rounded to bf16, [`super::scalar::matvec_rows_bf16_dot`]); `false` leaves the rows to
+    /// the generic kernel, which widens the weights to f32.
+    #[inline(always)]
+    unsafe fn matvec_bf16_native(_w: &[bf16], _cols: usize, _rows: Range<usize>, _x: &[f32], _y: &mut [f32]) -> bool {
+        false
+    }
+    /// [`Simd::matvec_bf16_native`] for `n` tokens (`x` is `[n, cols]`; `Y[t, r]` at
+    /// `y + t·ldy + r`), each token's sums in exactly that kernel's order; `false` leaves them to
+    /// the generic kernel.
+    #[inline(always)]
+    unsafe fn matvec_bf16_native_multi(
+        _w: &[bf16],
+        _cols: usize,
+        _rows: Range<usize>,
+        _x: &[f32],
+        _n: usize,
+        _y: *mut f32,
+        _ldy: usize,
+    ) -> bool {
+        false
+    }
     /// Dequantises whole ggml blocks `data` of type `ty` into `out` (exactly `gguf::quants`'
     /// values) where this instruction set has a kernel for `ty`; `false` leaves them to
     /// `gguf::quants`.
@@ -204,7 +226,11 @@ pub(crate) unsafe fn matvec_rows<S: Simd>(m: MatRef, rows: Range<usize>, x: &[f3
         match m.w {
             Weights::F32(w) => matvec_typed::<S, f32>(w, m.cols, rows, x, y),
             Weights::F16(w) => matvec_typed::<S, f16>(w, m.cols, rows, x, y),
-            Weights::BF16(w) => matvec_typed::<S, bf16>(w, m.cols, rows, x, y),
+            Weights::BF16(w) => {
+                if !S::matvec_bf16_native(w, m.cols, rows.clone(), x, y) {
+                    matvec_typed::<S, bf16>(w, m.cols, rows, x, y)
+                }
+            }
             Weights::Nf4(w) if w.simd_ok(m.cols) => {
                 if !S::matvec_nf4_native(w, m.cols, rows.clone(), x, y) {
                     matvec_nf4::<S>(w, m.cols, rows, x, y)
@@ -397,7 +423,11 @@ pub(crate) unsafe fn matvec_rows_multi<S: Simd>(
         match m.w {
             Weights::F32(w) => multi_typed::<S, f32>(w, cols, rows, x, n, y, ldy),
             Weights::F16(w) => multi_typed::<S, f16>(w, cols, rows, x, n, y, ldy),
-            Weights::BF16(w) => multi_typed::<S, bf16>(w, cols, rows, x, n, y, ldy),
+            Weights::BF16(w) => {
+                if !S::matvec_bf16_native_multi(w, cols, rows.clone(), x, n, y, ldy) {
+                    multi_typed::<S, bf16>(w, cols, rows, x, n, y, ldy)
+                }
+            }
             Weights::Nf4(w) if w.simd_ok(cols) && S::matvec_nf4_native_multi(w, cols, rows.clone(), x, n, y, ldy) => {}
             Weights::Nf4(w) if w.simd_ok(cols) && n > 1 => {
                 let pairs_end = rows.start + rows.len() / 2 * 2;

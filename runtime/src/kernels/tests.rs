@@ -3,6 +3,10 @@
 //! Error budget for reductions of length K: |got − want| ≤ 1e-5 · Σ|w_k · x_k| (f32 summation
 //! in any order stays well inside this for K ≤ 8192: the typical error grows like √K · 2^-24).
 //! Element-wise kernels: relative 1e-5 plus an absolute 1e-30 floor.
+//!
+//! BF16 weights on [`Isa::Avx512Bf16`] multiply `x` rounded to bf16: their reference is
+//! [`scalar::matvec_rows_bf16_dot`], and the f64 sums they are held to use that rounded `x`
+//! ([`x_seen`]); the same budget applies. `bf16_dot_*` below states how far that is from the f32 path.
 
 use super::*;
 use crate::threadpool::ThreadPool;
@@ -67,6 +71,24 @@ fn row_f64(m: &MatRef, r: usize, x: &[f32]) -> (f64, f64) {
     })
 }
 
+/// `x` as the kernels of `isa` see it for weights `w`: rounded to bf16 for BF16 weights with
+/// native bf16 dot products, else as it is.
+fn x_seen(isa: Isa, w: &Weights, x: &[f32]) -> Vec<f32> {
+    if isa.bf16_dot() && matches!(w, Weights::BF16(_)) {
+        x.iter().map(|&v| f32::from_bits(u32::from(scalar::round_bf16(v)) << 16)).collect()
+    } else {
+        x.to_vec()
+    }
+}
+
+/// The scalar reference of `isa`'s matvec on `m`.
+fn reference_rows(isa: Isa, m: MatRef, rows: std::ops::Range<usize>, x: &[f32], y: &mut [f32]) {
+    match m.w {
+        Weights::BF16(w) if isa.bf16_dot() => scalar::matvec_rows_bf16_dot(w, m.cols, rows, x, y),
+        _ => scalar::matvec_rows(m, rows, x, y),
+    }
+}
+
 fn assert_close(got: f32, want: f64, scale: f64, what: &str) {
     let err = (got as f64 - want).abs();
     assert!(err <= REL * scale + 1e-30, "{what}: got {got}, want {want}, err {err:e}, scale {scale:e}");
@@ -116,14 +138,14 @@ fn matvec_matches_scalar_every_isa_dtype_and_thread_count() {
             let x = rng.vec(cols + offset);
             let x = &x[offset..];
             for m in data.views(offset).map(|w| MatRef { w, rows, cols }) {
-                let mut want = vec![0.0; rows];
-                scalar::matvec_rows(m, 0..rows, x, &mut want);
                 for isa in Isa::available() {
+                    let mut want = vec![0.0; rows];
+                    reference_rows(isa, m, 0..rows, x, &mut want);
                     for pool in &pools {
                         let mut y = vec![f32::NAN; rows];
                         matvec_isa(isa, pool, m, x, &mut y);
                         for r in 0..rows {
-                            let (_, scale) = row_f64(&m, r, x);
+                            let (_, scale) = row_f64(&m, r, &x_seen(isa, &m.w, x));
                             let what = format!(
                                 "{isa:?} {:?} {rows}x{cols} off {offset} threads {} row {r}",
                                 std::mem::discriminant(&m.w),
@@ -155,7 +177,7 @@ fn matmul_matches_scalar_every_isa_dtype() {
                         let mut y = vec![f32::NAN; n * rows];
                         matmul_isa(isa, pool, m, x, n, &mut y);
                         for t in 0..n {
-                            let xt = &x[t * cols..(t + 1) * cols];
+                            let xt = &x_seen(isa, &m.w, &x[t * cols..(t + 1) * cols]);
                             for r in 0..rows {
                                 let (want, scale) = row_f64(&m, r, xt);
                                 let what = format!("{isa:?} {rows}x{cols} n {n} token {t} row {r}");
@@ -273,7 +295,10 @@ fn isa_is_the_best_available() {
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
     {
-        assert_eq!(isa(), Isa::Avx512);
+        let no_bf16_dot = std::env::var("PEFTRT_NO_BF16_DOT").is_ok_and(|v| !v.is_empty() && v != "0");
+        let want = if is_x86_feature_detected!("avx512bf16") && !no_bf16_dot { Isa::Avx512Bf16 } else { Isa::Avx512 };
+        assert_eq!(isa(), want);
+        assert!(Isa::Avx512.is_available() && Isa::Avx2.is_available());
     }
 }
 
@@ -281,7 +306,7 @@ fn isa_is_the_best_available() {
 #[test]
 #[should_panic(expected = "is not available on this CPU")]
 fn unavailable_isa_is_refused() {
-    let lacking = [Isa::Avx2, Isa::Avx512, Isa::Neon].into_iter().find(|i| !i.is_available()).unwrap();
+    let lacking = [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Neon].into_iter().find(|i| !i.is_available()).unwrap();
     let w = [1.0f32; 4];
     let mut y = [0.0f32; 2];
     matvec_isa(lacking, &ThreadPool::new(1), MatRef { w: Weights::F32(&w), rows: 2, cols: 2 }, &[1.0, 1.0], &mut y);
@@ -375,7 +400,7 @@ fn matvec_many_inputs_matches_matvec_local() {
                     "{what}"
                 );
                 for (r, &got) in out.iter().enumerate() {
-                    let (w, scale) = row_f64(m, r, &xs[i]);
+                    let (w, scale) = row_f64(m, r, &x_seen(isa(), &m.w, &xs[i]));
                     assert_close(got, w, scale, &what);
                 }
             }
@@ -605,4 +630,112 @@ fn quant_weights_matvec_and_matmul_match_their_dequantised_values() {
     let mut part = vec![0.0; 40];
     q.to_f32(cols + 5, &mut part);
     assert_eq!(&row[5..45], &part[..]);
+}
+
+/// AVX512-BF16's rounding of `x` (`vcvtne2ps2bf16`, in `x86::bf16::to_bf16`) is bit for bit
+/// [`scalar::round_bf16`]: ties to even, subnormals to zero, overflow to infinity, NaN kept, and
+/// the pack of the tiled path uses the scalar one.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn bf16_rounding_is_the_hardwares() {
+    if !Isa::Avx512Bf16.is_available() {
+        return;
+    }
+    let mut vals: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::from_bits(0x3f80_8000), // a tie, to even (down)
+        f32::from_bits(0x3f81_8000), // a tie, to even (up)
+        f32::from_bits(0x3f80_8001),
+        f32::from_bits(0x3f80_7fff),
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        f32::MIN_POSITIVE / 2.0, // subnormal
+        -1e-40,
+        f32::MAX, // rounds up to infinity
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        3.0e38,
+    ];
+    let mut rng = Rng(31);
+    vals.extend((0..1000).map(|_| rng.f32() * 10f32.powi((rng.f32() * 30.0) as i32)));
+    for len in [vals.len(), 1, 17, 33] {
+        let mut out = vec![0u16; len.div_ceil(32) * 32];
+        // SAFETY: AVX512-BF16 is available (checked above); `vals` holds `len`, `out` the padding.
+        unsafe { x86::bf16::to_bf16(vals.as_ptr(), len, out.as_mut_ptr()) };
+        for (i, (&v, &got)) in vals.iter().zip(&out).take(len).enumerate() {
+            assert_eq!(got, scalar::round_bf16(v), "element {i}: {v:e} ({:#x})", v.to_bits());
+        }
+        assert!(out[len..].iter().all(|&p| p == 0), "padding");
+    }
+}
+
+/// The scalar reference of the bf16 dot product against f64 on `x` rounded to bf16 (the usual
+/// budget), and against f64 on `x` itself within the rounding's own bound: |x̃ − x| ≤ 2⁻⁸·|x|,
+/// so |Σw·x̃ − Σw·x| ≤ 2⁻⁸·Σ|w·x|.
+#[test]
+fn scalar_bf16_dot_matches_f64() {
+    let mut rng = Rng(37);
+    for &(rows, cols) in SHAPES.iter().chain(&[(4, 4096), (2, 8191)]) {
+        let w: Vec<bf16> = rng.vec(rows * cols).iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = rng.vec(cols);
+        let m = MatRef { w: Weights::BF16(&w), rows, cols };
+        let mut y = vec![0.0; rows];
+        scalar::matvec_rows_bf16_dot(&w, cols, 0..rows, &x, &mut y);
+        let xb = x_seen(Isa::Avx512Bf16, &m.w, &x);
+        for (r, &got) in y.iter().enumerate() {
+            let (want, scale) = row_f64(&m, r, &xb);
+            assert_close(got, want, scale, &format!("bf16 dot {rows}x{cols} row {r}"));
+            let (want, scale) = row_f64(&m, r, &x);
+            let err = (got as f64 - want).abs();
+            assert!(err <= (2f64.powi(-8) + REL) * scale, "bf16 dot vs f32 x {rows}x{cols} row {r}: err {err:e}");
+        }
+    }
+}
+
+/// BF16 weights along both x86 variants run explicitly, decode (one token and several) and
+/// prefill: `Avx512Bf16` within the usual budget of its reference (x rounded to bf16), `Avx512`
+/// of the f32 one, and the two within 2⁻⁸·Σ|w·x| (+ the budget) of each other. (The other tests
+/// run every available ISA too; this one says what switching `PEFTRT_NO_BF16_DOT` changes.)
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_and_widening_paths_agree_within_the_rounding_of_x() {
+    if !Isa::Avx512Bf16.is_available() {
+        return;
+    }
+    let mut rng = Rng(41);
+    let pool = ThreadPool::new(2);
+    for (rows, cols) in [(1, 1), (5, 31), (13, 64), (40, 576), (37, 1000), (130, 1537), (25, 2048)] {
+        let w: Vec<bf16> = rng.vec(rows * cols).iter().map(|&v| bf16::from_f32(v)).collect();
+        let m = MatRef { w: Weights::BF16(&w), rows, cols };
+        for (n, path) in [(1, Path::Dot), (6, Path::Dot), (1, Path::Tiled), (45, Path::Tiled)] {
+            let x = rng.vec(n * cols);
+            let run = |isa| {
+                let mut y = vec![f32::NAN; n * rows];
+                matmul_many_isa_path(isa, &pool, &[m], &x, n, &mut [&mut y], path);
+                y
+            };
+            let (dot, wide) = (run(Isa::Avx512Bf16), run(Isa::Avx512));
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let mut want = vec![0.0; rows];
+                scalar::matvec_rows_bf16_dot(&w, cols, 0..rows, xt, &mut want);
+                let xb = x_seen(Isa::Avx512Bf16, &m.w, xt);
+                for r in 0..rows {
+                    let what = format!("{rows}x{cols} n {n} {path:?} token {t} row {r}");
+                    let (d, wd) = (dot[t * rows + r], wide[t * rows + r]);
+                    let (_, scale_b) = row_f64(&m, r, &xb);
+                    assert_close(d, want[r] as f64, scale_b, &format!("bf16 dot vs its reference, {what}"));
+                    let (want32, scale) = row_f64(&m, r, xt);
+                    assert_close(wd, want32, scale, &format!("widening vs f64, {what}"));
+                    let err = (d as f64 - wd as f64).abs();
+                    assert!(err <= (2f64.powi(-8) + 2.0 * REL) * scale, "bf16 dot vs widening, {what}: {d} vs {wd}");
+                }
+            }
+        }
+    }
 }

@@ -1,14 +1,17 @@
-//! x86-64 vector types for [`super::simd`]: AVX2+FMA+F16C (8 lanes) and AVX-512F/BW (16 lanes).
+//! x86-64 vector types for [`super::simd`]: AVX2+FMA+F16C (8 lanes) and AVX-512F/BW (16 lanes),
+//! the latter also with AVX512-BF16, whose BF16 matvecs are `bf16.rs`'s `vdpbf16ps` kernels.
 //!
 //! Every method is a thin wrapper over one or two intrinsics; callers guarantee (via run-time
 //! detection in `super::isa`) that the CPU supports them.
 
+pub(crate) mod bf16;
 mod nf4;
 pub(crate) mod quant;
 
 pub(crate) use super::simd::simd_entries;
 use super::simd::Simd;
 use super::Nf4;
+use half::bf16 as Bf16;
 pub(crate) use nf4::reserve_strided;
 use nf4::{nf4_strided, nf4_strided_multi};
 use std::arch::x86_64::*;
@@ -142,10 +145,16 @@ impl Simd for Avx2 {
     }
 }
 
-/// AVX-512F (+BW for the bf16 widening), `__m512` (16 × f32).
-pub(crate) struct Avx512;
+/// AVX-512F (+BW for the bf16 widening), `__m512` (16 × f32); with `BF16_DOT`, BF16 weights go to
+/// the AVX512-BF16 kernels of `bf16.rs` instead of being widened ([`Avx512Bf16`]).
+pub(crate) struct Avx512Of<const BF16_DOT: bool>;
 
-impl Simd for Avx512 {
+/// AVX-512F/BW, BF16 weights widened to f32 ([`super::Isa::Avx512`]).
+pub(crate) type Avx512 = Avx512Of<false>;
+/// AVX-512F/BW with AVX512-BF16: BF16 weights by `vdpbf16ps` ([`super::Isa::Avx512Bf16`]).
+pub(crate) type Avx512Bf16 = Avx512Of<true>;
+
+impl<const BF16_DOT: bool> Simd for Avx512Of<BF16_DOT> {
     type V = __m512;
     const LANES: usize = 16;
     // 12 rows × 32 tokens = 24 accumulators of the 32 zmm registers.
@@ -287,6 +296,33 @@ impl Simd for Avx512 {
         true
     }
     #[inline(always)]
+    unsafe fn matvec_bf16_native(w: &[Bf16], cols: usize, rows: Range<usize>, x: &[f32], y: &mut [f32]) -> bool {
+        if !BF16_DOT {
+            return false;
+        }
+        // SAFETY: `BF16_DOT` types are only reached through `Isa::Avx512Bf16`'s entry points,
+        // which run where the CPU has AVX512-BF16 (with AVX-512F/BW); shapes as the caller's.
+        unsafe { bf16::matvec_rows(w, cols, rows, x, y) };
+        true
+    }
+    #[inline(always)]
+    unsafe fn matvec_bf16_native_multi(
+        w: &[Bf16],
+        cols: usize,
+        rows: Range<usize>,
+        x: &[f32],
+        n: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) -> bool {
+        if !BF16_DOT {
+            return false;
+        }
+        // SAFETY: as in `matvec_bf16_native`; `x` holds `n` tokens and `y` the caller's outputs.
+        unsafe { bf16::matvec_rows_multi(w, cols, rows, x, n, y, ldy) };
+        true
+    }
+    #[inline(always)]
     unsafe fn load_nf4_x4(p: *const u8, lut: __m512) -> [__m512; 4] {
         // SAFETY: `p` valid for 32 bytes. One load of 64 codes; the byte unpacks interleave
         // within 128-bit lanes: `lo` holds codes 0–15 | 32–47, `hi` codes 16–31 | 48–63.
@@ -314,4 +350,10 @@ pub(crate) mod avx2 {
 /// Entry points compiled for AVX-512F/BW (with AVX2/FMA/F16C, which every AVX-512 CPU has).
 pub(crate) mod avx512 {
     super::simd_entries!(super::Avx512, "avx512f,avx512bw,avx2,fma,f16c");
+}
+
+/// The same with AVX512-BF16: every kernel as [`avx512`]'s but the BF16 matvecs (the BF16 GEMM,
+/// which packs X its own way, is `bf16::matmul_rows`, called by `super::matmul_many_isa`).
+pub(crate) mod avx512bf16 {
+    super::simd_entries!(super::Avx512Bf16, "avx512f,avx512bw,avx512bf16,avx2,fma,f16c");
 }
