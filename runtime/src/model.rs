@@ -172,7 +172,7 @@ impl Model {
         if !dir.is_dir() {
             return Err(Error::not_a_directory(
                 dir,
-                "neither a directory nor a GGUF file; pass a Hugging Face model directory or a .gguf file",
+                "not a directory (nor a GGUF file); pass a Hugging Face model directory or a .gguf file",
             ));
         }
         let mut config = ModelConfig::from_file(&dir.join("config.json"))?;
