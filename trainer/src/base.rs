@@ -18,6 +18,15 @@ pub struct Base {
 impl Base {
     /// Loads a Hugging Face model directory with the runtime's loader, then into libtorch.
     pub fn load(dir: &std::path::Path, storage: BaseStorage, device: Device) -> Result<Base> {
+        if dir.is_file() {
+            // The runtime runs a GGUF as it is (Q/K rows in llama.cpp's order); training needs
+            // the Hugging Face layout, which `peftrt import` writes.
+            return Err(Error::Input(format!(
+                "{}: a file, not a Hugging Face model directory; for a GGUF, `peftrt import` it into a \
+                 directory and train on that (the adapter then serves on the GGUF too)",
+                dir.display()
+            )));
+        }
         if dir.is_dir() && !dir.join("config.json").is_file() {
             let hint = if dir.join("adapter_config.json").is_file() {
                 "; it is a PEFT adapter: pass it with --init-adapter, and the model it was trained on with --base"

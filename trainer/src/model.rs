@@ -161,6 +161,15 @@ fn float_tensor(t: &peftrt::weights::Tensor, kind: Kind, device: Device) -> Resu
         DType::BF16 => Kind::BFloat16,
         // expect_float's error names the tensor and file.
         DType::U8 => return Err(t.expect_float().map_or_else(Error::from, |()| Error::Input(t.name.clone()))),
+        // A GGUF base (its Q/K rows in llama.cpp's order, too): trained on as a directory.
+        DType::Quant(ty) => {
+            return Err(Error::Input(format!(
+                "tensor {} of {} is {ty}: the trainer takes a Hugging Face model directory; \
+                 `peftrt import` the GGUF first (adapters trained on the import serve on the GGUF)",
+                t.name,
+                t.file.display()
+            )))
+        }
     };
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     Ok(Tensor::f_from_data_size(t.bytes(), &shape, stored)?.f_to_kind(kind)?.f_to(device)?)
