@@ -4,6 +4,7 @@
 
 use super::{names_another_model, suffix_match, AdapterFile, BaseFingerprint, Targets};
 use crate::error::{Error, MismatchOverride, Result};
+use crate::gguf::import::permute_rows;
 use crate::kernels::{self, MatRef};
 use crate::model::{Linear, Model};
 use crate::weights::{Tensor, WeightStore};
@@ -163,7 +164,7 @@ impl Adapter {
                 // A GGUF's Q/K rows are in llama.cpp's rotary order: B's rows (the adapter's
                 // output rows) follow them.
                 Some(heads) => {
-                    let values = interleave_rows(&t.b.to_f32_vec(), heads, rank);
+                    let values = permute_rows(&t.b.to_f32_vec(), heads, rank);
                     Tensor::owned_f32(t.b.name.clone(), t.b.shape.clone(), t.b.file.clone(), &values)
                 }
                 None => t.b.clone(),
@@ -171,7 +172,7 @@ impl Adapter {
             let mut lw = LoraWeights { a: t.a.clone(), b, rank, scale: file.scale_for(module), dora: None };
             if let Some(m) = &t.magnitude {
                 let magnitude = match lin.interleaved_heads {
-                    Some(heads) => interleave_rows(&m.to_f32_vec(), heads, 1),
+                    Some(heads) => permute_rows(&m.to_f32_vec(), heads, 1),
                     None => m.to_f32_vec(),
                 };
                 lw.dora = Some(Dora { magnitude, norms: dora_norms(lin, &lw) });
@@ -203,27 +204,6 @@ impl Adapter {
     pub fn is_for(&self, model: &Model) -> bool {
         self.model_id == model.id()
     }
-}
-
-/// Rows in Hugging Face order → llama.cpp's rotary order (what convert_hf_to_gguf.py's
-/// `permute` does to Q/K): within each of `heads` heads of `d` rows, row `2i + j` of the result
-/// is row `j·d/2 + i` of `values` (rows of `row_len`). The inverse of
-/// [`crate::gguf::import::unpermute_rows`].
-pub(crate) fn interleave_rows(values: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
-    let rows = values.len() / row_len.max(1);
-    let d = rows / heads.max(1);
-    let half = d / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = (h * d + 2 * i + j) * row_len;
-                let src = (h * d + j * half + i) * row_len;
-                out[dst..dst + row_len].copy_from_slice(&values[src..src + row_len]);
-            }
-        }
-    }
-    out
 }
 
 /// Per-row `‖W‖²`, `⟨W, B·A⟩`, `‖B·A‖²` of a DoRA layer (f64 accumulation of f32 products).
@@ -316,12 +296,12 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
     }
 
-    /// Interleaving Q/K rows for a GGUF base is undone by the importer's unpermutation.
+    /// Permuting Q/K rows for a GGUF base is undone by the importer's unpermutation.
     #[test]
-    fn interleaved_rows_round_trip_through_the_importers_unpermutation() {
+    fn permuted_rows_round_trip_through_the_importers_unpermutation() {
         let (heads, d, row_len) = (3, 8, 5);
         let values: Vec<f32> = (0..heads * d * row_len).map(|v| v as f32).collect();
-        let inter = interleave_rows(&values, heads, row_len);
+        let inter = crate::gguf::import::permute_rows(&values, heads, row_len);
         assert_ne!(inter, values);
         // Head 1, pair 2: rows 2·2 and 2·2 + 1 come from rows 2 and 2 + d/2 of that head.
         assert_eq!(inter[(d + 4) * row_len], values[(d + 2) * row_len]);

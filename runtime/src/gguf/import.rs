@@ -482,6 +482,18 @@ fn plan_tensors<'a>(g: &'a GgufFile, arch: &Arch, hp: &Hparams) -> Result<Vec<Pl
 /// Undoes convert_hf_to_gguf.py's `permute` of Q/K rows: within each head of `head_dim`
 /// rows, GGUF row `2*i + j` is HF row `j*head_dim/2 + i`.
 pub fn unpermute_rows(values: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+    reorder_rows(values, n_heads, row_len, false)
+}
+
+/// Does convert_hf_to_gguf.py's `permute` of Q/K rows (HF order → llama.cpp's rotary order):
+/// the inverse of [`unpermute_rows`].
+pub fn permute_rows(values: &[f32], n_heads: usize, row_len: usize) -> Vec<f32> {
+    reorder_rows(values, n_heads, row_len, true)
+}
+
+/// Rows of `row_len` between the two orders: HF row `j*head_dim/2 + i` of a head is GGUF row
+/// `2*i + j`; `to_gguf` says which way.
+fn reorder_rows(values: &[f32], n_heads: usize, row_len: usize, to_gguf: bool) -> Vec<f32> {
     let rows = values.len() / row_len.max(1);
     let head_dim = rows / n_heads.max(1);
     let half = head_dim / 2;
@@ -489,8 +501,9 @@ pub fn unpermute_rows(values: &[f32], n_heads: usize, row_len: usize) -> Vec<f32
     for h in 0..n_heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * head_dim + 2 * i + j) * row_len;
-                let dst = (h * head_dim + j * half + i) * row_len;
+                let gguf = (h * head_dim + 2 * i + j) * row_len;
+                let hf = (h * head_dim + j * half + i) * row_len;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst..dst + row_len].copy_from_slice(&values[src..src + row_len]);
             }
         }
