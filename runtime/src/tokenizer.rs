@@ -2,9 +2,9 @@
 //! prompts rendered from the model's own Jinja chat template (`minijinja`), the way
 //! transformers' `apply_chat_template` renders them.
 
-use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, is_present, read_regular_file, read_text_file};
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

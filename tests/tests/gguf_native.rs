@@ -82,7 +82,10 @@ fn assert_distributions_close(what: &str, got: &[f32], want: &[f32], vocab: usiz
     let (kl, top1) = (kl / n as f64, agree as f64 / n as f64);
     let (d, m) = max_abs_diff(got, want);
     eprintln!("{what}: mean KL {kl:.2e} nats, top-1 agreement {top1:.3} over {n} positions, max |Δ| {d:.3e} of {m:.3}");
-    assert!(kl <= max_kl && top1 >= min_top1, "{what}: mean KL {kl:.3e} (max {max_kl:e}), top-1 {top1:.3} (min {min_top1})");
+    assert!(
+        kl <= max_kl && top1 >= min_top1,
+        "{what}: mean KL {kl:.3e} (max {max_kl:e}), top-1 {top1:.3} (min {min_top1})"
+    );
 }
 
 fn import_f32(gguf: &Path, dir: &Path) -> Arc<Model> {
