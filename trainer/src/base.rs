@@ -22,8 +22,8 @@ impl Base {
             // The runtime runs a GGUF as it is (Q/K rows in llama.cpp's order); training needs
             // the Hugging Face layout, which `peftrt import` writes.
             return Err(Error::Input(format!(
-                "{}: a file, not a Hugging Face model directory; for a GGUF, `peftrt import` it into a \
-                 directory and train on that (the adapter then serves on the GGUF too)",
+                "{}: not a directory; the trainer takes a Hugging Face model directory (a GGUF: \
+                 `peftrt import` it into one and train on that; the adapter then serves on the GGUF too)",
                 dir.display()
             )));
         }
