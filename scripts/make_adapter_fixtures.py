@@ -66,6 +66,7 @@ ADAPTERS: dict[str, tuple[str, int, dict]] = {
 LORA_STD = 0.1        # std of the random lora_A / lora_B entries
 DORA_HALF = 0.5  # the llama-dora adapter is also evaluated at this scale
 MAGNITUDE_NOISE = 0.1  # DoRA magnitude = initial (row norm of W) * (1 + 0.1 * N(0, 1))
+ON_BF16 = ["llama-all-rslora", "llama-dora"]  # also evaluated on tiny-llama-bf16
 TWO = [("llama-qv", 1.0), ("llama-all-rslora", 0.5)]  # logits_two_llama: adapters and scales
 
 
@@ -209,6 +210,18 @@ def make_all(out: Path) -> dict:
             tensors["logits_merged_llama_qv"] = lm
             metadata["base_merged_llama_qv"] = base
             summary["merged-llama-qv"] = {"max_err_vs_unmerged": err}
+
+    # Adapters trained on tiny-llama, applied on its BF16 copy (same weights rounded; the base
+    # fingerprint matches): PEFT in f32 on the BF16 weights, which peftrt must match within its
+    # BF16 tolerance (it may hold these adapters in bf16 on such a base).
+    for name in ON_BF16:
+        base, bf = ADAPTERS[name][0], "tiny-llama-bf16"
+        ids = tokens_b(bf)
+        tensors[f"tokens_b_{bf.replace('-', '_')}"] = torch.tensor(ids, dtype=torch.int32)
+        m = PeftModel.from_pretrained(load_base(bf), out / name).eval()
+        key = f"{name.replace('-', '_')}_on_bf16"
+        tensors[f"logits_{key}"] = forward_logits(m, ids)
+        metadata[f"base_{key}"] = bf
 
     # Two adapters active at once, the second at half scale.
     (n1, s1), (n2, s2) = TWO

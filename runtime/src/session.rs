@@ -521,25 +521,24 @@ pub(crate) fn linear_path<const N: usize>(
     let dora = lins.iter().any(|lin| crate::adapter::on_layer(active, lin).any(|(lw, _)| lw.dora.is_some()));
     if n == 1 && path == kernels::Path::Dot && !dora && downs <= kernels::MAX_MANY {
         // One token: every up-projection `B·u` of the group in one parallel pass too (the same
-        // dot products as `finish_adapters` takes), then the sums into `y` in its order.
+        // sums as `finish_adapters` makes), then the sums into `y` in its order.
         let (u, v) = lora.up_scratch();
-        let mut ms = [mats[0]; kernels::MAX_MANY];
-        let mut xs: [&[f32]; kernels::MAX_MANY] = [&[]; kernels::MAX_MANY];
-        let mut outs: [&mut [f32]; kernels::MAX_MANY] = std::array::from_fn(|_| &mut [][..]);
+        let mut ups: [(kernels::Weights, usize, &[f32], &mut [f32]); kernels::MAX_MANY] =
+            std::array::from_fn(|_| (kernels::Weights::F32(&[]), 0, &[][..], &mut [][..]));
         let (mut k, mut rest, mut off) = (0, v, 0);
         for lin in &lins {
             for (lw, _) in crate::adapter::on_layer(active, lin) {
                 let (vk, tail) = std::mem::take(&mut rest).split_at_mut(lin.rows);
-                (ms[k], xs[k], outs[k], rest) = (lw.b_mat(), &u[off..off + lw.rank], vk, tail);
+                (ups[k], rest) = ((lw.bt(), lw.rank, &u[off..off + lw.rank], vk), tail);
                 off += lw.rank;
                 k += 1;
             }
         }
-        kernels::matvec_many_inputs(pool, &ms[..k], &xs[..k], &mut outs[..k]);
+        kernels::lowrank_up_many(pool, 1, &mut ups[..k]);
         let mut k = 0;
         for (lin, y) in lins.iter().zip(ys) {
             for (lw, w) in crate::adapter::on_layer(active, lin) {
-                kernels::axpy(y, w * lw.scale, outs[k]);
+                kernels::axpy(y, w * lw.scale, ups[k].3);
                 k += 1;
             }
             add_bias(lin, y);
@@ -547,7 +546,7 @@ pub(crate) fn linear_path<const N: usize>(
         return;
     }
     for ((lin, y), u0) in lins.iter().zip(ys).zip(u0) {
-        finish_adapters(pool, lora, lin, u0, n, batch, y);
+        finish_adapters(pool, lora, lin, u0, n, y);
         add_bias(lin, y);
     }
 }

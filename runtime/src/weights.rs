@@ -127,6 +127,15 @@ impl Tensor {
         Tensor { name, dtype: DType::F32, shape, file, storage: Storage::Owned(words, values.len() * 4) }
     }
 
+    /// A BF16 tensor holding `values` (an adapter's factor rounded to a BF16 base's dtype).
+    pub(crate) fn owned_bf16(name: String, shape: Vec<usize>, file: Arc<PathBuf>, values: &[bf16]) -> Tensor {
+        let words: Arc<[u32]> = values
+            .chunks(2)
+            .map(|p| u32::from(p[0].to_bits()) | p.get(1).map_or(0, |h| u32::from(h.to_bits()) << 16))
+            .collect();
+        Tensor { name, dtype: DType::BF16, shape, file, storage: Storage::Owned(words, values.len() * 2) }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

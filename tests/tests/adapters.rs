@@ -374,3 +374,24 @@ fn merged_model_matches_peft_merge() {
 fn model_at(dir: &std::path::Path) -> Arc<Model> {
     Arc::new(Model::load(dir, &LoadOptions { no_tokenizer: true }).unwrap())
 }
+
+/// On a BF16 base the adapters run as that base does (in bf16, on hosts with bf16 dot
+/// products): PEFT in f32 on the same BF16 weights still matches within the BF16 tolerance,
+/// LoRA and DoRA alike, and a scale of 0 is still exactly the base.
+#[test]
+fn adapters_on_a_bf16_base_match_peft() {
+    let r = reference();
+    let m = model("tiny-llama-bf16");
+    let tokens = r.tokens("tokens_b_tiny_llama_bf16");
+    for name in ["llama-all-rslora", "llama-dora"] {
+        let a = Arc::new(Adapter::load(&fixture(&format!("adapters/{name}")), &m).unwrap());
+        let key = format!("logits_{}_on_bf16", name.replace('-', "_"));
+        peftrt_conformance::assert_logits_within(
+            &format!("{name} on tiny-llama-bf16"),
+            &logits(&m, &[(a.clone(), 1.0)], &tokens),
+            r.logits(&key),
+            peftrt_conformance::tol_for(true),
+        );
+        assert_eq!(logits(&m, &[(a, 0.0)], &tokens), logits(&m, &[], &tokens), "{name}: scale 0 on bf16");
+    }
+}

@@ -107,7 +107,7 @@ pub(crate) fn apply_adapters(
         small_matmul(pool, lw.a_mat(), x, n, batch, u);
         off += n * lw.rank;
     }
-    finish_adapters(pool, lora, lin, 0, n, batch, y);
+    finish_adapters(pool, lora, lin, 0, n, y);
 }
 
 /// The active adapters that act on `lin`, with their weights in the active set, in the order
@@ -139,15 +139,7 @@ impl<'a> Lora<'a> {
 /// The rest of [`apply_adapters`] once every active adapter's `A·x` on `lin` is in the down
 /// scratch from float `u0` on, one after the other in [`on_layer`] order (`[n, rank]` each) —
 /// which lets `session::linear` compute them in the same pass as the base products.
-pub(crate) fn finish_adapters(
-    pool: &ThreadPool,
-    lora: &mut Lora,
-    lin: &Linear,
-    u0: usize,
-    n: usize,
-    batch: usize,
-    y: &mut [f32],
-) {
+pub(crate) fn finish_adapters(pool: &ThreadPool, lora: &mut Lora, lin: &Linear, u0: usize, n: usize, y: &mut [f32]) {
     let rows = lin.rows;
     let active = lora.active;
     if on_layer(active, lin).any(|(lw, _)| lw.dora.is_some()) {
@@ -169,7 +161,7 @@ pub(crate) fn finish_adapters(
         let s = weight * lw.scale;
         let (u, v) = (&lora.u[off..off + n * lw.rank], &mut lora.y[..n * rows]);
         off += n * lw.rank;
-        small_matmul(pool, lw.b_mat(), u, n, batch, v);
+        up(pool, lw, u, n, v);
         match &lw.dora {
             // Row by row: a row's sums then do not depend on where it sits in the batch.
             None => y.chunks_exact_mut(rows).zip(v.chunks_exact(rows)).for_each(|(y, v)| kernels::axpy(y, s, v)),
@@ -195,9 +187,20 @@ const LOCAL_MAX_MACS: usize = 1 << 16;
 pub(crate) fn runs_on_caller(active: &[(Arc<Adapter>, f32)], lin: &Linear, n: usize, batch: usize) -> bool {
     kernels::Path::for_tokens(batch) == kernels::Path::Dot
         && on_layer(active, lin).all(|(lw, _)| {
-            let (am, bm) = (lw.a_mat(), lw.b_mat());
-            n * am.rows * am.cols <= LOCAL_MAX_MACS && n * bm.rows * bm.cols <= LOCAL_MAX_MACS
+            let am = lw.a_mat();
+            n * am.rows * am.cols <= LOCAL_MAX_MACS && n * lw.rank * lw.out() <= LOCAL_MAX_MACS
         })
+}
+
+/// `v = B·u` for `n` tokens (`[n, rank]` → `[n, out]`): on the calling thread when it is small
+/// (as [`small_matmul`]), else its columns shared out over the pool; the same sums either way,
+/// whatever `n` ([`kernels::lowrank_up`]).
+fn up(pool: &ThreadPool, lw: &LoraWeights, u: &[f32], n: usize, v: &mut [f32]) {
+    if n * lw.rank * lw.out() <= LOCAL_MAX_MACS {
+        kernels::lowrank_up(lw.bt(), lw.rank, u, n, v);
+    } else {
+        kernels::lowrank_up_many(pool, n, &mut [(lw.bt(), lw.rank, u, v)]);
+    }
 }
 
 /// `y = x·Wᵀ` for a low-rank factor and `n` tokens, summed as for a batch of `batch` tokens,

@@ -16,6 +16,14 @@ pub struct LoraWeights {
     pub a: Tensor,
     /// `[out_features, r]`
     pub b: Tensor,
+    /// What a forward pass multiplies: `A`, and `B` transposed (`[r, out_features]`: the
+    /// up-projection as `r` rows of outputs, [`kernels::lowrank_up`], summed the same for any
+    /// batch). In f32 (the file's values), or in bf16 on a BF16 weight whose products take bf16
+    /// dot products ([`kernels::Isa::bf16_dot`]): the adapter then rounds as its base does and
+    /// reads half the bytes (vLLM likewise keeps LoRA weights in the model's dtype). Merging and
+    /// DoRA's norms use the file's values.
+    run_a: Tensor,
+    run_bt: Tensor,
     pub rank: usize,
     /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
     pub scale: f32,
@@ -45,10 +53,15 @@ impl Dora {
 
 impl LoraWeights {
     pub fn a_mat(&self) -> MatRef<'_> {
-        MatRef { w: self.a.weights(), rows: self.rank, cols: self.a.shape[1] }
+        MatRef { w: self.run_a.weights(), rows: self.rank, cols: self.a.shape[1] }
     }
-    pub fn b_mat(&self) -> MatRef<'_> {
-        MatRef { w: self.b.weights(), rows: self.b.shape[0], cols: self.rank }
+    /// `B` transposed, `[rank, out]`, as the forward pass multiplies it.
+    pub fn bt(&self) -> kernels::Weights<'_> {
+        self.run_bt.weights()
+    }
+    /// Output features (rows of `B`).
+    pub fn out(&self) -> usize {
+        self.b.shape[0]
     }
 
     /// `ΔW = B·A` (unscaled), `[out, in]`, in f32.
@@ -169,7 +182,24 @@ impl Adapter {
                 }
                 None => t.b.clone(),
             };
-            let mut lw = LoraWeights { a: t.a.clone(), b, rank, scale: file.scale_for(module), dora: None };
+            let bt = transpose(&b.to_f32_vec(), lin.rows, rank);
+            let bt_name = format!("{} (transposed)", t.b.name);
+            let (run_a, run_bt) = if kernels::isa().bf16_dot() && matches!(lin.mat().w, kernels::Weights::BF16(_)) {
+                let to_bf16 = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
+                (
+                    Tensor::owned_bf16(
+                        t.a.name.clone(),
+                        t.a.shape.clone(),
+                        t.a.file.clone(),
+                        &to_bf16(&t.a.to_f32_vec()),
+                    ),
+                    Tensor::owned_bf16(bt_name, vec![rank, lin.rows], t.b.file.clone(), &to_bf16(&bt)),
+                )
+            } else {
+                (t.a.clone(), Tensor::owned_f32(bt_name, vec![rank, lin.rows], t.b.file.clone(), &bt))
+            };
+            let mut lw =
+                LoraWeights { a: t.a.clone(), b, run_a, run_bt, rank, scale: file.scale_for(module), dora: None };
             if let Some(m) = &t.magnitude {
                 let magnitude = match lin.interleaved_heads {
                     Some(heads) => permute_rows(&m.to_f32_vec(), heads, 1),
@@ -230,6 +260,17 @@ fn dora_norms(lin: &Linear, lw: &LoraWeights) -> Vec<[f64; 3]> {
             [ww, wd, dd]
         })
         .collect()
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; m.len()];
+    for (r, row) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
 }
 
 fn dot64(x: &[f32], y: &[f32]) -> f64 {

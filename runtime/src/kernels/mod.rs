@@ -470,36 +470,6 @@ pub fn matmul_many(pool: &ThreadPool, ms: &[MatRef], x: &[f32], n: usize, ys: &m
     matmul_many_isa(isa(), pool, ms, x, n, ys)
 }
 
-/// `ys[i] = ms[i]·xs[i]` for one token, each matrix with its own input, in one parallel pass:
-/// the same dot products per row as [`matvec_local`] (the adapters' up-projections `B·u` of a
-/// decode step, each on its own `u`).
-///
-/// # Panics
-/// If more than [`MAX_MANY`] matrices are given, the counts differ, or a shape does not match.
-pub fn matvec_many_inputs(pool: &ThreadPool, ms: &[MatRef], xs: &[&[f32]], ys: &mut [&mut [f32]]) {
-    let isa = isa();
-    assert!(
-        ms.len() <= MAX_MANY && ms.len() == ys.len() && ms.len() == xs.len(),
-        "matvec_many_inputs: {} matrices, {} inputs, {} outputs",
-        ms.len(),
-        xs.len(),
-        ys.len()
-    );
-    let mut outs = [SharedMut(std::ptr::null_mut()); MAX_MANY];
-    for (((m, x), y), o) in ms.iter().zip(xs).zip(ys.iter_mut()).zip(outs.iter_mut()) {
-        check_mat(m, x.len(), 1, y.len());
-        *o = SharedMut::new(y);
-    }
-    let chunks = RowChunks::new(ms, pool.n_threads(), 16);
-    pool.run(|_, _| {
-        while let Some((i, rows)) = chunks.next() {
-            // SAFETY: each chunk of rows goes to exactly one thread and lies inside `ys[i]`.
-            let y = unsafe { outs[i].slice(rows.clone()) };
-            matvec_rows_isa(isa, ms[i], rows, xs[i], y);
-        }
-    });
-}
-
 /// How a matrix product sums: each token's row of Y as a dot product per output (the decode
 /// kernel, [`matvec`]) or through the tiled GEMM (the prefill kernel, [`matmul`]). Each sums in
 /// its own order, so their results differ in the last bits; within one path, a token's outputs do
@@ -715,6 +685,91 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// If `v` holds fewer than `p.len()` rows.
 pub fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
     weighted_sum_isa(isa(), y, p, v)
+}
+
+/// A LoRA up-projection `Y = U · B` with `B` stored transposed (`bt`, `[rank, out]`), for the `n` tokens of `u` (`[n, rank]`), on the calling thread. Each
+/// output is `rank` fused multiply-adds in ascending `k` ([`scalar::lowrank_up`]): the same bits
+/// whatever the instruction set, the token count and however the columns are shared out, so a
+/// token's result never depends on its batch.
+///
+/// # Panics
+/// If the slice lengths do not match the shapes.
+pub fn lowrank_up(bt: Weights, rank: usize, u: &[f32], n: usize, y: &mut [f32]) {
+    let out = bt.len() / rank.max(1);
+    check_lowrank(bt, rank, out, u, n, y.len());
+    // SAFETY: shapes checked; `y` is ours alone.
+    unsafe { lowrank_up_isa(isa(), bt, rank, out, u, n, 0..out, y.as_mut_ptr()) }
+}
+
+/// [`lowrank_up`] for several products at once, their columns shared out over the pool:
+/// `(bt, rank, u, y)` each, all for `n` tokens.
+///
+/// # Panics
+/// As [`lowrank_up`], for each product.
+pub fn lowrank_up_many(pool: &ThreadPool, n: usize, products: &mut [(Weights, usize, &[f32], &mut [f32])]) {
+    let isa = isa();
+    let mut outs = [(SharedMut(std::ptr::null_mut()), 0usize); MAX_MANY];
+    assert!(products.len() <= MAX_MANY, "lowrank_up_many: {} products", products.len());
+    for ((bt, rank, u, y), o) in products.iter_mut().zip(outs.iter_mut()) {
+        let out = bt.len() / (*rank).max(1);
+        check_lowrank(*bt, *rank, out, u, n, y.len());
+        *o = (SharedMut::new(y), out);
+    }
+    let total: usize = outs[..products.len()].iter().map(|o| o.1).sum();
+    // Columns in whole 16-lane groups (no two threads share a cache line of `y` in the middle).
+    let products = &*products;
+    pool.run(|ti, nt| {
+        let mine = split_range(total, ti, nt, 16);
+        let mut first = 0;
+        for ((bt, rank, u, _), (y, out)) in products.iter().zip(&outs) {
+            let cols = mine.start.clamp(first, first + out) - first..mine.end.clamp(first, first + out) - first;
+            if !cols.is_empty() {
+                // SAFETY: shapes checked above; each column of each `y` lies in exactly one
+                // thread's range.
+                unsafe { lowrank_up_isa(isa, *bt, *rank, *out, u, n, cols, y.ptr()) }
+            }
+            first += out;
+        }
+    });
+}
+
+fn check_lowrank(bt: Weights, rank: usize, out: usize, u: &[f32], n: usize, y_len: usize) {
+    assert!(
+        matches!(bt, Weights::F32(_) | Weights::F16(_) | Weights::BF16(_)),
+        "lowrank_up: low-rank factors are f32, f16 or bf16"
+    );
+    assert!(
+        rank > 0 && bt.len() == rank * out && u.len() == n * rank && y_len == n * out,
+        "lowrank_up: Bᵀ of {} values for rank {rank} × {out} outputs, {} values of U for {n} tokens, {y_len} of Y",
+        bt.len(),
+        u.len()
+    );
+}
+
+/// # Safety
+/// `isa` available; shapes as [`check_lowrank`] checks them; `cols ⊆ 0..out`; `y` valid for
+/// writes of those columns of `n` token rows of `out`, which no other thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn lowrank_up_isa(
+    isa: Isa,
+    bt: Weights,
+    rank: usize,
+    out: usize,
+    u: &[f32],
+    n: usize,
+    cols: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    debug_assert!(cols.end <= out && bt.len() >= rank * out && u.len() >= n * rank);
+    dispatch!(isa, lowrank_up(bt, rank, out, u, n, cols, y), {
+        for t in 0..n {
+            for c in cols.clone() {
+                let v = scalar::lowrank_up_one(bt, rank, out, &u[t * rank..(t + 1) * rank], c);
+                // SAFETY: the caller's contract (`t < n`, `c < out`).
+                unsafe { *y.add(t * out + c) = v };
+            }
+        }
+    })
 }
 
 /// `y = W · x` on the calling thread alone (small matrices inside an already parallel job,

@@ -98,6 +98,43 @@ pub fn weighted_sum(y: &mut [f32], p: &[f32], v: &[f32]) {
     }
 }
 
+/// A low-rank up-projection with `B` stored transposed (`bt`, `[rank, out]`, f32, f16 or bf16):
+/// for each of the `n` tokens of `u` (`[n, rank]`), `Y[t, c] = Σ_k U[t, k] · Bᵀ[k, c]` for `c` in
+/// `cols`, the `rank` products (each weight exactly widened to f32) added in ascending `k`, each
+/// fused into the running sum from zero (`mul_add`). Every SIMD kernel computes each element by
+/// exactly these operations, so the result is the same bit for bit whatever the instruction set,
+/// the token count or the columns a call covers. `y` is `[n, out]`; only `cols` of each token row
+/// are written.
+///
+/// # Panics
+/// If `bt` is not f32, f16 or bf16, or a slice is shorter than the shapes say.
+pub fn lowrank_up(bt: Weights, rank: usize, u: &[f32], n: usize, cols: std::ops::Range<usize>, y: &mut [f32]) {
+    let out = bt.len() / rank.max(1);
+    for t in 0..n {
+        for c in cols.clone() {
+            y[t * out + c] = lowrank_up_one(bt, rank, out, &u[t * rank..(t + 1) * rank], c);
+        }
+    }
+}
+
+/// One output of [`lowrank_up`]: column `c` for the token whose `rank` values are `u`.
+#[inline(always)]
+pub fn lowrank_up_one(bt: Weights, rank: usize, out: usize, u: &[f32], c: usize) -> f32 {
+    fn typed<E: super::simd::Elem>(bt: &[E], rank: usize, out: usize, u: &[f32], c: usize) -> f32 {
+        let mut acc = 0.0f32;
+        for k in 0..rank {
+            acc = u[k].mul_add(bt[k * out + c].f32(), acc);
+        }
+        acc
+    }
+    match bt {
+        Weights::F32(w) => typed(w, rank, out, u, c),
+        Weights::F16(w) => typed(w, rank, out, u, c),
+        Weights::BF16(w) => typed(w, rank, out, u, c),
+        Weights::Nf4(_) | Weights::Quant(_) => panic!("lowrank_up: low-rank factors are f32, f16 or bf16"),
+    }
+}
+
 /// `x` rounded to bf16 (as bits) the way AVX512-BF16's `vcvtne2ps2bf16` rounds it: to nearest,
 /// ties to even; subnormal inputs become zero of the same sign; a NaN stays a (quiet) NaN.
 /// Unlike `half::bf16::from_f32`, which keeps subnormals.

@@ -128,9 +128,15 @@ pub(crate) trait Elem: Copy {
     /// alignment needed: the loads are unaligned).
     unsafe fn load<S: Simd>(p: *const Self) -> S::V;
     fn f32(self) -> f32;
+    /// A slice of this type as [`Weights`].
+    fn weights(s: &[Self]) -> Weights<'_>;
 }
 
 impl Elem for f32 {
+    #[inline(always)]
+    fn weights(s: &[f32]) -> Weights<'_> {
+        Weights::F32(s)
+    }
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const f32) -> S::V {
         // SAFETY: forwarded contract.
@@ -144,6 +150,10 @@ impl Elem for f32 {
 
 impl Elem for f16 {
     #[inline(always)]
+    fn weights(s: &[f16]) -> Weights<'_> {
+        Weights::F16(s)
+    }
+    #[inline(always)]
     unsafe fn load<S: Simd>(p: *const f16) -> S::V {
         // SAFETY: `f16` is `repr(transparent)` over u16; forwarded contract.
         unsafe { S::load_f16(p.cast()) }
@@ -155,6 +165,10 @@ impl Elem for f16 {
 }
 
 impl Elem for bf16 {
+    #[inline(always)]
+    fn weights(s: &[bf16]) -> Weights<'_> {
+        Weights::BF16(s)
+    }
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const bf16) -> S::V {
         // SAFETY: `bf16` is `repr(transparent)` over u16; forwarded contract.
@@ -807,6 +821,125 @@ pub(crate) unsafe fn weighted_sum<S: Simd>(y: &mut [f32], p: &[f32], v: &[f32]) 
     }
 }
 
+/// [`super::scalar::lowrank_up`]: each output is the same chain of fused multiply-adds over
+/// `k`, lane by lane (no lane crosses another, so the result equals the scalar one bit for bit).
+/// Register tile: up to four tokens × four vectors of columns, sharing each loaded vector of
+/// `Bᵀ` across the tokens; the columns past the last whole vector go through `mul_add`.
+///
+/// # Safety
+/// The CPU supports `S`'s instruction set; `bt` holds `rank · out` values, `u` `n · rank`, and `y`
+/// is valid for writes of `Y[t, c]` (at `t·out + c`), `t < n`, `c` in `cols ⊆ 0..out`, which no
+/// other thread touches during the call (`super::lowrank_up_isa` asserts the shapes).
+#[inline(always)]
+pub(crate) unsafe fn lowrank_up<S: Simd>(
+    bt: Weights,
+    rank: usize,
+    out: usize,
+    u: &[f32],
+    n: usize,
+    cols: Range<usize>,
+    y: *mut f32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match bt {
+            Weights::F32(w) => lowrank_up_typed::<S, f32>(w, rank, out, u, n, cols, y),
+            Weights::F16(w) => lowrank_up_typed::<S, f16>(w, rank, out, u, n, cols, y),
+            Weights::BF16(w) => lowrank_up_typed::<S, bf16>(w, rank, out, u, n, cols, y),
+            Weights::Nf4(_) | Weights::Quant(_) => panic!("lowrank_up: low-rank factors are f32, f16 or bf16"),
+        }
+    }
+}
+
+/// [`lowrank_up`] for one element type.
+///
+/// # Safety
+/// As [`lowrank_up`].
+#[inline(always)]
+unsafe fn lowrank_up_typed<S: Simd, E: Elem>(
+    bt: &[E],
+    rank: usize,
+    out: usize,
+    u: &[f32],
+    n: usize,
+    cols: Range<usize>,
+    y: *mut f32,
+) {
+    let mut t = 0;
+    // SAFETY (all calls): forwarded contract.
+    unsafe {
+        while t + 4 <= n {
+            lowrank_up_tokens::<S, E, 4>(bt, rank, out, u, t, cols.clone(), y);
+            t += 4;
+        }
+        while t < n {
+            lowrank_up_tokens::<S, E, 1>(bt, rank, out, u, t, cols.clone(), y);
+            t += 1;
+        }
+    }
+}
+
+/// [`lowrank_up`] for the `T` tokens from `t0`.
+///
+/// # Safety
+/// As [`lowrank_up`], with `t0 + T <= n`.
+#[inline(always)]
+unsafe fn lowrank_up_tokens<S: Simd, E: Elem, const T: usize>(
+    bt: &[E],
+    rank: usize,
+    out: usize,
+    u: &[f32],
+    t0: usize,
+    cols: Range<usize>,
+    y: *mut f32,
+) {
+    const V: usize = 4;
+    let l = S::LANES;
+    let b = bt.as_ptr();
+    let mut c = cols.start;
+    // SAFETY (whole body): `k < rank` and `c + width <= cols.end <= out` keep the reads of `bt`
+    // inside `rank · out`; the writes are the caller's (`t0 + j < n`, `c` in `cols`).
+    unsafe {
+        while c + V * l <= cols.end {
+            let mut acc = [[S::zero(); V]; T];
+            for k in 0..rank {
+                let w: [S::V; V] = std::array::from_fn(|v| E::load::<S>(b.add(k * out + c + v * l)));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let uk = S::splat(u[(t0 + j) * rank + k]);
+                    for v in 0..V {
+                        acc[v] = S::fma(uk, w[v], acc[v]);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                for (v, &a) in acc.iter().enumerate() {
+                    S::store(y.add((t0 + j) * out + c + v * l), a);
+                }
+            }
+            c += V * l;
+        }
+        while c + l <= cols.end {
+            let mut acc = [S::zero(); T];
+            for k in 0..rank {
+                let w = E::load::<S>(b.add(k * out + c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = S::fma(S::splat(u[(t0 + j) * rank + k]), w, *acc);
+                }
+            }
+            for (j, &a) in acc.iter().enumerate() {
+                S::store(y.add((t0 + j) * out + c), a);
+            }
+            c += l;
+        }
+        for c in c..cols.end {
+            for j in 0..T {
+                let uj = &u[(t0 + j) * rank..(t0 + j + 1) * rank];
+                *y.add((t0 + j) * out + c) = super::scalar::lowrank_up_one(E::weights(bt), rank, out, uj, c);
+            }
+        }
+    }
+}
+
 /// Defines the `#[target_feature]` entry points of every kernel for one [`Simd`] type.
 macro_rules! simd_entries {
     ($S:ty, $features:literal) => {
@@ -869,6 +1002,24 @@ macro_rules! simd_entries {
         pub(crate) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
             // SAFETY: forwarded contract.
             unsafe { simd::axpy::<$S>(y, a, x) }
+        }
+
+        /// See [`simd::lowrank_up`].
+        ///
+        /// # Safety
+        /// The CPU supports the features; the shapes and `y` are as [`simd::lowrank_up`] requires.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn lowrank_up(
+            bt: crate::kernels::Weights,
+            rank: usize,
+            out: usize,
+            u: &[f32],
+            n: usize,
+            cols: Range<usize>,
+            y: *mut f32,
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { simd::lowrank_up::<$S>(bt, rank, out, u, n, cols, y) }
         }
 
         /// # Safety

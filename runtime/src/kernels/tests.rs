@@ -365,49 +365,6 @@ fn matmul_many_matches_separate_matrices() {
     }
 }
 
-/// Up to MAX_MANY matrices, each on its own input, in one job: bit for bit what
-/// `matvec_local` gives for each alone (the adapters' `B·u` must sum as in `finish_adapters`),
-/// and close to f64, for every thread count.
-#[test]
-fn matvec_many_inputs_matches_matvec_local() {
-    let mut rng = Rng(11);
-    let shapes: Vec<(usize, usize)> = (0..MAX_MANY).map(|i| (3 + 37 * i % 101, 1 + 5 * i)).collect();
-    let data: Vec<AllDtypes> = shapes.iter().map(|&(r, c)| AllDtypes::new(&rng.vec(r * c))).collect();
-    let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, c)| rng.vec(c)).collect();
-    for dtype in 0..3 {
-        let ms: Vec<MatRef> =
-            shapes.iter().zip(&data).map(|(&(rows, cols), d)| MatRef { w: d.views(0)[dtype], rows, cols }).collect();
-        let want: Vec<Vec<f32>> = ms
-            .iter()
-            .zip(&xs)
-            .map(|(m, x)| {
-                let mut y = vec![0.0; m.rows];
-                matvec_local(*m, x, &mut y);
-                y
-            })
-            .collect();
-        for threads in [1, 2, 3] {
-            let pool = ThreadPool::new(threads);
-            let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![f32::NAN; m.rows]).collect();
-            let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-            matvec_many_inputs(&pool, &ms, &inputs, &mut ys);
-            for (i, ((m, out), want)) in ms.iter().zip(&outs).zip(&want).enumerate() {
-                let what = format!("{} matrix {i} threads={threads}", dtype_name(&m.w));
-                assert_eq!(
-                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{what}"
-                );
-                for (r, &got) in out.iter().enumerate() {
-                    let (w, scale) = row_f64(m, r, &x_seen(isa(), &m.w, &xs[i]));
-                    assert_close(got, w, scale, &what);
-                }
-            }
-        }
-    }
-}
-
 /// Attention's weighted sum of value rows, every instruction set against the scalar reference.
 #[test]
 fn weighted_sum_matches_scalar() {
@@ -738,4 +695,68 @@ fn bf16_dot_and_widening_paths_agree_within_the_rounding_of_x() {
             }
         }
     }
+}
+
+/// The LoRA up-projection: every instruction set bit-identical to the scalar reference, for
+/// any token count and any split of the columns (a token's outputs never depend on its batch),
+/// and the reference within the f32 budget of the f64 sums.
+#[test]
+fn lowrank_up_is_bit_identical_everywhere() {
+    let mut rng = Rng(23);
+    let pool = ThreadPool::new(3);
+    for (rank, out, n) in [(1, 1, 1), (16, 576, 1), (16, 192, 5), (8, 1536, 9), (7, 33, 4), (64, 100, 2), (3, 17, 0)] {
+        let all = AllDtypes::new(&rng.vec(rank * out));
+        let u = rng.vec(n * rank);
+        for (bt, dtype) in all.views(0).into_iter().zip(["f32", "f16", "bf16"]) {
+            let mut want = vec![f32::NAN; n * out];
+            scalar::lowrank_up(bt, rank, &u, n, 0..out, &mut want);
+            for t in 0..n {
+                for c in 0..out {
+                    let (s, a) = (0..rank).fold((0.0f64, 0.0f64), |(s, a), k| {
+                        let p = f64::from(u[t * rank + k]) * weight(&bt, k * out + c);
+                        (s + p, a + p.abs())
+                    });
+                    assert_close(want[t * out + c], s, a, &format!("scalar lowrank_up {rank}x{out}"));
+                }
+            }
+            for isa in Isa::available() {
+                let what = format!("{isa:?} lowrank_up {dtype}: rank {rank}, {out} outputs, {n} tokens");
+                let mut got = vec![f32::NAN; n * out];
+                // Columns in uneven pieces (one empty when out is small), the tokens all at once.
+                let (a, b) = (out.min(5), out.min(5).max(out / 2));
+                for cols in [0..a, a..b, b..out] {
+                    // SAFETY: `isa` is available; shapes as built; `got` is ours.
+                    unsafe { lowrank_up_isa(isa, bt, rank, out, &u, n, cols, got.as_mut_ptr()) };
+                }
+                assert!(bits_equal(&got, &want), "{what}: differs from the scalar reference");
+                // Token by token: the same bits.
+                for t in 0..n {
+                    let mut one = vec![f32::NAN; out];
+                    let ut = &u[t * rank..(t + 1) * rank];
+                    // SAFETY: as above, one token.
+                    unsafe { lowrank_up_isa(isa, bt, rank, out, ut, 1, 0..out, one.as_mut_ptr()) };
+                    assert!(bits_equal(&one, &want[t * out..(t + 1) * out]), "{what}: token {t} alone differs");
+                }
+            }
+            // The pool's split of several products' columns: the same bits too.
+            let bt2 = rng.vec(rank * 40);
+            let u2 = rng.vec(n * rank);
+            let (mut y1, mut y2) = (vec![f32::NAN; n * out], vec![f32::NAN; n * 40]);
+            lowrank_up_many(
+                &pool,
+                n,
+                &mut [(bt, rank, &u[..], &mut y1[..]), (Weights::F32(&bt2), rank, &u2[..], &mut y2[..])],
+            );
+            let mut want2 = vec![f32::NAN; n * 40];
+            lowrank_up(Weights::F32(&bt2), rank, &u2, n, &mut want2);
+            assert!(
+                bits_equal(&y1, &want) && bits_equal(&y2, &want2),
+                "lowrank_up_many {dtype} rank {rank}, {out} outputs"
+            );
+        }
+    }
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
