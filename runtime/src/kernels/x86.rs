@@ -17,6 +17,18 @@ use nf4::{nf4_strided, nf4_strided_multi};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+/// Asks for the cache lines of `bytes` to be brought into L1 (no effect on any value): the
+/// multi-token matvecs read a row group from memory once for their first tokens and from cache
+/// after, and prefetch the next group meanwhile so that its loads do not wait on memory.
+#[inline(always)]
+pub(crate) fn prefetch(bytes: &[u8]) {
+    for i in (0..bytes.len()).step_by(64) {
+        // SAFETY: the address is inside `bytes`; a prefetch never faults and reads nothing the
+        // program sees. SSE (all of x86-64).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(i).cast()) };
+    }
+}
+
 /// AVX2 + FMA + F16C, `__m256` (8 × f32).
 pub(crate) struct Avx2;
 
