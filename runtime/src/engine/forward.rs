@@ -232,44 +232,42 @@ impl Linears<'_> {
             }
             kernels::matmul_many_path(self.pool, &mats, &x[tiled * cols..n * cols], n - tiled, &mut tails, Path::Dot);
         }
-        for (lin, y) in lins.iter().zip(ys) {
-            let seq = |p: &Part| self.slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
-            let rows_of =
-                |p: &Part| (p.row0 * cols..(p.row0 + p.n) * cols, p.row0 * lin.rows..(p.row0 + p.n) * lin.rows);
-            // Sequences whose adapter products are small enough for one thread (decode rows):
-            // one sequence per thread at a time, each thread with its own scratch.
-            let on_caller = |p: &Part| {
-                let a = &seq(p).adapters;
-                !a.is_empty() && runs_on_caller(a, lin, p.n, p.batch)
-            };
-            let parallel = self.parts.iter().filter(|p| on_caller(p)).count();
-            if parallel > 1 {
-                let out = SharedMut::new(y);
-                let scratch = SharedMut::new(lora);
-                self.pool.run(|ti, nt| {
-                    // SAFETY: thread `ti` alone uses scratch `ti` (one per pool thread).
-                    let lora = unsafe { &mut scratch.slice(ti..ti + 1)[0] };
-                    let mine = split_range(parallel, ti, nt, 1);
-                    for p in self.parts.iter().filter(|p| on_caller(p)).skip(mine.start).take(mine.len()) {
-                        let (xr, yr) = rows_of(p);
+        // The adapters, sequence by sequence. Those whose products are small enough for one
+        // thread (decode rows) run one sequence per thread, every projection of the group in
+        // the same job, each thread with its own scratch; the others share the pool per product.
+        let seq = |p: &Part| self.slots[p.slot].seq.as_ref().expect("a planned slot holds a sequence");
+        let on_caller = |p: &Part| {
+            let a = &seq(p).adapters;
+            !a.is_empty() && lins.iter().all(|lin| runs_on_caller(a, lin, p.n, p.batch))
+        };
+        let parallel = self.parts.iter().filter(|p| on_caller(p)).count();
+        let rows_of = |p: &Part, lin: &Linear| {
+            (p.row0 * cols..(p.row0 + p.n) * cols, p.row0 * lin.rows..(p.row0 + p.n) * lin.rows)
+        };
+        if parallel > 1 {
+            let outs: [SharedMut<f32>; N] = std::array::from_fn(|i| SharedMut::new(&mut ys[i][..]));
+            let scratch = SharedMut::new(lora);
+            self.pool.run(|ti, nt| {
+                // SAFETY: thread `ti` alone uses scratch `ti` (one per pool thread).
+                let lora = unsafe { &mut scratch.slice(ti..ti + 1)[0] };
+                let mine = split_range(parallel, ti, nt, 1);
+                for p in self.parts.iter().filter(|p| on_caller(p)).skip(mine.start).take(mine.len()) {
+                    for (lin, out) in lins.iter().zip(&outs) {
+                        let (xr, yr) = rows_of(p, lin);
                         // SAFETY: each part's output rows are disjoint, and each part goes to
                         // one thread.
                         let y = unsafe { out.slice(yr) };
                         add_adapters(self.pool, lora, &seq(p).adapters, lin, &x[xr], p.n, p.batch, y);
                     }
-                });
-                for p in self.parts.iter().filter(|p| parallel <= 1 || !on_caller(p)) {
-                    let (xr, yr) = rows_of(p);
-                    add_adapters(self.pool, &mut lora[0], &seq(p).adapters, lin, &x[xr], p.n, p.batch, &mut y[yr]);
                 }
-                add_bias(lin, y);
-            } else {
-                for p in self.parts {
-                    let (xr, yr) = rows_of(p);
-                    add_adapters(self.pool, &mut lora[0], &seq(p).adapters, lin, &x[xr], p.n, p.batch, &mut y[yr]);
-                }
-                add_bias(lin, y);
+            });
+        }
+        for (lin, y) in lins.iter().zip(ys) {
+            for p in self.parts.iter().filter(|p| parallel <= 1 || !on_caller(p)) {
+                let (xr, yr) = rows_of(p, lin);
+                add_adapters(self.pool, &mut lora[0], &seq(p).adapters, lin, &x[xr], p.n, p.batch, &mut y[yr]);
             }
+            add_bias(lin, y);
         }
     }
 }
