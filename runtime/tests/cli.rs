@@ -82,6 +82,26 @@ fn bench_json_has_the_documented_fields() {
     }
 }
 
+/// With an adapter, each round also runs without it: the overhead measured in one process.
+#[test]
+fn bench_with_an_adapter_reports_its_overhead() {
+    let adapter = fixture("adapters/llama-qv");
+    let args = ["bench", "--model", &model(), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "3"];
+    let out = run(&[&args[..], &["--json", "--adapter", adapter.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let o = &v["adapter_overhead"];
+    for key in ["prefill", "decode"] {
+        assert!(o[key].as_f64().is_some_and(f64::is_finite), "{key} in {v}");
+    }
+    for key in ["no_adapter_prefill_tok_s", "no_adapter_decode_tok_s"] {
+        assert!(o[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+    // Without an adapter there is nothing to compare.
+    let out = run(&args);
+    assert!(out.status.success() && !text(&out.stdout).contains("overhead"), "{}", text(&out.stdout));
+}
+
 #[test]
 fn inspect_lists_tensors() {
     let out = run(&["inspect", &model()]);

@@ -109,8 +109,12 @@ pub fn run(a: Args) -> Result<()> {
     // Fixed pseudo-random token ids, away from the special tokens at the start of the vocabulary.
     let pick = |i: usize, mul: usize| ((i * mul) as u32 % (vocab.saturating_sub(200).max(1))) + 100.min(vocab - 1);
     let prompt: Vec<u32> = (0..a.prompt_tokens).map(|i| pick(i, 7919)).collect();
+    // With adapters, each round also runs without them (the order alternating between rounds),
+    // in this process: the adapters' overhead from pairs that saw the same state of the machine.
+    let active = session.adapters().to_vec();
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
-    for r in 0..=a.repeat {
+    let (mut pp_off, mut tg_off) = (Vec::new(), Vec::new());
+    let timed = |session: &mut Session| -> Result<(f64, f64)> {
         session.reset();
         let t = Instant::now();
         session.eval(&prompt)?;
@@ -119,13 +123,38 @@ pub fn run(a: Args) -> Result<()> {
         for i in 0..a.gen_tokens {
             session.eval(&[pick(i, 31)])?;
         }
-        let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        Ok((prefill, a.gen_tokens as f64 / t.elapsed().as_secs_f64()))
+    };
+    for r in 0..=a.repeat {
+        let off_first = r % 2 == 1;
+        let mut off = None;
+        if !active.is_empty() && off_first {
+            session.set_adapters(&[])?;
+            off = Some(timed(&mut session)?);
+            session.set_adapters(&active)?;
+        }
+        let (prefill, decode) = timed(&mut session)?;
+        if !active.is_empty() && !off_first {
+            session.set_adapters(&[])?;
+            off = Some(timed(&mut session)?);
+            session.set_adapters(&active)?;
+        }
         if r > 0 {
             // The first run warms the page cache and the CPU caches.
             pp.push(prefill);
             tg.push(decode);
+            if let Some((p, d)) = off {
+                pp_off.push(p);
+                tg_off.push(d);
+            }
         }
     }
+    // Per round, time per token with the adapters over time per token without; the median.
+    let overhead = |on: &[f64], off: &[f64]| {
+        let mut r: Vec<f64> = on.iter().zip(off).map(|(on, off)| off / on - 1.0).collect();
+        median(&mut r)
+    };
+    let adapter_cost = (!active.is_empty()).then(|| (overhead(&pp, &pp_off), overhead(&tg, &tg_off)));
     let cost = match a.c.args().spec()? {
         Some(_) => Some(constraint_cost(&a, &model, &mut session, &prompt)?),
         None => None,
@@ -140,7 +169,6 @@ pub fn run(a: Args) -> Result<()> {
     let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
     let rss = peak_rss_bytes().unwrap_or(0);
     // Switching adapters: a session's active set replaced (all off, then back on), per switch.
-    let active = session.adapters().to_vec();
     let switch_us = if active.is_empty() {
         0.0
     } else {
@@ -171,6 +199,14 @@ pub fn run(a: Args) -> Result<()> {
             "peak_rss_bytes": rss,
         });
         let mut v = v;
+        if let Some((prefill, decode)) = adapter_cost {
+            v["adapter_overhead"] = serde_json::json!({
+                "prefill": prefill,
+                "decode": decode,
+                "no_adapter_prefill_tok_s": median(&mut pp_off.clone()),
+                "no_adapter_decode_tok_s": median(&mut tg_off.clone()),
+            });
+        }
         if let Some(c) = &cost {
             v["constraint"] = serde_json::json!({
                 "first_compile_ms": c.first_compile_ms,
@@ -210,6 +246,16 @@ pub fn run(a: Args) -> Result<()> {
             "decode     {tg_med:.1} tok/s  (min {tg_lo:.1}, max {tg_hi:.1}; {} tokens, {} runs)",
             a.gen_tokens, a.repeat
         );
+        if let Some((prefill, decode)) = adapter_cost {
+            println!(
+                "overhead   prefill {:+.1}%, decode {:+.1}% against no adapter ({:.1} / {:.1} tok/s; \
+                 alternating in this process, median per round)",
+                prefill * 100.0,
+                decode * 100.0,
+                median(&mut pp_off.clone()),
+                median(&mut tg_off.clone())
+            );
+        }
         if let Some(c) = &cost {
             println!(
                 "constraint compile {:.2} ms (first, with the token trie: {:.1} ms)",
