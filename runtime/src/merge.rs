@@ -137,8 +137,8 @@ pub fn merge(
                 v[MERGED_FROM_NF4_KEY] = true.into();
             }
         };
-        match model.gguf_files() {
-            Some(files) => write_model_files(files, tmp, edit),
+        match model.gguf_files()? {
+            Some(files) => write_model_files(&files, tmp, edit),
             None => copy_model_files(model_dir, tmp, edit),
         }
     })?;

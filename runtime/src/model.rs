@@ -144,9 +144,9 @@ pub struct Model {
     /// The model directory, or the GGUF file.
     pub dir: PathBuf,
     store: WeightStore,
-    /// For a GGUF: the config and tokenizer files made from its metadata (a directory has them
-    /// on disk).
-    files: Option<Arc<ModelFiles>>,
+    /// For a GGUF: its map, whose metadata [`Model::gguf_files`] reads again when asked (a
+    /// directory has the files on disk). The tensors share the map.
+    gguf: Option<Arc<memmap2::Mmap>>,
     /// Unique in the process: see [`Model::id`].
     id: u64,
     /// The vocabulary as constrained decoding sees it, built on first use.
@@ -188,23 +188,24 @@ impl Model {
         // SAFETY: documented on `load`: the file is not modified while the model lives (the map
         // is kept alive by the tensors).
         let g = unsafe { crate::gguf::GgufFile::open(path)? };
-        let (files, tensors) = crate::gguf::import::prepare_native(&g)?;
-        let mut config = ModelConfig::from_json(&files.config, path)?;
-        config.add_generation_eos_json(&files.generation, path)?;
+        let (prepared, tensors) = crate::gguf::import::prepare_native(&g)?;
+        let mut config = ModelConfig::from_json(&prepared.config, path)?;
+        config.add_generation_eos_json(&prepared.generation, path)?;
         config.rope_interleaved = tensors.iter().any(|t| t.interleaved_heads.is_some());
         let store = WeightStore::from_gguf(&g, &tensors)?;
+        let map = g.map();
         drop(tensors);
-        drop(g); // the tensors hold the map
-        let files = Arc::new(files);
-        let f = files.clone();
-        let tokenizer = move || {
-            if opts.no_tokenizer {
-                Ok(None)
-            } else {
-                Tokenizer::from_json(&f.tokenizer, &f.tokenizer_config, path).map(Some)
-            }
+        // The tokenizer files are made (and dropped) only when the tokenizer is wanted: they are
+        // larger than everything but the weights and the KV cache.
+        let tokenizer = if opts.no_tokenizer {
+            None
+        } else {
+            let (tokenizer, tokenizer_config) = prepared.tokenizer_files(&g)?;
+            Some(Tokenizer::from_json(&tokenizer, &tokenizer_config, path)?)
         };
-        Self::assemble(config, store, tokenizer, path, Some(files))
+        drop(g); // the tensors hold the map
+        let tokenizer = move || Ok(tokenizer);
+        Self::assemble(config, store, tokenizer, path, map)
     }
 
     /// The model from its configuration and weights (a directory's or a GGUF's).
@@ -213,7 +214,7 @@ impl Model {
         store: WeightStore,
         tokenizer: impl FnOnce() -> Result<Option<Tokenizer>>,
         dir: &Path,
-        files: Option<Arc<ModelFiles>>,
+        gguf: Option<Arc<memmap2::Mmap>>,
     ) -> Result<Model> {
         let c = &config;
         check_layer_count(c, &store, dir)?;
@@ -287,7 +288,7 @@ impl Model {
             tokenizer,
             dir: dir.to_path_buf(),
             store,
-            files,
+            gguf,
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             grammar_vocab: std::sync::OnceLock::new(),
         })
@@ -309,16 +310,25 @@ impl Model {
         self.layers.iter().flat_map(Layer::linears).chain([&self.lm_head])
     }
 
+    /// Whether the model was loaded from a GGUF file (used in place).
+    pub fn is_gguf(&self) -> bool {
+        self.gguf.is_some()
+    }
+
     /// For a model loaded from a GGUF file: the `config.json`, `tokenizer.json`… contents made
-    /// from its metadata (what `peftrt import` writes).
-    pub fn gguf_files(&self) -> Option<&ModelFiles> {
-        self.files.as_deref()
+    /// from its metadata (what `peftrt import` writes), read again from the mapped file on each
+    /// call (a model keeps none of it); `None` for a model directory.
+    pub fn gguf_files(&self) -> Result<Option<ModelFiles>> {
+        let Some(map) = &self.gguf else { return Ok(None) };
+        let g = crate::gguf::GgufFile::from_map(&self.dir, map.clone())?;
+        let (prepared, _) = crate::gguf::import::prepare_native(&g)?;
+        prepared.into_files(&g).map(Some)
     }
 
     /// The contents of the model's `tokenizer.json` (made from the vocabulary for a GGUF).
     pub(crate) fn tokenizer_json(&self) -> Result<serde_json::Value> {
-        if let Some(f) = &self.files {
-            return Ok(f.tokenizer.clone());
+        if let Some(files) = self.gguf_files()? {
+            return Ok(files.tokenizer);
         }
         let path = self.dir.join("tokenizer.json");
         let text = crate::fsutil::read_text_file(&path, crate::fsutil::MAX_TOKENIZER_BYTES)?;

@@ -64,7 +64,7 @@ pub fn quantize_model(model_dir: &Path, out_dir: &Path, opts: &QuantizeOptions) 
         return Err(Error::Input(format!("--blocksize {}: bitsandbytes accepts {BLOCKSIZES:?}", opts.blocksize)));
     }
     let model = Model::load(model_dir, &LoadOptions { no_tokenizer: true })?;
-    if model.gguf_files().is_some() {
+    if model.is_gguf() {
         return Err(Error::Unsupported(format!(
             "{} is a GGUF file: NF4 is made from float weights; `peftrt import` it into a directory first \
              (or serve the GGUF as it is)",

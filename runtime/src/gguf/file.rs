@@ -518,6 +518,20 @@ impl GgufFile {
         }
     }
 
+    /// The file's map, for a mapped file: a natively loaded model keeps it (through its tensors)
+    /// and re-reads the metadata from it ([`GgufFile::from_map`]).
+    pub(crate) fn map(&self) -> Option<std::sync::Arc<memmap2::Mmap>> {
+        match &self.storage {
+            Storage::Mmap(m) => Some(m.clone()),
+            Storage::Owned(_) => None,
+        }
+    }
+
+    /// Parses a map [`GgufFile::map`] returned (`path`: the file it maps, for messages).
+    pub(crate) fn from_map(path: impl Into<PathBuf>, map: std::sync::Arc<memmap2::Mmap>) -> Result<GgufFile> {
+        Self::parse(path.into(), Storage::Mmap(map))
+    }
+
     /// The map a tensor's bytes live in and their range in it, for a mapped file (`None` for
     /// one read into memory): a natively loaded model keeps the map alive through its tensors.
     pub(crate) fn mapped_tensor(

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value as Json};
 
 use super::file::{GgufFile, TensorInfo};
-use super::vocab::Vocab;
+use super::vocab::{SpecialTokens, Vocab};
 use crate::error::{Error, Result};
 use crate::model::{LoadOptions, Model};
 use crate::output::{self, write_dir_atomically_with, write_json, Replace};
@@ -65,8 +65,8 @@ pub struct ImportSummary {
 }
 
 /// What a Hugging Face model directory would hold besides its weights, made from a GGUF's
-/// metadata: `peftrt import` writes these files, and a GGUF loaded natively
-/// ([`Model::load`] on a `.gguf` file) keeps them in memory.
+/// metadata: `peftrt import` writes these files, and [`Model::gguf_files`] makes them for a GGUF
+/// loaded natively.
 #[derive(Clone, Debug)]
 pub struct ModelFiles {
     pub config: Json,
@@ -85,9 +85,45 @@ pub(crate) struct NativeTensor<'a> {
     pub interleaved_heads: Option<usize>,
 }
 
+/// A GGUF model's metadata, checked, as far as loading it needs: `config.json` and
+/// `generation_config.json`. The tokenizer files are made from the vocabulary only when asked
+/// ([`Prepared::tokenizer_files`]): a model loaded without its tokenizer never copies the
+/// vocabulary nor builds them.
+pub(crate) struct Prepared {
+    pub config: Json,
+    pub generation: Json,
+    /// True when the GGUF has no `output.weight` (the LM head is the embedding matrix).
+    pub tied: bool,
+    context: Option<u64>,
+}
+
+impl Prepared {
+    /// `tokenizer.json` and `tokenizer_config.json`, made from the vocabulary of `g` (the file
+    /// this was prepared from).
+    pub(crate) fn tokenizer_files(&self, g: &GgufFile) -> Result<(Json, Json)> {
+        let vocab = Vocab::from_gguf(g)?;
+        let tokenizer = vocab.tokenizer_json(g.path())?;
+        let chat_template = g.get_str("tokenizer.chat_template")?;
+        Ok((tokenizer, vocab.tokenizer_config_json(chat_template, self.context)))
+    }
+
+    /// Every file, the tokenizer's made from `g` (the file this was prepared from).
+    pub(crate) fn into_files(self, g: &GgufFile) -> Result<ModelFiles> {
+        let (tokenizer, tokenizer_config) = self.tokenizer_files(g)?;
+        Ok(ModelFiles {
+            config: self.config,
+            generation: self.generation,
+            tokenizer,
+            tokenizer_config,
+            tied: self.tied,
+        })
+    }
+}
+
 /// Checks a GGUF model (architecture, hyper-parameters, every tensor's name, type and shape)
-/// and makes its [`ModelFiles`]: the steps shared by [`import`] and native loading.
-fn prepare(g: &GgufFile, dtype: DType) -> Result<(&'static Arch, Vec<Planned<'_>>, ModelFiles)> {
+/// and reads what its [`ModelFiles`] are made from: the steps shared by [`import`] and native
+/// loading.
+fn prepare(g: &GgufFile, dtype: DType) -> Result<(&'static Arch, Vec<Planned<'_>>, Prepared)> {
     let arch_name = g.architecture()?;
     let arch = ARCHES.iter().find(|a| a.name == arch_name).ok_or_else(|| {
         Error::Unsupported(format!(
@@ -98,30 +134,23 @@ fn prepare(g: &GgufFile, dtype: DType) -> Result<(&'static Arch, Vec<Planned<'_>
     let hp = hparams(g, arch)?;
     let plan = plan_tensors(g, arch, &hp)?;
     let tied = g.tensor("output.weight").is_none();
-    let vocab = Vocab::from_gguf(g)?;
-    let tokenizer = vocab.tokenizer_json(g.path())?;
-    let chat_template = g.get_str("tokenizer.chat_template")?;
-    let tokenizer_config = vocab.tokenizer_config_json(chat_template, hp.context);
-    let config = config_json(g, arch, &hp, &vocab, tied, dtype)?;
+    let special = SpecialTokens::from_gguf(g)?;
+    let config = config_json(g, arch, &hp, &special, tied, dtype)?;
     let mut generation = Map::new();
     generation.insert("_from_model_config".into(), json!(true));
-    for (k, t) in [
-        ("bos_token_id", &vocab.special.bos),
-        ("eos_token_id", &vocab.special.eos),
-        ("pad_token_id", &vocab.special.pad),
-    ] {
+    for (k, t) in [("bos_token_id", &special.bos), ("eos_token_id", &special.eos), ("pad_token_id", &special.pad)] {
         if let Some((id, _)) = t {
             generation.insert(k.into(), json!(id));
         }
     }
-    let files = ModelFiles { config, generation: Json::Object(generation), tokenizer, tokenizer_config, tied };
-    Ok((arch, plan, files))
+    let prepared = Prepared { config, generation: Json::Object(generation), tied, context: hp.context };
+    Ok((arch, plan, prepared))
 }
 
-/// The model files and tensors of a GGUF loaded natively: every tensor under its HF name, in
-/// place (Q/K rows stay in the file's order, see [`NativeTensor`]). `torch_dtype` in the
-/// config says `float32`: what `peftrt merge` writes from it by default.
-pub(crate) fn prepare_native(g: &GgufFile) -> Result<(ModelFiles, Vec<NativeTensor<'_>>)> {
+/// The checked metadata and the tensors of a GGUF loaded natively: every tensor under its HF
+/// name, in place (Q/K rows stay in the file's order, see [`NativeTensor`]). `torch_dtype` in
+/// the config says `float32`: what `peftrt merge` writes from it by default.
+pub(crate) fn prepare_native(g: &GgufFile) -> Result<(Prepared, Vec<NativeTensor<'_>>)> {
     let (_, plan, files) = prepare(g, DType::F32)?;
     let tensors = plan
         .into_iter()
@@ -218,6 +247,7 @@ pub fn import(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<Impor
     // modified while the import runs.
     let g = unsafe { GgufFile::open(gguf) }?;
     let (arch, plan, files) = prepare(&g, opts.dtype)?;
+    let files = files.into_files(&g)?;
     let tied = files.tied;
     let ModelFiles { config, generation, tokenizer, tokenizer_config, .. } = files;
 
@@ -575,7 +605,14 @@ fn check_range(g: &GgufFile, p: &Planned<'_>, values: &mut [f32], opts: &ImportO
 }
 
 /// `config.json` from the metadata.
-fn config_json(g: &GgufFile, arch: &Arch, hp: &Hparams, vocab: &Vocab, tied: bool, dtype: DType) -> Result<Json> {
+fn config_json(
+    g: &GgufFile,
+    arch: &Arch,
+    hp: &Hparams,
+    special: &SpecialTokens,
+    tied: bool,
+    dtype: DType,
+) -> Result<Json> {
     let mut c = Map::new();
     c.insert("architectures".into(), json!([arch.class]));
     c.insert("model_type".into(), json!(arch.model_type));
@@ -594,11 +631,7 @@ fn config_json(g: &GgufFile, arch: &Arch, hp: &Hparams, vocab: &Vocab, tied: boo
         c.insert("max_position_embeddings".into(), json!(n));
     }
     c.insert("vocab_size".into(), json!(hp.vocab_size));
-    for (k, t) in [
-        ("bos_token_id", &vocab.special.bos),
-        ("eos_token_id", &vocab.special.eos),
-        ("pad_token_id", &vocab.special.pad),
-    ] {
+    for (k, t) in [("bos_token_id", &special.bos), ("eos_token_id", &special.eos), ("pad_token_id", &special.pad)] {
         if let Some((id, _)) = t {
             c.insert(k.into(), json!(id));
         }

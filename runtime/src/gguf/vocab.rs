@@ -46,6 +46,42 @@ pub struct SpecialTokens {
     pub add_eos: bool,
 }
 
+impl SpecialTokens {
+    /// The special tokens of a GGUF's vocabulary (without copying the vocabulary: what loading
+    /// a model without its tokenizer needs).
+    pub fn from_gguf(g: &GgufFile) -> Result<SpecialTokens> {
+        let tokens = g
+            .get_str_array("tokenizer.ggml.tokens")?
+            .ok_or_else(|| Error::config(g.path(), "tokenizer.ggml.tokens", "missing"))?;
+        Self::read(g, &tokens)
+    }
+
+    /// The special tokens' ids from `g`'s metadata, with their text from `tokens`.
+    fn read(g: &GgufFile, tokens: &[impl AsRef<str>]) -> Result<SpecialTokens> {
+        let id = |key: &str| -> Result<Option<(u32, String)>> {
+            match g.get_u32(key)? {
+                None => Ok(None),
+                Some(id) => match tokens.get(id as usize) {
+                    Some(t) => Ok(Some((id, t.as_ref().to_string()))),
+                    None => Err(Error::config(
+                        g.path(),
+                        key,
+                        format!("token id {id} is outside the vocabulary of {}", tokens.len()),
+                    )),
+                },
+            }
+        };
+        Ok(SpecialTokens {
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
+            pad: id("tokenizer.ggml.padding_token_id")?,
+            add_bos: g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            add_eos: g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+        })
+    }
+}
+
 /// The vocabulary of a GGUF file, read from `tokenizer.ggml.*`.
 #[derive(Clone, Debug)]
 pub struct Vocab {
@@ -94,27 +130,7 @@ impl Vocab {
                 .ok_or_else(|| Error::config(path, "tokenizer.ggml.merges", format!("merge {m:?} has no space")))?;
             merges.push((a.to_string(), b.to_string()));
         }
-        let id = |key: &str| -> Result<Option<(u32, String)>> {
-            match g.get_u32(key)? {
-                None => Ok(None),
-                Some(id) => match tokens.get(id as usize) {
-                    Some(t) => Ok(Some((id, t.clone()))),
-                    None => Err(Error::config(
-                        path,
-                        key,
-                        format!("token id {id} is outside the vocabulary of {}", tokens.len()),
-                    )),
-                },
-            }
-        };
-        let special = SpecialTokens {
-            bos: id("tokenizer.ggml.bos_token_id")?,
-            eos: id("tokenizer.ggml.eos_token_id")?,
-            unk: id("tokenizer.ggml.unknown_token_id")?,
-            pad: id("tokenizer.ggml.padding_token_id")?,
-            add_bos: g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
-            add_eos: g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
-        };
+        let special = SpecialTokens::read(g, &tokens)?;
         Ok(Vocab { model, pre, tokens, token_types, merges, special })
     }
 
