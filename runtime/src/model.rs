@@ -195,14 +195,9 @@ impl Model {
         let store = WeightStore::from_gguf(&g, &tensors)?;
         let map = g.map();
         drop(tensors);
-        // The tokenizer files are made (and dropped) only when the tokenizer is wanted: they are
-        // larger than everything but the weights and the KV cache.
-        let tokenizer = if opts.no_tokenizer {
-            None
-        } else {
-            let (tokenizer, tokenizer_config) = prepared.tokenizer_files(&g)?;
-            Some(Tokenizer::from_json(&tokenizer, &tokenizer_config, path)?)
-        };
+        // The tokenizer is built from the vocabulary only when it is wanted (the tokenizer files
+        // are not made: `gguf_files` makes them when asked).
+        let tokenizer = if opts.no_tokenizer { None } else { Some(prepared.tokenizer(&g)?) };
         drop(g); // the tensors hold the map
         let tokenizer = move || Ok(tokenizer);
         Self::assemble(config, store, tokenizer, path, map)

@@ -98,10 +98,16 @@ impl Tokenizer {
         // Straight from the JSON value (no text in between).
         let inner = tokenizers::Tokenizer::deserialize(tokenizer)
             .map_err(|e| Error::format(origin, format!("cannot load the tokenizer made from its vocabulary: {e}")))?;
+        Ok(Self::from_hf(inner, config, origin))
+    }
+
+    /// A `tokenizers` tokenizer with a `tokenizer_config.json`'s settings (`origin` names the
+    /// config in messages).
+    pub(crate) fn from_hf(inner: tokenizers::Tokenizer, config: &Value, origin: &Path) -> Self {
         let mut tok =
             Tokenizer { inner, chat_template: None, template_source: PathBuf::new(), bos_token: None, eos_token: None };
         tok.apply_config(config, origin.to_path_buf());
-        Ok(tok)
+        tok
     }
 
     /// Takes the BOS/EOS strings and the chat template from a `tokenizer_config.json`.

@@ -230,7 +230,13 @@ fn smollm2_q4_1_gguf_runs_natively_like_its_f32_import() {
     let Some(dir) = real_model_path("PEFTRT_SMOLLM2_DIR", "smollm2-135m-instruct") else { return };
     let native = Arc::new(Model::load(&gguf, &LoadOptions::default()).unwrap());
     let imported = Arc::new(Model::load(&dir, &LoadOptions::default()).unwrap());
+    // The native tokenizer is built from the vocabulary directly, the import's is read from the
+    // tokenizer.json the import wrote: the same tokens, special ones included.
     let tok = native.tokenizer().unwrap();
+    let chat = "<|im_start|>user\nWrite 12345 in words, then {\"a\": [1, 2]}.<|im_end|>\n<|im_start|>assistant\n";
+    let ids = tok.encode(chat, true).unwrap();
+    assert_eq!(ids, imported.tokenizer().unwrap().encode(chat, true).unwrap());
+    assert_eq!(tok.decode(&ids, false).unwrap(), imported.tokenizer().unwrap().decode(&ids, false).unwrap());
     let text = "The quick brown fox jumps over the lazy dog. Rust is a systems programming language";
     let ids = tok.encode(text, true).unwrap();
     assert_eq!(ids, imported.tokenizer().unwrap().encode(text, true).unwrap());

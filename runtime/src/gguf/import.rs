@@ -107,6 +107,15 @@ impl Prepared {
         Ok((tokenizer, vocab.tokenizer_config_json(chat_template, self.context)))
     }
 
+    /// The tokenizer of `g` (the file this was prepared from), as [`Prepared::tokenizer_files`]
+    /// describe it, built straight from the vocabulary ([`Vocab::tokenizer`]).
+    pub(crate) fn tokenizer(&self, g: &GgufFile) -> Result<crate::tokenizer::Tokenizer> {
+        let vocab = Vocab::from_gguf(g)?;
+        let inner = vocab.tokenizer(g.path())?;
+        let config = vocab.tokenizer_config_json(g.get_str("tokenizer.chat_template")?, self.context);
+        Ok(crate::tokenizer::Tokenizer::from_hf(inner, &config, g.path()))
+    }
+
     /// Every file, the tokenizer's made from `g` (the file this was prepared from).
     pub(crate) fn into_files(self, g: &GgufFile) -> Result<ModelFiles> {
         let (tokenizer, tokenizer_config) = self.tokenizer_files(g)?;
