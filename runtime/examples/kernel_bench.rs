@@ -9,7 +9,9 @@
 use half::{bf16, f16};
 use peftrt::kernels::{self, MatRef, Weights};
 use peftrt::threadpool::ThreadPool;
-use std::time::Instant;
+
+mod common;
+use common::time;
 
 /// (name, out_features, in_features)
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -57,16 +59,6 @@ fn bytes_per(dtype: &str) -> usize {
     } else {
         2
     }
-}
-
-/// Seconds per call, averaged over `reps` calls after one warm-up call.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() / reps as f64
 }
 
 fn main() {

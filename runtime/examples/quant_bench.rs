@@ -13,7 +13,9 @@ use half::bf16;
 use peftrt::gguf::quants::GgmlType;
 use peftrt::kernels::{self, Isa, MatRef, Quant, Weights};
 use peftrt::threadpool::ThreadPool;
-use std::time::Instant;
+
+mod common;
+use common::time;
 
 /// (name, out_features, in_features)
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -98,16 +100,6 @@ impl Data {
             }
         }
     }
-}
-
-/// Seconds per call, averaged over `reps` calls after one warm-up call.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() / reps as f64
 }
 
 fn main() {

@@ -117,13 +117,8 @@ macro_rules! impl_qsimd {
             }
             #[inline(always)]
             unsafe fn hsum(v: __m256) -> f32 {
-                // SAFETY: AVX; the same reduction as `Avx2::hsum`.
-                unsafe {
-                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                    _mm_cvtss_f32(s)
-                }
+                // SAFETY: AVX; the float kernels' reduction.
+                unsafe { <crate::kernels::x86::Avx2 as crate::kernels::simd::Simd>::hsum(v) }
             }
             #[inline(always)]
             unsafe fn f16(p: *const u8) -> f32 {
