@@ -265,3 +265,46 @@ fn a_truncated_gguf_is_refused_natively_by_name() {
         assert!(e.contains("cut.gguf"), "{len} bytes: {e}");
     }
 }
+
+/// How far apart peftrt's logits for its own greedy token and llama.cpp's may be where the two
+/// first choose differently: the two programs quantise the activations alike (8 bits per block
+/// of 32) but sum in other orders, which moves SmolLM2's logits by up to a few hundredths.
+const NEAR_TIE: f32 = 0.1;
+
+/// SmolLM2's Q4_1 file run natively, greedy, against llama.cpp's greedy tokens on the same file
+/// (`tests/fixtures/gguf/llamacpp_greedy_smollm2_q4_1.json`, from `scripts/greedy_llamacpp.py`
+/// with llama-cpp-python 0.3.36) for the three conformance prompts: the same 32 tokens, or a
+/// first divergence at a near-tie (peftrt's logits for the two tokens within [`NEAR_TIE`]),
+/// after which the texts are different continuations and are not compared.
+#[test]
+fn smollm2_q4_1_greedy_matches_llama_cpp_on_the_same_file() {
+    let Some(gguf) = real_model_path("PEFTRT_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let path = repo_root().join("tests/fixtures/gguf/llamacpp_greedy_smollm2_q4_1.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let model = load(&gguf);
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    };
+    for (case, c) in fixture["cases"].as_object().unwrap() {
+        let (prompt, theirs) = (ids(&c["prompt"]), ids(&c["greedy"]));
+        let mut s = Session::new(model.clone(), &SessionOptions { n_ctx: 256, n_batch: 64, n_threads: 2 }).unwrap();
+        let mut logits = s.eval(&prompt).unwrap().to_vec();
+        let mut same = 0;
+        for (step, &want) in theirs.iter().enumerate() {
+            let ours = logits.iter().enumerate().fold(0, |b, (i, &l)| if l > logits[b] { i } else { b }) as u32;
+            if ours != want {
+                let gap = logits[ours as usize] - logits[want as usize];
+                let margin = c["margins"][step].as_f64().unwrap();
+                eprintln!(
+                    "{case}: first divergence at step {step}: peftrt {ours}, llama.cpp {want}; peftrt's logits \
+                     {gap:.4} apart, llama.cpp's top two {margin:.4} apart"
+                );
+                assert!(gap <= NEAR_TIE, "{case}: step {step}: peftrt prefers {ours} to llama.cpp's {want} by {gap}");
+                break;
+            }
+            same += 1;
+            logits = s.eval(&[ours]).unwrap().to_vec();
+        }
+        eprintln!("{case}: {same} of {} greedy tokens as llama.cpp's", theirs.len());
+    }
+}
