@@ -83,7 +83,7 @@ serve: models build $(SMOLLM2_REF)/adapters.done
 	  --adapter all-linear=$(SMOLLM2_ADAPTERS)/all-linear-r16 $(SERVE_ARGS)
 
 # Reference outputs of transformers on the real model (not committed: ~100 MB of logits).
-$(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/smollm2_tokens.py scripts/fixturelib.py | venv
+$(SMOLLM2_REF)/.done: $(SMOLLM2_GGUF) scripts/smollm2_reference.py scripts/perplexity_transformers.py data/public-domain.txt scripts/smollm2_tokens.py scripts/fixturelib.py | venv
 	mkdir -p $(SMOLLM2_REF)
 	$(PY) scripts/smollm2_reference.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)
 	$(PY) scripts/smollm2_tokens.py $(SMOLLM2_GGUF) $(SMOLLM2_REF)/smollm2_tokens.json

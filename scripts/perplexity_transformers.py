@@ -19,6 +19,29 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def perplexity(model, tokens, window, stride):
+    """(perplexity, tokens scored, windows) of `tokens` under `model` (float64 log-softmax)."""
+    import torch
+
+    n = len(tokens)
+    nll, count, windows, prev_end, start = 0.0, 0, 0, 0, 0
+    while True:
+        end = min(start + window, n)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens[start:end]]), use_cache=False).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        # Score targets start+1 .. end-1 not scored before (prediction at position i is of token i+1).
+        for target in range(max(prev_end, start + 1), end):
+            nll -= float(logp[target - start - 1, tokens[target]])
+            count += 1
+        windows += 1
+        prev_end = end
+        if end == n:
+            break
+        start += stride
+    return math.exp(nll / count), count, windows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
@@ -42,22 +65,8 @@ def main():
     n = len(tokens)
     assert n > 1, n
 
-    nll, count, windows, prev_end, start = 0.0, 0, 0, 0, 0
-    while True:
-        end = min(start + a.window, n)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([tokens[start:end]]), use_cache=False).logits[0].double()
-        logp = torch.log_softmax(logits, dim=-1)
-        # Score targets start+1 .. end-1 not scored before (prediction at position i is of token i+1).
-        for target in range(max(prev_end, start + 1), end):
-            nll -= float(logp[target - start - 1, tokens[target]])
-            count += 1
-        windows += 1
-        prev_end = end
-        if end == n:
-            break
-        start += a.stride
-    print(json.dumps({"model": a.model, "perplexity": math.exp(nll / count), "tokens": n, "scored": count,
+    ppl, count, windows = perplexity(model, tokens, a.window, a.stride)
+    print(json.dumps({"model": a.model, "perplexity": ppl, "tokens": n, "scored": count,
                       "windows": windows}))
 
 

@@ -10,11 +10,13 @@ generation prompt), writes OUT_DIR/smollm2_reference.safetensors:
   tokens_<name>  I32 [n]         the prompt's ids from transformers' tokenizer (no BOS added)
   logits_<name>  F32 [n, 49152]  logits at every position, one forward pass, use_cache=False
   greedy_<name>  I32 [32]        32 greedily generated tokens (eos does not stop generation)
+  tokens_ppl     I32 [n]         data/public-domain.txt's ids (no BOS), scored for `perplexity`
 
 Header metadata: `chat_prompt` (the rendered chat prompt), `prompt_<name>` (each prompt string),
 `greedy_margin_<name>` (smallest top-1 minus top-2 logit over the greedy steps),
 `eos_in_greedy_<name>` (ids of eos/special tokens among the generated ones, "" when none),
-`gguf_sha256`, `generator`.
+`perplexity` (of `tokens_ppl` with `peftrt perplexity`'s recipe, windows of 512 every 256,
+scripts/perplexity_transformers.py), `gguf_sha256`, `generator`.
 
 Idempotent: skipped when OUT_DIR already has the output and its stamp
 (OUT_DIR/smollm2_reference.stamp) matches the GGUF's sha256 and this script's reference version.
@@ -35,10 +37,11 @@ from fixturelib import sha256_file  # standard library only
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's de-quantisation progress bar
 
 # Bump when the prompts or the outputs change, so existing outputs are regenerated.
-REFERENCE_VERSION = "1"
+REFERENCE_VERSION = "2"
 OUT_NAME = "smollm2_reference.safetensors"
 STAMP_NAME = "smollm2_reference.stamp"
 N_GREEDY = 32
+PPL_WINDOW, PPL_STRIDE = 512, 256
 
 # Chosen so that greedy decoding is never near a tie (smallest top-1 minus top-2 logit gap over the
 # 32 steps: text 0.15, code 0.08, chat 0.51, all above the 1e-3 * max|logit| tolerance of ~0.04),
@@ -135,6 +138,15 @@ def main() -> int:
         print(f"{name}: {len(ids)} tokens, max|logit| {float(logits.abs().max()):.2f}, "
               f"greedy margin {margin:.3g}, eos/special in greedy: {eos_hits or 'none'}\n"
               f"  continuation: {tok.decode(greedy)!r}")
+    # Perplexity with peftrt's recipe (runtime/src/perplexity.rs), on the ids transformers gives.
+    from perplexity_transformers import perplexity
+
+    text = (Path(__file__).resolve().parent.parent / "data" / "public-domain.txt").read_text(encoding="utf-8")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ppl, scored, _ = perplexity(model, ids, PPL_WINDOW, PPL_STRIDE)
+    tensors["tokens_ppl"] = torch.tensor(ids, dtype=torch.int32)
+    meta["perplexity"] = repr(ppl)
+    print(f"perplexity {ppl:.6f} over {scored} tokens (windows of {PPL_WINDOW} every {PPL_STRIDE})")
     t_fwd = time.time() - t_fwd
 
     meta["gguf_sha256"] = stamp.split("\n")[0].split("=")[1]
