@@ -71,15 +71,23 @@ trait Kind {
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32;
 }
 
-struct Q4_0;
-struct Q4_1;
+/// Q4_0 (`HIGH_BIT` false) and Q5_0 (true): a scale, `HIGH_BIT`'s 32 fifth bits, 32 4-bit
+/// codes; the value is `d · (code − 8)`, or `d · (code + 16·bit − 16)`.
+struct Sym<const HIGH_BIT: bool>;
+/// Q4_1 and Q5_1: as [`Sym`] with a minimum instead of the offset (`d · code + m`).
+struct Min<const HIGH_BIT: bool>;
+/// Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and minimums, 4-bit codes and, for
+/// Q5_K, a fifth bit per element.
+struct KMin<const HIGH_BIT: bool>;
+type Q4_0 = Sym<false>;
+type Q5_0 = Sym<true>;
+type Q4_1 = Min<false>;
+type Q5_1 = Min<true>;
+type Q4K = KMin<false>;
+type Q5K = KMin<true>;
 struct Q8_0;
-struct Q5_0;
-struct Q5_1;
 struct Q2K;
 struct Q3K;
-struct Q4K;
-struct Q5K;
 struct Q6K;
 
 /// Two f32 accumulators (and two scalar ones, `$mins`, for the block minimums) taken in turn,
@@ -110,17 +118,22 @@ macro_rules! two_acc {
     }};
 }
 
-impl Kind for Q4_0 {
-    const BYTES: usize = 18;
+impl<const HIGH_BIT: bool> Kind for Sym<HIGH_BIT> {
+    const BYTES: usize = if HIGH_BIT { 22 } else { 18 };
     const XBLOCKS: usize = 1;
-    // x86/quants.c: ggml_vec_dot_q4_0_q8_0 (codes − 8, signed × signed)
+    // x86/quants.c: ggml_vec_dot_q4_0_q8_0, ggml_vec_dot_q5_0_q8_0 (signed × signed)
     #[inline(always)]
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
         // SAFETY: block `i < nb` of the row and of `xq` (caller).
         unsafe {
             two_acc!(Q, nb, |i, acc, _mins| {
-                let (b, x) = (w.add(18 * i), &*xq.add(i));
-                let p = Q::dot_s(Q::sub(Q::nibbles16(b.add(2)), 8), Q::load32(x.qs.as_ptr().cast()));
+                let (b, x) = (w.add(Self::BYTES * i), &*xq.add(i));
+                let codes = Q::nibbles16(b.add(Self::BYTES - 16));
+                let q = match HIGH_BIT {
+                    true => Q::sub(Q::or(codes, Q::bits32(b.add(2).cast::<u32>().read_unaligned())), 16),
+                    false => Q::sub(codes, 8),
+                };
+                let p = Q::dot_s(q, Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
             })
             .0
@@ -128,17 +141,23 @@ impl Kind for Q4_0 {
     }
 }
 
-impl Kind for Q4_1 {
-    const BYTES: usize = 20;
+impl<const HIGH_BIT: bool> Kind for Min<HIGH_BIT> {
+    const BYTES: usize = if HIGH_BIT { 24 } else { 20 };
     const XBLOCKS: usize = 1;
-    // x86/quants.c: ggml_vec_dot_q4_1_q8_1 (the minimum times the activation block's sum)
+    // x86/quants.c: ggml_vec_dot_q4_1_q8_1, ggml_vec_dot_q5_1_q8_1 (the minimum times the
+    // activation block's sum)
     #[inline(always)]
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
         // SAFETY: block `i < nb` of the row and of `xq` (caller).
         let (s, mins) = unsafe {
             two_acc!(Q, nb, |i, acc, mins| {
-                let (b, x) = (w.add(20 * i), &*xq.add(i));
-                let p = Q::dot_u(Q::nibbles16(b.add(4)), Q::load32(x.qs.as_ptr().cast()));
+                let (b, x) = (w.add(Self::BYTES * i), &*xq.add(i));
+                let codes = Q::nibbles16(b.add(Self::BYTES - 16));
+                let q = match HIGH_BIT {
+                    true => Q::or(codes, Q::bits32(b.add(4).cast::<u32>().read_unaligned())),
+                    false => codes,
+                };
+                let p = Q::dot_u(q, Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
                 *mins += Q::f16(b.add(2)) * x.s;
             })
@@ -162,45 +181,6 @@ impl Kind for Q8_0 {
             })
             .0
         }
-    }
-}
-
-impl Kind for Q5_0 {
-    const BYTES: usize = 22;
-    const XBLOCKS: usize = 1;
-    // x86/quants.c: ggml_vec_dot_q5_0_q8_0 (codes with their fifth bit, − 16)
-    #[inline(always)]
-    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
-        // SAFETY: block `i < nb` of the row and of `xq` (caller).
-        unsafe {
-            two_acc!(Q, nb, |i, acc, _mins| {
-                let (b, x) = (w.add(22 * i), &*xq.add(i));
-                let q = Q::sub(Q::or(Q::nibbles16(b.add(6)), Q::bits32(b.add(2).cast::<u32>().read_unaligned())), 16);
-                let p = Q::dot_s(q, Q::load32(x.qs.as_ptr().cast()));
-                *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
-            })
-            .0
-        }
-    }
-}
-
-impl Kind for Q5_1 {
-    const BYTES: usize = 24;
-    const XBLOCKS: usize = 1;
-    // x86/quants.c: ggml_vec_dot_q5_1_q8_1
-    #[inline(always)]
-    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
-        // SAFETY: block `i < nb` of the row and of `xq` (caller).
-        let (s, mins) = unsafe {
-            two_acc!(Q, nb, |i, acc, mins| {
-                let (b, x) = (w.add(24 * i), &*xq.add(i));
-                let q = Q::or(Q::nibbles16(b.add(8)), Q::bits32(b.add(4).cast::<u32>().read_unaligned()));
-                let p = Q::dot_u(q, Q::load32(x.qs.as_ptr().cast()));
-                *acc = Q::cvt_fma(p, Q::f16(b) * x.d, *acc);
-                *mins += Q::f16(b.add(2)) * x.s;
-            })
-        };
-        s + mins
     }
 }
 
@@ -256,52 +236,31 @@ impl Kind for Q3K {
     }
 }
 
-impl Kind for Q5K {
-    const BYTES: usize = 176;
+impl<const HIGH_BIT: bool> Kind for KMin<HIGH_BIT> {
+    const BYTES: usize = if HIGH_BIT { 176 } else { 144 };
     const XBLOCKS: usize = 8;
-    // x86/quants.c: ggml_vec_dot_q5_K_q8_K, one activation scale per 32 (sub-block)
+    // x86/quants.c: ggml_vec_dot_q4_K_q8_K, ggml_vec_dot_q5_K_q8_K, one activation scale per
+    // 32 (sub-block)
     #[inline(always)]
     unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
+        // The codes follow d, dmin, the 12 scale bytes and (Q5_K) the 32 bytes of fifth bits.
+        let codes_at = if HIGH_BIT { 48 } else { 16 };
         // SAFETY: sub-block `j < nb` (block `j / 8`) of the row and of `xq` (caller).
         let (s, mins) = unsafe {
             let (mut d, mut dmin, mut sc) = (0f32, 0f32, [0u8; 12]);
             two_acc!(Q, nb, |j, acc, mins| {
-                let b = w.add(176 * (j / 8));
+                let b = w.add(Self::BYTES * (j / 8));
                 if j % 8 == 0 {
                     (d, dmin) = (Q::f16(b), Q::f16(b.add(2)));
                     sc = *b.add(4).cast::<[u8; 12]>();
                 }
                 let x = &*xq.add(j);
                 let (s, m) = super::scale_min_k4(j % 8, &sc);
-                let low = Q::srl_and(Q::load32(b.add(48 + 32 * (j % 8 / 2))), 4 * (j % 2) as u32, 0xF);
-                let high = Q::srl_and(Q::load32(b.add(16)), (j % 8) as u32, 1);
-                let p = Q::dot_u(Q::or(low, Q::shl4(high)), Q::load32(x.qs.as_ptr().cast()));
-                *acc = Q::cvt_fma(p, d * f32::from(s) * x.d, *acc);
-                *mins += dmin * f32::from(m) * x.s;
-            })
-        };
-        s - mins
-    }
-}
-
-impl Kind for Q4K {
-    const BYTES: usize = 144;
-    const XBLOCKS: usize = 8;
-    // x86/quants.c: ggml_vec_dot_q4_K_q8_K, one activation scale per 32 (sub-block)
-    #[inline(always)]
-    unsafe fn row<Q: QSimd>(w: *const u8, xq: *const QBlock, nb: usize) -> f32 {
-        // SAFETY: sub-block `j < nb` (block `j / 8`) of the row and of `xq` (caller).
-        let (s, mins) = unsafe {
-            let (mut d, mut dmin, mut sc) = (0f32, 0f32, [0u8; 12]);
-            two_acc!(Q, nb, |j, acc, mins| {
-                let b = w.add(144 * (j / 8));
-                if j % 8 == 0 {
-                    (d, dmin) = (Q::f16(b), Q::f16(b.add(2)));
-                    sc = *b.add(4).cast::<[u8; 12]>();
-                }
-                let x = &*xq.add(j);
-                let (s, m) = super::scale_min_k4(j % 8, &sc);
-                let q = Q::srl_and(Q::load32(b.add(16 + 32 * (j % 8 / 2))), 4 * (j % 2) as u32, 0xF);
+                let low = Q::srl_and(Q::load32(b.add(codes_at + 32 * (j % 8 / 2))), 4 * (j % 2) as u32, 0xF);
+                let q = match HIGH_BIT {
+                    true => Q::or(low, Q::shl4(Q::srl_and(Q::load32(b.add(16)), (j % 8) as u32, 1))),
+                    false => low,
+                };
                 let p = Q::dot_u(q, Q::load32(x.qs.as_ptr().cast()));
                 *acc = Q::cvt_fma(p, d * f32::from(s) * x.d, *acc);
                 *mins += dmin * f32::from(m) * x.s;
