@@ -4,7 +4,6 @@
 
 use crate::error::{Error, Result};
 use crate::fsutil::{self, is_present, read_regular_file, read_text_file};
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -90,15 +89,6 @@ impl Tokenizer {
             tok.template_source = jinja;
         }
         Ok(tok)
-    }
-
-    /// A tokenizer from `tokenizer.json` and `tokenizer_config.json` contents held in memory
-    /// (a GGUF's vocabulary, converted); `origin` names them in errors.
-    pub fn from_json(tokenizer: &Value, config: &Value, origin: &Path) -> Result<Self> {
-        // Straight from the JSON value (no text in between).
-        let inner = tokenizers::Tokenizer::deserialize(tokenizer)
-            .map_err(|e| Error::format(origin, format!("cannot load the tokenizer made from its vocabulary: {e}")))?;
-        Ok(Self::from_hf(inner, config, origin))
     }
 
     /// A `tokenizers` tokenizer with a `tokenizer_config.json`'s settings (`origin` names the
