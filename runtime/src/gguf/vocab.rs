@@ -154,7 +154,15 @@ impl Vocab {
         let mut vocab = tokenizers::models::bpe::Vocab::default();
         vocab.reserve(self.tokens.len());
         for (id, t) in self.tokens.iter().enumerate() {
-            vocab.entry(t.clone()).or_insert(id as u32); // a duplicate keeps its first id, as the document does
+            // A duplicate keeps its first id, as the document does, with the same warning.
+            match vocab.entry(t.clone()) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    log::warn!("{}: token {id} {t:?} is a duplicate; keeping the first id", path.display())
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(id as u32);
+                }
+            }
         }
         let bpe = tokenizers::models::bpe::BPE::builder()
             .vocab_and_merges(vocab, self.merges.clone())
